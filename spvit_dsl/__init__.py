@@ -1,0 +1,17 @@
+"""spvit-dsl: a declarative architecture-search language and compiler for vision transformers.
+
+The pipeline, one module per stage (torch is imported only from lowering on):
+
+    text --parse--> Spec --check--> Program (Space + SearchGraph + budgets) --lower--> Supernet
+         --search--> FrozenArch --freeze--> Spec (frozen) --emit--> .vit text --build--> nn.Module
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .ast import Spec
+from .errors import SpecError, SpecWarning, SpvitError, UsageError
+from .parse import parse
+
+__all__ = ["Spec", "SpecError", "SpecWarning", "SpvitError", "UsageError", "__version__", "parse"]

@@ -1,0 +1,5 @@
+"""``python -m spvit_dsl`` (also what ``torchrun -m spvit_dsl search ...`` runs)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,191 @@
+"""The command line: ``spvit-dsl compile | fmt | search | build | finetune | eval | diff | export | bench``.
+
+User mistakes never show a traceback: a spec error is rendered with its caret on stderr, a bad flag or file is one
+plain line, and the exit code is 1 (2 for flags that do not parse). Commands that need torch import it lazily so
+``compile``, ``fmt`` and ``diff`` stay instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+try:  # recent typer vendors click; older ones use it directly
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover
+    from click import exceptions as _cx  # type: ignore[no-redef]
+
+from .errors import SpecError, SpvitError, UsageError
+from .units import UnitError, fmt_macs, fmt_params, parse_budget_flag
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="A declarative architecture-search language and compiler for vision transformers.",
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ConventionOpt = Annotated[Optional[str], typer.Option("--convention", help="paper | exact (default: the spec's, else paper)")]
+BudgetOpt = Annotated[Optional[list[str]], typer.Option("--budget", help="e.g. 3.3GFLOPs, 16Mparams, 70% (repeatable)")]
+
+
+def _limits(budgets: list[str] | None) -> list:
+    try:
+        return [parse_budget_flag(b) for b in budgets or []]
+    except UnitError as exc:
+        raise UsageError(f"--budget: {exc}" + (f" ({exc.hint})" if exc.hint else "")) from None
+
+
+def _convention(value: str | None) -> str | None:
+    if value not in (None, "paper", "exact"):
+        raise UsageError(f"--convention: expected 'paper' or 'exact', found '{value}'")
+    return value
+
+
+def _warn(program) -> None:
+    for w in program.warnings:
+        err.print(w.render(), markup=False)
+
+
+def load_program(spec: str, convention: str | None = None, budgets: list[str] | None = None):
+    from .compiler import compile_file
+
+    program = compile_file(spec, convention=_convention(convention), budgets=_limits(budgets))
+    _warn(program)
+    return program
+
+
+# ---------------------------------------------------------------- compile
+@app.command("compile")
+def compile_cmd(
+    spec: Annotated[str, typer.Argument(help="the .vit spec")],
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    graph: Annotated[Optional[str], typer.Option("--graph", help="write the search graph (.json, .graphml, .dot)")] = None,
+    convention: ConventionOpt = None,
+    budget: BudgetOpt = None,
+    supernet: Annotated[Optional[str], typer.Option("--supernet", help="materialise the supernet to a .safetensors file")] = None,
+) -> None:
+    """Check a spec and summarise its search space, costs and budgets."""
+    program = load_program(spec, convention, budget)
+    if graph:
+        try:
+            program.graph.write(graph)
+        except (ValueError, OSError) as exc:
+            raise UsageError(f"--graph: {exc}") from None
+    if supernet:
+        _save_supernet(program, supernet)
+    if json_out:
+        print(json.dumps(program.summary(), sort_keys=False))
+        return
+    print_summary(program)
+    if graph:
+        out.print(f"graph written to {graph}")
+    if supernet:
+        out.print(f"supernet written to {supernet}")
+
+
+def _save_supernet(program, path: str) -> None:
+    from .lower import lower, save_supernet
+
+    net = lower(program.space, weights=program.checked.weights, convention=program.convention)
+    save_supernet(net, path, program.source)
+
+
+def print_summary(program) -> None:
+    s = program.summary()
+    g = program.space.geometry
+    b = program.bounds()
+    conv = program.convention
+    out.print(f"[bold]{s['spec']}[/]  backbone [cyan]{g.model}[/] ({g.family}, {g.depth} blocks, "
+              f"{g.img_size}px, {g.num_classes} classes)")
+    kind = "frozen network (no decisions left)" if s["frozen"] else f"{s['decisions']} decisions, 10^{s['space_size_log10']:.1f} networks"
+    out.print(f"search space: {kind}")
+    table = Table(title=f"cost ({conv} convention; FLOPs are multiply-adds)", title_justify="left")
+    for col in ("", "min", "max", "dense"):
+        table.add_column(col, justify="right")
+    table.add_row("FLOPs", *(fmt_macs(getattr(b.macs, k)) for k in ("min", "max", "dense")))
+    table.add_row("params", *(fmt_params(getattr(b.params, k)) for k in ("min", "max", "dense")))
+    out.print(table)
+    for bud in program.budgets:
+        ratio = bud.absolute / b.of(bud.metric).dense
+        out.print(f"budget {bud.describe()}: [green]feasible[/] ({ratio:.0%} of dense)")
+    if not program.budgets:
+        out.print("no budget declared")
+    out.print(_blocks_table(program))
+
+
+def _blocks_table(program) -> Table:
+    table = Table(title="blocks", title_justify="left")
+    for col in ("block", "stage", "dim", "attention", "ffn widths"):
+        table.add_column(col)
+    for p in program.space.plans:
+        w = p.ffn.candidates(p.geom.hidden)
+        ffn = (f"per neuron 0..{p.geom.hidden}" if p.ffn.group == 1 else f"groups of {p.ffn.group} 0..{p.geom.hidden}") \
+            if p.ffn.granular else (str(w[0]) if len(w) == 1 else f"{len(w)} widths {w[0]}..{w[-1]}")
+        table.add_row(str(p.geom.index), str(p.geom.stage), str(p.geom.dim), " ".join(p.attention), ffn)
+    return table
+
+
+# ---------------------------------------------------------------- fmt
+@app.command("fmt")
+def fmt_cmd(
+    specs: Annotated[list[str], typer.Argument(help=".vit files to format in place")],
+    check: Annotated[bool, typer.Option("--check", help="only report files that are not formatted; exit 1 if any")] = False,
+) -> None:
+    """Rewrite specs in the canonical format (comments are kept)."""
+    from ._io import write_text
+    from .check import read_file
+    from .emit import emit
+    from .parse import parse
+
+    changed = []
+    for path in specs:
+        try:
+            text = read_file(path)
+        except OSError as exc:
+            raise UsageError(f"cannot read spec '{path}': {exc.strerror or exc}") from None
+        formatted = emit(parse(text, path))
+        if formatted != text:
+            changed.append(path)
+            if not check:
+                write_text(path, formatted)
+    for path in changed:
+        out.print(f"{'would reformat' if check else 'reformatted'} {path}")
+    if check and changed:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> None:
+    """Console entry: run the app, turning user mistakes into rendered errors (exit 1) and flag errors into one line."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except SpecError as exc:
+        err.print(exc.render(), markup=False)
+        sys.exit(1)
+    except SpvitError as exc:
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(1)
+    except _cx.NoArgsIsHelpError:
+        sys.exit(0)
+    except _cx.UsageError as exc:
+        err.print(f"error: {exc.format_message()}", markup=False)
+        sys.exit(2)
+    except _cx.ClickException as exc:
+        err.print(f"error: {exc.format_message()}", markup=False)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted", markup=False)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        sys.exit(130)
