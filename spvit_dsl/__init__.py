@@ -11,7 +11,18 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .ast import Spec
+from .compiler import Program, compile_file, compile_text
 from .errors import SpecError, SpecWarning, SpvitError, UsageError
-from .parse import parse
 
-__all__ = ["Spec", "SpecError", "SpecWarning", "SpvitError", "UsageError", "__version__", "parse"]
+# Stage modules (spvit_dsl.parse, spvit_dsl.check, ...) are not shadowed by functions of the same name here.
+__all__ = [
+    "Program",
+    "Spec",
+    "SpecError",
+    "SpecWarning",
+    "SpvitError",
+    "UsageError",
+    "__version__",
+    "compile_file",
+    "compile_text",
+]

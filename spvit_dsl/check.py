@@ -55,6 +55,8 @@ class Checked:
     search: SearchSettings
     frozen: dict[str, object] | None  # the provenance header, or None
     origins: dict[tuple[int, str], Span]  # (block, field) → span of the declaration that set it
+    model: str = ""
+    backbone_settings: tuple[ast.Setting, ...] = ()  # merged over the extends chain
     warnings: list[SpecWarning] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)  # path → text of every file read (for rendering)
 
@@ -506,7 +508,8 @@ def check(spec: ast.Spec, *, loader: Loader = read_file, source: str | None = No
             raise SpecError(f"a frozen spec must fix every choice, but {open_[0]} is still open",
                             open_[1] or headers_span(spec), hint="give exactly one candidate per field")
     space = Space(geo, plans, embed)
-    return Checked(spec, space, weights, weights_span, budgets, convention, search, frozen, origins, warnings, sources)
+    return Checked(spec, space, weights, weights_span, budgets, convention, search, frozen, origins, model,
+                   tuple(settings.values()), warnings, sources)
 
 
 def headers_span(spec: ast.Spec) -> Span:

@@ -189,3 +189,20 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         sys.exit(130)
+
+
+def _register_plugins() -> None:
+    """Commands whose modules live beside their stage (search, frozen networks); they import torch lazily."""
+    import importlib
+
+    for name in ("spvit_dsl.search.commands", "spvit_dsl.commands_frozen"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name and not name.startswith(str(exc.name)):
+                raise
+            continue
+        module.register(app)
+
+
+_register_plugins()

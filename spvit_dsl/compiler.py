@@ -119,7 +119,21 @@ def compile_text(
         resolved, warnings = _resolve_budgets(items, graph.bounds(conv), conv)
     except SpecError as exc:
         raise exc.with_source(text) if exc.span is None or exc.span.path == path else exc from None
+    warnings += _unsupported(checked, graph)
     return Program(checked, graph, conv, tuple(resolved), text, checked.warnings + warnings)
+
+
+def _unsupported(checked: Checked, graph: SearchGraph) -> list[SpecWarning]:
+    """Decisions the chosen strategy cannot search: fine to compile and price, refused by ``search``."""
+    from .strategies import STRATEGIES
+
+    info = STRATEGIES.get(checked.search.strategy)
+    kinds = sorted({d.kind for d in graph.decisions()} - info.decisions)
+    if not kinds:
+        return []
+    return [SpecWarning(f"strategy '{info.name}' does not search {', '.join(kinds)}; the space compiles and is priced, "
+                        f"but 'spvit-dsl search' will refuse it", None,
+                        hint=f"'{info.name}' searches: {', '.join(sorted(info.decisions))}")]
 
 
 def compile_file(path: str, **kw: Any) -> Program:

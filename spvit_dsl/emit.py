@@ -1,8 +1,9 @@
 """Stage — emit: :class:`Spec` (AST) → canonical `.vit` text (``spvit-dsl fmt``).
 
 The law: ``parse(emit(spec))`` equals ``spec`` except for positions. Items keep their order (scope order matters);
-layout is canonical: two-space indent, a blank line between top-level items, and a short block on one line
-(at most three entries, no comments inside, at most 100 characters).
+layout is canonical: two-space indent, a blank line between top-level items (none between consecutive one-line
+block declarations, so a frozen spec reads as a table), and a short block on one line (at most three entries, no
+comments inside, at most 100 characters).
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ MAX_INLINE = 3
 
 
 def emit(spec: ast.Spec) -> str:
-    parts = [_item(item) for item in spec.items]
+    text = ""
+    prev_compact = False
+    for item in spec.items:
+        part = _item(item)
+        compact = isinstance(item, ast.Scope) and "\n" not in part
+        text += ("\n" if prev_compact and compact else "\n\n" if text else "") + part
+        prev_compact = compact
     tail = "\n".join(f"// {c}".rstrip() for c in spec.end_comments)
-    text = "\n\n".join(parts)
     if tail:
         text = f"{text}\n\n{tail}" if text else tail
     return text + "\n" if text else ""

@@ -326,8 +326,8 @@ def _describe_expected(expected: set[str]) -> list[str]:
 
 def _friendly(exc: Exception, text: str, path: str) -> SpecError:
     if isinstance(exc, UnexpectedEOF):
-        line = max(1, text.count("\n") + (0 if text.endswith("\n") else 1))
-        col = len(text.splitlines()[-1]) + 1 if text.splitlines() else 1
+        lines = text.rstrip().splitlines() or [""]
+        line, col = len(lines), len(lines[-1]) + 1  # just after the last character of the file
         exp = _describe_expected(set(exc.expected))
         return SpecError(
             "unexpected end of file; expected " + ", ".join(exp),

@@ -47,7 +47,9 @@ def to_limit(metric: str, number: float, unit: str, text: str) -> Limit:
     """Interpret ``number`` + ``unit`` for ``metric``; raise :class:`UnitError` for an unknown unit."""
     table = UNITS[metric]
     if unit not in table:
-        raise UnitError(f"unknown unit '{unit}' for {metric} in '{text}'", did_you_mean(unit, table) or _units_hint(metric))
+        close = did_you_mean(unit, [u for u in table if u])
+        raise UnitError(f"unknown unit '{unit}' for {metric} in '{text}'",
+                        close if close.startswith("did you mean") else _units_hint(metric))
     if number <= 0:
         raise UnitError(f"a {metric} budget must be positive, found '{text}'")
     if unit == "%":
