@@ -138,6 +138,7 @@ def _blocks_table(program) -> Table:
 def fmt_cmd(
     specs: Annotated[list[str], typer.Argument(help=".vit files to format in place")],
     check: Annotated[bool, typer.Option("--check", help="only report files that are not formatted; exit 1 if any")] = False,
+    stdout: Annotated[bool, typer.Option("--stdout", help="print the formatted text instead of rewriting (git textconv)")] = False,
 ) -> None:
     """Rewrite specs in the canonical format (comments are kept)."""
     from ._io import write_text
@@ -152,6 +153,9 @@ def fmt_cmd(
         except OSError as exc:
             raise UsageError(f"cannot read spec '{path}': {exc.strerror or exc}") from None
         formatted = emit(parse(text, path))
+        if stdout:
+            sys.stdout.write(formatted)
+            continue
         if formatted != text:
             changed.append(path)
             if not check:
@@ -162,11 +166,64 @@ def fmt_cmd(
         raise typer.Exit(1)
 
 
+# ---------------------------------------------------------------- diff
+@app.command("diff")
+def diff_cmd(
+    a: Annotated[str, typer.Argument(help="a spec or frozen spec")],
+    b: Annotated[str, typer.Argument(help="another spec or frozen spec")],
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    markdown_out: Annotated[bool, typer.Option("--markdown", help="print a Markdown report")] = False,
+    convention: ConventionOpt = None,
+) -> None:
+    """Per-block differences and costs of two specs; exit 0 identical, 1 different, 2 on error."""
+    from .diff import cost_cell, delta_cell, diff, markdown
+
+    try:
+        result = diff(load_program(a, convention), load_program(b, convention), convention=_convention(convention))
+    except SpvitError as exc:
+        err.print(exc.render() if isinstance(exc, SpecError) else f"error: {exc}", markup=False)
+        raise typer.Exit(2) from None
+    if json_out:
+        print(json.dumps(result.to_json(), sort_keys=True))
+    elif markdown_out:
+        print(markdown(result), end="")
+    else:
+        _print_diff(result, cost_cell, delta_cell)
+    raise typer.Exit(0 if result.identical else 1)
+
+
+def _print_diff(d, cost_cell, delta_cell) -> None:
+    out.print(f"[bold]{d.a}[/] vs [bold]{d.b}[/] ({d.kind}, {d.convention} convention)")
+    if d.identical:
+        out.print("identical")
+    else:
+        table = Table()
+        for col in ("block", "stage", "field", "A", "B", "note"):
+            table.add_column(col)
+        for r in d.rows:
+            table.add_row("" if r.block is None else str(r.block), "" if r.stage is None else str(r.stage), r.field,
+                          r.a, r.b, f"[red]{r.note}[/]" if r.note else "")
+        out.print(table)
+    costs = Table(title="cost", title_justify="left")
+    for col in ("", "A", "B", "delta"):
+        costs.add_column(col, justify="right")
+    costs.add_row("FLOPs (G)", cost_cell(d.cost["a"], "flops"), cost_cell(d.cost["b"], "flops"), delta_cell(d, "flops"))
+    costs.add_row("params (M)", cost_cell(d.cost["a"], "params"), cost_cell(d.cost["b"], "params"), delta_cell(d, "params"))
+    out.print(costs)
+    for r in d.breaks:
+        if r.block is None:
+            out.print(f"[red]{r.note}[/]: {r.a}, the frozen network costs {r.b}")
+    if d.member is not None:
+        out.print("frozen network is " + ("[green]a member[/] of the space" if d.member else "[red]NOT a member[/] of the space"))
+
+
 # ---------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
     """Console entry: run the app, turning user mistakes into rendered errors (exit 1) and flag errors into one line."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except SpecError as exc:
         err.print(exc.render(), markup=False)
         sys.exit(1)
