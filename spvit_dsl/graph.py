@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from itertools import product
 from typing import Any
 
@@ -127,8 +129,8 @@ def _bounds(space: Space, convention: Convention) -> Bounds:
     best: dict[str, tuple[float, FrozenArch]] = {}
     worst: dict[str, float] = {}
     for embed in space.embed:
-        costs = [[(cost.block_cost(cost._at_width(p.geom, embed, g.embed_dim), a, convention), a) for a in opts]
-                 for p, opts in zip(space.plans, options)]
+        costs = [[(cost.block_cost(cost.at_width(p.geom, embed, g.embed_dim), a, convention), a) for a in opts]
+                 for p, opts in zip(space.plans, options, strict=True)]
         stem = cost.stem_head_cost(g, convention, embed)
         for metric, key in (("flops", lambda c: c.macs), ("params", lambda c: c.params)):
             low = tuple(min(block, key=lambda ca: key(ca[0]))[1] for block in costs)
@@ -148,20 +150,43 @@ def _bounds(space: Space, convention: Convention) -> Bounds:
 
 
 # ---------------------------------------------------------------- the graph
-def _costs(fn: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _costs(fn: Callable[[Convention], Cost], prefix: str = "") -> dict[str, float]:
+    """``{prefix}macs_<convention>`` and ``{prefix}params_<convention>`` for both conventions."""
+    out: dict[str, float] = {}
     for conv in CONVENTIONS:
         c = fn(conv)
-        out[f"macs_{conv}"] = c.macs
-        out[f"params_{conv}"] = c.params
+        out[f"{prefix}macs_{conv}"] = c.macs
+        out[f"{prefix}params_{conv}"] = c.params
     return out
+
+
+def _attention_node(p: BlockPlan) -> dict[str, Any]:
+    b = p.geom
+    attrs: dict[str, Any] = dict(kind="attention", block=b.index, stage=b.stage, decision=len(p.attention) > 1,
+                                 candidates=list(p.attention), heads=list(p.heads), head_dim=list(p.head_dim),
+                                 density=list(p.density), dim=b.dim, tokens=b.tokens)
+    for op in p.attention:
+        attrs |= _costs(partial(cost.block_op_cost, b, op), prefix=f"{op}_")
+    return attrs
+
+
+def _ffn_node(p: BlockPlan) -> dict[str, Any]:
+    b = p.geom
+    widths = p.ffn.candidates(b.hidden)
+
+    def per_neuron(conv: Convention) -> Cost:
+        return cost.block_ffn_cost(b, 1, conv) - cost.block_ffn_cost(b, 0, conv)
+
+    return dict(kind="ffn", block=b.index, stage=b.stage, decision=len(widths) > 1,
+                widths=[] if p.ffn.granular else list(widths), group=p.ffn.group if p.ffn.granular else 0,
+                hidden=b.hidden, **_costs(per_neuron, prefix="unit_"))
 
 
 def build_graph(space: Space) -> SearchGraph:
     g = space.geometry
     graph = nx.DiGraph(backbone=g.model, family=g.family)
     graph.add_node("stem", kind="stem", decision=len(space.embed) > 1, embed=list(space.embed),
-                   **_costs(lambda c: cost.stem_head_cost(g, c)))
+                   **_costs(partial(cost.stem_head_cost, g)))
     prev = "stem"
     for p in space.plans:
         b = p.geom
@@ -171,16 +196,8 @@ def build_graph(space: Space) -> SearchGraph:
             graph.add_edge(prev, node)
             prev = node
         att, ffn = f"blocks.{b.index}.attention", f"blocks.{b.index}.ffn"
-        graph.add_node(att, kind="attention", block=b.index, stage=b.stage, decision=len(p.attention) > 1,
-                       candidates=list(p.attention), heads=list(p.heads), head_dim=list(p.head_dim),
-                       density=list(p.density), dim=b.dim, tokens=b.tokens,
-                       **{f"{k}_{op}": v for op in p.attention
-                          for k, v in _costs(lambda c, op=op: cost.block_op_cost(b, op, c)).items()})
-        widths = p.ffn.candidates(b.hidden)
-        graph.add_node(ffn, kind="ffn", block=b.index, stage=b.stage, decision=len(widths) > 1,
-                       widths=list(widths) if not p.ffn.granular else [], group=p.ffn.group if p.ffn.granular else 0,
-                       hidden=b.hidden, **{f"unit_{k}": v for k, v in
-                                           _costs(lambda c: cost.block_ffn_cost(b, 1, c) - cost.block_ffn_cost(b, 0, c)).items()})
+        graph.add_node(att, **_attention_node(p))
+        graph.add_node(ffn, **_ffn_node(p))
         graph.add_edge(prev, att, residual=True)
         graph.add_edge(att, ffn, residual=True)
         prev = ffn

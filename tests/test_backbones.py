@@ -1,0 +1,320 @@
+"""Backbone resolution: every geometry fact is checked against the real timm modules (built on the meta device)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from hypothesis import HealthCheck, given, reject, settings
+from hypothesis import strategies as st
+
+from spvit_dsl.backbones import (
+    OVERRIDE_KEYS,
+    BadOverride,
+    UnknownBackbone,
+    current_timm_names,
+    resolve,
+    supported_names,
+    timm_names,
+)
+from spvit_dsl.space import Geometry
+
+TINY_VIT = dict(image=32, patch=4, embed_dim=64, depth=6, heads=2, channels=1, classes=10)
+TINY_SWIN = dict(image=32, patch=2, embed_dim=16, depth=(2, 2, 2), heads=(1, 2, 4), window=4, classes=10)
+SWIN_CLAMPED = dict(
+    image=64, patch=4, embed_dim=16, depth=(2, 2, 2, 2), heads=(1, 2, 2, 4), window=4, mlp_ratio=2
+)
+
+
+def meta_model(g: Geometry) -> torch.nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(g.model, pretrained=False, **g.kwargs())
+
+
+def check_vit(g: Geometry, m: torch.nn.Module) -> None:
+    assert g.family == "vit" and g.window_size == 0
+    assert m.num_prefix_tokens == g.prefix_tokens
+    assert m.patch_embed.proj.in_channels == g.in_chans
+    assert m.patch_embed.proj.kernel_size == (g.patch_size, g.patch_size)
+    assert m.embed_dim == g.embed_dim and len(m.blocks) == g.depth == g.depths[0]
+    assert m.num_classes == g.num_classes and m.head.out_features == g.num_classes
+    assert m.pos_embed.shape[1] == g.blocks[0].tokens
+    for b, blk in zip(g.blocks, m.blocks, strict=True):
+        assert tuple(m.patch_embed.grid_size) == b.grid
+        assert (b.stage, b.index_in_stage, b.window, b.shift) == (0, b.index, 0, 0)
+        assert blk.norm1.normalized_shape == (b.dim,)
+        assert (blk.attn.num_heads, blk.attn.head_dim) == (b.heads, b.head_dim)
+        assert blk.attn.qkv.in_features == b.dim and blk.attn.qkv.out_features == 3 * b.heads * b.head_dim
+        assert blk.mlp.fc1.out_features == b.hidden and blk.mlp.fc2.out_features == b.dim
+
+
+def check_swin(g: Geometry, m: torch.nn.Module) -> None:
+    assert g.family == "swin" and g.prefix_tokens == 0
+    assert m.patch_embed.proj.in_channels == g.in_chans
+    assert m.patch_embed.proj.kernel_size == (g.patch_size, g.patch_size)
+    assert m.num_classes == g.num_classes and m.head.fc.out_features == g.num_classes
+    assert m.num_features == g.num_features
+    timm_blocks = [(s, i, blk) for s, layer in enumerate(m.layers) for i, blk in enumerate(layer.blocks)]
+    assert len(timm_blocks) == g.depth and tuple(len(layer.blocks) for layer in m.layers) == g.depths
+    for b, (s, i, blk) in zip(g.blocks, timm_blocks, strict=True):
+        assert (b.stage, b.index_in_stage, b.prefix_tokens) == (s, i, 0)
+        assert blk.dim == b.dim and tuple(blk.input_resolution) == b.grid
+        assert blk.window_size == (b.window, b.window) and blk.shift_size == (b.shift, b.shift)
+        assert blk.attn.num_heads == b.heads and blk.attn.qkv.out_features == 3 * b.heads * b.head_dim
+        assert blk.mlp.fc1.out_features == b.hidden
+
+
+def check(g: Geometry) -> None:
+    m = meta_model(g)
+    (check_swin if g.family == "swin" else check_vit)(g, m)
+    assert [b.index for b in g.blocks] == list(range(g.depth))
+
+
+# --- the name list -------------------------------------------------------------------------------------------
+
+
+def test_snapshot_equals_installed_timm():
+    assert timm_names() == current_timm_names()
+    assert (
+        "swinv2_tiny_window8_256" in timm_names()
+    )  # the snapshot covers every pattern, not only supported ones
+
+
+def test_supported_names_cover_the_families():
+    names = supported_names()
+    assert {
+        "deit_tiny_patch16_224",
+        "deit_base_distilled_patch16_384",
+        "vit_huge_patch14_224",
+        "swin_tiny_patch4_window7_224",
+        "swin_large_patch4_window12_384",
+    } <= set(names)
+    assert not [n for n in names if "clip" in n or "swinv2" in n or "deit3" in n or "_s3_" in n]
+    assert set(names) <= set(timm_names())
+
+
+@pytest.mark.parametrize("name", supported_names())
+def test_every_supported_name_matches_timm(name: str):
+    g = resolve(name, {})
+    assert g.model == name and g.kwargs() == {"img_size": g.img_size, "num_classes": 1000}
+    check(g)
+
+
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_size_tables(name: str):
+    g = resolve(name, {})
+    assert (g.embed_dim, g.depths, g.num_heads, g.blocks[0].hidden) in {
+        ((384, (12,), (6,), 1536)),
+        ((192, (12,), (3,), 768)),
+    }
+    assert g.prefix_tokens == (2 if "distilled" in name else 1)
+    assert g.blocks[0].grid == (14, 14) and g.blocks[0].tokens == 196 + g.prefix_tokens
+
+
+def test_swin_tiny_geometry():
+    g = resolve("swin_tiny_patch4_window7_224", {})
+    assert [b.grid[0] for b in g.blocks] == [56] * 2 + [28] * 2 + [14] * 6 + [7] * 2
+    assert [b.dim for b in g.blocks] == [96] * 2 + [192] * 2 + [384] * 6 + [768] * 2
+    assert [b.shift for b in g.blocks] == [0, 3] * 5 + [0, 0]  # the last stage's window covers its 7x7 grid
+    assert all(b.head_dim == 32 for b in g.blocks)
+
+
+# --- overrides -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("deit_tiny_patch16_224", TINY_VIT),
+        ("vit_small_patch16_224", dict(image=48, patch=8, depth=2, classes=3, mlp_ratio=3)),
+        ("deit_small_distilled_patch16_224", dict(image=384)),
+        ("deit_base_patch16_224", dict(embed_dim=96, heads=4, depth=1, image=32)),
+        ("swin_tiny_patch4_window7_224", TINY_SWIN),
+        ("swin_tiny_patch4_window7_224", SWIN_CLAMPED),
+        (
+            "swin_base_patch4_window12_384",
+            dict(image=96, embed_dim=16, depth=(1, 1, 2, 1), heads=(1, 1, 2, 2), window=3, channels=4),
+        ),
+    ],
+)
+def test_overrides_build_matching_timm_models(name: str, overrides: dict[str, object]):
+    g = resolve(name, overrides)
+    check(g)
+    assert g.img_size == overrides.get("image", g.img_size)
+    assert g.num_classes == overrides.get("classes", 1000)
+
+
+def test_tiny_vit_kwargs_name_only_what_differs():
+    g = resolve("deit_tiny_patch16_224", TINY_VIT)
+    assert g.kwargs() == {
+        "img_size": 32,
+        "num_classes": 10,
+        "patch_size": 4,
+        "embed_dim": 64,
+        "depth": 6,
+        "num_heads": 2,
+        "in_chans": 1,
+    }
+    assert g.blocks[0].grid == (8, 8) and g.blocks[0].head_dim == 32 and g.depth == 6
+    same = resolve("deit_tiny_patch16_224", dict(patch=16, embed_dim=192, heads=3, mlp_ratio=4.0, image=224))
+    assert same.kwargs() == {"img_size": 224, "num_classes": 1000}
+
+
+def test_swin_window_clamped_like_timm():
+    g = resolve("swin_tiny_patch4_window7_224", SWIN_CLAMPED)
+    assert [(b.grid[0], b.window, b.shift) for b in g.blocks] == [
+        (16, 4, 0),
+        (16, 4, 2),
+        (8, 4, 0),
+        (8, 4, 2),
+        (4, 4, 0),
+        (4, 4, 0),
+        (2, 2, 0),
+        (2, 2, 0),
+    ]
+    assert g.window_size == 4 and g.kwargs()["window_size"] == 4 and g.kwargs()["depths"] == (2, 2, 2, 2)
+    assert g.blocks[0].hidden == 32
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    image=st.sampled_from([16, 24, 32, 48, 64]),
+    patch=st.sampled_from([1, 2, 4]),
+    embed=st.sampled_from([4, 8, 12]),
+    depth=st.lists(st.integers(1, 2), min_size=1, max_size=4),
+    heads=st.lists(st.sampled_from([1, 2, 4]), min_size=4, max_size=4),
+    window=st.integers(1, 8),
+)
+def test_any_swin_resolve_accepts_matches_timm(image, patch, embed, depth, heads, window):
+    overrides = dict(
+        image=image,
+        patch=patch,
+        embed_dim=embed,
+        depth=tuple(depth),
+        heads=tuple(heads[: len(depth)]),
+        window=window,
+    )
+    try:
+        g = resolve("swin_tiny_patch4_window7_224", overrides)
+    except BadOverride:
+        reject()
+    check(g)
+
+
+# --- errors --------------------------------------------------------------------------------------------------
+
+
+def test_unknown_name_suggests_supported_and_timm_names():
+    with pytest.raises(UnknownBackbone) as e:
+        resolve("deit_smal_patch16_224", {})
+    assert str(e.value) == "unknown backbone 'deit_smal_patch16_224'"
+    assert e.value.suggestions[0] == "deit_small_patch16_224"
+    assert any(s not in supported_names() for s in e.value.suggestions)  # timm-only names are offered too
+    assert "did you mean 'deit_small_patch16_224'" in e.value.hint
+    assert isinstance(e.value, ValueError)
+
+
+def test_unsupported_timm_name():
+    with pytest.raises(UnknownBackbone, match="timm model 'vit_base_patch16_clip_224' is not supported") as e:
+        resolve("vit_base_patch16_clip_224", {})
+    assert e.value.suggestions and all(s in supported_names() for s in e.value.suggestions)
+
+
+def test_pattern_name_timm_lacks():
+    with pytest.raises(UnknownBackbone, match="'deit_small_patch16_384' is not a timm model") as e:
+        resolve("deit_small_patch16_384", {})
+    assert "deit_small_patch16_224" in e.value.suggestions
+
+
+@pytest.mark.parametrize(
+    "name, overrides, key, message",
+    [
+        ("deit_tiny_patch16_224", dict(imgae=32), "imgae", "unknown backbone override 'imgae'"),
+        ("deit_tiny_patch16_224", dict(image=225), "image", "image 225 is not divisible by patch 16"),
+        ("deit_tiny_patch16_224", dict(patch=15), "patch", "image 224 is not divisible by patch 15"),
+        ("deit_tiny_patch16_224", dict(heads=5), "heads", "5 heads do not divide the width 192"),
+        ("deit_tiny_patch16_224", dict(embed_dim=100), "embed_dim", "3 heads do not divide the width 100"),
+        (
+            "deit_tiny_patch16_224",
+            dict(depth=(2, 2)),
+            "depth",
+            "a ViT backbone takes a single depth (the same for every block)",
+        ),
+        ("deit_tiny_patch16_224", dict(window=7), "window", "window applies to Swin backbones only"),
+        (
+            "deit_tiny_patch16_224",
+            dict(image="224"),
+            "image",
+            "image must be a positive integer, found '224'",
+        ),
+        ("deit_tiny_patch16_224", dict(classes=0), "classes", "classes must be a positive integer, found 0"),
+        ("deit_tiny_patch16_224", dict(depth=True), "depth", "depth must be a positive integer, found True"),
+        ("deit_tiny_patch16_224", dict(mlp_ratio=-1.0), "mlp_ratio", "mlp_ratio must be a positive number"),
+        ("deit_tiny_patch16_224", dict(mlp_ratio=0.001), "mlp_ratio", "mlp_ratio 0.001 leaves an empty FFN"),
+        (
+            "swin_tiny_patch4_window7_224",
+            dict(depth=12),
+            "depth",
+            "a Swin backbone takes one depth per stage",
+        ),
+        (
+            "swin_tiny_patch4_window7_224",
+            dict(heads=(3, 6, 12, 25)),
+            "heads",
+            "25 heads do not divide the width 768 of stage 3",
+        ),
+        ("swin_tiny_patch4_window7_224", dict(depth=(2, 2)), "depth", "depth has 2 stages but heads has 4"),
+        (
+            "swin_tiny_patch4_window7_224",
+            dict(image=256),
+            "image",
+            "stage 0 has a 64x64 token grid that window 7 does not tile",
+        ),
+        (
+            "swin_tiny_patch4_window7_224",
+            dict(window=6),
+            "window",
+            "stage 0 has a 56x56 token grid that window 6 does not tile",
+        ),
+        (
+            "swin_tiny_patch4_window7_224",
+            dict(image=200),
+            "image",
+            "patch merging before stage 2 needs an even grid, found 25x25",
+        ),
+    ],
+)
+def test_bad_overrides(name: str, overrides: dict[str, object], key: str, message: str):
+    with pytest.raises(BadOverride) as e:
+        resolve(name, overrides)
+    assert e.value.key == key
+    assert str(e.value).startswith(message)
+    assert e.value.on_value == (key != "imgae")
+    assert isinstance(e.value, ValueError)
+
+
+def test_bad_override_hints():
+    hints = {}
+    for overrides in (dict(imgae=32), dict(image=225), dict(heads=5)):
+        with pytest.raises(BadOverride) as e:
+            resolve("deit_tiny_patch16_224", overrides)
+        hints[next(iter(overrides))] = e.value.hint
+    assert hints == {
+        "imgae": "did you mean 'image'?",
+        "image": "use a multiple of 16, e.g. 224 or 240",
+        "heads": "heads must divide the width; divisors: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64",
+    }
+    with pytest.raises(BadOverride) as e:
+        resolve("swin_tiny_patch4_window7_224", dict(window=6))
+    assert e.value.hint.startswith("windows that tile every stage: 7")
+    assert set(OVERRIDE_KEYS) == {
+        "image",
+        "classes",
+        "channels",
+        "embed_dim",
+        "depth",
+        "heads",
+        "patch",
+        "window",
+        "mlp_ratio",
+    }

@@ -1,0 +1,368 @@
+"""The analytic cost model against the paper's figures, timm's parameter counts and torch's FlopCounterMode."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import timm
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from timm.layers import Attention
+from timm.models.swin_transformer import WindowAttention
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from spvit_dsl.backbones import resolve, supported_names
+from spvit_dsl.cost import (
+    arch_cost,
+    block_cost,
+    block_ffn_cost,
+    block_fixed_cost,
+    block_op_cost,
+    breakdown,
+    dense_arch,
+    dense_cost,
+    stem_head_cost,
+)
+from spvit_dsl.space import BlockArch, Cost, FrozenArch, Geometry
+
+DEIT = {"Ti": "deit_tiny_patch16_224", "S": "deit_small_patch16_224", "B": "deit_base_patch16_224"}
+SWIN = {
+    "T": "swin_tiny_patch4_window7_224",
+    "S": "swin_small_patch4_window7_224",
+    "B": "swin_base_patch4_window7_224",
+}
+TINY_VIT = dict(image=32, patch=4, embed_dim=64, depth=6, heads=2, channels=1, classes=10)
+TINY_SWIN = dict(image=32, patch=2, embed_dim=16, depth=(2, 2, 2), heads=(1, 2, 4), window=4, classes=10)
+
+
+# --- the published figures (shared/reference/spvit.md §3) ----------------------------------------------------
+
+PAPER_TOTALS = [
+    (DEIT["Ti"], 1.251),
+    (DEIT["S"], 4.587),
+    (DEIT["B"], 17.511),
+    (SWIN["T"], 4.494),
+    (SWIN["S"], 8.747),
+    (SWIN["B"], 15.438),
+]
+FVCORE_TOTALS = [
+    (DEIT["Ti"], 1.258),
+    (DEIT["S"], 4.608),
+    (DEIT["B"], 17.583),
+    (SWIN["T"], 4.509),
+    (SWIN["S"], 8.768),
+    (SWIN["B"], 15.468),
+]
+
+
+@pytest.mark.parametrize("name, giga", PAPER_TOTALS)
+def test_dense_paper_totals(name: str, giga: float):
+    assert dense_cost(resolve(name, {}), "paper").macs / 1e9 == pytest.approx(giga, rel=2e-3)
+
+
+@pytest.mark.parametrize("name, giga", FVCORE_TOTALS)
+def test_dense_exact_totals(name: str, giga: float):
+    assert dense_cost(resolve(name, {}), "exact").macs / 1e9 == pytest.approx(giga, rel=5e-3)
+
+
+# (model, block index, [1x1, 3x3, msa, full FFN] in M, paper convention)
+PER_OP = [
+    (DEIT["S"], 0, [9.63, 48.17, 146.00, 231.21]),
+    (DEIT["Ti"], 5, [4.82, 24.08, 43.95, 57.80]),
+    (DEIT["B"], 11, [19.27, 96.34, 524.39, 924.84]),
+    (SWIN["T"], 0, [19.27, 96.34, 145.11, 231.21]),
+    (SWIN["S"], 1, [19.27, 96.34, 145.11, 231.21]),
+    (SWIN["T"], 11, [2.41, 12.04, 119.29, 231.21]),
+    (SWIN["S"], 23, [2.41, 12.04, 119.29, 231.21]),
+]
+
+
+@pytest.mark.parametrize("name, index, mega", PER_OP)
+def test_per_op_paper_macs(name: str, index: int, mega: list[float]):
+    b = resolve(name, {}).blocks[index]
+    got = [block_op_cost(b, op, "paper").macs / 1e6 for op in ("conv1x1", "conv3x3", "msa")]
+    got.append(block_ffn_cost(b, b.hidden, "paper").macs / 1e6)
+    assert [round(x, 2) for x in got] == mega
+
+
+# --- parameters: exactly timm's count ------------------------------------------------------------------------
+
+
+def timm_params(g: Geometry) -> int:
+    with torch.device("meta"):
+        m = timm.create_model(g.model, pretrained=False, **g.kwargs())
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", supported_names())
+def test_dense_params_equal_timm(name: str):
+    g = resolve(name, {})
+    assert dense_cost(g, "exact").params == dense_cost(g, "paper").params == timm_params(g)
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        (DEIT["Ti"], TINY_VIT),
+        ("deit_base_distilled_patch16_224", dict(image=32, embed_dim=48, heads=3, depth=2)),
+        (SWIN["T"], TINY_SWIN),
+        (SWIN["B"], dict(image=64, embed_dim=8, heads=(1, 1, 2, 2), mlp_ratio=3, window=4)),
+    ],
+)
+def test_custom_params_equal_timm(name: str, overrides: dict[str, object]):
+    g = resolve(name, overrides)
+    assert dense_cost(g, "exact").params == timm_params(g)
+
+
+# --- a literal torch evaluation of any point (test-local, independent of the cost model) -----------------------
+
+
+class Zero(nn.Module):
+    """skip: the attention branch adds nothing."""
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+class ConvBranch(nn.Module):
+    """Conv2d(C,d,k) → BN → ReLU → Conv2d(d,C,1) on the patch-token map; prefix tokens pass through as zeros."""
+
+    def __init__(self, dim: int, d: int, k: int, prefix: int, grid: tuple[int, int], channels_last: bool):
+        super().__init__()
+        self.conv1, self.bn, self.conv2 = (
+            nn.Conv2d(dim, d, k, padding=k // 2),
+            nn.BatchNorm2d(d),
+            nn.Conv2d(d, dim, 1),
+        )
+        self.prefix, self.grid, self.channels_last = prefix, grid, channels_last
+
+    def _map(self, t: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.bn(self.conv1(t))))
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        if self.channels_last:  # Swin: (B, H, W, C)
+            return self._map(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        B, _, C = x.shape
+        patches = x[:, self.prefix :].transpose(1, 2).reshape(B, C, *self.grid)
+        y = self._map(patches).flatten(2).transpose(1, 2)
+        return torch.cat([torch.zeros_like(x[:, : self.prefix]), y], dim=1)
+
+
+def branch(b, a: BlockArch, dim: int, swin_block=None) -> nn.Module:
+    if a.op == "skip":
+        return Zero()
+    if a.op == "msa":
+        if swin_block is None:
+            attn = Attention(dim, num_heads=a.heads, attn_head_dim=a.head_dim, qkv_bias=True)
+        else:
+            attn = WindowAttention(
+                dim, num_heads=a.heads, head_dim=a.head_dim, window_size=swin_block.window_size
+            )
+        attn.fused_attn = False  # FlopCounterMode does not count SDPA's CPU kernel
+        return attn
+    k = int(a.op[-1])
+    return ConvBranch(dim, b.head_dim, k, b.prefix_tokens, b.grid, channels_last=swin_block is not None)
+
+
+def build(g: Geometry, arch: FrozenArch) -> nn.Module:
+    """timm's model at residual width arch.embed, every attention branch and FFN replaced per ``arch``."""
+    kwargs = g.kwargs() | {"embed_dim": arch.embed}
+    kwargs |= {"num_heads": (1,) * len(g.depths)} if g.family == "swin" else {"num_heads": 1}
+    m = timm.create_model(g.model, pretrained=False, **kwargs)
+    blocks = [blk for layer in m.layers for blk in layer.blocks] if g.family == "swin" else list(m.blocks)
+    for b, a, blk in zip(g.blocks, arch.blocks, blocks, strict=True):
+        dim = blk.norm1.normalized_shape[0]
+        blk.attn = branch(b, a, dim, blk if g.family == "swin" else None)
+        if (
+            g.family == "swin" and a.op != "msa"
+        ):  # timm's _attn would window-partition; convs see the full map
+            object.__setattr__(blk, "_attn", blk.attn)
+        blk.mlp.fc1, blk.mlp.fc2 = nn.Linear(dim, a.ffn), nn.Linear(a.ffn, dim)
+    return m.eval()
+
+
+def measure(g: Geometry, arch: FrozenArch) -> dict[str, int]:
+    """FlopCounterMode's total ÷ 2, the parameter count and the elements each norm/pool layer reads."""
+    m = build(g, arch)
+    seen = {"ln": 0, "bn": 0, "pool": 0}
+
+    def hook(kind):
+        return lambda mod, inp, out: seen.__setitem__(kind, seen[kind] + inp[0].numel())
+
+    for mod in m.modules():
+        if isinstance(mod, nn.LayerNorm):
+            mod.register_forward_hook(hook("ln"))
+        elif isinstance(mod, nn.BatchNorm2d):
+            mod.register_forward_hook(hook("bn"))
+    if g.family == "swin":
+        m.head.global_pool.register_forward_hook(hook("pool"))
+    x = torch.randn(1, g.in_chans, g.img_size, g.img_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        m(x)
+    flops = counter.get_total_flops()
+    assert flops % 2 == 0
+    return {"matmul": flops // 2, "params": sum(p.numel() for p in m.parameters()), **seen}
+
+
+def check_point(g: Geometry, arch: FrozenArch) -> None:
+    got = measure(g, arch)
+    parts = breakdown(g, arch, "exact")
+    assert parts["matmul"] == got["matmul"]
+    assert parts["norm"] == 5 * got["ln"] + 2 * got["bn"]
+    assert parts["pool"] == got["pool"]
+    assert parts["total"] == arch_cost(g, arch, "exact").macs
+    assert arch_cost(g, arch, "exact").params == arch_cost(g, arch, "paper").params == got["params"]
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        (DEIT["Ti"], TINY_VIT),
+        (SWIN["T"], TINY_SWIN),
+        ("deit_tiny_distilled_patch16_224", dict(image=32, patch=8, depth=2)),
+    ],
+)
+def test_dense_matches_flop_counter(name: str, overrides: dict[str, object]):
+    g = resolve(name, overrides)
+    check_point(g, dense_arch(g))
+    assert breakdown(g, dense_arch(g))["matmul"] == breakdown(g, dense_arch(g), "exact")["matmul"]
+
+
+VIT_SPACE = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from([DEIT["Ti"], "deit_tiny_distilled_patch16_224"]),
+        "image": st.sampled_from([16, 32]),
+        "patch": st.sampled_from([4, 8]),
+        "embed_dim": st.sampled_from([16, 32]),
+        "depth": st.integers(1, 3),
+        "heads": st.sampled_from([1, 2, 4]),
+    }
+)
+SWIN_SPACE = st.fixed_dictionaries(
+    {
+        "name": st.just(SWIN["T"]),
+        "image": st.sampled_from([16, 32]),
+        "patch": st.just(2),
+        "embed_dim": st.sampled_from([8, 16]),
+        "depth": st.sampled_from([(1, 1), (2, 1, 2), (1, 2, 1, 1)]),
+        "window": st.sampled_from([2, 4]),
+    }
+)
+OPS = ["skip", "conv1x1", "conv3x3", "conv5x5", "msa"]
+
+
+@st.composite
+def points(draw, space):
+    spec = dict(draw(space))
+    name = spec.pop("name")
+    if name.startswith("swin"):
+        spec["heads"] = tuple(2 ** min(s, 2) for s in range(len(spec["depth"])))
+    g = resolve(name, spec)
+    embed = draw(st.sampled_from([g.embed_dim, g.embed_dim // 2, g.embed_dim + 8]))
+    blocks = tuple(
+        BlockArch(
+            draw(st.sampled_from(OPS)),
+            draw(st.integers(0, b.hidden)),
+            draw(st.integers(1, 3)),
+            draw(st.sampled_from([4, 8])),
+        )
+        for b in g.blocks
+    )
+    return g, FrozenArch(blocks, embed)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(point=points(VIT_SPACE))
+def test_any_vit_point_matches_flop_counter(point):
+    check_point(*point)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(point=points(SWIN_SPACE))
+def test_any_swin_point_matches_flop_counter(point):
+    check_point(*point)
+
+
+def test_conv_module_by_hand():
+    """A stand-alone Conv2d(C,d,3) → BN → ReLU → Conv2d(d,C,1): params and MACs of the formula."""
+    b = resolve(DEIT["S"], dict(image=64)).blocks[0]  # C 384, d 64, 4x4 patch map
+    mod = nn.Sequential(
+        nn.Conv2d(384, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 384, 1)
+    )
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        mod.eval()(torch.randn(1, 384, 4, 4))
+    cost = block_op_cost(b, "conv3x3", "exact")
+    assert cost.params == sum(p.numel() for p in mod.parameters())
+    assert cost.macs == counter.get_total_flops() // 2 + 2 * 64 * 16  # + eval BatchNorm, 2 per element
+    assert block_op_cost(b, "conv3x3", "paper").macs == counter.get_total_flops() // 2
+
+
+# --- laws of the model ---------------------------------------------------------------------------------------
+
+
+def test_embed_width_scales_like_a_narrower_backbone():
+    """A point at embed C' with dense-shaped blocks costs what timm's backbone of width C' costs."""
+    g = resolve(SWIN["T"], TINY_SWIN)
+    narrow = resolve(SWIN["T"], TINY_SWIN | dict(embed_dim=8, heads=(1, 1, 2)))
+    arch = FrozenArch(tuple(BlockArch("msa", b.hidden, b.heads, b.head_dim) for b in narrow.blocks), 8)
+    for convention in ("paper", "exact"):
+        assert arch_cost(g, arch, convention) == dense_cost(narrow, convention)
+
+
+def test_ffn_is_linear_in_width_and_keeps_fc2_bias():
+    b = resolve(DEIT["S"], {}).blocks[3]
+    for convention in ("paper", "exact"):
+        c0, c1, c7 = (block_ffn_cost(b, w, convention) for w in (0, 1, 7))
+        assert c0.macs == 0 and c0.params == b.dim
+        assert c7 - c0 == Cost(7 * c1.macs, 7 * (c1.params - c0.params))
+    assert block_ffn_cost(b, 10, "exact").macs - block_ffn_cost(b, 10, "paper").macs == 2 * b.dim * 10  # cls
+
+
+def test_skip_density_and_block_sum():
+    b = resolve(DEIT["S"], {}).blocks[0]
+    assert block_op_cost(b, "skip", "exact") == block_op_cost(b, "skip", "paper") == Cost()
+    msa, half = block_op_cost(b, "msa", "paper"), block_op_cost(b, "msa", "paper", density=0.5)
+    attention = 2 * b.tokens**2 * b.dim
+    assert half.macs - attention == pytest.approx((msa.macs - attention) / 2)
+    assert msa.params - half.params == 4 * b.dim * b.dim // 2
+    a = BlockArch("conv3x3", 100, b.heads, b.head_dim)
+    assert block_cost(b, a, "exact") == (
+        block_op_cost(b, "conv3x3", "exact") + block_ffn_cost(b, 100, "exact") + block_fixed_cost(b, "exact")
+    )
+    narrow = block_op_cost(b, "msa", "exact", heads=2, head_dim=32)
+    assert narrow.params == 4 * b.dim * 64 + 3 * 64 + b.dim
+
+
+def test_totals_add_up():
+    g = resolve(SWIN["T"], TINY_SWIN)
+    arch = dense_arch(g).with_block(1, op="conv1x1", ffn=3)
+    for convention in ("paper", "exact"):
+        blocks = [block_cost(b, a, convention) for b, a in zip(g.blocks, arch.blocks, strict=True)]
+        total = stem_head_cost(g, convention)
+        for c in blocks:
+            total = total + c
+        assert total == arch_cost(g, arch, convention)
+
+
+def test_errors():
+    g = resolve(DEIT["Ti"], TINY_VIT)
+    with pytest.raises(ValueError, match="unknown cost convention 'fvcore'"):
+        dense_cost(g, "fvcore")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="the architecture has 1 blocks but the backbone has 6"):
+        arch_cost(g, replace(dense_arch(g), blocks=dense_arch(g).blocks[:1]), "exact")
+    with pytest.raises(KeyError, match="conv7x7"):
+        block_op_cost(g.blocks[0], "conv7x7", "exact")
+
+
+def test_import_does_not_pull_torch():
+    code = (
+        "import spvit_dsl.cost, spvit_dsl.backbones, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
