@@ -8,7 +8,7 @@ families are discriminated unions on ``kind``. Comments ride along on the statem
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,7 +55,7 @@ class TupleV(Node):
     items: tuple[Value, ...]
 
 
-Value = Annotated[Union[Num, Str, Name, TupleV], Field(discriminator="kind")]
+Value = Annotated[Num | Str | Name | TupleV, Field(discriminator="kind")]
 TupleV.model_rebuild()
 
 
@@ -96,7 +96,7 @@ class FfnSpec(Node):
     number: Num | None = None  # ratio / width / groups
 
 
-ChoiceValue = Annotated[Union[NumSet, Words, FfnSpec], Field(discriminator="kind")]
+ChoiceValue = Annotated[NumSet | Words | FfnSpec, Field(discriminator="kind")]
 
 
 class Choice(Commented):
@@ -166,7 +166,7 @@ class Frozen(Commented):
     settings: tuple[Setting, ...] = ()
 
 
-Item = Annotated[Union[Extends, Backbone, Embed, Scope, Budget, Search, Frozen], Field(discriminator="kind")]
+Item = Annotated[Extends | Backbone | Embed | Scope | Budget | Search | Frozen, Field(discriminator="kind")]
 
 
 class Spec(Node):

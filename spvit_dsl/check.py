@@ -354,7 +354,7 @@ def _plans(spec: ast.Spec, items: list[Any], geo: Geometry) -> tuple[tuple[Block
                 _conflict(scope, choice, origin_sel.get(key), origins.get(key), len(blocks), warnings)
                 origins[key] = choice.span
                 origin_sel[key] = (scope.selector, scope.selector.span.path)
-    plans = tuple(BlockPlan(b, d.attention, d.ffn, d.heads, d.head_dim, d.density) for b, d in zip(geo.blocks, drafts))
+    plans = tuple(BlockPlan(b, d.attention, d.ffn, d.heads, d.head_dim, d.density) for b, d in zip(geo.blocks, drafts, strict=True))
     return plans, origins, warnings
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -32,8 +32,8 @@ app = typer.Typer(
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-ConventionOpt = Annotated[Optional[str], typer.Option("--convention", help="paper | exact (default: the spec's, else paper)")]
-BudgetOpt = Annotated[Optional[list[str]], typer.Option("--budget", help="e.g. 3.3GFLOPs, 16Mparams, 70% (repeatable)")]
+ConventionOpt = Annotated[str | None, typer.Option("--convention", help="paper | exact (default: the spec's, else paper)")]
+BudgetOpt = Annotated[list[str] | None, typer.Option("--budget", help="e.g. 3.3GFLOPs, 16Mparams, 70% (repeatable)")]
 
 
 def _limits(budgets: list[str] | None) -> list:
@@ -67,10 +67,10 @@ def load_program(spec: str, convention: str | None = None, budgets: list[str] | 
 def compile_cmd(
     spec: Annotated[str, typer.Argument(help="the .vit spec")],
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    graph: Annotated[Optional[str], typer.Option("--graph", help="write the search graph (.json, .graphml, .dot)")] = None,
+    graph: Annotated[str | None, typer.Option("--graph", help="write the search graph (.json, .graphml, .dot)")] = None,
     convention: ConventionOpt = None,
     budget: BudgetOpt = None,
-    supernet: Annotated[Optional[str], typer.Option("--supernet", help="materialise the supernet to a .safetensors file")] = None,
+    supernet: Annotated[str | None, typer.Option("--supernet", help="materialise the supernet to a .safetensors file")] = None,
 ) -> None:
     """Check a spec and summarise its search space, costs and budgets."""
     program = load_program(spec, convention, budget)

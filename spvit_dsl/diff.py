@@ -92,7 +92,7 @@ def diff(a: Program, b: Program, *, convention: Convention | None = None) -> Dif
     kind = f"{'frozen' if a.frozen else 'space'}/{'frozen' if b.frozen else 'space'}"
     rows = _backbone_rows(a, b)
     breaks: list[Row] = []
-    for pa, pb in zip(a.space.plans, b.space.plans):
+    for pa, pb in zip(a.space.plans, b.space.plans, strict=False):
         fa, fb = _fields(pa), _fields(pb)
         for name in fa:
             if fa[name] == fb[name]:
