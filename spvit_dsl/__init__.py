@@ -25,4 +25,14 @@ __all__ = [
     "__version__",
     "compile_file",
     "compile_text",
+    "load",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # `spvit_dsl.load(path)` builds a compact model; it needs torch, so it is imported on first use only.
+    if name == "load":
+        from .build import load
+
+        return load
+    raise AttributeError(f"module 'spvit_dsl' has no attribute {name!r}")

@@ -79,8 +79,10 @@ def _budget(checked: Checked, convention: str) -> ast.Budget | None:
     return ast.Budget(constraints=cons, settings=(_setting("convention", ast.Name(value=convention)),))
 
 
-def freeze(checked: Checked, arch: FrozenArch, header: dict[str, Any], *, convention: str = "paper") -> ast.Spec:
-    """The frozen spec of ``arch``; ``header`` fills the provenance block (values: str, int, float or '3.3G')."""
+def freeze(checked: Checked, arch: FrozenArch, header: dict[str, Any], *, convention: str = "paper",
+           budget: bool = True) -> ast.Spec:
+    """The frozen spec of ``arch``; ``header`` fills the provenance block (values: str, int, float or '3.3G').
+    ``budget=False`` leaves the space's budget out (e.g. for the dense reference network, which exceeds it)."""
     geo = checked.space.geometry
     fields = {"date": _dt.date.today().isoformat()} | header
     settings = tuple(_setting(k, _num(v) if isinstance(v, str) and _is_quantity(v) else v) for k, v in fields.items())
@@ -89,9 +91,9 @@ def freeze(checked: Checked, arch: FrozenArch, header: dict[str, Any], *, conven
     if len(checked.space.embed) > 1 or arch.embed != geo.embed_dim:
         items.append(ast.Embed(value=_numset(arch.embed)))
     items += [_block_scope(geo, i, a) for i, a in enumerate(arch.blocks)]
-    budget = _budget(checked, convention)
-    if budget is not None:
-        items.append(budget)
+    budget_item = _budget(checked, convention) if budget else None
+    if budget_item is not None:
+        items.append(budget_item)
     return ast.Spec(path=checked.spec.path, items=tuple(items))
 
 

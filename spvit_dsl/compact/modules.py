@@ -1,0 +1,145 @@
+"""Leaf modules and block types of the compact network (build stage, torch).
+
+Input: nothing but shapes; output: plain ``nn.Module`` pieces that a frozen SPViT architecture is made of, with no
+gates, no shared supernet weights and no dependency on the search code (He et al., TPAMI 2024, §4: "a finished conv
+layer folds into a plain Conv2d(C,d,k) → BN → ReLU → Conv2d(d,C,1)"):
+
+* :class:`ConvBranch` — the attention branch of a ``conv{k}x{k}`` block on the patch-token map;
+* :class:`SkipBranch` — the attention branch of a ``skip`` block: it contributes exactly zero (and the compact
+  blocks do not even compute ``norm1`` for it);
+* :class:`FfnBias` — an FFN kept at width 0: what remains is fc2's bias (the cost model counts it);
+* :class:`CompactBlock` / :class:`CompactSwinBlock` — timm's ViT and Swin blocks whose ``forward`` skips the
+  attention branch of a skip block and hands the full, unshifted (B, H, W, C) map to a Swin conv branch.
+
+MSA branches stay timm's own ``Attention`` / ``WindowAttention`` modules (fused attention kept); kept FFNs stay
+timm's ``Mlp`` with narrower ``fc1``/``fc2``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.vision_transformer import Block as VitBlock
+from torch import Tensor, nn
+
+__all__ = ["PREFIX_PASSTHROUGH", "CompactBlock", "CompactSwinBlock", "ConvBranch", "FfnBias", "SkipBranch"]
+
+# What a conv branch outputs for the prefix (cls/distillation) tokens of a ViT: True = its own input (the tokens
+# "pass the branch unchanged", as the official code and spvit_dsl.nn.UnifiedAttention do), False = zero.
+PREFIX_PASSTHROUGH = True
+
+
+class ConvBranch(nn.Module):
+    """``Conv2d(C, d, k, padding=k//2) → BatchNorm2d(d) → ReLU → Conv2d(d, C, 1)`` on the patch-token map.
+
+    ``layout="tokens"`` (ViT): input (B, prefix + H·W, C); the prefix tokens are not on the map (see
+    :data:`PREFIX_PASSTHROUGH`). ``layout="map"`` (Swin): input and output (B, H, W, C), the full unshifted map.
+
+    The parameters are those of the plain modules above (``conv``, ``bn``, ``proj``), and so is the function computed,
+    but the forward runs channels-last and calls the 1 × 1 convolutions as matrix products on the tokens (``F.linear``
+    with the conv weight): for these thin bottlenecks CPU BLAS runs them 2-4x faster than the convolution kernels, and
+    no layout copies are needed. BatchNorm2d sees a (B·H·W, d, 1, 1) view: the same per-channel statistics.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        bottleneck: int,
+        kernel: int,
+        grid: tuple[int, int],
+        *,
+        prefix: int = 0,
+        layout: str = "tokens",
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if layout not in ("tokens", "map"):
+            raise ValueError(f"unknown layout '{layout}'")
+        self.kernel, self.grid, self.prefix, self.layout = kernel, tuple(grid), prefix, layout
+        self.conv = nn.Conv2d(dim, bottleneck, kernel, padding=kernel // 2)
+        self.bn = nn.BatchNorm2d(bottleneck)
+        self.act = nn.ReLU()
+        self.proj = nn.Conv2d(bottleneck, dim, 1)
+        self.proj_drop = nn.Dropout(drop)
+
+    def _reduce(self, x: Tensor) -> Tensor:
+        """The k × k conv C → d of a (B, H, W, C) map, channels-last: (B, H, W, d)."""
+        if self.kernel == 1:
+            return F.linear(x, self.conv.weight.flatten(1), self.conv.bias)
+        return self.conv(x.permute(0, 3, 1, 2)).permute(
+            0, 2, 3, 1
+        )  # a channels-last conv: no copies around it
+
+    def _mix(self, x: Tensor) -> Tensor:
+        """(B, H, W, C) → (B, H, W, C)."""
+        y = self._reduce(x)
+        B, H, W, d = y.shape
+        y = self.act(self.bn(y.reshape(B * H * W, d, 1, 1))).view(B, H, W, d)  # BN2d statistics over B·H·W
+        return self.proj_drop(F.linear(y, self.proj.weight.flatten(1), self.proj.bias))
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if self.layout == "map":
+            return self._mix(x)
+        B, N, C = x.shape
+        H, W = self.grid
+        out = self._mix(x[:, self.prefix :].reshape(B, H, W, C)).reshape(B, H * W, C)
+        if self.prefix == 0:
+            return out
+        head = x[:, : self.prefix] if PREFIX_PASSTHROUGH else x.new_zeros(B, self.prefix, C)
+        return torch.cat([head, out], dim=1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"conv{self.kernel}x{self.kernel}, grid={self.grid}, prefix={self.prefix}, layout={self.layout}"
+        )
+
+
+class SkipBranch(nn.Module):
+    """The attention branch of a ``skip`` block: contributes zero (compact blocks never call it)."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        return torch.zeros_like(x)
+
+
+class FfnBias(nn.Module):
+    """An FFN kept at width 0: ``fc2(0) = fc2.bias`` for every token (the one parameter the cost model keeps)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # a fresh (C,) tensor broadcast without a copy (a bare view of the parameter confuses module hooks)
+        return (self.bias + 0).expand(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"width=0, dim={self.bias.numel()}"
+
+
+class CompactBlock(VitBlock):
+    """timm's ViT block; a skip block has no attention branch at all (not even ``norm1``'s computation)."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if not isinstance(self.attn, SkipBranch):
+            x = x + self.drop_path1(
+                self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
+            )
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class CompactSwinBlock(SwinTransformerBlock):
+    """timm's Swin block: conv branches see the full unshifted map; skip blocks have no attention branch."""
+
+    def _attn(self, x: Tensor) -> Tensor:
+        if isinstance(self.attn, ConvBranch):
+            return self.attn(x)
+        return super()._attn(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        if not isinstance(self.attn, SkipBranch):
+            x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = x.reshape(B, -1, C)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(B, H, W, C)

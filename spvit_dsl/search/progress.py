@@ -1,0 +1,108 @@
+"""Search stage — progress display: a rich progress bar with loss, accuracy, derived cost and budget.
+
+The loop reports to a :class:`Reporter`; :class:`RichReporter` draws the bar (on stderr, so stdout stays clean for
+piping), :class:`Reporter` itself is silent (``quiet=True`` and every rank but 0 under torchrun).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Reporter", "RichReporter"]
+
+
+class Reporter:
+    """Silent reporter; subclasses draw."""
+
+    def start(self, total: int, done: int, budget: str) -> None:
+        """A search of ``total`` steps begins (``done`` already completed, when resuming)."""
+
+    def step(self, fields: dict[str, Any]) -> None:
+        """One optimizer step finished: ``loss``, ``acc``, ``cost`` (text), ``epoch``."""
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        """An epoch finished (its metrics record)."""
+
+    def note(self, text: str) -> None:
+        """A one-line remark (resume, repair, warnings)."""
+
+    def stop(self) -> None:
+        """The search ended (normally or not)."""
+
+
+class RichReporter(Reporter):
+    def __init__(self, console: Any = None) -> None:
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True, highlight=False)
+        self.progress: Any = None
+        self.task: Any = None
+
+    def start(self, total: int, done: int, budget: str) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]search[/] ep {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "loss {task.fields[loss]}  acc {task.fields[acc]}  cost {task.fields[cost]} / budget {task.fields[budget]}"
+                "  λ {task.fields[multiplier]}"
+            ),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "search",
+            total=total,
+            completed=done,
+            epoch="-",
+            loss="-",
+            acc="-",
+            cost="-",
+            budget=budget,
+            multiplier="-",
+        )
+
+    def step(self, fields: dict[str, Any]) -> None:
+        if self.progress is None:
+            return
+        self.progress.update(
+            self.task,
+            advance=1,
+            epoch=fields["epoch"],
+            loss=f"{fields['loss']:.3f}",
+            acc=f"{fields['acc']:.1%}",
+            cost=fields["cost"],
+            multiplier=f"{fields['multiplier']:.3g}",
+        )
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        if self.progress is None:
+            return
+        val = record.get("val_acc")
+        val_text = f", val acc {val:.1%}" if val is not None else ""
+        self.progress.console.print(
+            f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, "
+            f"train acc {record['train_acc']:.1%}{val_text}, derived cost {record['cost_text']}, "
+            f"λ {record['multiplier']:.3g}",
+            markup=False,
+        )
+
+    def note(self, text: str) -> None:
+        (self.progress.console if self.progress is not None else self.console).print(text, markup=False)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

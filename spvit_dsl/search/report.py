@@ -1,0 +1,115 @@
+"""Search stage — report: the searched architecture and the cost trajectory as one PNG (matplotlib, Agg backend).
+
+Input: the program, the frozen :class:`~spvit_dsl.space.FrozenArch`, the kept masks, the metrics records and the
+budget targets. Output: ``report.png`` with two panels — the chosen attention op and the kept FFN width per block,
+and the derived cost per epoch (and per step) against each budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._io import write_atomic
+from ..space import FrozenArch
+from .budget import Target
+
+__all__ = ["write_report"]
+
+OP_COLORS = {
+    "skip": "#bbbbbb",
+    "conv1x1": "#8ecae6",
+    "conv3x3": "#219ebc",
+    "conv5x5": "#126782",
+    "msa": "#fb8500",
+}
+
+
+def _arch_panel(ax: Any, program: Any, arch: FrozenArch) -> None:
+    hidden = [p.geom.hidden for p in program.space.plans]
+    xs = list(range(len(arch.blocks)))
+    ratios = [b.ffn / h if h else 0.0 for b, h in zip(arch.blocks, hidden, strict=True)]
+    colors = [OP_COLORS.get(b.op, "#666666") for b in arch.blocks]
+    ax.bar(xs, ratios, color=colors, edgecolor="black", linewidth=0.5)
+    for x, b, r in zip(xs, arch.blocks, ratios, strict=True):
+        ax.text(x, r + 0.02, f"{b.op}\n{b.ffn}", ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, 1.3)
+    ax.set_xticks(xs)
+    ax.set_xlabel("block")
+    ax.set_ylabel("kept FFN width / dense")
+    ax.set_title("chosen attention op (colour, label) and FFN width per block")
+    used = sorted({b.op for b in arch.blocks}, key=list(OP_COLORS).index)
+    handles = [_patch(OP_COLORS[o], o) for o in used if o in OP_COLORS]
+    if handles:
+        ax.legend(handles=handles, fontsize=7, loc="upper right", ncol=len(handles))
+
+
+def _patch(color: str, label: str) -> Any:
+    from matplotlib.patches import Patch
+
+    return Patch(facecolor=color, edgecolor="black", label=label)
+
+
+def _cost_panel(
+    ax: Any, records: list[dict[str, Any]], targets: list[Target], final: dict[str, float] | None = None
+) -> None:
+    steps = [r for r in records if r.get("kind") == "step"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    for t in targets:
+        if steps:
+            ax.plot(
+                [r["step"] for r in steps],
+                [r["ratio"][t.metric] for r in steps],
+                lw=0.8,
+                alpha=0.5,
+                label=f"{t.metric} per step",
+            )
+        if epochs:
+            ax.plot(
+                [r["step"] for r in epochs],
+                [r["ratio"][t.metric] for r in epochs],
+                "o-",
+                label=f"{t.metric} at epoch end",
+            )
+    if final is not None:
+        last = max((r["step"] for r in records), default=0)
+        for t in targets:
+            ax.plot(
+                [last],
+                [final[t.metric] / t.limit],
+                "*",
+                ms=14,
+                color="green",
+                label=f"{t.metric} after repair",
+            )
+    ax.axhline(1.0, color="red", ls="--", lw=1, label="budget")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("derived cost / budget")
+    ax.set_title(
+        "derived cost against the budget (" + ", ".join(f"{t.metric} <= {t.text}" for t in targets) + ")"
+    )
+    ax.legend(fontsize=7)
+
+
+def write_report(
+    path: str,
+    program: Any,
+    arch: FrozenArch,
+    kept: dict[str, Any],
+    records: list[dict[str, Any]],
+    targets: list[Target],
+) -> None:
+    """Draw the report and write it atomically to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.5 * len(arch.blocks) + 4), 8))
+    _arch_panel(top, program, arch)
+    cost = program.graph.cost(arch, program.convention)
+    _cost_panel(bottom, records, targets, {"flops": float(cost.macs), "params": float(cost.params)})
+    fig.tight_layout()
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)

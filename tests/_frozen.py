@@ -1,0 +1,74 @@
+"""Tiny search specs, frozen specs and search checkpoints for the build/export/bench tests (written per test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from spvit_dsl.compiler import Program, compile_text
+from spvit_dsl.emit import emit
+from spvit_dsl.freeze import freeze
+from spvit_dsl.space import BlockArch, FrozenArch
+
+VIT_BACKBONE = (
+    "backbone vit_tiny_patch16_224 { weights = none; image = 32; patch = 8; embed_dim = 32; depth = 3; "
+    "heads = 2; classes = 10 }"
+)
+DISTILLED_BACKBONE = (
+    "backbone deit_tiny_distilled_patch16_224 { weights = none; image = 32; patch = 8; "
+    "embed_dim = 32; depth = 3; heads = 2; classes = 10 }"
+)
+SWIN_BACKBONE = (
+    "backbone swin_tiny_patch4_window7_224 { weights = none; image = 32; patch = 2; embed_dim = 16; "
+    "depth = (2, 2); heads = (1, 2); window = 4; classes = 10 }"
+)
+SEARCH_BLOCKS = "blocks all { attention: one of {skip, conv1x1, conv3x3, conv5x5, msa}; ffn: per neuron }"
+
+# per-block (op, ffn width as a fraction of the dense width); the last block keeps MSA so that every token
+# (the cls token included) depends on the conv branches
+PATTERN = [("conv3x3", 0.4), ("skip", 0.0), ("conv1x1", 0.7), ("msa", 1.0)]
+
+
+def search_program(backbone: str, path: Path) -> Program:
+    text = f"{backbone}\n{SEARCH_BLOCKS}\n"
+    path.write_text(text)
+    return compile_text(text, str(path))
+
+
+def pattern_arch(program: Program, pattern: list[tuple[str, float]] | None = None) -> FrozenArch:
+    pattern = pattern or PATTERN
+    g = program.space.geometry
+    blocks = []
+    for b in g.blocks:
+        op, frac = pattern[-1] if b.index == g.depth - 1 else pattern[b.index % (len(pattern) - 1)]
+        blocks.append(BlockArch(op, round(frac * b.hidden), b.heads, b.head_dim))
+    return FrozenArch(tuple(blocks), g.embed_dim)
+
+
+def write_frozen(program: Program, arch: FrozenArch, path: Path) -> Path:
+    """The frozen spec of ``arch`` in ``program``'s space, as the search writes it."""
+    spec = freeze(program.checked, arch, {"source": program.path, "strategy": "test", "seed": 0})
+    path.write_text(emit(spec))
+    return path
+
+
+def randomise(net: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial supernet state: every weight, mixing matrix, BN statistic and gate logit random."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.weight_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        for row in net.rows:
+            for bn in row.attn.bns.values():
+                bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=gen))
+                bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) + 0.5)
+        for p in net.gate_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+
+
+def images(program_or_geometry, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    g = getattr(getattr(program_or_geometry, "space", None), "geometry", program_or_geometry)
+    return torch.randn(
+        batch, g.in_chans, g.img_size, g.img_size, generator=torch.Generator().manual_seed(seed)
+    )

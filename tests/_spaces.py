@@ -1,0 +1,64 @@
+"""Hand-built spaces on tiny real timm backbones for the lowering tests (no parser involved), and the dense twin."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import timm
+import torch
+
+from spvit_dsl.backbones import resolve
+from spvit_dsl.nn import Supernet
+from spvit_dsl.space import BlockPlan, FfnChoice, Geometry, Space
+
+ALL_OPS = ("skip", "conv1x1", "conv3x3", "conv5x5", "msa")
+PER_NEURON = FfnChoice(group=1)  # SPViT's own FFN gates
+
+TINY_VIT = dict(image=32, patch=8, embed_dim=32, depth=3, heads=2, classes=10)
+TINY_SWIN = dict(image=32, patch=2, embed_dim=16, depth=(2, 2), heads=(1, 2), window=4, classes=10)
+
+
+def make_space(
+    geometry: Geometry,
+    ops: tuple[str, ...] | Callable[[int], tuple[str, ...]] = ALL_OPS,
+    ffn: FfnChoice | Callable[[int, int], FfnChoice] = PER_NEURON,
+) -> Space:
+    """One plan per block: ``ops(i)`` / ``ffn(i, hidden)`` may vary by block."""
+    plans = []
+    for b in geometry.blocks:
+        block_ops = ops(b.index) if callable(ops) else ops
+        choice = ffn(b.index, b.hidden) if callable(ffn) else ffn
+        plans.append(BlockPlan(b, tuple(block_ops), choice, (b.heads,), (b.head_dim,)))
+    return Space(geometry, tuple(plans), (geometry.embed_dim,))
+
+
+def tiny_vit_space(ops=ALL_OPS, ffn=PER_NEURON, model="deit_tiny_patch16_224", **overrides) -> Space:
+    return make_space(resolve(model, {**TINY_VIT, **overrides}), ops, ffn)
+
+
+def tiny_distilled_space(ops=ALL_OPS, ffn=PER_NEURON, **overrides) -> Space:
+    return tiny_vit_space(ops, ffn, model="deit_tiny_distilled_patch16_224", **overrides)
+
+
+def tiny_swin_space(ops=ALL_OPS, ffn=PER_NEURON, **overrides) -> Space:
+    return make_space(resolve("swin_tiny_patch4_window7_224", {**TINY_SWIN, **overrides}), ops, ffn)
+
+
+def nested_ffn(i: int, hidden: int) -> FfnChoice:
+    return FfnChoice(widths=(hidden // 4, hidden // 2, hidden))
+
+
+def dense_twin(net: Supernet) -> torch.nn.Module:
+    """The untouched timm model with the supernet's weights."""
+    g = net.space.geometry
+    dense = timm.create_model(g.model, pretrained=False, **g.kwargs())
+    result = dense.load_state_dict(net.model.state_dict(), strict=False)
+    assert not result.missing_keys  # every timm parameter kept its name
+    assert all(".attn.mix" in k or ".attn.bns." in k or ".mlp.keep" in k for k in result.unexpected_keys)
+    return dense
+
+
+def all_on(net: Supernet) -> None:
+    with torch.no_grad():
+        for p in net.gate_parameters():
+            p.fill_(30.0)  # every sample is on (noise logit(u) is within ±14 after clamping)

@@ -1,0 +1,66 @@
+"""``spvit-dsl bench``: measured latency beside the dense backbone, FLOPs ratio from the cost model (no timing
+assertions: only that the report is complete and consistent)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _frozen import VIT_BACKBONE, pattern_arch, search_program, write_frozen
+from typer.testing import CliRunner
+
+from spvit_dsl.cli import app, main
+from spvit_dsl.cost import arch_cost, dense_arch
+
+runner = CliRunner()
+FAST = ["--device", "cpu", "--batch-size", "2", "--repeats", "2", "--warmup", "0"]
+
+
+@pytest.fixture
+def frozen(tmp_path):
+    program = search_program(VIT_BACKBONE, tmp_path / "s.vit")
+    arch = pattern_arch(program)
+    return program, arch, write_frozen(program, arch, tmp_path / "f.vit")
+
+
+def test_bench_json_report(frozen):
+    program, arch, path = frozen
+    result = runner.invoke(app, ["bench", str(path), *FAST, "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output)
+    g = program.space.geometry
+    ideal = arch_cost(g, dense_arch(g), "exact").macs / arch_cost(g, arch, "exact").macs
+    assert r["flops_speedup"] == pytest.approx(ideal, rel=1e-3)
+    assert set(r["timings"]) == {"compact", "dense"}
+    for t in r["timings"].values():
+        assert t["batch_size"] == 2 and t["repeats"] == 2 and 0 < t["min_ms"] <= t["median_ms"] <= t["max_ms"]
+    assert r["speedup"] == pytest.approx(
+        r["timings"]["dense"]["median_ms"] / r["timings"]["compact"]["median_ms"], rel=1e-3
+    )
+    assert r["efficiency"] == pytest.approx(r["speedup"] / r["flops_speedup"], rel=1e-3)
+    assert r["machine"]["device"] == "cpu" and r["machine"]["torch"] == torch.__version__
+
+
+def test_bench_table_without_dense(frozen):
+    _, _, path = frozen
+    result = runner.invoke(app, ["bench", str(path), *FAST, "--no-vs-dense", "--round", "8"])
+    assert result.exit_code == 0, result.output
+    assert "compact" in result.output and "dense" not in result.output.split("batch 2", 1)[1]
+
+
+def test_bench_failures(frozen, tmp_path, capsys):
+    _, _, path = frozen
+    cases = [
+        (["bench", str(tmp_path / "missing.vit"), *FAST], "file not found"),
+        (["bench", str(path), *FAST, "--batch-size", "0"], "--batch-size: expected a positive integer"),
+        (["bench", str(path), "--device", "tpu"], "--device"),
+        (["bench", str(path), *FAST, "--round", "0"], "--round"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["bench", str(path), "--device", "cuda"], "no CUDA device"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 1 and message in err and "Traceback" not in err, (argv, err)

@@ -1,0 +1,189 @@
+"""Lowering: real timm backbones become gated supernets that compute exactly what timm computes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from _spaces import (
+    ALL_OPS,
+    all_on,
+    dense_twin,
+    make_space,
+    nested_ffn,
+    tiny_distilled_space,
+    tiny_swin_space,
+    tiny_vit_space,
+)
+from safetensors.torch import save_file
+
+from spvit_dsl.backbones import resolve
+from spvit_dsl.errors import UsageError
+from spvit_dsl.lower import check_lowerable, lower
+from spvit_dsl.nn import GatedMlp, UnifiedAttention
+from spvit_dsl.nn._timm import GatedSwinBlock
+from spvit_dsl.space import FfnChoice
+
+SPACES = {"deit": tiny_vit_space, "deit_distilled": tiny_distilled_space, "swin": tiny_swin_space}
+
+
+@pytest.mark.parametrize("name", SPACES)
+@pytest.mark.parametrize("ffn", [FfnChoice(group=1), FfnChoice(group=8), "nested"])
+def test_all_gates_on_equals_timm(name, ffn):
+    torch.manual_seed(0)
+    space = SPACES[name](ffn=nested_ffn if ffn == "nested" else ffn)
+    net = lower(space)
+    dense = dense_twin(net)
+    x = torch.randn(2, 3, 32, 32)
+    net.eval(), dense.eval()
+    assert (net(x) - dense(x)).abs().max() <= 1e-5  # deterministic gates: θ = 1.5 > 0 keeps everything
+    net.train(), dense.train()
+    all_on(net)
+    torch.manual_seed(1)
+    y = net(x)
+    torch.manual_seed(1)  # same drop-path draws: gate noise has its own generator
+    assert (y - dense(x)).abs().max() <= 1e-5
+
+
+def test_lowering_replaces_modules_in_place_and_names_decisions():
+    net = lower(tiny_swin_space(ops=("conv1x1", "msa")))
+    assert len(net.rows) == 4
+    for stage in net.model.layers:
+        for blk in stage.blocks:
+            assert type(blk) is GatedSwinBlock
+            assert isinstance(blk.attn, UnifiedAttention) and isinstance(blk.mlp, GatedMlp)
+    assert set(net.gates.keys()) == {f"blocks.{i}.{k}" for i in range(4) for k in ("attention", "ffn")}
+    assert net.gates["blocks.3.attention"].candidates == ("conv1x1", "msa")
+    text = repr(net)
+    for i in range(4):
+        assert f"blocks.{i}.attention: conv1x1 < msa" in text and f"blocks.{i}.ffn:" in text
+
+
+def test_single_candidates_get_no_gate():
+    space = tiny_vit_space(
+        ops=lambda i: ("msa",) if i == 0 else ("skip", "msa"),
+        ffn=lambda i, h: FfnChoice(widths=(h // 2,)) if i == 1 else FfnChoice(group=4),
+    )
+    net = lower(space)
+    assert "blocks.0.attention" not in net.gates and "blocks.1.ffn" not in net.gates
+    assert "blocks.1.attention" in net.gates and "blocks.0.ffn" in net.gates
+    arch = net.eval().derive()
+    assert arch.blocks[0].op == "msa" and arch.blocks[1].ffn == space.plans[1].geom.hidden // 2
+    keep = net.kept_units()["blocks.1.ffn"]
+    imp = net.rows[1].mlp.importance()
+    assert imp[keep].min() >= imp[~keep].max()  # a fixed width keeps the most important neurons
+
+
+def test_vit_conv_matches_the_reference_construction():
+    """conv3x3 from §1's formulas, written with explicit per-head loops, against the module."""
+    torch.manual_seed(0)
+    net = lower(tiny_vit_space(ops=("conv3x3", "conv5x5", "msa")), alpha=0.7)
+    attn = net.rows[1].attn
+    with torch.no_grad():
+        attn.mix.normal_()
+    x = torch.randn(2, 17, 32)  # 1 cls + 4x4 patches, C = 32
+    attn.eval().choose(0)  # conv3x3
+    out = attn(x)
+    h, d, C = attn.num_heads, attn.head_dim, 32
+    A5 = torch.softmax(attn.mix.detach() / 0.7, dim=0).view(h, 5, 5)
+    A = A5[:, 1:4, 1:4].reshape(h, 9)  # the centre 3x3 of the shared 5x5 mixing matrix
+    Wv = attn.qkv.weight[2 * C :].view(h, d, C)
+    bv = attn.qkv.bias[2 * C :].view(h, d)
+    Wo = attn.proj.weight.view(C, h, d)
+    kernel = torch.zeros(d, C, 3, 3)
+    bias = torch.zeros(d)
+    expand = torch.zeros(C, d)
+    for head in range(h):
+        for p in range(9):
+            kernel[:, :, p // 3, p % 3] += A[head, p] * Wv[head]
+            bias += A[head, p] * bv[head]
+            expand += A[head, p] * Wo[:, head]
+    fmap = x[:, 1:].reshape(2, 4, 4, C).permute(0, 3, 1, 2)
+    y = F.relu(attn.bns["conv3x3"](F.conv2d(fmap, kernel, bias, padding=1)))
+    y = F.linear(y.permute(0, 2, 3, 1).reshape(2, 16, d), expand, attn.proj.bias)
+    torch.testing.assert_close(out[:, 1:], y.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[:, :1], x[:, :1])  # the cls token passes the branch unchanged
+
+
+def test_swin_convs_run_on_the_full_unshifted_map():
+    torch.manual_seed(0)
+    net = lower(tiny_swin_space(ops=("skip", "conv3x3", "msa"))).eval()
+    block = net.model.layers[0].blocks[1]
+    assert any(block.shift_size)  # an odd block: MSA there uses shifted windows
+    attn = block.attn
+    x = torch.randn(2, 16, 16, 16)
+    attn.choose(1)
+    kernel, bias, expand = attn.conv_weights(3)
+    ref = F.relu(attn.bns["conv3x3"](F.conv2d(x.permute(0, 3, 1, 2), kernel, bias, padding=1)))
+    ref = F.linear(ref.permute(0, 2, 3, 1), expand, attn.proj.bias)
+    torch.testing.assert_close(block._attn(x), ref)
+    attn.choose(0)
+    assert torch.equal(block._attn(x), torch.zeros_like(x))  # skip contributes zero
+    attn.choose(2)  # msa: timm's own shifted-window path, unchanged
+    twin = dense_twin(net).layers[0].blocks[1]
+    with torch.no_grad():
+        assert (block._attn(x) - twin._attn(x)).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "name,model", [("vit", "deit_small_patch16_224"), ("swin", "swin_tiny_patch4_window7_224")]
+)
+def test_real_shapes_on_the_meta_device(name, model):
+    space = make_space(resolve(model), ALL_OPS, nested_ffn)
+    net = lower(space, device="meta").eval()
+    assert net.rows[0].attn.qkv.weight.device.type == "meta"
+    y = net(torch.empty(2, 3, 224, 224, device="meta"))
+    assert y.shape == (2, 1000)
+    b = space.geometry.blocks[0]
+    assert net.rows[0].attn.mix.shape == (b.heads, 25)
+
+
+@pytest.mark.parametrize("bad", ["heads", "head_dim", "density", "embed"])
+def test_non_spvit_decisions_are_not_implemented(bad):
+    space = tiny_vit_space()
+    p = space.plans[0]
+    changes = {
+        "heads": dict(heads=(1, 2)),
+        "head_dim": dict(head_dim=(8, 16)),
+        "density": dict(density=(0.5, 1.0)),
+    }
+    if bad == "embed":
+        space = dataclasses.replace(space, embed=(16, 32))
+    else:
+        space = dataclasses.replace(space, plans=(dataclasses.replace(p, **changes[bad]),) + space.plans[1:])
+    with pytest.raises(NotImplementedError, match="embedding width" if bad == "embed" else f"blocks.0.{bad}"):
+        check_lowerable(space)
+
+
+def _timm_weights(space) -> dict[str, torch.Tensor]:
+    torch.manual_seed(123)
+    g = space.geometry
+    return timm.create_model(g.model, pretrained=False, **g.kwargs()).state_dict()
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "deit_model_key", "safetensors"])
+def test_checkpoint_loading_through_timm(tmp_path, fmt):
+    space = tiny_distilled_space()
+    sd = _timm_weights(space)
+    if fmt == "safetensors":
+        path = tmp_path / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        path = tmp_path / "w.pth"
+        torch.save({"model": sd} if fmt == "deit_model_key" else sd, path)
+    net = lower(space, weights=str(path))
+    for k, v in sd.items():
+        assert torch.equal(net.model.state_dict()[k], v), k
+
+
+def test_checkpoint_errors_are_one_line_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="checkpoint not found"):
+        lower(tiny_vit_space(), weights=str(tmp_path / "missing.pth"))
+    other = _timm_weights(tiny_vit_space(embed_dim=64))
+    torch.save(other, tmp_path / "other.pth")
+    with pytest.raises(UsageError) as e:
+        lower(tiny_vit_space(), weights=str(tmp_path / "other.pth"))
+    assert "does not fit" in str(e.value) and "\n" not in str(e.value)

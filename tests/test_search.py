@@ -1,0 +1,162 @@
+"""The search on examples/digits_tiny.vit: budgets met within 1%, outputs, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from spvit_dsl.cli import app
+from spvit_dsl.compiler import compile_file, compile_text
+from spvit_dsl.freeze import arch_of, provenance
+from spvit_dsl.search import run_search
+from spvit_dsl.units import parse_budget_flag
+
+SPEC = os.path.join(os.path.dirname(__file__), "..", "examples", "digits_tiny.vit")
+BUDGETS = ("40%", "60%", "80%")
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One short search per budget (3 steps of 16 images each: the repair has to do the work)."""
+    out = {}
+    for b in BUDGETS:
+        program = compile_file(SPEC, budgets=[parse_budget_flag(b)])
+        folder = tmp_path_factory.mktemp(f"search{b[:2]}")
+        out[b] = (
+            program,
+            run_search(program, steps=3, batch_size=16, device="cpu", out=str(folder), quiet=True),
+        )
+    return out
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_frozen_network_meets_the_budget_within_one_percent(searched, budget):
+    program, result = searched[budget]
+    text = open(result.frozen_path, encoding="utf-8").read()
+    frozen = compile_text(text, result.frozen_path)
+    assert frozen.decisions == 0
+    dense = program.bounds("paper").macs.dense
+    limit = float(budget.rstrip("%")) / 100 * dense
+    # price the frozen spec with the original program's cost model, independently of the search's bookkeeping
+    achieved = program.graph.cost(arch_of(frozen.checked), "paper").macs
+    assert achieved <= limit
+    assert achieved >= 0.99 * limit
+    assert result.budgets[0]["achieved"] == pytest.approx(achieved)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_kept_masks_match_the_frozen_widths(searched, budget):
+    _program, result = searched[budget]
+    frozen = compile_file(result.frozen_path)
+    arch = arch_of(frozen.checked)
+    assert arch == result.arch
+    for i, block in enumerate(arch.blocks):
+        mask = result.kept[f"blocks.{i}.ffn"]
+        assert mask.dtype == torch.bool and int(mask.sum()) == block.ffn
+
+
+def test_outputs(searched):
+    program, result = searched["60%"]
+    files = sorted(os.listdir(result.out_dir))
+    assert files == ["digits_tiny.frozen.vit", "metrics.jsonl", "report.png", "search.ckpt"]
+    head = provenance(compile_file(result.frozen_path).spec)
+    for key in (
+        "source",
+        "strategy",
+        "budget",
+        "flops_paper",
+        "flops_exact",
+        "params",
+        "seed",
+        "date",
+        "epochs",
+    ):
+        assert key in head, key
+    assert head["strategy"] == "spvit" and head["budget"] == "flops <= 60%"
+    assert float(head["flops_paper"].rstrip("G")) * 1e9 == pytest.approx(
+        result.costs["flops_paper"], rel=1e-5
+    )
+    # checkpoint: safetensors (the header is JSON, no pickle), with every part of the state
+    with open(result.checkpoint_path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        json.loads(fh.read(size))
+    with safe_open(result.checkpoint_path, framework="pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    for prefix in ("net/", "opt/weights/", "opt/gates/", "rng/torch", "rng/gates", "kept/blocks.0.ffn"):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    state = json.loads(meta["spvit_dsl.state"])
+    assert state["step"] == 3 and state["finished"] is True and "values" in state["strategy_state"]["dual"]
+    records = [json.loads(line) for line in open(result.metrics_path, encoding="utf-8")]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert {"loss", "acc", "cost", "multiplier"} <= set(r) and r["cost"]["flops"] > 0
+    with open(result.report_path, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_search_with_budget_above_dense_warns_and_runs(tmp_path):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        app,
+        [
+            "search",
+            SPEC,
+            "--budget",
+            "150%",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "warning" in res.output and "at or above the dense" in res.output
+    assert "frozen spec" in res.output and "searched architecture" in res.output
+    frozen = compile_file(str(out / "digits_tiny.frozen.vit"))
+    assert frozen.decisions == 0
+
+
+def test_init_checkpoint_starts_from_dense_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from spvit_dsl.nn._timm import create_backbone
+
+    program = compile_file(SPEC)
+    torch.manual_seed(123)
+    dense = create_backbone(program.space.geometry, "none")
+    path = str(tmp_path / "dense.safetensors")
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, path)
+    res = run_search(
+        program,
+        steps=1,
+        batch_size=8,
+        device="cpu",
+        out=str(tmp_path / "o"),
+        quiet=True,
+        init_checkpoint=path,
+    )
+    with safe_open(res.checkpoint_path, framework="pt") as f:
+        searched = f.get_tensor("net/model.patch_embed.proj.weight")
+    start = dense.state_dict()["patch_embed.proj.weight"]
+    # one AdamW step at lr 1e-3 moves each weight by about 1e-3; a fresh random init would differ by ~0.1
+    assert (searched - start).abs().max() < 5e-3
+    with pytest.raises(Exception, match="checkpoint not found"):
+        run_search(
+            program,
+            steps=1,
+            device="cpu",
+            out=str(tmp_path / "p"),
+            quiet=True,
+            init_checkpoint=str(tmp_path / "missing.pth"),
+        )

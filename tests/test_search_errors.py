@@ -1,0 +1,141 @@
+"""Bad input to the search: one clear line, exit code 1, no traceback, the last good checkpoint kept."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from _search_specs import SMALL, write_spec
+from PIL import Image
+
+from spvit_dsl.cli import main
+from spvit_dsl.compiler import compile_file
+from spvit_dsl.errors import UsageError
+from spvit_dsl.search import run_search
+from spvit_dsl.search.checkpoint import read_state
+
+
+def _cli(capsys, *args):
+    with pytest.raises(SystemExit) as exc:
+        main(["search", *args, "--device", "cpu", "--quiet"])
+    captured = capsys.readouterr()
+    return exc.value.code, captured.err
+
+
+def _one_line_error(code, err):
+    assert code == 1, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _image_folder(root, *, bad=False, empty=False):
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            folder = os.path.join(root, split, cls)
+            os.makedirs(folder, exist_ok=True)
+            if empty:
+                continue
+            for k in range(2):
+                Image.new("L", (12, 12), color=40 * k + (cls == "b") * 100).save(
+                    os.path.join(folder, f"{k}.png")
+                )
+    if bad:
+        with open(os.path.join(root, "train", "a", "broken.png"), "wb") as fh:
+            fh.write(b"this is not an image")
+    return str(root)
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    line = _one_line_error(
+        *_cli(capsys, spec, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    )
+    assert "data folder not found" in line and "nowhere" in line
+
+
+def test_empty_data_folder(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    data = _image_folder(tmp_path / "data", empty=True)
+    line = _one_line_error(*_cli(capsys, spec, "--data", data, "--out", str(tmp_path / "o")))
+    assert "is empty" in line
+
+
+def test_unreadable_image(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    data = _image_folder(tmp_path / "data", bad=True)
+    line = _one_line_error(
+        *_cli(capsys, spec, "--data", data, "--batch-size", "5", "--steps", "2", "--out", str(tmp_path / "o"))
+    )
+    assert "cannot read image" in line and "broken.png" in line
+
+
+def test_valid_image_folder_trains(tmp_path):
+    program = compile_file(write_spec(tmp_path))
+    data = _image_folder(tmp_path / "data")
+    res = run_search(
+        program, data=data, batch_size=4, steps=2, device="cpu", out=str(tmp_path / "o"), quiet=True
+    )
+    assert res.steps == 2 and res.budgets[0]["ratio"] <= 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_but_absent(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["search", spec, "--device", "cuda", "--out", str(tmp_path / "o"), "--quiet"])
+    line = _one_line_error(exc.value.code, capsys.readouterr().err)
+    assert "CUDA is not available" in line
+
+
+def test_budget_below_the_cheapest_network(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    line = _one_line_error(*_cli(capsys, spec, "--budget", "0.01%", "--out", str(tmp_path / "o")))
+    assert "cannot be met" in line and "cheapest network" in line
+    assert not os.path.exists(tmp_path / "o")  # nothing was trained or written
+
+
+def test_unsupported_decisions_refused_before_training(tmp_path, capsys):
+    text = SMALL.replace("ffn: per neuron", "ffn: per neuron\n  heads: one of {1, 2}")
+    spec = write_spec(tmp_path, text)
+    line = _one_line_error(*_cli(capsys, spec, "--out", str(tmp_path / "o")))
+    assert "strategy 'spvit' cannot search heads" in line
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
+    program = compile_file(write_spec(tmp_path))
+    out = tmp_path / "o"
+
+    def poison(info):
+        if info.step == 12:  # after the first epoch's checkpoint (11 steps)
+            with torch.no_grad():
+                info.net.model.head.weight.fill_(math.nan)
+
+    with pytest.raises(UsageError) as exc:
+        run_search(program, device="cpu", out=str(out), quiet=True, callback=poison)
+    msg = str(exc.value)
+    assert "loss became nan" in msg and "last good checkpoint is kept" in msg and "\n" not in msg
+    state = read_state(str(out / "search.ckpt"))
+    assert state["epoch"] == 1 and state["step"] == 11 and state["finished"] is False
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert max(r["step"] for r in records) == 11
+
+
+def test_ctrl_c_in_the_cli_exits_130_with_the_checkpoint_named(tmp_path, capsys, monkeypatch):
+    from spvit_dsl.search import loop
+
+    def interrupted(*args, **kwargs):
+        raise loop.SearchInterrupted("interrupted at epoch 1, step 3; checkpoint saved to X/search.ckpt")
+
+    monkeypatch.setattr(loop, "run_search", interrupted)
+    spec = write_spec(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["search", spec, "--device", "cpu", "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 130
+    assert "checkpoint saved to X/search.ckpt" in err and "Traceback" not in err

@@ -1,0 +1,79 @@
+"""Interrupting a search (Ctrl-C, or stopping after an epoch) and resuming gives the same result as one run."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from _search_specs import write_spec
+from safetensors import safe_open
+
+from spvit_dsl.compiler import compile_file
+from spvit_dsl.search import run_search
+from spvit_dsl.search.loop import SearchInterrupted
+
+
+def _tensors(path):
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(("net/", "opt/"))}
+
+
+def _without_date(text):
+    return "\n".join(line for line in text.splitlines() if not line.strip().startswith("date ="))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    program = compile_file(write_spec(folder))
+    return program, run_search(program, device="cpu", out=str(folder / "out"), quiet=True)
+
+
+def _same(a, b):
+    assert _without_date(a.frozen_text) == _without_date(b.frozen_text)
+    assert a.kept.keys() == b.kept.keys()
+    for k in a.kept:
+        assert torch.equal(a.kept[k], b.kept[k]), k
+    ta, tb = _tensors(a.checkpoint_path), _tensors(b.checkpoint_path)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def test_ctrl_c_mid_epoch_then_resume_matches(reference, tmp_path):
+    program, ref = reference
+    assert ref.epochs == 2 and ref.steps > 12
+
+    def press_ctrl_c(info):
+        if info.step == 7:  # inside the first epoch (11 steps of 128 images)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = str(tmp_path / "out")
+    with pytest.raises(SearchInterrupted, match="checkpoint saved"):
+        run_search(program, device="cpu", out=out, quiet=True, callback=press_ctrl_c)
+    assert not os.path.exists(os.path.join(out, "small.frozen.vit"))
+    resumed = run_search(program, device="cpu", out=out, quiet=True, resume=True)
+    _same(ref, resumed)
+    # the metrics log has each step exactly once
+    steps = [line for line in open(resumed.metrics_path) if '"kind": "step"' in line]
+    assert len(steps) == ref.steps
+
+
+def test_stop_after_one_epoch_then_resume_matches(reference, tmp_path):
+    program, ref = reference
+    out = str(tmp_path / "out")
+    first = run_search(program, device="cpu", out=out, quiet=True, epochs=1)
+    assert first.epochs == 1
+    resumed = run_search(program, device="cpu", out=out, quiet=True, epochs=2, resume=True)
+    assert resumed.epochs == 2
+    _same(ref, resumed)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    from spvit_dsl.errors import UsageError
+
+    program = compile_file(write_spec(tmp_path))
+    with pytest.raises(UsageError, match="no checkpoint"):
+        run_search(program, device="cpu", out=str(tmp_path / "none"), quiet=True, resume=True)
