@@ -76,8 +76,10 @@ def parse_budget_flag(text: str) -> Limit:
 
 
 def fmt_macs(macs: float) -> str:
-    return f"{macs / 1e9:.3f} G"
+    """G multiply-adds with three decimals; M below 0.1 G so small networks stay readable."""
+    return f"{macs / 1e9:.3f} G" if macs >= 1e8 or macs == 0 else f"{macs / 1e6:.3f} M"
 
 
 def fmt_params(params: float) -> str:
-    return f"{params / 1e6:.2f} M"
+    """Millions of parameters; thousands below 0.1 M."""
+    return f"{params / 1e6:.2f} M" if params >= 1e5 or params == 0 else f"{params / 1e3:.1f} K"

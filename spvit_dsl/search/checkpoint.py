@@ -82,10 +82,9 @@ def load_checkpoint(path: str, *, fmt: str = FORMAT) -> Checkpoint:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise UsageError(f"cannot read checkpoint {path}: {' '.join(str(e).split())}") from None
-    if meta.get("spvit_dsl.format") != FORMAT:
-        raise UsageError(
-            f"{path} is not a spvit-dsl search checkpoint (format {meta.get('spvit_dsl.format')!r})"
-        )
+    if meta.get("spvit_dsl.format") != fmt:
+        kind = fmt.split("-")[0]
+        raise UsageError(f"{path} is not a spvit-dsl {kind} checkpoint (format {meta.get('spvit_dsl.format')!r})")
     state = json.loads(meta["spvit_dsl.state"])
     opt_json = state.pop("optimizers", {})
     groups = _split(tensors)

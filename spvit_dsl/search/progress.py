@@ -34,7 +34,7 @@ class RichReporter(Reporter):
     def __init__(self, console: Any = None) -> None:
         from rich.console import Console
 
-        self.console = console or Console(stderr=True, highlight=False)
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
         self.progress: Any = None
         self.task: Any = None
 

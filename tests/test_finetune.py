@@ -1,0 +1,149 @@
+"""Fine-tuning and evaluation of frozen networks: outputs, resume, distillation, CLI and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from spvit_dsl import recipe
+from spvit_dsl.build import build, load
+from spvit_dsl.cli import app
+from spvit_dsl.compiler import compile_file, compile_text
+from spvit_dsl.finetune import FinetuneSettings, distill_loss, evaluate, finetune, lr_at, param_groups
+from spvit_dsl.freeze import arch_of
+from spvit_dsl.search.data import load_data
+
+ROOT = Path(__file__).parent.parent
+runner = CliRunner()
+TINY = """backbone vit_tiny_patch16_224 { weights = none; image = 16; patch = 8; channels = 1; classes = 10
+  embed_dim = 32; depth = 2; heads = 2 }
+blocks all { attention: one of {skip, conv1x1, msa}; ffn: per neuron }
+budget { flops <= 60% }
+search spvit { data = digits }
+"""
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("ft")
+    (folder / "space.vit").write_text(TINY)
+    program = compile_file(str(folder / "space.vit"))
+    arch = program.space.dense().with_block(0, op="conv1x1", ffn=40).with_block(1, ffn=20)
+    return Path(recipe.write_frozen(program, arch, str(folder / "net.vit"), {"seed": 0}, budget=True))
+
+
+def _digits(model: torch.nn.Module):
+    return load_data("digits", model.spvit_geometry)
+
+
+def test_finetune_writes_best_model_metrics_and_checkpoint(frozen: Path, tmp_path: Path) -> None:
+    model = build(str(frozen), weights="none")
+    before = evaluate(model, _digits(model).val)
+    result = finetune(model, _digits(model), FinetuneSettings(epochs=3, lr=3e-3, warmup_epochs=0), out=str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["best.safetensors", "finetune.ckpt", "finetune.json", "metrics.jsonl"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert result.best.top1 == max(r["val_top1"] for r in rows) > before.top1
+    best = load(result.best_path)
+    assert evaluate(best, _digits(best).val).top1 == pytest.approx(result.best.top1)
+    assert arch_of(compile_text(best.spvit_spec).checked) == best.spvit_arch
+
+
+def test_resume_matches_an_uninterrupted_run(frozen: Path, tmp_path: Path) -> None:
+    settings = FinetuneSettings(epochs=2, lr=2e-3, warmup_epochs=0)
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build(str(frozen), weights="none")
+
+    straight = fresh()
+    finetune(straight, _digits(straight), settings, out=str(tmp_path / "a"))
+
+    def stop(row: dict) -> None:
+        raise KeyboardInterrupt  # after epoch 1's checkpoint is written
+
+    interrupted = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        finetune(interrupted, _digits(interrupted), settings, out=str(tmp_path / "b"), on_epoch=stop)
+    resumed = fresh()
+    result = finetune(resumed, _digits(resumed), settings, out=str(tmp_path / "b"), resume=True)
+    assert result.epochs == 2
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert lines == (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+
+
+def test_hard_and_soft_distillation() -> None:
+    student = torch.tensor([[2.0, 0.0, -1.0]])
+    teacher = torch.tensor([[0.0, 3.0, 0.0]])
+    y, base = torch.tensor([0]), torch.tensor(1.0)
+    s = FinetuneSettings(distill="hard", distill_weight=0.5)
+    hard = distill_loss(student, teacher, y, base, s)
+    assert hard == pytest.approx(0.5 + 0.5 * torch.nn.functional.cross_entropy(student, torch.tensor([1])).item())
+    soft = distill_loss(teacher, teacher, y, base, FinetuneSettings(distill="soft", distill_weight=0.5))
+    assert soft == pytest.approx(0.5)  # KL of a distribution with itself is zero
+
+
+def test_schedule_and_weight_decay_groups(frozen: Path) -> None:
+    assert lr_at(0, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-4)
+    assert lr_at(10, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-3)
+    assert lr_at(100, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
+    decay, no_decay = param_groups(build(str(frozen), weights="none"), 0.05)
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim <= 1 or p.shape[0] == 1 for p in no_decay["params"])
+
+
+def test_uniform_arch_is_the_widest_that_fits() -> None:
+    program = compile_file(str(ROOT / "examples/digits_tiny.vit"))
+    arch = recipe.uniform_arch(program, "msa")
+    budget = program.budgets[0].absolute
+    assert program.graph.cost(arch, "paper").macs <= budget
+    wider = arch
+    for i in range(len(arch.blocks)):
+        wider = wider.with_block(i, ffn=arch.blocks[0].ffn + 1)
+    assert program.graph.cost(wider, "paper").macs > budget
+    assert len({(b.op, b.ffn) for b in arch.blocks}) == 1
+
+
+def test_cli_finetune_then_eval(frozen: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["finetune", str(frozen), "--init", "none", "--epochs", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "best top-1" in result.stdout
+    result = runner.invoke(app, ["eval", str(out / "best.safetensors"), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 0 <= data["top1"] <= data["top5"] <= 100 and data["images"] == 360 and data["flops_paper"] > 0
+
+
+def test_cli_finetune_with_a_teacher(frozen: Path, tmp_path: Path) -> None:
+    runner.invoke(app, ["finetune", str(frozen), "--init", "none", "--epochs", "1", "--out", str(tmp_path / "t")])
+    result = runner.invoke(app, ["finetune", str(frozen), "--init", "none", "--steps", "3", "--teacher",
+                                 str(tmp_path / "t" / "best.safetensors"), "--distill", "hard", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--init", "search"], "--init search needs --weights"),
+        (["--init", "none", "--distill", "medium"], "--distill: expected hard, soft or none"),
+        (["--init", "none", "--distill", "hard"], "--distill hard needs --teacher"),
+        (["--init", "none", "--teacher", "no_such_model_xyz"], "neither a file nor a timm model name"),
+        (["--init", "none", "--data", "/no/such/folder"], "/no/such/folder"),
+        (["--init", "none", "--device", "cuda"], "no CUDA device"),
+    ],
+)
+def test_cli_finetune_errors_are_one_line(frozen: Path, tmp_path: Path, args: list[str], message: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from spvit_dsl.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["finetune", str(frozen), "--epochs", "1", "--out", str(tmp_path / "x"), *args])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and message in err and "Traceback" not in err
