@@ -92,7 +92,8 @@ def compile_cmd(
 
 
 def _save_supernet(program, path: str) -> None:
-    from .lower import lower, save_supernet
+    from .lower import lower
+    from .nn import save_supernet
 
     net = lower(program.space, weights=program.checked.weights, convention=program.convention)
     save_supernet(net, path, program.source)

@@ -107,3 +107,21 @@ def test_fmt_rewrites_and_check_reports(tmp_path: Path) -> None:
     assert runner.invoke(app, ["fmt", str(spec)]).exit_code == 0
     assert spec.read_text() == "backbone deit_tiny_patch16_224 { weights = none }  // keep me\n\nblocks all { attention: msa }\n"
     assert runner.invoke(app, ["fmt", "--check", str(spec)]).exit_code == 0
+
+
+def test_compile_materialises_the_supernet(tmp_path: Path) -> None:
+    import torch
+
+    from spvit_dsl.compiler import compile_text
+    from spvit_dsl.nn import load_supernet, read_metadata
+
+    out = tmp_path / "supernet.safetensors"
+    result = runner.invoke(app, ["compile", str(ROOT / "examples/digits_tiny.vit"), "--supernet", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "supernet written to" in result.stdout
+    meta = read_metadata(str(out))
+    assert "blocks all" in next(v for v in meta.values() if "backbone vit_tiny_patch16_224" in v)
+    net = load_supernet(str(out), lambda text: compile_text(text).space).eval()
+    assert set(net.gates.keys()) >= {"blocks.0.attention", "blocks.5.ffn"}
+    x = torch.rand(2, 1, 32, 32)
+    assert net(x).shape == (2, 10)
