@@ -5,6 +5,10 @@ from the dense weights, build and fine-tune the searched network; fine-tune, for
 dense weights, two uniformly pruned networks at the same budget (the same op in every block — msa, or conv1x1 —
 and the widest uniform FFN that fits). Reports best validation top-1 per network and seed.
 
+The all-conv1x1 baseline is degenerate, and that is worth seeing: conv1x1 mixes no tokens, and the cls
+token passes a conv branch unchanged (SPViT's definition), so with conv in every block the classifier's token never
+reads the image and accuracy stays at chance. Uniform MSA is the meaningful uniform baseline.
+
     python bench/quality.py [--seeds 0 1 2] [--epochs 40]
 
 Writes bench/results/quality.json (also read by tests/test_quality.py, marked slow).
