@@ -34,8 +34,7 @@ from torch import Tensor
 
 from ..errors import UsageError
 from ..space import FrozenArch
-from ..units import fmt_macs, fmt_params
-from .budget import Target, targets_of
+from .budget import targets_of
 from .checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -48,13 +47,23 @@ from .checkpoint import (
 from .data import Data, batches_per_epoch, load_data, make_loader
 from .outputs import MetricsLog, achieved_costs, frozen_text, verify_frozen
 from .progress import Reporter, RichReporter
+from .setup import (
+    budget_text,
+    check_searchable,
+    cost_text,
+    init_distributed,
+    lower_supernet,
+    out_dir_for,
+    output_paths,
+    pick_device,
+    resolve_settings,
+    world_info,
+)
 from .strategies import IMPLEMENTATIONS, Decisions, SearchContext, Strategy
 
 __all__ = ["SearchInterrupted", "SearchResult", "StepInfo", "run_search"]
 
 _log = logging.getLogger(__name__)
-
-RUN_KEYS = ("data", "epochs", "steps", "batch_size", "seed")
 
 
 class SearchInterrupted(UsageError):
@@ -110,117 +119,6 @@ class _Run:
     saved_any: bool = False
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, accuracy, steps of this epoch
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------- setup
-def _settings(program: Any, overrides: dict[str, Any]) -> dict[str, Any]:
-    values = dict(program.checked.search.values)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("epochs", "steps", "batch_size", "seed"):
-        values[key] = int(values[key])
-    if values["batch_size"] < 1:
-        raise UsageError(f"--batch-size must be at least 1, found {values['batch_size']}")
-    if values["epochs"] < 1 and values["steps"] < 1:
-        raise UsageError("nothing to train: --epochs and --steps are both 0")
-    if values["epochs"] < 0 or values["steps"] < 0:
-        raise UsageError("--epochs and --steps must not be negative")
-    return values
-
-
-def check_searchable(program: Any) -> str:
-    """The strategy's name, after refusing what it cannot do (one clear line each)."""
-    from ..strategies import STRATEGIES
-
-    name = program.checked.search.strategy
-    info = STRATEGIES.get(name)
-    kinds = sorted({d.kind for d in program.graph.decisions()} - set(info.decisions))
-    if kinds:
-        raise UsageError(
-            f"strategy '{name}' cannot search {', '.join(kinds)} (it searches "
-            f"{', '.join(sorted(info.decisions))}); fix those choices in the spec or pick another strategy"
-        )
-    if name not in IMPLEMENTATIONS:
-        raise UsageError(
-            f"strategy '{name}' has no search implementation yet (available: {', '.join(IMPLEMENTATIONS.names())})"
-        )
-    if not program.budgets:
-        raise UsageError(
-            "no budget to search for: add e.g. `budget { flops <= 50% }` to the spec or pass --budget 50%"
-        )
-    if not program.graph.decisions():
-        raise UsageError(f"{program.path} has no decisions left: nothing to search")
-    return str(name)
-
-
-def _device(requested: str, local_rank: int) -> torch.device:
-    if requested not in ("auto", "cpu", "cuda") and not requested.startswith("cuda:"):
-        raise UsageError(f"--device: expected auto, cpu or cuda, found '{requested}'")
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {requested}: CUDA is not available on this machine (use --device cpu)")
-    if requested.startswith("cuda:"):
-        return torch.device(requested)
-    return torch.device("cuda", local_rank)
-
-
-def _world() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _init_distributed(device: torch.device, world: int) -> bool:
-    if world <= 1 or (dist.is_available() and dist.is_initialized()):
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def _out_dir(program: Any, out: str | None) -> str:
-    if out:
-        return out
-    stem = os.path.splitext(os.path.basename(program.path))[0]
-    return os.path.join("runs", stem)
-
-
-def _paths(program: Any, out_dir: str) -> dict[str, str]:
-    stem = os.path.splitext(os.path.basename(program.path))[0]
-    return {
-        "out": out_dir,
-        "frozen": os.path.join(out_dir, f"{stem}.frozen.vit"),
-        "ckpt": os.path.join(out_dir, "search.ckpt"),
-        "metrics": os.path.join(out_dir, "metrics.jsonl"),
-        "report": os.path.join(out_dir, "report.png"),
-    }
-
-
-def _lower(program: Any, settings: dict[str, Any], weights: str, device: torch.device) -> Any:
-    from ..lower import lower
-
-    try:
-        return lower(
-            program.space,
-            weights=weights,
-            convention=program.convention,
-            alpha=float(settings.get("alpha", 0.0)) or None,
-            gate_init=float(settings.get("gate_init", 1.5)),
-            seed=settings["seed"],
-            device=device,
-        )
-    except NotImplementedError as e:
-        raise UsageError(str(e)) from None
-
-
-def _budget_text(targets: list[Target]) -> str:
-    return ", ".join(fmt_macs(t.limit) if t.metric == "flops" else fmt_params(t.limit) for t in targets)
-
-
-def _cost_text(costs: dict[str, float], targets: list[Target]) -> str:
-    return ", ".join(
-        fmt_macs(costs[t.metric]) if t.metric == "flops" else fmt_params(costs[t.metric]) for t in targets
-    )
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -441,7 +339,7 @@ def _epoch_end(run: _Run, data: Data) -> None:
     }
     run.history.append({k: record[k] for k in ("epoch", "step", "val_acc", "cost", "ratio")})
     run.metrics.add(record)
-    run.reporter.epoch(dict(record, cost_text=_cost_text(costs, ctx.targets)))
+    run.reporter.epoch(dict(record, cost_text=cost_text(costs, ctx.targets)))
     run.epoch += 1
     run.batch = 0
     run.sums = [0.0, 0.0, 0.0]
@@ -501,7 +399,7 @@ def _log_step(run: _Run, loss: float, acc: float, costs: dict[str, float]) -> No
             "epoch": run.epoch + 1,
             "loss": loss,
             "acc": acc,
-            "cost": _cost_text(costs, ctx.targets),
+            "cost": cost_text(costs, ctx.targets),
             "multiplier": mult,
         }
     )
@@ -530,12 +428,12 @@ def run_search(
     (overrides the spec's ``weights``). ``callback``: called after every step with a :class:`StepInfo`.
     """
     check_searchable(program)
-    settings = _settings(
+    settings = resolve_settings(
         program, {"data": data, "epochs": epochs, "steps": steps, "batch_size": batch_size, "seed": seed}
     )
-    rank, world, local_rank = _world()
-    dev = _device(device, local_rank)
-    started = _init_distributed(dev, world)
+    rank, world, local_rank = world_info()
+    dev = pick_device(device, local_rank)
+    started = init_distributed(dev, world)
     try:
         return _run(
             program, settings, dev, rank, world, out, resume, init_checkpoint, quiet, callback, reporter
@@ -561,7 +459,7 @@ def _run(
     torch.manual_seed(settings["seed"])
     targets = targets_of(program.budgets)
     data = load_data(str(settings["data"]), program.space.geometry)
-    net = _lower(program, settings, init_checkpoint or program.checked.weights, dev)
+    net = lower_supernet(program, settings, init_checkpoint or program.checked.weights, dev)
     spe = batches_per_epoch(data.train, settings["batch_size"], world=world)
     if spe == 0:
         raise UsageError(f"the training set of '{settings['data']}' is empty")
@@ -569,8 +467,8 @@ def _run(
     total = min(total, settings["steps"]) if settings["steps"] else total
     ctx = SearchContext(program, net, targets, settings, dev, data, spe, total, rank, world)
     strategy = IMPLEMENTATIONS.get(program.checked.search.strategy)(ctx)
-    out_dir = _out_dir(program, out)
-    paths = _paths(program, out_dir)
+    out_dir = out_dir_for(program, out)
+    paths = output_paths(program, out_dir)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
     rep = reporter if reporter is not None else (Reporter() if quiet or rank != 0 else RichReporter())
@@ -601,7 +499,7 @@ def _wrap(net: Any, dev: torch.device, world: int) -> Any:
 
 def _search(run: _Run, data: Data, callback: Any) -> SearchResult:
     ctx = run.ctx
-    run.reporter.start(ctx.total_steps, min(run.step, ctx.total_steps), _budget_text(ctx.targets))
+    run.reporter.start(ctx.total_steps, min(run.step, ctx.total_steps), budget_text(ctx.targets))
     try:
         with _SigintFlag() as flag:
             _train(run, data, callback, flag)
