@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spvit_dsl.nn.supernet import Unit as FakeUnit  # the supernet's own unit record
 from spvit_dsl.search.budget import DualAscent, Target, nested_levels, repair
-
-
-@dataclass(frozen=True)
-class FakeUnit:
-    decision: str
-    index: int
-    logit: float
-    macs: float
-    params: float
-    on: bool
-    nested: bool
-    neurons: int = 0
 
 
 def _cost(units, on, constant=(1000.0, 100.0)):
