@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spvit_dsl.nn.supernet import Unit as FakeUnit  # the supernet's own unit record
+from spvit_dsl.nn.supernet import Unit
 from spvit_dsl.search.budget import DualAscent, Target, nested_levels, repair
 
 
@@ -25,11 +25,11 @@ def _table(n_blocks, logits, op_levels=3, neurons=192):
             k += 1
             on = lg > 0 and level == j
             level += 1 if on else 0
-            units.append(FakeUnit(f"blocks.{b}.attention", j, lg, 500.0 * (j + 1), 40.0 * (j + 1), on, True))
+            units.append(Unit(f"blocks.{b}.attention", j, lg, 500.0 * (j + 1), 40.0 * (j + 1), on, True))
         for j in range(neurons):
             lg = logits[k % len(logits)]
             k += 1
-            units.append(FakeUnit(f"blocks.{b}.ffn", j, lg, 10.0, 1.0, lg > 0, False, 1))
+            units.append(Unit(f"blocks.{b}.ffn", j, lg, 10.0, 1.0, lg > 0, False, 1))
     return units
 
 
@@ -65,7 +65,7 @@ def test_repair_meets_the_budget_within_one_percent(logits, ratio, blocks):
 
 def test_repair_keeps_high_logit_per_cost_units():
     units = [
-        FakeUnit("blocks.0.ffn", j, lg, 10.0, 1.0, True, False, 1)
+        Unit("blocks.0.ffn", j, lg, 10.0, 1.0, True, False, 1)
         for j, lg in enumerate([5.0, 0.1, 3.0, 0.2])
     ]
     res = repair(
