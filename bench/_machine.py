@@ -1,4 +1,4 @@
-"""Machine description recorded in every benchmark result."""
+"""Machine description recorded in every benchmark result (the library's own, plus the Python version)."""
 
 from __future__ import annotations
 
@@ -7,30 +7,14 @@ import platform
 import socket
 
 
-def machine() -> dict[str, object]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info: dict[str, object] = {
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-    }
-    try:
-        import torch
+def machine(device: str | None = None) -> dict[str, object]:
+    """Host, platform, CPU model, cores, torch version and threads, GPU name: see spvit_dsl.compact.speed.machine."""
+    import torch
 
-        info["torch"] = torch.__version__
-        info["threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
+    from spvit_dsl.compact.speed import machine as describe
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return describe(dev) | {"python": platform.python_version()}
 
 
 def result_path(name: str) -> str:

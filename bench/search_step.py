@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
 import sys
 import time
 from typing import Any
@@ -25,6 +23,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench._machine import machine, result_path  # noqa: E402
 from spvit_dsl.compiler import compile_file  # noqa: E402
 from spvit_dsl.lower import lower  # noqa: E402
 from spvit_dsl.nn._timm import create_backbone  # noqa: E402
@@ -125,23 +124,6 @@ def bench_one(
     return out
 
 
-def machine(device: torch.device) -> dict[str, Any]:
-    info = {
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        info["cpu"] = platform.processor() or platform.machine()
-    return info
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
@@ -167,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     batch = args.batch_size or (128 if use_cuda else 64)
     results = [bench_one(s, batch, args.steps, args.warmup, device, args.rounds) for s in specs]
-    report = {"benchmark": "search_step", "machine": machine(device), "results": results}
-    path = args.out or os.path.join(ROOT, "bench", "results", f"search_step-{socket.gethostname()}.json")
+    report = {"benchmark": "search_step", "machine": machine(str(device)), "results": results}
+    path = args.out or result_path("search_step")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=1)
