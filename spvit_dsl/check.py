@@ -8,7 +8,6 @@ Pure Python: no torch.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -516,11 +515,3 @@ def headers_span(spec: ast.Spec) -> Span:
     f = spec.first("frozen")
     return f.span if f is not None else spec.span
 
-
-def space_size_log10(space: Space) -> float:
-    """log10 of the number of distinct frozen specs in the space (per-neuron gates: distinct widths)."""
-    total = math.log10(len(space.embed))
-    for p in space.plans:
-        for n in (len(p.attention), len(p.ffn.candidates(p.geom.hidden)), len(p.heads), len(p.head_dim), len(p.density)):
-            total += math.log10(n)
-    return total

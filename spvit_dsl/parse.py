@@ -76,6 +76,14 @@ def _tok_span(path: str, tok: Token) -> Span:
 _UNIT = re.compile(r"^([0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)(.*)$")
 
 
+def number(text: str, span: Span | None = None) -> ast.Num:
+    """The AST number of ``text`` as a spec writes it (``3.3G`` → value 3.3, unit ``G``); ValueError if not one."""
+    m = _UNIT.match(text)
+    if m is None:
+        raise ValueError(f"not a number: {text!r}")
+    return ast.Num(text=text, value=float(m.group(1)), unit=m.group(2), span=span or Span())
+
+
 @v_args(meta=True)
 class _ToAst(Transformer):
     def __init__(self, path: str) -> None:
@@ -87,8 +95,7 @@ class _ToAst(Transformer):
         return _span(self.path, meta)
 
     def _num(self, tok: Token) -> ast.Num:
-        number, unit = _UNIT.match(str(tok)).groups()  # type: ignore[union-attr]
-        return ast.Num(text=str(tok), value=float(number), unit=unit, span=_tok_span(self.path, tok))
+        return number(str(tok), _tok_span(self.path, tok))
 
     def _name(self, tok: Token) -> ast.Name:
         return ast.Name(value=str(tok), span=_tok_span(self.path, tok))
