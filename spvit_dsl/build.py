@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from . import cost as cost_model
 from .compact.io import FORMAT, load_file, read_metadata, safetensors_metadata, save
 from .compact.skeleton import check_buildable, create_compact
 from .errors import UsageError
@@ -406,16 +405,13 @@ def _build_weights(
 
 
 def frozen_text(program: Program, arch: FrozenArch, round_to: int | None) -> str:
-    """The frozen spec of ``arch`` (after rounding): the original header, updated costs and ``ffn_round``."""
+    """The frozen spec of ``arch`` (after rounding): the original header, ``ffn_round``, and the updated costs
+    (which :func:`~spvit_dsl.freeze.freeze` stamps)."""
     from .emit import emit
     from .freeze import freeze
 
-    geometry = program.space.geometry
     header: dict[str, Any] = {k: _header_value(v) for k, v in (program.checked.frozen or {}).items()}
     header.pop("date", None)  # freeze() stamps today's date
-    for conv in ("paper", "exact"):
-        header[f"flops_{conv}"] = f"{cost_model.arch_cost(geometry, arch, conv).macs / 1e9:.4f}G"
-    header["params"] = f"{cost_model.arch_cost(geometry, arch, 'exact').params / 1e6:.3f}M"
     if round_to is not None:
         header["ffn_round"] = round_to
     return emit(freeze(program.checked, arch, header, convention=program.convention))

@@ -12,16 +12,10 @@ import datetime as _dt
 import os
 from typing import Any
 
-from . import ast
+from . import ast, cost
 from .check import Checked
+from .parse import number as _num
 from .space import BlockArch, FrozenArch, Geometry
-
-
-def _num(text: str) -> ast.Num:
-    from .parse import _UNIT
-
-    number, unit = _UNIT.match(text).groups()  # type: ignore[union-attr]
-    return ast.Num(text=text, value=float(number), unit=unit)
 
 
 def _value(v: Any) -> ast.Value:
@@ -79,12 +73,20 @@ def _budget(checked: Checked, convention: str) -> ast.Budget | None:
     return ast.Budget(constraints=cons, settings=(_setting("convention", ast.Name(value=convention)),))
 
 
+def achieved(geometry: Geometry, arch: FrozenArch) -> dict[str, str]:
+    """The header's cost of ``arch``: ``flops_paper``, ``flops_exact`` (G multiply-adds) and ``params`` (M)."""
+    paper, exact = cost.arch_cost(geometry, arch, "paper"), cost.arch_cost(geometry, arch, "exact")
+    return {"flops_paper": f"{paper.macs / 1e9:.6g}G", "flops_exact": f"{exact.macs / 1e9:.6g}G",
+            "params": f"{paper.params / 1e6:.6g}M"}
+
+
 def freeze(checked: Checked, arch: FrozenArch, header: dict[str, Any], *, convention: str = "paper",
            budget: bool = True) -> ast.Spec:
-    """The frozen spec of ``arch``; ``header`` fills the provenance block (values: str, int, float or '3.3G').
+    """The frozen spec of ``arch``; ``header`` fills the provenance block (values: str, int, float or '3.3G'),
+    to which the achieved cost is always added (replacing stale figures a header may carry).
     ``budget=False`` leaves the space's budget out (e.g. for the dense reference network, which exceeds it)."""
     geo = checked.space.geometry
-    fields = {"date": _dt.date.today().isoformat()} | header
+    fields = {"date": _dt.date.today().isoformat()} | header | achieved(geo, arch)
     settings = tuple(_setting(k, _num(v) if isinstance(v, str) and _is_quantity(v) else v) for k, v in fields.items())
     items: list[Any] = [ast.Frozen(settings=settings, comments=("frozen by spvit-dsl: every choice is fixed",)),
                         _backbone(checked)]
@@ -98,10 +100,10 @@ def freeze(checked: Checked, arch: FrozenArch, header: dict[str, Any], *, conven
 
 
 def _is_quantity(v: str) -> bool:
-    from .parse import _UNIT
-
-    m = _UNIT.match(v)
-    return bool(m) and m.group(2) in ("G", "M", "K", "%")
+    try:
+        return _num(v).unit in ("G", "M", "K", "%")
+    except ValueError:
+        return False
 
 
 def arch_of(checked: Checked) -> FrozenArch:

@@ -21,10 +21,6 @@ from .budget import Target
 __all__ = ["MetricsLog", "achieved_costs", "frozen_text", "verify_frozen"]
 
 
-def _qty(value: float, scale: float, unit: str) -> str:
-    return f"{value / scale:.6g}{unit}"
-
-
 def achieved_costs(program: Any, arch: FrozenArch) -> dict[str, float]:
     """flops_paper, flops_exact (multiply-adds) and params of ``arch`` by the analytic cost model."""
     paper, exact = program.graph.cost(arch, "paper"), program.graph.cost(arch, "exact")
@@ -42,14 +38,10 @@ def frozen_text(program: Any, arch: FrozenArch, facts: dict[str, Any]) -> str:
     from ..emit import emit
     from ..freeze import freeze
 
-    costs = achieved_costs(program, arch)
     header = {
         "source": program.path,
         "strategy": facts["strategy"],
         "budget": "; ".join(f"{b.metric} <= {b.limit.text}" for b in program.budgets),
-        "flops_paper": _qty(costs["flops_paper"], 1e9, "G"),
-        "flops_exact": _qty(costs["flops_exact"], 1e9, "G"),
-        "params": _qty(costs["params"], 1e6, "M"),
         "seed": int(facts["seed"]),
         "epochs": int(facts["epochs"]),
     }
