@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._machine import machine, result_path  # noqa: E402
-from spvit_dsl.compiler import compile_file  # noqa: E402
+from spvit_dsl.compile.program import compile_file  # noqa: E402
 
 
 def in_process(path: str, repeats: int) -> float:
@@ -35,7 +35,9 @@ def in_process(path: str, repeats: int) -> float:
 
 def cold(path: str) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "spvit_dsl", "compile", path, "--json"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "spvit_dsl", "compile", path, "--json"], check=True, capture_output=True
+    )
     return time.perf_counter() - start
 
 
@@ -45,9 +47,15 @@ def main() -> None:
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rows = []
-    for path in sorted(glob.glob(os.path.join(root, "specs", "*.vit")) + glob.glob(os.path.join(root, "examples", "*.vit"))):
+    for path in sorted(
+        glob.glob(os.path.join(root, "specs", "*.vit")) + glob.glob(os.path.join(root, "examples", "*.vit"))
+    ):
         rel = os.path.relpath(path, root)
-        row = {"spec": rel, "compile_ms": round(1e3 * in_process(path, args.repeats), 2), "cold_cli_ms": round(1e3 * cold(path), 1)}
+        row = {
+            "spec": rel,
+            "compile_ms": round(1e3 * in_process(path, args.repeats), 2),
+            "cold_cli_ms": round(1e3 * cold(path), 1),
+        }
         rows.append(row)
         print(f"{rel:34s} compile {row['compile_ms']:8.2f} ms   cold CLI {row['cold_cli_ms']:8.1f} ms")
     out = {"benchmark": "compile", "machine": machine(), "repeats": args.repeats, "results": rows}

@@ -25,12 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench._machine import machine, result_path  # noqa: E402
-from spvit_dsl import cost  # noqa: E402
-from spvit_dsl.backbones import resolve  # noqa: E402
-from spvit_dsl.build import round_widths  # noqa: E402
 from spvit_dsl.compact import create_compact, create_dense  # noqa: E402
+from spvit_dsl.compact.build import round_widths  # noqa: E402
 from spvit_dsl.compact.speed import time_models  # noqa: E402
-from spvit_dsl.space import BlockArch, FrozenArch, Geometry  # noqa: E402
+from spvit_dsl.space import cost  # noqa: E402
+from spvit_dsl.space.backbones import resolve  # noqa: E402
+from spvit_dsl.space.plan import BlockArch, FrozenArch, Geometry  # noqa: E402
 
 MODELS = {"deit_s": "deit_small_patch16_224", "swin_s": "swin_small_patch4_window7_224"}
 TARGETS = (0.7, 0.5)

@@ -34,32 +34,48 @@ SPEC = os.path.join(ROOT, "examples", "digits_tiny.vit")
 def run_seed(seed: int, epochs: int, out: str) -> dict[str, object]:
     import torch
 
-    from spvit_dsl import recipe
-    from spvit_dsl.compiler import compile_file
-    from spvit_dsl.finetune import FinetuneSettings
+    from spvit_dsl.compile.program import compile_file
     from spvit_dsl.search import run_search
+    from spvit_dsl.train import recipe
+    from spvit_dsl.train.finetune import FinetuneSettings
 
     torch.manual_seed(seed)
     program = compile_file(SPEC)
     out = os.path.join(out, f"seed{seed}")
-    dense = recipe.train_dense(program, os.path.join(out, "dense"),
-                               FinetuneSettings(epochs=epochs, lr=2e-3, warmup_epochs=2, seed=seed), reuse=False)
+    dense = recipe.train_dense(
+        program,
+        os.path.join(out, "dense"),
+        FinetuneSettings(epochs=epochs, lr=2e-3, warmup_epochs=2, seed=seed),
+        reuse=False,
+    )
     data = recipe.data_of(program)
     tune = FinetuneSettings(epochs=epochs, lr=1e-3, warmup_epochs=1, seed=seed)
-    searched = run_search(program, out=os.path.join(out, "search"), init_checkpoint=dense.timm_state, seed=seed,
-                          quiet=True)
+    searched = run_search(
+        program, out=os.path.join(out, "search"), init_checkpoint=dense.timm_state, seed=seed, quiet=True
+    )
     rows = {"dense": {"top1": dense.metrics.top1, "flops": program.bounds().macs.dense}}
-    tuned = recipe.finetune_frozen(searched.frozen_path, searched.checkpoint_path, os.path.join(out, "searched"), tune,
-                                   data=data)
-    rows["searched"] = {"top1": tuned.metrics.top1, "flops": searched.costs[f"flops_{program.convention}"],
-                        "ops": [b.op for b in searched.arch.blocks], "ffn": [b.ffn for b in searched.arch.blocks]}
+    tuned = recipe.finetune_frozen(
+        searched.frozen_path, searched.checkpoint_path, os.path.join(out, "searched"), tune, data=data
+    )
+    rows["searched"] = {
+        "top1": tuned.metrics.top1,
+        "flops": searched.costs[f"flops_{program.convention}"],
+        "ops": [b.op for b in searched.arch.blocks],
+        "ffn": [b.ffn for b in searched.arch.blocks],
+    }
     for op in ("msa", "conv1x1"):
         arch = recipe.uniform_arch(program, op)
-        spec = recipe.write_frozen(program, arch, os.path.join(out, f"uniform_{op}.vit"), {"strategy": "uniform"},
-                                   budget=True)
-        uniform = recipe.finetune_frozen(spec, dense.timm_state, os.path.join(out, f"uniform_{op}"), tune, data=data)
-        rows[f"uniform_{op}"] = {"top1": uniform.metrics.top1, "flops": program.graph.cost(arch, program.convention).macs,
-                                 "ffn": arch.blocks[0].ffn}
+        spec = recipe.write_frozen(
+            program, arch, os.path.join(out, f"uniform_{op}.vit"), {"strategy": "uniform"}, budget=True
+        )
+        uniform = recipe.finetune_frozen(
+            spec, dense.timm_state, os.path.join(out, f"uniform_{op}"), tune, data=data
+        )
+        rows[f"uniform_{op}"] = {
+            "top1": uniform.metrics.top1,
+            "flops": program.graph.cost(arch, program.convention).macs,
+            "ffn": arch.blocks[0].ffn,
+        }
     return rows
 
 
@@ -75,9 +91,16 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, float
 def run(seeds: list[int], epochs: int, out: str) -> dict[str, object]:
     started = time.time()
     per_seed = {s: run_seed(s, epochs, out) for s in seeds}
-    return {"benchmark": "quality", "spec": "examples/digits_tiny.vit", "machine": machine(), "epochs": epochs,
-            "seeds": seeds, "per_seed": per_seed, "summary": summarise(per_seed),
-            "seconds": round(time.time() - started, 1)}
+    return {
+        "benchmark": "quality",
+        "spec": "examples/digits_tiny.vit",
+        "machine": machine(),
+        "epochs": epochs,
+        "seeds": seeds,
+        "per_seed": per_seed,
+        "summary": summarise(per_seed),
+        "seconds": round(time.time() - started, 1),
+    }
 
 
 def main() -> None:
@@ -91,7 +114,9 @@ def main() -> None:
     with open(path, "w") as fh:
         json.dump(result, fh, indent=1)
     for name, s in result["summary"].items():
-        print(f"{name:16s} top-1 mean {s['mean_top1']:6.2f}  (min {s['min_top1']:.2f}, max {s['max_top1']:.2f})")
+        print(
+            f"{name:16s} top-1 mean {s['mean_top1']:6.2f}  (min {s['min_top1']:.2f}, max {s['max_top1']:.2f})"
+        )
     print("written", path)
 
 

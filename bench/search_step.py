@@ -24,14 +24,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench._machine import machine, result_path  # noqa: E402
-from spvit_dsl.compiler import compile_file  # noqa: E402
-from spvit_dsl.lower import lower  # noqa: E402
-from spvit_dsl.nn._timm import create_backbone  # noqa: E402
+from spvit_dsl.compile.program import compile_file  # noqa: E402
 from spvit_dsl.search import loop  # noqa: E402
 from spvit_dsl.search.budget import targets_of  # noqa: E402
+from spvit_dsl.search.methods.spvit import SpvitStrategy  # noqa: E402
 from spvit_dsl.search.outputs import MetricsLog  # noqa: E402
 from spvit_dsl.search.progress import Reporter  # noqa: E402
-from spvit_dsl.search.strategies import SearchContext, SpvitStrategy  # noqa: E402
+from spvit_dsl.search.protocol import SearchContext  # noqa: E402
+from spvit_dsl.supernet._timm import create_backbone  # noqa: E402
+from spvit_dsl.supernet.lower import lower  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

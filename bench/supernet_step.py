@@ -37,9 +37,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench._machine import machine, result_path  # noqa: E402
-from spvit_dsl.backbones import resolve  # noqa: E402
-from spvit_dsl.lower import lower  # noqa: E402
-from spvit_dsl.space import BlockPlan, FfnChoice, Space  # noqa: E402
+from spvit_dsl.space.backbones import resolve  # noqa: E402
+from spvit_dsl.space.plan import BlockPlan, FfnChoice, Space  # noqa: E402
+from spvit_dsl.supernet.lower import lower  # noqa: E402
 
 OPS = ("skip", "conv1x1", "conv3x3", "msa")  # SPViT's official candidates
 MODES = {"all_on": 8.0, "sampled": 0.0}

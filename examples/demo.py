@@ -58,14 +58,14 @@ def main() -> None:
     import torch
 
     torch.manual_seed(args.seed)
-    from spvit_dsl import recipe
-    from spvit_dsl.cli import print_summary
+    from spvit_dsl.cli.compile import print_summary
     from spvit_dsl.compact.speed import time_models
-    from spvit_dsl.compiler import compile_file
-    from spvit_dsl.diff import diff
-    from spvit_dsl.finetune import FinetuneSettings, evaluate
-    from spvit_dsl.freeze import arch_of
+    from spvit_dsl.compile.diff import diff
+    from spvit_dsl.compile.freeze import arch_of
+    from spvit_dsl.compile.program import compile_file
     from spvit_dsl.search import run_search
+    from spvit_dsl.train import recipe
+    from spvit_dsl.train.finetune import FinetuneSettings, evaluate
 
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
@@ -75,29 +75,54 @@ def main() -> None:
     print_summary(program)
 
     step("2. the dense network")
-    dense_settings = FinetuneSettings(epochs=args.dense_epochs, batch_size=64, lr=2e-3, warmup_epochs=2, seed=args.seed)
-    dense = recipe.train_dense(program, os.path.join(args.out, "dense"), dense_settings, reuse=not args.fresh,
-                               progress=_bar("dense training"))
+    dense_settings = FinetuneSettings(
+        epochs=args.dense_epochs, batch_size=64, lr=2e-3, warmup_epochs=2, seed=args.seed
+    )
+    dense = recipe.train_dense(
+        program,
+        os.path.join(args.out, "dense"),
+        dense_settings,
+        reuse=not args.fresh,
+        progress=_bar("dense training"),
+    )
     print(f"dense network: top-1 {dense.metrics.top1:.2f}% ({dense.spec_path})")
     data = recipe.data_of(program)
 
     step(f"3. search at {program.budgets[0].describe()}")
-    result = run_search(program, out=os.path.join(args.out, "search"), init_checkpoint=dense.timm_state, seed=args.seed,
-                        epochs=args.search_epochs)
+    result = run_search(
+        program,
+        out=os.path.join(args.out, "search"),
+        init_checkpoint=dense.timm_state,
+        seed=args.seed,
+        epochs=args.search_epochs,
+    )
     print(result.frozen_text)
 
     step("4. build the compact network and fine-tune it")
-    settings = FinetuneSettings(epochs=args.finetune_epochs, batch_size=64, lr=1e-3, warmup_epochs=1, seed=args.seed)
-    tuned = recipe.finetune_frozen(result.frozen_path, result.checkpoint_path, os.path.join(args.out, "finetune"),
-                                   settings, data=data, progress=_bar("fine-tuning"))
+    settings = FinetuneSettings(
+        epochs=args.finetune_epochs, batch_size=64, lr=1e-3, warmup_epochs=1, seed=args.seed
+    )
+    tuned = recipe.finetune_frozen(
+        result.frozen_path,
+        result.checkpoint_path,
+        os.path.join(args.out, "finetune"),
+        settings,
+        data=data,
+        progress=_bar("fine-tuning"),
+    )
     dense, compact = dense.model, tuned.model
 
     step("5. evaluate, measure, compare")
     acc_dense = evaluate(dense, data.val)
     acc_compact = evaluate(compact, data.val)
     shape = (64, *data.val[0][0].shape)
-    timing = time_models({"dense": dense, "searched": compact}, shape, device=torch.device("cpu"), repeats=30, warmup=5)
-    frozen_program, dense_program = compile_file(result.frozen_path), compile_file(os.path.join(args.out, "dense", "dense.vit"))
+    timing = time_models(
+        {"dense": dense, "searched": compact}, shape, device=torch.device("cpu"), repeats=30, warmup=5
+    )
+    frozen_program, dense_program = (
+        compile_file(result.frozen_path),
+        compile_file(os.path.join(args.out, "dense", "dense.vit")),
+    )
     d = diff(dense_program, frozen_program)
     summary = _summary(program, dense_program, frozen_program, acc_dense, acc_compact, timing, d)
     _print_table(summary)
@@ -105,34 +130,49 @@ def main() -> None:
     summary["report"] = result.report_path
     with open(os.path.join(args.out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
-    print(f"\nblock changes vs dense: {len(d.rows)}; report {result.report_path}; "
-          f"total {summary['seconds']:.0f} s; outputs in {args.out}")
+    print(
+        f"\nblock changes vs dense: {len(d.rows)}; report {result.report_path}; "
+        f"total {summary['seconds']:.0f} s; outputs in {args.out}"
+    )
     assert arch_of(frozen_program.checked) == result.arch
 
 
 def _summary(program, dense_program, frozen_program, acc_dense, acc_compact, timing, d) -> dict:
-    from spvit_dsl.freeze import arch_of
+    from spvit_dsl.compile.freeze import arch_of
 
     conv = program.convention
     rows = {}
     for name, prog, acc in (("dense", dense_program, acc_dense), ("searched", frozen_program, acc_compact)):
         cost = prog.graph.cost(arch_of(prog.checked), conv)
-        rows[name] = {"top1": round(acc.top1, 2), "flops_M": round(cost.macs / 1e6, 3), "params_M": round(cost.params / 1e6, 4),
-                      "latency_ms": round(timing[name].median_ms, 3)}
-    return {"convention": conv, "budget": program.budgets[0].describe(), "rows": rows,
-            "ops": [b.op for b in arch_of(frozen_program.checked).blocks],
-            "ffn": [b.ffn for b in arch_of(frozen_program.checked).blocks], "changes": len(d.rows)}
+        rows[name] = {
+            "top1": round(acc.top1, 2),
+            "flops_M": round(cost.macs / 1e6, 3),
+            "params_M": round(cost.params / 1e6, 4),
+            "latency_ms": round(timing[name].median_ms, 3),
+        }
+    return {
+        "convention": conv,
+        "budget": program.budgets[0].describe(),
+        "rows": rows,
+        "ops": [b.op for b in arch_of(frozen_program.checked).blocks],
+        "ffn": [b.ffn for b in arch_of(frozen_program.checked).blocks],
+        "changes": len(d.rows),
+    }
 
 
 def _print_table(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"digits: dense vs searched ({summary['budget']}, {summary['convention']} convention)")
+    table = Table(
+        title=f"digits: dense vs searched ({summary['budget']}, {summary['convention']} convention)"
+    )
     for col in ("network", "top-1 %", "FLOPs (M)", "params (M)", "CPU latency, batch 64 (ms)"):
         table.add_column(col, justify="right")
     for name, r in summary["rows"].items():
-        table.add_row(name, f"{r['top1']:.2f}", f"{r['flops_M']:.3f}", f"{r['params_M']:.4f}", f"{r['latency_ms']:.2f}")
+        table.add_row(
+            name, f"{r['top1']:.2f}", f"{r['flops_M']:.3f}", f"{r['params_M']:.4f}", f"{r['latency_ms']:.2f}"
+        )
     Console().print(table)
     print("ops per block:", " ".join(summary["ops"]))
     print("FFN width per block:", " ".join(map(str, summary["ffn"])))

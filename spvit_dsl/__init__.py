@@ -10,11 +10,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .ast import Spec
-from .compiler import Program, compile_file, compile_text
-from .errors import SpecError, SpecWarning, SpvitError, UsageError
+from .compile.program import Program, compile_file, compile_text
+from .lang.ast import Spec
+from .lang.errors import SpecError, SpecWarning, SpvitError, UsageError
 
-# Stage modules (spvit_dsl.parse, spvit_dsl.check, ...) are not shadowed by functions of the same name here.
+# Stage modules (spvit_dsl.lang.parse, spvit_dsl.compile.check, ...) are not shadowed by functions of the same name here.
 __all__ = [
     "Program",
     "Spec",
@@ -32,7 +32,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # `spvit_dsl.load(path)` builds a compact model; it needs torch, so it is imported on first use only.
     if name == "load":
-        from .build import load
+        from .compact.build import load
 
         return load
     raise AttributeError(f"module 'spvit_dsl' has no attribute {name!r}")

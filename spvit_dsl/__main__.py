@@ -1,5 +1,5 @@
 """``python -m spvit_dsl`` (also what ``torchrun -m spvit_dsl search ...`` runs)."""
 
-from .cli import main
+from .cli.app import main
 
 main()

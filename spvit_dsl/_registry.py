@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from .errors import did_you_mean
+from .lang.errors import did_you_mean
 
 T = TypeVar("T")
 

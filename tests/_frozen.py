@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from spvit_dsl.compiler import Program, compile_text
-from spvit_dsl.emit import emit
-from spvit_dsl.freeze import freeze
-from spvit_dsl.space import BlockArch, FrozenArch
+from spvit_dsl.compile.freeze import freeze
+from spvit_dsl.compile.program import Program, compile_text
+from spvit_dsl.lang.emit import emit
+from spvit_dsl.space.plan import BlockArch, FrozenArch
 
 VIT_BACKBONE = (
     "backbone vit_tiny_patch16_224 { weights = none; image = 32; patch = 8; embed_dim = 32; depth = 3; "

@@ -7,9 +7,9 @@ from collections.abc import Callable
 import timm
 import torch
 
-from spvit_dsl.backbones import resolve
-from spvit_dsl.nn import Supernet
-from spvit_dsl.space import BlockPlan, FfnChoice, Geometry, Space
+from spvit_dsl.space.backbones import resolve
+from spvit_dsl.space.plan import BlockPlan, FfnChoice, Geometry, Space
+from spvit_dsl.supernet import Supernet
 
 ALL_OPS = ("skip", "conv1x1", "conv3x3", "conv5x5", "msa")
 PER_NEURON = FfnChoice(group=1)  # SPViT's own FFN gates

@@ -8,7 +8,9 @@ os.environ.setdefault("TIMM_FUSED_ATTN", "1")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--regen-golden", action="store_true", help="rewrite golden files from the current output")
+    parser.addoption(
+        "--regen-golden", action="store_true", help="rewrite golden files from the current output"
+    )
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from spvit_dsl.backbones import (
+from spvit_dsl.space.backbones import (
     OVERRIDE_KEYS,
     BadOverride,
     UnknownBackbone,
@@ -17,7 +17,7 @@ from spvit_dsl.backbones import (
     supported_names,
     timm_names,
 )
-from spvit_dsl.space import Geometry
+from spvit_dsl.space.plan import Geometry
 
 TINY_VIT = dict(image=32, patch=4, embed_dim=64, depth=6, heads=2, channels=1, classes=10)
 TINY_SWIN = dict(image=32, patch=2, embed_dim=16, depth=(2, 2, 2), heads=(1, 2, 4), window=4, classes=10)

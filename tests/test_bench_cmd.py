@@ -11,7 +11,7 @@ from _frozen import VIT_BACKBONE, pattern_arch, search_program, write_frozen
 from typer.testing import CliRunner
 
 from spvit_dsl.cli import app, main
-from spvit_dsl.cost import arch_cost, dense_arch
+from spvit_dsl.space.cost import arch_cost, dense_arch
 
 runner = CliRunner()
 FAST = ["--device", "cpu", "--batch-size", "2", "--repeats", "2", "--warmup", "0"]

@@ -23,16 +23,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from spvit_dsl.backbones import resolve
-from spvit_dsl.build import build, fold, kept_masks, load, round_widths, save
 from spvit_dsl.cli import app, main
 from spvit_dsl.compact import ConvBranch, FfnBias, SkipBranch, create_compact
-from spvit_dsl.cost import arch_cost, breakdown
-from spvit_dsl.errors import UsageError
-from spvit_dsl.lower import lower
-from spvit_dsl.nn import save_supernet
-from spvit_dsl.nn.flops import count_macs
-from spvit_dsl.space import BlockArch, FrozenArch
+from spvit_dsl.compact.build import build, fold, kept_masks, load, round_widths, save
+from spvit_dsl.lang.errors import UsageError
+from spvit_dsl.space.backbones import resolve
+from spvit_dsl.space.cost import arch_cost, breakdown
+from spvit_dsl.space.plan import BlockArch, FrozenArch
+from spvit_dsl.supernet import save_supernet
+from spvit_dsl.supernet.flops import count_macs
+from spvit_dsl.supernet.lower import lower
 
 BACKBONES = {"vit": VIT_BACKBONE, "distilled": DISTILLED_BACKBONE, "swin": SWIN_BACKBONE}
 OPS = ("skip", "conv1x1", "conv3x3", "conv5x5", "msa")
@@ -263,11 +263,11 @@ def test_real_search_then_build(tmp_path, monkeypatch):
         app, ["build", "run/tiny.frozen.vit", "--weights", "run/search.ckpt", "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
-    from spvit_dsl.build import _load_search, frozen_program
+    from spvit_dsl.compact.build import _load_search, frozen_program
 
     program = frozen_program("run/tiny.frozen.vit")
     net, kept = _load_search("run/search.ckpt", program, "cpu")
-    from spvit_dsl.freeze import arch_of
+    from spvit_dsl.compile.freeze import arch_of
 
     net.fix(arch_of(program.checked), kept)
     net.eval()
@@ -343,7 +343,7 @@ def test_checkpoint_of_another_backbone_is_refused(tmp_path):
 def test_frozen_op_outside_the_searched_candidates_is_refused(tmp_path):
     path = tmp_path / "s.vit"
     path.write_text(f"{VIT_BACKBONE}\nblocks all {{ attention: one of {{skip, msa}}; ffn: per neuron }}\n")
-    from spvit_dsl.compiler import compile_file
+    from spvit_dsl.compile.program import compile_file
 
     program = compile_file(str(path))
     ckpt = tmp_path / "search.safetensors"

@@ -27,8 +27,18 @@ def test_compile_json_of_shipped_specs(spec: str) -> None:
     result = runner.invoke(app, ["compile", str(ROOT / "specs" / spec), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert {"spec", "backbone", "convention", "frozen", "decisions", "space_size_log10", "flops", "params", "budgets",
-            "feasible"} <= set(data)
+    assert {
+        "spec",
+        "backbone",
+        "convention",
+        "frozen",
+        "decisions",
+        "space_size_log10",
+        "flops",
+        "params",
+        "budgets",
+        "feasible",
+    } <= set(data)
     assert data["flops"]["min"] < data["budgets"][0]["absolute"] < data["flops"]["dense"]
     assert data["feasible"] and not data["frozen"] and data["decisions"] > 0
 
@@ -47,7 +57,9 @@ def test_budget_flag_overrides_the_spec() -> None:
 
 
 def test_frozen_example_has_no_decisions() -> None:
-    data = json.loads(runner.invoke(app, ["compile", str(ROOT / "examples/deit_s_frozen.vit"), "--json"]).stdout)
+    data = json.loads(
+        runner.invoke(app, ["compile", str(ROOT / "examples/deit_s_frozen.vit"), "--json"]).stdout
+    )
     assert data["frozen"] and data["decisions"] == 0 and data["space_size_log10"] == 0
     assert data["flops"]["min"] == data["flops"]["max"]
 
@@ -64,7 +76,9 @@ def test_graph_export(tmp_path: Path, suffix: str) -> None:
         assert len([n for n in data["nodes"] if n["kind"] == "attention"]) == 12
 
 
-def test_spec_error_is_rendered_with_caret_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_spec_error_is_rendered_with_caret_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     spec = tmp_path / "bad.vit"
     spec.write_text("backbone deit_small_patch16_224 { }\nblocks all { attention: one of {skip, conv3x4} }\n")
     code, out, err = run_main(["compile", str(spec)], capsys)
@@ -78,14 +92,23 @@ def test_spec_error_is_rendered_with_caret_and_exit_1(tmp_path: Path, capsys: py
     [
         (["compile", "missing.vit"], 1, "error: cannot read spec 'missing.vit'"),
         (["compile", "SPEC", "--budget", "3.3GFLOP"], 1, "error: --budget: unknown unit 'GFLOP'"),
-        (["compile", "SPEC", "--budget", "0.001G"], 1, "cannot be met: the cheapest network in this space costs"),
-        (["compile", "SPEC", "--convention", "fvcore"], 1, "error: --convention: expected 'paper' or 'exact'"),
+        (
+            ["compile", "SPEC", "--budget", "0.001G"],
+            1,
+            "cannot be met: the cheapest network in this space costs",
+        ),
+        (
+            ["compile", "SPEC", "--convention", "fvcore"],
+            1,
+            "error: --convention: expected 'paper' or 'exact'",
+        ),
         (["compile", "SPEC", "--graph", "x.png"], 1, "error: --graph: unknown graph format"),
         (["compile", "SPEC", "--bogus"], 2, "error: No such option: --bogus"),
     ],
 )
-def test_flag_and_file_errors_are_one_line(args: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str],
-                                           tmp_path: Path) -> None:
+def test_flag_and_file_errors_are_one_line(
+    args: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     args = [str(ROOT / "specs/deit_s.vit") if a == "SPEC" else a for a in args]
     args = [str(tmp_path / a) if a == "x.png" else a for a in args]
     got, _, err = run_main(args, capsys)
@@ -94,7 +117,9 @@ def test_flag_and_file_errors_are_one_line(args: list[str], code: int, message: 
 
 
 def test_warning_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_main(["compile", str(ROOT / "tests/data/valid/warning_budget.vit"), "--json"], capsys)
+    code, out, err = run_main(
+        ["compile", str(ROOT / "tests/data/valid/warning_budget.vit"), "--json"], capsys
+    )
     assert code == 0 and "warning: budget flops <= 2G is at or above" in err
     json.loads(out)
 
@@ -105,15 +130,18 @@ def test_fmt_rewrites_and_check_reports(tmp_path: Path) -> None:
     result = runner.invoke(app, ["fmt", "--check", str(spec)])
     assert result.exit_code == 1 and "would reformat" in result.stdout
     assert runner.invoke(app, ["fmt", str(spec)]).exit_code == 0
-    assert spec.read_text() == "backbone deit_tiny_patch16_224 { weights = none }  // keep me\n\nblocks all { attention: msa }\n"
+    assert (
+        spec.read_text()
+        == "backbone deit_tiny_patch16_224 { weights = none }  // keep me\n\nblocks all { attention: msa }\n"
+    )
     assert runner.invoke(app, ["fmt", "--check", str(spec)]).exit_code == 0
 
 
 def test_compile_materialises_the_supernet(tmp_path: Path) -> None:
     import torch
 
-    from spvit_dsl.compiler import compile_text
-    from spvit_dsl.nn import load_supernet, read_metadata
+    from spvit_dsl.compile.program import compile_text
+    from spvit_dsl.supernet import load_supernet, read_metadata
 
     out = tmp_path / "supernet.safetensors"
     result = runner.invoke(app, ["compile", str(ROOT / "examples/digits_tiny.vit"), "--supernet", str(out)])

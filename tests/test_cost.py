@@ -16,8 +16,8 @@ from timm.models.swin_transformer import WindowAttention
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from spvit_dsl.backbones import resolve, supported_names
-from spvit_dsl.cost import (
+from spvit_dsl.space.backbones import resolve, supported_names
+from spvit_dsl.space.cost import (
     arch_cost,
     block_cost,
     block_ffn_cost,
@@ -28,7 +28,7 @@ from spvit_dsl.cost import (
     dense_cost,
     stem_head_cost,
 )
-from spvit_dsl.space import BlockArch, Cost, FrozenArch, Geometry
+from spvit_dsl.space.plan import BlockArch, Cost, FrozenArch, Geometry
 
 DEIT = {"Ti": "deit_tiny_patch16_224", "S": "deit_small_patch16_224", "B": "deit_base_patch16_224"}
 SWIN = {
@@ -362,7 +362,5 @@ def test_errors():
 
 
 def test_import_does_not_pull_torch():
-    code = (
-        "import spvit_dsl.cost, spvit_dsl.backbones, sys; assert 'torch' not in sys.modules, 'torch imported'"
-    )
+    code = "import spvit_dsl.space.cost, spvit_dsl.space.backbones, sys; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,8 +7,8 @@ import dataclasses
 import torch
 from _search_specs import SMALL
 
-from spvit_dsl.compiler import compile_text
-from spvit_dsl.search.data import batches_per_epoch, digits_tensors, load_data, make_loader
+from spvit_dsl.compile.program import compile_text
+from spvit_dsl.runtime.data import batches_per_epoch, digits_tensors, load_data, make_loader
 
 
 def _geometry(**changes):

@@ -7,15 +7,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spvit_dsl.compiler import compile_file
+from spvit_dsl.compile.program import compile_file
 
 ROOT = Path(__file__).parent.parent
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    cmd = [sys.executable, str(ROOT / "examples/demo.py"), "--out", str(out), "--dense-epochs", "2",
-           "--finetune-epochs", "1", "--search-epochs", "1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples/demo.py"),
+        "--out",
+        str(out),
+        "--dense-epochs",
+        "2",
+        "--finetune-epochs",
+        "1",
+        "--search-epochs",
+        "1",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from spvit_dsl.cli import app
-from spvit_dsl.compiler import compile_file, compile_text
-from spvit_dsl.diff import diff, markdown
-from spvit_dsl.emit import emit
-from spvit_dsl.freeze import freeze
+from spvit_dsl.compile.diff import diff, markdown
+from spvit_dsl.compile.freeze import freeze
+from spvit_dsl.compile.program import compile_file, compile_text
+from spvit_dsl.lang.emit import emit
 
 ROOT = Path(__file__).parent.parent
 runner = CliRunner()
@@ -31,15 +31,23 @@ def test_identical_frozen_specs_exit_0() -> None:
 
 
 def test_two_frozen_specs_report_block_changes_and_cost_delta(tmp_path: Path) -> None:
-    b = _variant(tmp_path, "block 11 { attention: msa; ffn: width 320 }", "block 11 { attention: skip; ffn: width 320 }")
+    b = _variant(
+        tmp_path,
+        "block 11 { attention: msa; ffn: width 320 }",
+        "block 11 { attention: skip; ffn: width 320 }",
+    )
     result = runner.invoke(app, ["diff", str(FROZEN), str(b), "--json"])
     assert result.exit_code == 1
     data = json.loads(result.stdout)
-    assert data["changes"] == [{"block": 11, "stage": 0, "field": "attention", "a": "msa", "b": "skip", "note": ""}]
+    assert data["changes"] == [
+        {"block": 11, "stage": 0, "field": "attention", "a": "msa", "b": "skip", "note": ""}
+    ]
     pa, pb = compile_file(str(FROZEN)), compile_file(str(b))
-    from spvit_dsl.freeze import arch_of
+    from spvit_dsl.compile.freeze import arch_of
 
-    expect = (pb.graph.cost(arch_of(pb.checked), "paper").macs - pa.graph.cost(arch_of(pa.checked), "paper").macs) / 1e9
+    expect = (
+        pb.graph.cost(arch_of(pb.checked), "paper").macs - pa.graph.cost(arch_of(pa.checked), "paper").macs
+    ) / 1e9
     assert data["cost"]["b"]["flops"] - data["cost"]["a"]["flops"] == pytest.approx(expect)
     assert expect < 0  # removing attention saves compute
 
@@ -56,7 +64,10 @@ def test_space_against_frozen_member_and_breaks(tmp_path: Path) -> None:
     )
     d = diff(restricted, compile_file(str(FROZEN)))
     assert d.member is False
-    assert [(r.block, r.field, r.note) for r in d.breaks] == [(0, "attention", "not in space"), (1, "attention", "not in space")]
+    assert [(r.block, r.field, r.note) for r in d.breaks] == [
+        (0, "attention", "not in space"),
+        (1, "attention", "not in space"),
+    ]
 
 
 def test_frozen_over_the_space_budget_is_not_a_member() -> None:
@@ -65,7 +76,10 @@ def test_frozen_over_the_space_budget_is_not_a_member() -> None:
 
 
 def test_markdown_is_deterministic_and_complete() -> None:
-    a, b = compile_file(str(ROOT / "specs/swin_t.vit")), compile_file(str(ROOT / "examples/swin_restricted.vit"))
+    a, b = (
+        compile_file(str(ROOT / "specs/swin_t.vit")),
+        compile_file(str(ROOT / "examples/swin_restricted.vit")),
+    )
     arch = b.graph.bounds("paper").cheapest["flops"]
     frozen = compile_text(emit(freeze(b.checked, arch, {})), "f.vit")
     first, second = markdown(diff(a, frozen)), markdown(diff(a, frozen))

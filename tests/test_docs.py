@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from spvit_dsl.compiler import compile_text
+from spvit_dsl.compile.program import compile_text
 
 ROOT = Path(__file__).parent.parent
 BLOCK = re.compile(r"```vit\n(.*?)```", re.S)
@@ -29,8 +29,8 @@ def test_doc_example_compiles(name: str, text: str) -> None:
 
 
 def test_language_reference_lists_every_op_and_setting() -> None:
-    from spvit_dsl.ops import OPS
-    from spvit_dsl.strategies import COMMON, STRATEGIES
+    from spvit_dsl.compile.strategies import COMMON, STRATEGIES
+    from spvit_dsl.space.ops import OPS
 
     doc = (ROOT / "docs/language.md").read_text()
     for name in OPS.names():

@@ -7,8 +7,8 @@ import torch
 from _frozen import DISTILLED_BACKBONE, SWIN_BACKBONE, images, pattern_arch, search_program, write_frozen
 from typer.testing import CliRunner
 
-from spvit_dsl.build import build, save
 from spvit_dsl.cli import app, main
+from spvit_dsl.compact.build import build, save
 from spvit_dsl.compact.export import export_onnx, export_torchscript, onnx_max_error
 
 ort = pytest.importorskip("onnxruntime")

@@ -10,13 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from spvit_dsl import recipe
-from spvit_dsl.build import build, load
 from spvit_dsl.cli import app
-from spvit_dsl.compiler import compile_file, compile_text
-from spvit_dsl.finetune import FinetuneSettings, distill_loss, evaluate, finetune, lr_at, param_groups
-from spvit_dsl.freeze import arch_of
-from spvit_dsl.search.data import load_data
+from spvit_dsl.compact.build import build, load
+from spvit_dsl.compile.freeze import arch_of
+from spvit_dsl.compile.program import compile_file, compile_text
+from spvit_dsl.runtime.data import load_data
+from spvit_dsl.train import recipe
+from spvit_dsl.train.finetune import FinetuneSettings, distill_loss, evaluate, finetune, lr_at, param_groups
 
 ROOT = Path(__file__).parent.parent
 runner = CliRunner()
@@ -44,8 +44,15 @@ def _digits(model: torch.nn.Module):
 def test_finetune_writes_best_model_metrics_and_checkpoint(frozen: Path, tmp_path: Path) -> None:
     model = build(str(frozen), weights="none")
     before = evaluate(model, _digits(model).val)
-    result = finetune(model, _digits(model), FinetuneSettings(epochs=3, lr=3e-3, warmup_epochs=0), out=str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["best.safetensors", "finetune.ckpt", "finetune.json", "metrics.jsonl"]
+    result = finetune(
+        model, _digits(model), FinetuneSettings(epochs=3, lr=3e-3, warmup_epochs=0), out=str(tmp_path)
+    )
+    assert sorted(os.listdir(tmp_path)) == [
+        "best.safetensors",
+        "finetune.ckpt",
+        "finetune.json",
+        "metrics.jsonl",
+    ]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert result.best.top1 == max(r["val_top1"] for r in rows) > before.top1
@@ -85,7 +92,9 @@ def test_hard_and_soft_distillation() -> None:
     y, base = torch.tensor([0]), torch.tensor(1.0)
     s = FinetuneSettings(distill="hard", distill_weight=0.5)
     hard = distill_loss(student, teacher, y, base, s)
-    assert hard == pytest.approx(0.5 + 0.5 * torch.nn.functional.cross_entropy(student, torch.tensor([1])).item())
+    assert hard == pytest.approx(
+        0.5 + 0.5 * torch.nn.functional.cross_entropy(student, torch.tensor([1])).item()
+    )
     soft = distill_loss(teacher, teacher, y, base, FinetuneSettings(distill="soft", distill_weight=0.5))
     assert soft == pytest.approx(0.5)  # KL of a distribution with itself is zero
 
@@ -95,7 +104,9 @@ def test_schedule_and_weight_decay_groups(frozen: Path) -> None:
     assert lr_at(10, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-3)
     assert lr_at(100, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
     decay, no_decay = param_groups(build(str(frozen), weights="none"), 0.05)
-    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim <= 1 or p.shape[0] == 1 for p in no_decay["params"])
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(
+        p.ndim <= 1 or p.shape[0] == 1 for p in no_decay["params"]
+    )
 
 
 def test_uniform_arch_is_the_widest_that_fits() -> None:
@@ -112,7 +123,9 @@ def test_uniform_arch_is_the_widest_that_fits() -> None:
 
 def test_cli_finetune_then_eval(frozen: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = runner.invoke(app, ["finetune", str(frozen), "--init", "none", "--epochs", "1", "--out", str(out)])
+    result = runner.invoke(
+        app, ["finetune", str(frozen), "--init", "none", "--epochs", "1", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert "best top-1" in result.stdout
     result = runner.invoke(app, ["eval", str(out / "best.safetensors"), "--json"])
@@ -122,9 +135,26 @@ def test_cli_finetune_then_eval(frozen: Path, tmp_path: Path) -> None:
 
 
 def test_cli_finetune_with_a_teacher(frozen: Path, tmp_path: Path) -> None:
-    runner.invoke(app, ["finetune", str(frozen), "--init", "none", "--epochs", "1", "--out", str(tmp_path / "t")])
-    result = runner.invoke(app, ["finetune", str(frozen), "--init", "none", "--steps", "3", "--teacher",
-                                 str(tmp_path / "t" / "best.safetensors"), "--distill", "hard", "--out", str(tmp_path / "s")])
+    runner.invoke(
+        app, ["finetune", str(frozen), "--init", "none", "--epochs", "1", "--out", str(tmp_path / "t")]
+    )
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(frozen),
+            "--init",
+            "none",
+            "--steps",
+            "3",
+            "--teacher",
+            str(tmp_path / "t" / "best.safetensors"),
+            "--distill",
+            "hard",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -139,8 +169,9 @@ def test_cli_finetune_with_a_teacher(frozen: Path, tmp_path: Path) -> None:
         (["--init", "none", "--device", "cuda"], "no CUDA device"),
     ],
 )
-def test_cli_finetune_errors_are_one_line(frozen: Path, tmp_path: Path, args: list[str], message: str,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_finetune_errors_are_one_line(
+    frozen: Path, tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from spvit_dsl.cli import main
 
     with pytest.raises(SystemExit) as info:

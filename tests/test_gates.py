@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from spvit_dsl.nn.gates import FfnGate, OpGate, binary_concrete, indicator, leading_ones, level_weight
-from spvit_dsl.space import FfnChoice
+from spvit_dsl.space.plan import FfnChoice
+from spvit_dsl.supernet.gates import FfnGate, OpGate, binary_concrete, indicator, leading_ones, level_weight
 
 
 def test_binary_concrete_forward_is_exactly_hard_and_gradient_is_sigmoid():

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from spvit_dsl.compiler import compile_file
-from spvit_dsl.errors import SpecError, SpvitError
+from spvit_dsl.compile.program import compile_file
+from spvit_dsl.lang.errors import SpecError, SpvitError
 
 DATA = Path(__file__).parent / "data"
 VALID = sorted(p.name for p in (DATA / "valid").glob("*.vit") if not p.name.startswith("_"))
@@ -36,7 +36,9 @@ def test_valid(name: str, regen: bool, monkeypatch: pytest.MonkeyPatch) -> None:
         "decisions": [[d.name, d.kind, len(d.candidates)] for d in paper.graph.decisions()],
         "warnings": [w.render() for w in paper.warnings],
     }
-    _golden(DATA / "valid" / name.replace(".vit", ".expected.json"), json.dumps(expected, indent=1) + "\n", regen)
+    _golden(
+        DATA / "valid" / name.replace(".vit", ".expected.json"), json.dumps(expected, indent=1) + "\n", regen
+    )
 
 
 @pytest.mark.parametrize("name", INVALID)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _spaces import all_on, dense_twin, tiny_swin_space, tiny_vit_space
-from spvit_dsl.lower import lower
+
+from spvit_dsl.supernet.lower import lower
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).parent.parent
@@ -33,7 +33,7 @@ def test_supernet_matches_dense_on_cuda_and_trains_under_bf16(make) -> None:
 
 
 def test_search_on_cuda_meets_the_budget(tmp_path: Path) -> None:
-    from spvit_dsl.compiler import compile_file
+    from spvit_dsl.compile.program import compile_file
     from spvit_dsl.search import run_search
 
     program = compile_file(str(ROOT / "examples/digits_tiny.vit"))
@@ -43,7 +43,7 @@ def test_search_on_cuda_meets_the_budget(tmp_path: Path) -> None:
 
 
 def test_compact_model_on_cuda_equals_cpu(tmp_path: Path) -> None:
-    from spvit_dsl.build import build
+    from spvit_dsl.compact.build import build
 
     model = build(str(ROOT / "examples/deit_s_frozen.vit"), weights="none").eval()
     x = torch.randn(2, 3, 224, 224)

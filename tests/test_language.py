@@ -11,12 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spvit_dsl import ast
-from spvit_dsl.compiler import compile_file, compile_text
-from spvit_dsl.emit import emit
-from spvit_dsl.errors import SpecError, SpvitError
-from spvit_dsl.freeze import arch_of, freeze, provenance
-from spvit_dsl.parse import parse
+from spvit_dsl.compile.freeze import arch_of, freeze, provenance
+from spvit_dsl.compile.program import compile_file, compile_text
+from spvit_dsl.lang import ast
+from spvit_dsl.lang.emit import emit
+from spvit_dsl.lang.errors import SpecError, SpvitError
+from spvit_dsl.lang.parse import parse
 
 ROOT = Path(__file__).parent.parent
 SPECS = sorted(
@@ -98,7 +98,7 @@ def test_frozen_swin_uses_stage_selectors() -> None:
 
 def test_cost_queries_do_not_import_torch() -> None:
     code = (
-        "import sys; from spvit_dsl.compiler import compile_file; "
+        "import sys; from spvit_dsl.compile.program import compile_file; "
         f"p = compile_file({str(ROOT / 'specs/swin_b.vit')!r}); p.bounds(); p.summary(); "
         "import spvit_dsl.cli; assert 'torch' not in sys.modules, 'torch was imported'"
     )
@@ -107,8 +107,8 @@ def test_cost_queries_do_not_import_torch() -> None:
 
 def test_grammar_loads_from_the_installed_package() -> None:
     code = (
-        "import importlib.resources as r, spvit_dsl.parse as p; "
-        "assert r.files('spvit_dsl').joinpath('grammar/vit.lark').is_file(); "
+        "import importlib.resources as r, spvit_dsl.lang.parse as p; "
+        "assert r.files('spvit_dsl.lang').joinpath('vit.lark').is_file(); "
         "print(p.grammar().options.parser)"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd="/")
@@ -117,9 +117,48 @@ def test_grammar_loads_from_the_installed_package() -> None:
 
 # ---------------------------------------------------------------- fuzzing
 VALID_TEXTS = [p.read_text() for p in SPECS if "extends" not in p.read_text()]
-TOKENS = ["{", "}", ";", ":", "..", "=", "<=", "one of", "step", "0", "12", "3.3G", "70%", "msa", "skip", "ffn",
-          "attention", "blocks", "block", "stage", "budget", "search", "ratios", "width", "per neuron", '"x"', "(", ")",
-          ",", "all", "heads", "groups of", "frozen", "embed", "backbone", "\n", "//c\n", "-1", "1e400", "#"]
+TOKENS = [
+    "{",
+    "}",
+    ";",
+    ":",
+    "..",
+    "=",
+    "<=",
+    "one of",
+    "step",
+    "0",
+    "12",
+    "3.3G",
+    "70%",
+    "msa",
+    "skip",
+    "ffn",
+    "attention",
+    "blocks",
+    "block",
+    "stage",
+    "budget",
+    "search",
+    "ratios",
+    "width",
+    "per neuron",
+    '"x"',
+    "(",
+    ")",
+    ",",
+    "all",
+    "heads",
+    "groups of",
+    "frozen",
+    "embed",
+    "backbone",
+    "\n",
+    "//c\n",
+    "-1",
+    "1e400",
+    "#",
+]
 
 
 def _compile_or_spec_error(text: str) -> None:
@@ -135,7 +174,7 @@ def _compile_or_spec_error(text: str) -> None:
 @given(st.sampled_from(VALID_TEXTS), st.integers(0, 10_000), st.integers(0, 40), st.sampled_from(TOKENS))
 def test_mutated_specs_raise_only_spec_errors(text: str, pos: int, cut: int, token: str) -> None:
     pos %= len(text) + 1
-    _compile_or_spec_error(text[:pos] + token + text[pos + cut:])
+    _compile_or_spec_error(text[:pos] + token + text[pos + cut :])
 
 
 @settings(max_examples=150, deadline=None)

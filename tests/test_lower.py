@@ -20,12 +20,12 @@ from _spaces import (
 )
 from safetensors.torch import save_file
 
-from spvit_dsl.backbones import resolve
-from spvit_dsl.errors import UsageError
-from spvit_dsl.lower import check_lowerable, lower
-from spvit_dsl.nn import GatedMlp, UnifiedAttention
-from spvit_dsl.nn._timm import GatedSwinBlock
-from spvit_dsl.space import FfnChoice
+from spvit_dsl.lang.errors import UsageError
+from spvit_dsl.space.backbones import resolve
+from spvit_dsl.space.plan import FfnChoice
+from spvit_dsl.supernet import GatedMlp, UnifiedAttention
+from spvit_dsl.supernet._timm import GatedSwinBlock
+from spvit_dsl.supernet.lower import check_lowerable, lower
 
 SPACES = {"deit": tiny_vit_space, "deit_distilled": tiny_distilled_space, "swin": tiny_swin_space}
 

@@ -17,8 +17,7 @@ sys.path.insert(0, str(ROOT))
 @pytest.mark.slow
 def test_searched_keeps_dense_accuracy_and_beats_uniform_pruning(tmp_path: Path) -> None:
     from bench.quality import run
-
-    from spvit_dsl.compiler import compile_file
+    from spvit_dsl.compile.program import compile_file
 
     result = run([0, 1, 2], 40, str(tmp_path))
     budget = compile_file(str(ROOT / "examples/digits_tiny.vit")).budgets[0].absolute

@@ -11,10 +11,10 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from spvit_dsl.cli import app
-from spvit_dsl.compiler import compile_file, compile_text
-from spvit_dsl.freeze import arch_of, provenance
+from spvit_dsl.compile.freeze import arch_of, provenance
+from spvit_dsl.compile.program import compile_file, compile_text
 from spvit_dsl.search import run_search
-from spvit_dsl.units import parse_budget_flag
+from spvit_dsl.space.units import parse_budget_flag
 
 SPEC = os.path.join(os.path.dirname(__file__), "..", "examples", "digits_tiny.vit")
 BUDGETS = ("40%", "60%", "80%")
@@ -130,7 +130,7 @@ def test_cli_search_with_budget_above_dense_warns_and_runs(tmp_path):
 def test_init_checkpoint_starts_from_dense_weights(tmp_path):
     from safetensors.torch import save_file
 
-    from spvit_dsl.nn._timm import create_backbone
+    from spvit_dsl.supernet._timm import create_backbone
 
     program = compile_file(SPEC)
     torch.manual_seed(123)

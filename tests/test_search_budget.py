@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spvit_dsl.nn.supernet import Unit
 from spvit_dsl.search.budget import DualAscent, Target, nested_levels, repair
+from spvit_dsl.supernet.net import Unit
 
 
 def _cost(units, on, constant=(1000.0, 100.0)):
@@ -65,8 +65,7 @@ def test_repair_meets_the_budget_within_one_percent(logits, ratio, blocks):
 
 def test_repair_keeps_high_logit_per_cost_units():
     units = [
-        Unit("blocks.0.ffn", j, lg, 10.0, 1.0, True, False, 1)
-        for j, lg in enumerate([5.0, 0.1, 3.0, 0.2])
+        Unit("blocks.0.ffn", j, lg, 10.0, 1.0, True, False, 1) for j, lg in enumerate([5.0, 0.1, 3.0, 0.2])
     ]
     res = repair(
         units, _cost(units, {(u.decision, u.index): True for u in units}, (0.0, 0.0)), [Target("flops", 20.0)]

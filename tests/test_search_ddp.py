@@ -8,8 +8,8 @@ import sys
 
 from _search_specs import write_spec
 
-from spvit_dsl.compiler import compile_file
-from spvit_dsl.freeze import arch_of
+from spvit_dsl.compile.freeze import arch_of
+from spvit_dsl.compile.program import compile_file
 
 
 def test_torchrun_two_processes_gloo(tmp_path):

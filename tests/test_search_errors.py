@@ -12,8 +12,8 @@ from _search_specs import SMALL, write_spec
 from PIL import Image
 
 from spvit_dsl.cli import main
-from spvit_dsl.compiler import compile_file
-from spvit_dsl.errors import UsageError
+from spvit_dsl.compile.program import compile_file
+from spvit_dsl.lang.errors import UsageError
 from spvit_dsl.search import run_search
 from spvit_dsl.search.checkpoint import read_state
 

@@ -10,7 +10,7 @@ import torch
 from _search_specs import write_spec
 from safetensors import safe_open
 
-from spvit_dsl.compiler import compile_file
+from spvit_dsl.compile.program import compile_file
 from spvit_dsl.search import run_search
 from spvit_dsl.search.loop import SearchInterrupted
 
@@ -72,7 +72,7 @@ def test_stop_after_one_epoch_then_resume_matches(reference, tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    from spvit_dsl.errors import UsageError
+    from spvit_dsl.lang.errors import UsageError
 
     program = compile_file(write_spec(tmp_path))
     with pytest.raises(UsageError, match="no checkpoint"):

@@ -12,11 +12,11 @@ from _spaces import dense_twin, nested_ffn, tiny_distilled_space, tiny_swin_spac
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spvit_dsl import cost
-from spvit_dsl.errors import UsageError
-from spvit_dsl.lower import lower
-from spvit_dsl.nn import Supernet, count_macs, load_supernet, read_metadata, save_supernet
-from spvit_dsl.space import BlockArch, FfnChoice, FrozenArch
+from spvit_dsl.lang.errors import UsageError
+from spvit_dsl.space import cost
+from spvit_dsl.space.plan import BlockArch, FfnChoice, FrozenArch
+from spvit_dsl.supernet import Supernet, count_macs, load_supernet, read_metadata, save_supernet
+from spvit_dsl.supernet.lower import lower
 
 SPACES = {
     "deit": lambda: tiny_vit_space(),

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._io import write_atomic
-from ..errors import UsageError
+from ..lang.errors import UsageError
 
 __all__ = ["export_onnx", "export_torchscript", "onnx_max_error", "sample_input"]
 

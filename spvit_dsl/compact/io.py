@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UsageError
-from ..space import FrozenArch
+from ..lang.errors import UsageError
+from ..space.plan import FrozenArch
 from .skeleton import create_compact
 
 __all__ = ["FORMAT", "load_file", "read_metadata", "safetensors_metadata", "save"]
@@ -44,7 +44,9 @@ def save(model: nn.Module, path: str) -> None:
 
     spec = getattr(model, "spvit_spec", None)
     if not spec:
-        raise ValueError("the model carries no frozen spec (spvit_spec); build it with spvit_dsl.build.build")
+        raise ValueError(
+            "the model carries no frozen spec (spvit_spec); build it with spvit_dsl.compact.build.build"
+        )
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {
         "spvit_dsl.format": FORMAT,
@@ -76,8 +78,8 @@ def load_file(
     """The model saved in ``path`` (eval mode), rebuilt from its embedded frozen spec."""
     from safetensors import safe_open
 
-    from ..compiler import compile_text
-    from ..freeze import arch_of
+    from ..compile.freeze import arch_of
+    from ..compile.program import compile_text
 
     meta = read_metadata(path)
     program = compile_text(meta["spvit_dsl.spec"], f"{path}:spec")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 __all__ = ["PREFIX_PASSTHROUGH", "CompactBlock", "CompactSwinBlock", "ConvBranch", "FfnBias", "SkipBranch"]
 
 # What a conv branch outputs for the prefix (cls/distillation) tokens of a ViT: True = its own input (the tokens
-# "pass the branch unchanged", as the official code and spvit_dsl.nn.UnifiedAttention do), False = zero.
+# "pass the branch unchanged", as the official code and spvit_dsl.supernet.UnifiedAttention do), False = zero.
 PREFIX_PASSTHROUGH = True
 
 

@@ -1,8 +1,8 @@
 """The compact network's shape (build stage, torch): Geometry + FrozenArch → a timm model with compact blocks.
 
-Input: the dense backbone's :class:`~spvit_dsl.space.Geometry` and one point :class:`~spvit_dsl.space.FrozenArch`.
+Input: the dense backbone's :class:`~spvit_dsl.space.plan.Geometry` and one point :class:`~spvit_dsl.space.plan.FrozenArch`.
 Output: ``timm.create_model(geometry.model, pretrained=False, **geometry.kwargs())`` with each block rebuilt for its
-choices (randomly initialised; :mod:`spvit_dsl.build` fills the weights):
+choices (randomly initialised; :mod:`spvit_dsl.compact.build` fills the weights):
 
 * ``msa`` — timm's own attention, untouched; ``conv{k}x{k}`` — a :class:`~.modules.ConvBranch` with the block's dense
   per-head width ``d`` as bottleneck; ``skip`` — a :class:`~.modules.SkipBranch` (no parameters);
@@ -24,9 +24,9 @@ from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block as VitBlock
 from torch import nn
 
-from ..errors import UsageError
-from ..ops import OPS
-from ..space import BlockArch, BlockGeom, FrozenArch, Geometry
+from ..lang.errors import UsageError
+from ..space.ops import OPS
+from ..space.plan import BlockArch, BlockGeom, FrozenArch, Geometry
 from .modules import CompactBlock, CompactSwinBlock, ConvBranch, FfnBias, SkipBranch
 
 __all__ = ["block_modules", "check_buildable", "create_compact", "create_dense", "fuse_window_attention"]

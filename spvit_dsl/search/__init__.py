@@ -24,11 +24,11 @@ _LAZY = {
     "SearchResult": "loop",
     "StepInfo": "loop",
     "SearchInterrupted": "loop",
-    "IMPLEMENTATIONS": "strategies",
-    "SearchContext": "strategies",
-    "Strategy": "strategies",
-    "Decisions": "strategies",
-    "register_implementation": "strategies",
+    "IMPLEMENTATIONS": "protocol",
+    "SearchContext": "protocol",
+    "Strategy": "protocol",
+    "Decisions": "protocol",
+    "register_implementation": "protocol",
     "load_data": "data",
 }
 

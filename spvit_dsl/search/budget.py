@@ -48,7 +48,7 @@ class Target:
 
 
 def targets_of(budgets: Iterable[Any]) -> list[Target]:
-    """Targets from :class:`spvit_dsl.compiler.Budget` objects (the tightest per metric)."""
+    """Targets from :class:`spvit_dsl.compile.program.Budget` objects (the tightest per metric)."""
     best: dict[str, Target] = {}
     for b in budgets:
         t = Target(b.metric, float(b.absolute), b.limit.text)
@@ -277,7 +277,7 @@ def repair(
     tolerance: float = 0.01,
     fill: bool = True,
 ) -> RepairResult:
-    """Repair the kept units (``units``: :class:`spvit_dsl.nn.Unit`-like objects; ``cost``: metric → the derived
+    """Repair the kept units (``units``: :class:`spvit_dsl.supernet.Unit`-like objects; ``cost``: metric → the derived
     network's cost) so every target holds and, with ``fill``, the binding one is within ``tolerance``."""
     s = _State(units, {"flops": cost["flops"], "params": cost["params"]}, targets)
     removed = _remove_phase(s)

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .._io import write_atomic
-from ..errors import UsageError
+from ..lang.errors import UsageError
 
 __all__ = ["FORMAT", "Checkpoint", "load_checkpoint", "save_checkpoint", "spec_hash"]
 
@@ -84,7 +84,9 @@ def load_checkpoint(path: str, *, fmt: str = FORMAT) -> Checkpoint:
         raise UsageError(f"cannot read checkpoint {path}: {' '.join(str(e).split())}") from None
     if meta.get("spvit_dsl.format") != fmt:
         kind = fmt.split("-")[0]
-        raise UsageError(f"{path} is not a spvit-dsl {kind} checkpoint (format {meta.get('spvit_dsl.format')!r})")
+        raise UsageError(
+            f"{path} is not a spvit-dsl {kind} checkpoint (format {meta.get('spvit_dsl.format')!r})"
+        )
     state = json.loads(meta["spvit_dsl.state"])
     opt_json = state.pop("optimizers", {})
     groups = _split(tensors)

@@ -1,4 +1,4 @@
-"""Search stage — the loop: a compiled :class:`~spvit_dsl.compiler.Program` → a searched, frozen network.
+"""Search stage — the loop: a compiled :class:`~spvit_dsl.compile.program.Program` → a searched, frozen network.
 
 Input: the program (space, budgets, search settings) and run options. Output: :class:`SearchResult` and, in the
 output folder, ``<name>.frozen.vit``, ``search.ckpt``, ``metrics.jsonl`` and ``report.png``.
@@ -7,7 +7,7 @@ Steps (SPViT §4, He et al., TPAMI 2024):
 
 1. resolve settings (arguments over the spec's values over defaults), refuse unsupported decisions, pick the device,
    join the process group under torchrun;
-2. load the data (:mod:`.data`), lower the supernet (:func:`spvit_dsl.lower.lower`), build the strategy plug-in;
+2. load the data (:mod:`.data`), lower the supernet (:func:`spvit_dsl.supernet.lower.lower`), build the strategy plug-in;
 3. optionally restore ``search.ckpt`` (weights, gates, optimizers, multiplier, counters, random states);
 4. train: every step one forward of the gated supernet (bf16 autocast on GPU; DDP across ranks with identical gate
    samples), task loss + the strategy's budget term, one backward, both optimizers; checkpoint every epoch
@@ -32,8 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import UsageError
-from ..space import FrozenArch
+from ..lang.errors import UsageError
+from ..runtime.data import Data, batches_per_epoch, load_data, make_loader
+from ..space.plan import FrozenArch
+from . import methods  # noqa: F401  (registers the strategies)
 from .budget import targets_of
 from .checkpoint import (
     Checkpoint,
@@ -44,9 +46,9 @@ from .checkpoint import (
     save_checkpoint,
     spec_hash,
 )
-from .data import Data, batches_per_epoch, load_data, make_loader
 from .outputs import MetricsLog, achieved_costs, frozen_text, verify_frozen
 from .progress import Reporter, RichReporter
+from .protocol import IMPLEMENTATIONS, Decisions, SearchContext, Strategy
 from .setup import (
     budget_text,
     check_searchable,
@@ -59,7 +61,6 @@ from .setup import (
     resolve_settings,
     world_info,
 )
-from .strategies import IMPLEMENTATIONS, Decisions, SearchContext, Strategy
 
 __all__ = ["SearchInterrupted", "SearchResult", "StepInfo", "run_search"]
 

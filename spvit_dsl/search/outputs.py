@@ -1,7 +1,7 @@
 """Search stage — outputs: the frozen spec with its provenance header, and the metrics log.
 
-Input: the program, the repaired :class:`~spvit_dsl.space.FrozenArch` and the run's facts. Output:
-``<name>.frozen.vit`` (via :func:`spvit_dsl.freeze.freeze` and :func:`spvit_dsl.emit.emit`, checked to compile with
+Input: the program, the repaired :class:`~spvit_dsl.space.plan.FrozenArch` and the run's facts. Output:
+``<name>.frozen.vit`` (via :func:`spvit_dsl.compile.freeze.freeze` and :func:`spvit_dsl.lang.emit.emit`, checked to compile with
 zero decisions and to meet every budget) and ``metrics.jsonl`` (one JSON object per step and per epoch).
 """
 
@@ -13,9 +13,9 @@ import os
 from typing import Any
 
 from .._io import write_text
-from ..check import BudgetItem
-from ..errors import Span
-from ..space import FrozenArch
+from ..compile.check import BudgetItem
+from ..lang.errors import Span
+from ..space.plan import FrozenArch
 from .budget import Target
 
 __all__ = ["MetricsLog", "achieved_costs", "frozen_text", "verify_frozen"]
@@ -35,8 +35,8 @@ def _checked_with_budgets(program: Any) -> Any:
 
 def frozen_text(program: Any, arch: FrozenArch, facts: dict[str, Any]) -> str:
     """The frozen spec's text. ``facts``: strategy, seed, epochs (and anything else for the header)."""
-    from ..emit import emit
-    from ..freeze import freeze
+    from ..compile.freeze import freeze
+    from ..lang.emit import emit
 
     header = {
         "source": program.path,
@@ -52,8 +52,8 @@ def frozen_text(program: Any, arch: FrozenArch, facts: dict[str, Any]) -> str:
 
 def verify_frozen(text: str, path: str, targets: list[Target], convention: str) -> None:
     """The frozen spec must compile with zero decisions and meet every target (an internal error otherwise)."""
-    from ..compiler import compile_text
-    from ..freeze import arch_of
+    from ..compile.freeze import arch_of
+    from ..compile.program import compile_text
 
     prog = compile_text(text, path, convention=convention)  # type: ignore[arg-type]
     if not prog.frozen:

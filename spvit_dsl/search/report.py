@@ -1,6 +1,6 @@
 """Search stage — report: the searched architecture and the cost trajectory as one PNG (matplotlib, Agg backend).
 
-Input: the program, the frozen :class:`~spvit_dsl.space.FrozenArch`, the kept masks, the metrics records and the
+Input: the program, the frozen :class:`~spvit_dsl.space.plan.FrozenArch`, the kept masks, the metrics records and the
 budget targets. Output: ``report.png`` with two panels — the chosen attention op and the kept FFN width per block,
 and the derived cost per epoch (and per step) against each budget.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._io import write_atomic
-from ..space import FrozenArch
+from ..space.plan import FrozenArch
 from .budget import Target
 
 __all__ = ["write_report"]

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import UsageError
-from ..units import fmt_macs, fmt_params
+from ..lang.errors import UsageError
+from ..space.units import fmt_macs, fmt_params
 from .budget import Target
-from .strategies import IMPLEMENTATIONS
+from .protocol import IMPLEMENTATIONS
 
 RUN_KEYS = ("data", "epochs", "steps", "batch_size", "seed")
 
@@ -35,7 +35,7 @@ def resolve_settings(program: Any, overrides: dict[str, Any]) -> dict[str, Any]:
 
 def check_searchable(program: Any) -> str:
     """The strategy's name, after refusing what it cannot do (one clear line each)."""
-    from ..strategies import STRATEGIES
+    from ..compile.strategies import STRATEGIES
 
     name = program.checked.search.strategy
     info = STRATEGIES.get(name)
@@ -103,7 +103,7 @@ def output_paths(program: Any, out_dir: str) -> dict[str, str]:
 
 
 def lower_supernet(program: Any, settings: dict[str, Any], weights: str, device: torch.device) -> Any:
-    from ..lower import lower
+    from ..supernet.lower import lower
 
     try:
         return lower(

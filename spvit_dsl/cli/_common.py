@@ -1,0 +1,52 @@
+"""Shared pieces of the command modules: consoles, flag parsing, compiling a spec with its warnings printed.
+
+Every command module imports from here (never from another command module), so the command groups stay independent.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from ..lang.errors import UsageError
+from ..space.units import Limit, UnitError, parse_budget_flag
+
+__all__ = ["BudgetOpt", "ConventionOpt", "err", "limits", "load_program", "out", "parse_convention", "warn"]
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ConventionOpt = Annotated[
+    str | None, typer.Option("--convention", help="paper | exact (default: the spec's, else paper)")
+]
+BudgetOpt = Annotated[
+    list[str] | None, typer.Option("--budget", help="e.g. 3.3GFLOPs, 16Mparams, 70% (repeatable)")
+]
+
+
+def limits(budgets: list[str] | None) -> list[Limit]:
+    try:
+        return [parse_budget_flag(b) for b in budgets or []]
+    except UnitError as exc:
+        raise UsageError(f"--budget: {exc}" + (f" ({exc.hint})" if exc.hint else "")) from None
+
+
+def parse_convention(value: str | None) -> str | None:
+    if value not in (None, "paper", "exact"):
+        raise UsageError(f"--convention: expected 'paper' or 'exact', found '{value}'")
+    return value
+
+
+def warn(program: Any) -> None:
+    for w in program.warnings:
+        err.print(w.render(), markup=False)
+
+
+def load_program(spec: str, convention: str | None = None, budgets: list[str] | None = None) -> Any:
+    from ..compile.program import compile_file
+
+    program = compile_file(spec, convention=parse_convention(convention), budgets=limits(budgets))
+    warn(program)
+    return program

@@ -1,0 +1,460 @@
+"""Commands on frozen networks: ``spvit-dsl build | export | bench`` (registered into :mod:`spvit_dsl.cli.app`).
+
+Each command takes a frozen ``.vit`` spec (or, for ``export`` and ``bench``, a model file written by ``build``) and
+imports torch only inside its body, so ``spvit-dsl compile`` stays instant. User mistakes raise
+:class:`~spvit_dsl.lang.errors.UsageError` (``error: ...``, exit 1). Later commands on frozen networks (fine-tune,
+evaluation) belong here too: one section each, their work in library modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..lang.errors import UsageError
+from ..space.units import fmt_macs, fmt_params
+from ._common import out
+
+__all__ = ["register"]
+
+
+FrozenArg = Annotated[
+    str, typer.Argument(help="a frozen .vit spec (or a model .safetensors written by 'build')")
+]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights",
+        help="search.ckpt (or a supernet .safetensors) | pretrained | a dense checkpoint | none "
+        "(default: the spec's weights)",
+    ),
+]
+RoundOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--round", help="round every FFN width to the nearest multiple of N (never above the dense width)"
+    ),
+]
+
+
+# ---------------------------------------------------------------- shared helpers
+def _model(frozen: str, weights: str | None, round_to: int | None, masks: str | None = None):
+    """A compact model from a frozen .vit (built) or a built .safetensors (loaded)."""
+    from ..compact.build import build, load
+
+    if not os.path.isfile(frozen):
+        raise UsageError(f"file not found: {frozen}")
+    if frozen.endswith(".safetensors"):
+        if round_to is not None or masks is not None:
+            raise UsageError(
+                "--round and --masks apply when building from a frozen .vit, not to a built model"
+            )
+        return load(frozen, weights)
+    return build(frozen, weights=weights, masks=masks, round_to=round_to)
+
+
+def _check_round(round_to: int | None) -> None:
+    if round_to is not None and round_to < 1:
+        raise UsageError(f"--round: expected a positive integer, found {round_to}")
+
+
+def _costs(model) -> dict[str, Any]:
+    from ..space import cost
+
+    g, a = model.spvit_geometry, model.spvit_arch
+    dense = cost.dense_arch(g)
+    return {
+        conv: {"flops": cost.arch_cost(g, a, conv).macs, "dense_flops": cost.arch_cost(g, dense, conv).macs}
+        for conv in ("paper", "exact")
+    } | {
+        "params": cost.arch_cost(g, a, "exact").params,
+        "dense_params": cost.arch_cost(g, dense, "exact").params,
+    }
+
+
+def _rounding_rows(frozen: str, model) -> list[tuple[str, str, str]] | None:
+    """Before/after rows of a rounded build: FLOPs (paper, exact) and params."""
+    from ..compact.build import frozen_program
+    from ..compile.freeze import arch_of
+    from ..space import cost
+
+    program = frozen_program(frozen)
+    g, before, after = program.space.geometry, arch_of(program.checked), model.spvit_arch
+    rows = []
+    for conv in ("paper", "exact"):
+        b, a = cost.arch_cost(g, before, conv).macs, cost.arch_cost(g, after, conv).macs
+        rows.append((f"FLOPs ({conv})", fmt_macs(b), f"{fmt_macs(a)} ({(a - b) / b:+.2%})"))
+    b, a = cost.arch_cost(g, before, "exact").params, cost.arch_cost(g, after, "exact").params
+    rows.append(("params", fmt_params(b), f"{fmt_params(a)} ({(a - b) / b:+.2%})"))
+    return rows
+
+
+# ---------------------------------------------------------------- build
+def build_cmd(
+    frozen: Annotated[str, typer.Argument(help="the frozen .vit spec")],
+    out_path: Annotated[str, typer.Option("--out", "-o", help="where to write the model (.safetensors)")],
+    weights: WeightsOpt = None,
+    masks: Annotated[
+        str | None,
+        typer.Option(
+            "--masks", help="with dense --weights: take the kept FFN neurons from this search checkpoint"
+        ),
+    ] = None,
+    round_to: RoundOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Build the compact network of a frozen spec and save it (safetensors + the frozen spec in its metadata)."""
+    from ..compact.build import save
+
+    _check_round(round_to)
+    if not out_path.endswith(".safetensors"):
+        raise UsageError(f"--out: expected a .safetensors path, found '{out_path}'")
+    if frozen.endswith(".safetensors"):
+        raise UsageError(f"{frozen} is already a built model; 'build' takes a frozen .vit spec")
+    model = _model(frozen, weights, round_to, masks)
+    save(model, out_path)
+    counted = sum(p.numel() for p in model.parameters())
+    info = {
+        "model": out_path,
+        "spec": frozen,
+        "weights": model.spvit_weights,
+        "round": round_to,
+        "params_counted": counted,
+        **_costs(model),
+        "blocks": [{"op": b.op, "ffn": b.ffn} for b in model.spvit_arch.blocks],
+    }
+    if json_out:
+        print(json.dumps(info))
+        return
+    _print_build(info, _rounding_rows(frozen, model) if round_to else None)
+
+
+def _print_build(info: dict[str, Any], rounding: list[tuple[str, str, str]] | None) -> None:
+    out.print(f"built [bold]{info['spec']}[/] → [cyan]{info['model']}[/] (weights: {info['weights']})")
+    out.print(f"attention: {' '.join(b['op'] for b in info['blocks'])}")
+    out.print(f"ffn widths: {' '.join(str(b['ffn']) for b in info['blocks'])}")
+    table = Table(title="cost (FLOPs are multiply-adds)", title_justify="left")
+    for col in ("", "compact", "dense", "ratio"):
+        table.add_column(col, justify="right")
+    for conv in ("paper", "exact"):
+        c = info[conv]
+        table.add_row(
+            f"FLOPs ({conv})",
+            fmt_macs(c["flops"]),
+            fmt_macs(c["dense_flops"]),
+            f"{c['flops'] / c['dense_flops']:.1%}",
+        )
+    table.add_row(
+        "params",
+        fmt_params(info["params_counted"]),
+        fmt_params(info["dense_params"]),
+        f"{info['params_counted'] / info['dense_params']:.1%}",
+    )
+    out.print(table)
+    if rounding:
+        t = Table(
+            title=f"--round {info['round']}: FFN widths rounded to the nearest multiple", title_justify="left"
+        )
+        for col in ("", "before", "after"):
+            t.add_column(col, justify="right")
+        for row in rounding:
+            t.add_row(*row)
+        out.print(t)
+
+
+# ---------------------------------------------------------------- export
+def export_cmd(
+    frozen: FrozenArg,
+    weights: WeightsOpt = None,
+    onnx: Annotated[str | None, typer.Option("--onnx", help="write an ONNX model here")] = None,
+    torchscript: Annotated[
+        str | None, typer.Option("--torchscript", help="write a traced TorchScript module here")
+    ] = None,
+    round_to: RoundOpt = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset version")] = 17,
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="compare the ONNX model with PyTorch in onnxruntime")
+    ] = True,
+) -> None:
+    """Export a compact network to ONNX (batch size dynamic) and/or TorchScript."""
+    from ..compact.export import export_onnx, export_torchscript, onnx_max_error
+
+    _check_round(round_to)
+    if not onnx and not torchscript:
+        raise UsageError("nothing to export: give --onnx PATH and/or --torchscript PATH")
+    model = _model(frozen, weights, round_to).eval()
+    if onnx:
+        export_onnx(model, onnx, opset=opset)
+        out.print(f"ONNX written to {onnx}")
+        if check:
+            err = onnx_max_error(model, onnx)
+            out.print(
+                f"onnxruntime vs PyTorch: max |difference| {err:.2e}"
+                if err is not None
+                else "onnxruntime is not installed: output not checked"
+            )
+    if torchscript:
+        export_torchscript(model, torchscript)
+        out.print(f"TorchScript written to {torchscript}")
+
+
+# ---------------------------------------------------------------- bench
+def bench_cmd(
+    frozen: FrozenArg,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights", help="weights to build with (default: none; speed does not depend on them)"
+        ),
+    ] = None,
+    vs_dense: Annotated[
+        bool, typer.Option("--vs-dense/--no-vs-dense", help="time the dense backbone too")
+    ] = True,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="images per forward")] = 8,
+    repeats: Annotated[int, typer.Option("--repeats", help="timed forwards (the median is reported)")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", help="untimed forwards first")] = 3,
+    threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (0: torch's default)")] = 0,
+    round_to: RoundOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Measure latency and throughput of the compact network beside the dense backbone and its FLOPs ratio."""
+    from ..compact.speed import resolve_device
+
+    _check_round(round_to)
+    for name, value in (("--batch-size", batch_size), ("--repeats", repeats)):
+        if value < 1:
+            raise UsageError(f"{name}: expected a positive integer, found {value}")
+    if warmup < 0 or threads < 0:
+        raise UsageError(f"--warmup/--threads: expected 0 or more, found {min(warmup, threads)}")
+    try:
+        dev = resolve_device(device)
+    except ValueError as exc:
+        raise UsageError(f"--device: {exc}") from None
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    model = _model(
+        frozen, weights if weights is not None else ("none" if frozen.endswith(".vit") else None), round_to
+    )
+    report = _bench(model, dev, batch_size, repeats, warmup, vs_dense)
+    report["spec"] = frozen
+    if json_out:
+        print(json.dumps(report))
+        return
+    _print_bench(report)
+
+
+def _bench(model, device, batch_size: int, repeats: int, warmup: int, vs_dense: bool) -> dict[str, Any]:
+    from ..compact.skeleton import create_dense
+    from ..compact.speed import machine, time_models
+
+    g = model.spvit_geometry
+    models = {"compact": model}
+    if vs_dense:
+        models["dense"] = create_dense(g)
+    timings = time_models(
+        models,
+        (batch_size, g.in_chans, g.img_size, g.img_size),
+        device=device,
+        warmup=warmup,
+        repeats=repeats,
+    )
+    costs = _costs(model)
+    report: dict[str, Any] = {
+        "machine": machine(device),
+        "batch_size": batch_size,
+        "timings": {k: t.as_dict() for k, t in timings.items()},
+        "costs": costs,
+    }
+    if vs_dense:
+        speedup = timings["dense"].median_ms / timings["compact"].median_ms
+        ideal = costs["exact"]["dense_flops"] / costs["exact"]["flops"]
+        report["speedup"] = round(speedup, 4)
+        report["flops_speedup"] = round(ideal, 4)
+        report["efficiency"] = round(speedup / ideal, 4)
+    return report
+
+
+def _print_bench(r: dict[str, Any]) -> None:
+    m = r["machine"]
+    out.print(
+        f"[bold]{r['spec']}[/] on {m['device']} ({m.get('gpu') or m['cpu']}, {m['torch_threads']} threads, "
+        f"torch {m['torch']}), batch {r['batch_size']}"
+    )
+    table = Table(title_justify="left")
+    for col in ("", "latency (median)", "throughput", "FLOPs (exact)", "params"):
+        table.add_column(col, justify="right")
+    c = r["costs"]
+    sizes = {
+        "compact": (c["exact"]["flops"], c["params"]),
+        "dense": (c["exact"]["dense_flops"], c["dense_params"]),
+    }
+    for name, t in r["timings"].items():
+        flops, params = sizes[name]
+        table.add_row(
+            name,
+            f"{t['median_ms']:.2f} ms",
+            f"{t['images_per_s']:.1f} img/s",
+            fmt_macs(flops),
+            fmt_params(params),
+        )
+    out.print(table)
+    if "speedup" in r:
+        out.print(
+            f"speed-up {r['speedup']:.2f}x measured vs {r['flops_speedup']:.2f}x by FLOPs "
+            f"({r['efficiency']:.0%} of the FLOPs reduction)"
+        )
+
+
+# ---------------------------------------------------------------- finetune / eval
+def _device(name: str):
+    from ..compact.speed import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as exc:
+        raise UsageError(f"--device: {exc}") from None
+
+
+@contextmanager
+def _progress(title: str) -> Iterator[Any]:
+    """A rich progress bar fed by ``update(step, total, loss)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=out, transient=False) as bar:
+        task = bar.add_task(title, total=None)
+
+        def update(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, total=total, description=f"{title}  loss {loss:.3f}")
+
+        yield update
+
+
+def finetune_cmd(
+    frozen: FrozenArg,
+    data: Annotated[
+        str | None, typer.Option("--data", help="digits | synthetic | an image folder (default: the spec's)")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="passes over the training data")] = 30,
+    steps: Annotated[int, typer.Option("--steps", min=0, help="stop after N steps (0: no limit)")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="peak AdamW learning rate (cosine schedule)")] = 5e-4,
+    init: Annotated[
+        str, typer.Option("--init", help="search | pretrained | none: where the weights start")
+    ] = "search",
+    weights: WeightsOpt = None,
+    masks: Annotated[
+        str | None,
+        typer.Option("--masks", help="search.ckpt whose kept FFN neurons --init pretrained gathers"),
+    ] = None,
+    teacher: Annotated[
+        str | None, typer.Option("--teacher", help="a timm model name or a built .safetensors")
+    ] = None,
+    distill: Annotated[str, typer.Option("--distill", help="hard | soft | none")] = "none",
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    out_dir: Annotated[
+        str | None, typer.Option("--out", help="output folder (default runs/<name>-finetune)")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/finetune.ckpt")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Fine-tune a frozen network; keeps the best-by-validation model as OUT/best.safetensors."""
+    from ..runtime.data import load_data
+    from ..train.finetune import FinetuneSettings, finetune, load_teacher
+
+    if distill not in ("hard", "soft", "none"):
+        raise UsageError(f"--distill: expected hard, soft or none, found '{distill}'")
+    if init not in ("search", "pretrained", "none"):
+        raise UsageError(f"--init: expected search, pretrained or none, found '{init}'")
+    if init == "search" and weights is None:
+        raise UsageError("--init search needs --weights search.ckpt (or use --init pretrained / none)")
+    source = {"search": weights, "pretrained": weights or "pretrained", "none": "none"}[init]
+    dev = _device(device)
+    model = _model(frozen, source, None, masks if init == "pretrained" else None).to(dev)
+    program = _program_of(frozen, model)
+    dataset = load_data(data or str(program.checked.search.values["data"]), model.spvit_geometry)
+    teacher_model = load_teacher(teacher, dev, model.spvit_geometry.num_classes) if teacher else None
+    settings = FinetuneSettings(
+        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, steps=steps, distill=distill
+    )
+    out_dir = out_dir or os.path.join("runs", os.path.basename(frozen).split(".")[0] + "-finetune")
+    with _progress(f"fine-tune {os.path.basename(frozen)}") as progress:
+        result = finetune(
+            model,
+            dataset,
+            settings,
+            out=out_dir,
+            device=dev,
+            resume=resume,
+            teacher=teacher_model,
+            progress=progress,
+        )
+    out.print(
+        f"best top-1 {result.best.top1:.2f}% (top-5 {result.best.top5:.2f}%), last {result.last.top1:.2f}%; "
+        f"{result.epochs} epochs; model {result.best_path}"
+    )
+
+
+def _program_of(frozen: str, model):
+    from ..compact.build import frozen_program
+    from ..compile.program import compile_text
+
+    if frozen.endswith(".safetensors"):
+        return frozen_program(compile_text(model.spvit_spec, f"{frozen}:spec"))
+    return frozen_program(frozen)
+
+
+def eval_cmd(
+    frozen: FrozenArg,
+    weights: WeightsOpt = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="digits | synthetic | an image folder (default: the spec's)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Top-1 / top-5 accuracy of a frozen network on the validation set, and its cost."""
+    from ..runtime.data import load_data
+    from ..train.finetune import evaluate
+
+    dev = _device(device)
+    model = _model(frozen, weights, None).to(dev)
+    program = _program_of(frozen, model)
+    dataset = load_data(data or str(program.checked.search.values["data"]), model.spvit_geometry)
+    metrics = evaluate(model, dataset.val, batch_size=batch_size, device=dev)
+    costs = _costs(model)
+    result = metrics.as_dict() | {
+        "flops_paper": costs["paper"]["flops"] / 1e9,
+        "flops_exact": costs["exact"]["flops"] / 1e9,
+        "params": costs["params"] / 1e6,
+    }
+    if json_out:
+        print(json.dumps(result, sort_keys=True))
+        return
+    out.print(
+        f"top-1 {metrics.top1:.2f}%  top-5 {metrics.top5:.2f}%  loss {metrics.loss:.4f}  on {metrics.images} images"
+    )
+    out.print(
+        f"cost {fmt_macs(costs['paper']['flops'])} (paper) / {fmt_macs(costs['exact']['flops'])} (exact), "
+        f"{fmt_params(costs['params'])}"
+    )
+
+
+# ---------------------------------------------------------------- registration
+def register(app: typer.Typer) -> None:
+    """Add ``build``, ``export``, ``bench``, ``finetune`` and ``eval`` to the CLI."""
+    app.command("build")(build_cmd)
+    app.command("export")(export_cmd)
+    app.command("bench")(bench_cmd)
+    app.command("finetune")(finetune_cmd)
+    app.command("eval")(eval_cmd)

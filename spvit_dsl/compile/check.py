@@ -1,0 +1,656 @@
+"""Stage 2 — check: :class:`Spec` (AST) → :class:`Checked` (a resolved, validated search space).
+
+Resolves ``extends`` (the base's declarations come first), merges backbone and search settings, applies scope
+declarations in source order (a later declaration overrides an earlier one field by field), and validates every
+name, index, width and unit against the backbone. Every problem is a :class:`SpecError` pointing at the spec.
+Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from .._registry import UnknownName
+from ..lang import ast
+from ..lang.errors import Span, SpecError, SpecWarning, did_you_mean
+from ..lang.parse import parse
+from ..space import backbones
+from ..space.ops import OPS, by_level
+from ..space.plan import BlockPlan, FfnChoice, Geometry, Space
+from ..space.units import METRICS, Limit, UnitError, to_limit
+from .strategies import COMMON, STRATEGIES, StrategyInfo
+
+FIELDS = ("attention", "ffn", "heads", "head_dim", "sparsity")
+WEIGHTS_WORDS = ("pretrained", "none")
+BUDGET_SETTINGS = ("convention",)
+
+
+@dataclass(frozen=True)
+class BudgetItem:
+    limit: Limit
+    span: Span
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    strategy: str
+    values: dict[str, object]  # common and strategy settings, defaults filled in
+    spans: dict[str, Span] = field(default_factory=dict, compare=False)
+
+
+@dataclass
+class Checked:
+    """What the checker hands to the graph builder and to every later stage."""
+
+    spec: ast.Spec  # the file as written
+    space: Space
+    weights: str  # "pretrained" | "none" | a checkpoint path (resolved against the spec's folder)
+    weights_span: Span | None
+    budgets: tuple[BudgetItem, ...]
+    convention: str | None  # from the budget block; None: the default
+    search: SearchSettings
+    frozen: dict[str, object] | None  # the provenance header, or None
+    origins: dict[tuple[int, str], Span]  # (block, field) → span of the declaration that set it
+    model: str = ""
+    backbone_settings: tuple[ast.Setting, ...] = ()  # merged over the extends chain
+    warnings: list[SpecWarning] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # path → text of every file read (for rendering)
+
+
+Loader = Callable[[str], str]
+
+
+def read_file(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+# ---------------------------------------------------------------- extends
+def _flatten(spec: ast.Spec, loader: Loader, sources: dict[str, str], chain: tuple[str, ...]) -> list[Any]:
+    """The items of ``spec`` with its bases' items first (recursively)."""
+    ext = [i for i in spec.items if i.kind == "extends"]
+    _no_duplicates(ext, "extends")
+    items: list[Any] = []
+    if ext:
+        base_path = os.path.normpath(os.path.join(os.path.dirname(spec.path), ext[0].path))
+        if base_path in chain:
+            raise SpecError(
+                f"'{ext[0].path}' extends itself (cycle: {' -> '.join(chain + (base_path,))})", ext[0].span
+            )
+        try:
+            text = loader(base_path)
+        except OSError as exc:
+            raise SpecError(
+                f"cannot read '{ext[0].path}': {exc.strerror or exc}",
+                ext[0].span,
+                hint=f"paths are relative to the spec's folder ({os.path.dirname(spec.path) or '.'})",
+            ) from None
+        sources[base_path] = text
+        base = parse(text, base_path)
+        items = _flatten(base, loader, sources, chain + (base_path,))
+        items = [i for i in items if i.kind != "frozen"]  # provenance belongs to one file only
+    return items + [i for i in spec.items if i.kind != "extends"]
+
+
+def _no_duplicates(items: list[Any], what: str) -> None:
+    if len(items) > 1:
+        first = items[0].span
+        raise SpecError(
+            f"duplicate {what} declaration (the first is at line {first.line})",
+            items[1].span,
+            hint=f"a file holds one {what} declaration",
+        )
+
+
+def _own(spec: ast.Spec, kind: str) -> list[Any]:
+    items = spec.all(kind)
+    _no_duplicates(items, kind if kind != "embed" else "embed")
+    return items
+
+
+# ---------------------------------------------------------------- backbone
+def _merge_backbone(spec: ast.Spec, items: list[Any]) -> tuple[str, Span, dict[str, ast.Setting]]:
+    _own(spec, "backbone")
+    model, model_span, settings = None, spec.span, {}
+    for bb in (i for i in items if i.kind == "backbone"):
+        if bb.model is not None:
+            model, model_span = bb.model, bb.model_span
+        seen: set[str] = set()
+        for s in bb.settings:
+            if s.key in seen:
+                raise SpecError(f"'{s.key}' is set twice in this backbone block", s.key_span)
+            seen.add(s.key)
+            settings[s.key] = s
+    if model is None:
+        span = next((i.span for i in items if i.kind == "backbone"), Span(path=spec.path))
+        raise SpecError(
+            "the spec declares no backbone model",
+            span,
+            hint="start with e.g. 'backbone deit_small_patch16_224 { weights = pretrained }'",
+        )
+    return model, model_span, settings
+
+
+def _plain(value: ast.Value) -> object:
+    if isinstance(value, ast.Num):
+        if value.unit:
+            raise SpecError(
+                f"unexpected unit '{value.unit}' in '{value.text}'", value.span, hint="write a plain number"
+            )
+        return int(value.value) if value.is_int else value.value
+    if isinstance(value, ast.TupleV):
+        return tuple(_plain(v) for v in value.items)
+    return value.value
+
+
+def _geometry(model: str, model_span: Span, settings: dict[str, ast.Setting]) -> Geometry:
+    overrides = {k: _plain(s.value) for k, s in settings.items() if k != "weights"}
+    try:
+        return backbones.resolve(model, overrides)
+    except backbones.UnknownBackbone as exc:
+        hint = (
+            ("did you mean " + " or ".join(f"'{n}'" for n in exc.suggestions[:3]) + "?")
+            if exc.suggestions
+            else None
+        )
+        raise SpecError(str(exc), model_span, hint=hint) from None
+    except backbones.BadOverride as exc:
+        s = settings.get(exc.key)
+        span = (
+            (s.value.span if getattr(exc, "on_value", True) else s.key_span) if s is not None else model_span
+        )
+        raise SpecError(str(exc), span, hint=getattr(exc, "hint", None)) from None
+
+
+def _weights(settings: dict[str, ast.Setting], spec_path: str) -> tuple[str, Span | None]:
+    s = settings.get("weights")
+    if s is None:
+        return "none", None
+    if isinstance(s.value, ast.Name):
+        if s.value.value not in WEIGHTS_WORDS:
+            raise SpecError(
+                f"unknown weights '{s.value.value}'",
+                s.value.span,
+                hint="weights = pretrained, none, or a checkpoint path in quotes",
+            )
+        return s.value.value, s.value.span
+    if isinstance(s.value, ast.Str):
+        path = s.value.value
+        if not os.path.isabs(path):
+            path = os.path.normpath(os.path.join(os.path.dirname(s.span.path), path))
+        return path, s.value.span
+    raise SpecError("weights must be pretrained, none, or a checkpoint path in quotes", s.value.span)
+
+
+# ---------------------------------------------------------------- number sets
+def expand(ns: ast.NumSet, *, what: str, integer: bool) -> tuple[tuple[float, ...], Span]:
+    """The numbers of a set, in order; ranges are inclusive and computed exactly (decimal arithmetic)."""
+    for n in _nums(ns):
+        if n.unit:
+            raise SpecError(
+                f"unexpected unit '{n.unit}' in '{n.text}'", n.span, hint=f"{what} are plain numbers"
+            )
+        if integer and not n.is_int:
+            raise SpecError(f"{what} must be whole numbers, found '{n.text}'", n.span)
+    if ns.form != "range":
+        return tuple(n.value for n in ns.items), ns.span
+    assert ns.start is not None and ns.stop is not None
+    start, stop = Decimal(ns.start.text), Decimal(ns.stop.text)
+    step = Decimal(ns.step.text) if ns.step is not None else Decimal(1)
+    if step <= 0:
+        raise SpecError(
+            f"the step of a range must be positive, found '{ns.step.text if ns.step else step}'",
+            (ns.step or ns.start).span,
+        )
+    if stop < start:
+        raise SpecError(
+            f"empty range {ns.start.text}..{ns.stop.text}: the end is below the start",
+            ns.span,
+            hint=f"an empty set leaves no candidate for {what}",
+        )
+    count = int((stop - start) / step) + 1
+    if count > 100_000:
+        raise SpecError(
+            f"the range {ns.start.text}..{ns.stop.text} has {count} values", ns.span, hint="use a larger step"
+        )
+    return tuple(float(start + i * step) for i in range(count)), ns.span
+
+
+def _nums(ns: ast.NumSet) -> list[ast.Num]:
+    return list(ns.items) + [n for n in (ns.start, ns.stop, ns.step) if n is not None]
+
+
+# ---------------------------------------------------------------- scopes → block plans
+@dataclass
+class _Draft:
+    """Mutable per-block state while scopes are applied."""
+
+    attention: tuple[str, ...]
+    ffn: FfnChoice
+    heads: tuple[int, ...]
+    head_dim: tuple[int, ...]
+    density: tuple[float, ...]
+
+
+def select(sel: ast.Selector, geo: Geometry) -> list[int]:
+    """Global block indices a selector names; raise when it leaves the backbone."""
+    last = geo.depth - 1
+    if sel.form == "all":
+        return list(range(geo.depth))
+    if sel.form in ("range", "block"):
+        start, stop = sel.start, sel.stop if sel.form == "range" else sel.start
+        assert start is not None and stop is not None
+        _in_range(start, stop, last, sel.span, f"{geo.model} has blocks 0..{last}")
+        return list(range(start, stop + 1))
+    if geo.family != "swin":
+        raise SpecError(
+            "stage selectors apply to Swin backbones only",
+            sel.span,
+            hint=f"{geo.model} has one stage; write 'blocks 0..{last}'",
+        )
+    assert sel.stage is not None
+    n_stages = len(geo.depths)
+    if not 0 <= sel.stage < n_stages:
+        raise SpecError(
+            f"stage {sel.stage} is outside the backbone",
+            sel.span,
+            hint=f"{geo.model} has stages 0..{n_stages - 1} (numbered from 0)",
+        )
+    first = sum(geo.depths[: sel.stage])
+    depth = geo.depths[sel.stage]
+    if sel.form == "stage":
+        return list(range(first, first + depth))
+    start, stop = sel.start, sel.stop if sel.form == "stage_range" else sel.start
+    assert start is not None and stop is not None
+    _in_range(start, stop, depth - 1, sel.span, f"stage {sel.stage} has blocks 0..{depth - 1}")
+    return list(range(first + start, first + stop + 1))
+
+
+def _in_range(start: int, stop: int, last: int, span: Span, hint: str) -> None:
+    if stop < start:
+        raise SpecError(
+            f"empty block range {start}..{stop}", span, hint="ranges are inclusive: write start..end"
+        )
+    if stop > last:
+        raise SpecError(f"block {stop} is outside the backbone", span, hint=hint)
+
+
+def _attention(choice: ast.Choice) -> tuple[str, ...]:
+    v = choice.value
+    if not isinstance(v, ast.Words):
+        raise SpecError(
+            "attention takes an op name or 'one of {...}'",
+            v.span,
+            hint="e.g. attention: one of {skip, conv1x1, conv3x3, msa}",
+        )
+    seen: set[str] = set()
+    for w in v.words:
+        try:
+            OPS.get(w.value)
+        except UnknownName as exc:
+            raise SpecError(f"unknown op '{w.value}'", w.span, hint=exc.hint or None) from None
+        if w.value in seen:
+            raise SpecError(f"op '{w.value}' is listed twice", w.span)
+        seen.add(w.value)
+    return by_level([w.value for w in v.words])
+
+
+def _ffn(choice: ast.Choice, hidden: int, dim: int) -> FfnChoice:
+    v = choice.value
+    if isinstance(v, ast.Words) and not v.one_of and v.words[0].value == "dense":
+        return FfnChoice(widths=(hidden,))
+    if not isinstance(v, ast.FfnSpec):
+        raise SpecError(
+            "ffn takes 'ratios S', 'ratio R', 'widths S', 'width W', 'per neuron', 'groups of N' or 'dense'",
+            v.span,
+            hint="e.g. ffn: ratios 0.5..4 step 0.5",
+        )
+    if v.form == "neuron":
+        return FfnChoice(group=1)
+    if v.form == "groups":
+        assert v.number is not None
+        n = v.number
+        if n.unit or not n.is_int or not 1 <= n.value <= hidden:
+            raise SpecError(f"a group size must be a whole number in 1..{hidden}, found '{n.text}'", n.span)
+        return FfnChoice(group=int(n.value))
+    if v.form in ("ratio", "width"):
+        assert v.number is not None
+        values, span = expand(
+            ast.NumSet(form="one", items=(v.number,), span=v.number.span),
+            what=f"ffn {v.form}s",
+            integer=v.form == "width",
+        )
+    else:
+        assert v.values is not None
+        values, span = expand(v.values, what=f"ffn {v.form}", integer=v.form == "widths")
+    widths = [_ffn_width(x, v.form.rstrip("s"), dim, hidden, span) for x in values]
+    return FfnChoice(widths=tuple(sorted(set(widths))))
+
+
+def _ffn_width(x: float, form: str, dim: int, hidden: int, span: Span) -> int:
+    if form == "ratio":
+        if x <= 0:
+            raise SpecError(
+                f"an FFN ratio must be positive, found {x:g}", span, hint="to drop an FFN, use 'width 0'"
+            )
+        width = int(round(x * dim))
+        if width > hidden:
+            raise SpecError(
+                f"FFN ratio {x:g} gives width {width}, above the dense width {hidden} "
+                f"(ratio {hidden / dim:g})",
+                span,
+            )
+        return width
+    if not 0 <= x <= hidden:
+        raise SpecError(f"FFN width {int(x)} is outside 0..{hidden} (the dense width)", span)
+    return int(x)
+
+
+def _ints(choice: ast.Choice, lo: int, hi: int, what: str) -> tuple[int, ...]:
+    v = choice.value
+    if not isinstance(v, ast.NumSet):
+        raise SpecError(
+            f"{what} takes a number, 'one of {{...}}' or a range",
+            v.span,
+            hint=f"e.g. {what}: one of {{2, 4}}",
+        )
+    values, span = expand(v, what=what, integer=True)
+    for x in values:
+        if not lo <= x <= hi:
+            raise SpecError(f"{what} {int(x)} is outside {lo}..{hi}", span)
+    return tuple(sorted({int(x) for x in values}))
+
+
+def _sparsity(choice: ast.Choice) -> tuple[float, ...]:
+    v = choice.value
+    if not isinstance(v, ast.NumSet):
+        raise SpecError(
+            "sparsity takes a number, 'one of {...}' or a range",
+            v.span,
+            hint="e.g. sparsity: 0..0.5 step 0.1",
+        )
+    values, span = expand(v, what="sparsity", integer=False)
+    for x in values:
+        if not 0 <= x < 1:
+            raise SpecError(f"sparsity {x:g} is outside [0, 1)", span)
+    return tuple(sorted({round(1.0 - x, 10) for x in values}))
+
+
+def _apply(choice: ast.Choice, draft: _Draft, geo: Geometry, block: int) -> None:
+    b = geo.blocks[block]
+    if choice.field == "attention":
+        draft.attention = _attention(choice)
+    elif choice.field == "ffn":
+        draft.ffn = _ffn(choice, b.hidden, b.dim)
+    elif choice.field == "heads":
+        draft.heads = _ints(choice, 1, b.heads, "heads")
+    elif choice.field == "head_dim":
+        draft.head_dim = _ints(choice, 1, b.head_dim, "head_dim")
+    elif choice.field == "sparsity":
+        draft.density = _sparsity(choice)
+    else:
+        raise SpecError(
+            f"unknown field '{choice.field}'", choice.field_span, hint=did_you_mean(choice.field, FIELDS)
+        )
+
+
+def _plans(
+    spec: ast.Spec, items: list[Any], geo: Geometry
+) -> tuple[tuple[BlockPlan, ...], dict, list[SpecWarning]]:
+    drafts = [
+        _Draft(("msa",), FfnChoice(widths=(b.hidden,)), (b.heads,), (b.head_dim,), (1.0,)) for b in geo.blocks
+    ]
+    origins: dict[tuple[int, str], Span] = {}
+    origin_sel: dict[tuple[int, str], tuple[ast.Selector, str]] = {}
+    warnings: list[SpecWarning] = []
+    for scope in (i for i in items if i.kind == "scope"):
+        blocks = select(scope.selector, geo)
+        seen: dict[str, ast.Choice] = {}
+        for choice in scope.choices:
+            if choice.field in seen:
+                raise SpecError(
+                    f"'{choice.field}' is set twice in this declaration (first at line "
+                    f"{seen[choice.field].span.line})",
+                    choice.field_span,
+                )
+            seen[choice.field] = choice
+            for i in blocks:
+                _apply(choice, drafts[i], geo, i)
+                key = (i, choice.field)
+                _conflict(scope, choice, origin_sel.get(key), origins.get(key), len(blocks), warnings)
+                origins[key] = choice.span
+                origin_sel[key] = (scope.selector, scope.selector.span.path)
+    plans = tuple(
+        BlockPlan(b, d.attention, d.ffn, d.heads, d.head_dim, d.density)
+        for b, d in zip(geo.blocks, drafts, strict=True)
+    )
+    return plans, origins, warnings
+
+
+def _conflict(
+    scope: ast.Scope,
+    choice: ast.Choice,
+    prev: tuple[ast.Selector, str] | None,
+    prev_span: Span | None,
+    n_blocks: int,
+    warnings: list[SpecWarning],
+) -> None:
+    """Same file, same selector, same field: a conflict. A broader later declaration over a narrower one: a warning."""
+    if prev is None or prev_span is None or prev[1] != scope.selector.span.path:
+        return
+    sel = scope.selector
+    if (prev[0].form, prev[0].stage, prev[0].start, prev[0].stop) == (
+        sel.form,
+        sel.stage,
+        sel.start,
+        sel.stop,
+    ):
+        raise SpecError(
+            f"'{choice.field}' of these blocks is already declared at line {prev_span.line}",
+            choice.field_span,
+            hint="merge the two declarations, or derive a variant with 'extends'",
+        )
+    narrower = prev[0].form in ("block", "stage_block") or (
+        prev[0].form.endswith("range") and sel.form in ("all", "stage")
+    )
+    msg = f"this '{choice.field}' overrides the more specific declaration at line {prev_span.line}"
+    if narrower and n_blocks > 1 and not any(w.message == msg for w in warnings):
+        warnings.append(
+            SpecWarning(msg, choice.field_span, hint="declarations apply in order: put general ones first")
+        )
+
+
+# ---------------------------------------------------------------- embed, budget, search, frozen
+def _embed(items: list[Any], geo: Geometry) -> tuple[int, ...]:
+    embeds = [i for i in items if i.kind == "embed"]
+    if not embeds:
+        return (geo.embed_dim,)
+    e = embeds[-1]
+    if not isinstance(e.value, ast.NumSet):
+        raise SpecError(
+            "embed takes a width, 'one of {...}' or a range",
+            e.value.span,
+            hint="e.g. embed: 192..384 step 12",
+        )
+    values, span = expand(e.value, what="embedding widths", integer=True)
+    heads = max(geo.num_heads)
+    for x in values:
+        if not heads <= x <= geo.embed_dim:
+            raise SpecError(f"embedding width {int(x)} is outside {heads}..{geo.embed_dim}", span)
+    return tuple(sorted({int(x) for x in values}))
+
+
+def _budgets(spec: ast.Spec, items: list[Any]) -> tuple[tuple[BudgetItem, ...], str | None]:
+    _own(spec, "budget")
+    blocks = [i for i in items if i.kind == "budget"]
+    if not blocks:
+        return (), None
+    budget = blocks[-1]  # a derived spec's budget replaces its base's
+    out: list[BudgetItem] = []
+    seen: dict[tuple[str, bool], ast.Constraint] = {}
+    for c in budget.constraints:
+        if c.metric not in METRICS:
+            raise SpecError(
+                f"unknown budget metric '{c.metric}'", c.metric_span, hint=did_you_mean(c.metric, METRICS)
+            )
+        try:
+            limit = to_limit(c.metric, c.limit.value, c.limit.unit, c.limit.text)
+        except UnitError as exc:
+            raise SpecError(str(exc), c.limit.span, hint=exc.hint) from None
+        key = (c.metric, limit.relative)
+        if key in seen:
+            raise SpecError(
+                f"a second {'relative ' if limit.relative else ''}{c.metric} budget (the first is at line "
+                f"{seen[key].span.line})",
+                c.span,
+                hint="keep the tighter one",
+            )
+        seen[key] = c
+        out.append(BudgetItem(limit, c.limit.span))
+    convention = None
+    for s in budget.settings:
+        if s.key not in BUDGET_SETTINGS:
+            raise SpecError(
+                f"unknown budget setting '{s.key}'", s.key_span, hint=did_you_mean(s.key, BUDGET_SETTINGS)
+            )
+        if not isinstance(s.value, ast.Name) or s.value.value not in ("paper", "exact"):
+            raise SpecError("convention is 'paper' or 'exact'", s.value.span)
+        convention = s.value.value
+    return tuple(out), convention
+
+
+def _search(spec: ast.Spec, items: list[Any]) -> SearchSettings:
+    _own(spec, "search")
+    strategy, strategy_span = "spvit", None
+    settings: dict[str, ast.Setting] = {}
+    for s in (i for i in items if i.kind == "search"):
+        if s.strategy is not None:
+            strategy, strategy_span = s.strategy, s.strategy_span
+        for st in s.settings:
+            settings[st.key] = st
+    try:
+        info = STRATEGIES.get(strategy)
+    except UnknownName as exc:
+        raise SpecError(
+            f"unknown search strategy '{strategy}'", strategy_span, hint=exc.hint or None
+        ) from None
+    values = {k: p.default for k, p in (COMMON | info.params).items()}
+    spans: dict[str, Span] = {}
+    for key, st in settings.items():
+        values[key] = _setting_value(st, info)
+        spans[key] = st.value.span
+    return SearchSettings(strategy, values, spans)
+
+
+def _setting_value(st: ast.Setting, info: StrategyInfo) -> object:
+    table = COMMON | info.params
+    if st.key not in table:
+        raise SpecError(
+            f"unknown setting '{st.key}' for strategy '{info.name}'",
+            st.key_span,
+            hint=did_you_mean(st.key, table),
+        )
+    param = table[st.key]
+    value = _plain(st.value)
+    if param.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if param.type is str and isinstance(st.value, ast.Name | ast.Str):
+        return st.value.value
+    if not isinstance(value, param.type) or (param.type is int and isinstance(value, float)):
+        raise SpecError(
+            f"'{st.key}' takes {param.type.__name__} values, found {_describe(st.value)}",
+            st.value.span,
+            hint=param.doc,
+        )
+    if param.type in (int, float) and value < 0:  # type: ignore[operator]
+        raise SpecError(f"'{st.key}' must not be negative", st.value.span)
+    return value
+
+
+def _describe(v: ast.Value) -> str:
+    return {"num": "a number", "str": "a string", "name": "a name", "tuple": "a tuple"}[v.kind] + (
+        f" '{v.text}'"
+        if isinstance(v, ast.Num)
+        else f" '{v.value}'"
+        if isinstance(v, ast.Name | ast.Str)
+        else ""
+    )
+
+
+def _frozen(spec: ast.Spec) -> dict[str, object] | None:
+    headers = _own(spec, "frozen")
+    if not headers:
+        return None
+    out: dict[str, object] = {}
+    for s in headers[0].settings:
+        v = s.value
+        out[s.key] = v.text if isinstance(v, ast.Num) else _plain(v)
+    return out
+
+
+def _first_open(
+    plans: tuple[BlockPlan, ...], embed: tuple[int, ...], origins: dict
+) -> tuple[str, Span | None] | None:
+    for p in plans:
+        i = p.geom.index
+        for name, cands in (
+            ("attention", p.attention),
+            ("ffn", p.ffn.candidates(p.geom.hidden)),
+            ("heads", p.heads),
+            ("head_dim", p.head_dim),
+            ("sparsity", p.density),
+        ):
+            if len(cands) > 1:
+                return f"blocks[{i}].{name}", origins.get((i, name))
+    if len(embed) > 1:
+        return "embed", None
+    return None
+
+
+# ---------------------------------------------------------------- the stage
+def check(spec: ast.Spec, *, loader: Loader = read_file, source: str | None = None) -> Checked:
+    """Validate a parsed spec and resolve it into a :class:`Checked` space."""
+    sources = {spec.path: source} if source is not None else {}
+    items = _flatten(spec, loader, sources, (os.path.normpath(spec.path),))
+    _own(spec, "embed")
+    model, model_span, settings = _merge_backbone(spec, items)
+    geo = _geometry(model, model_span, settings)
+    weights, weights_span = _weights(settings, spec.path)
+    plans, origins, warnings = _plans(spec, items, geo)
+    embed = _embed(items, geo)
+    budgets, convention = _budgets(spec, items)
+    search = _search(spec, items)
+    frozen = _frozen(spec)
+    if frozen is not None:
+        open_ = _first_open(plans, embed, origins)
+        if open_ is not None:
+            raise SpecError(
+                f"a frozen spec must fix every choice, but {open_[0]} is still open",
+                open_[1] or headers_span(spec),
+                hint="give exactly one candidate per field",
+            )
+    space = Space(geo, plans, embed)
+    return Checked(
+        spec,
+        space,
+        weights,
+        weights_span,
+        budgets,
+        convention,
+        search,
+        frozen,
+        origins,
+        model,
+        tuple(settings.values()),
+        warnings,
+        sources,
+    )
+
+
+def headers_span(spec: ast.Spec) -> Span:
+    f = spec.first("frozen")
+    return f.span if f is not None else spec.span

@@ -1,0 +1,200 @@
+"""Stage — diff: two compiled specs → the per-block differences and the cost of each side.
+
+Works for two frozen specs (op, FFN width, heads, per-head width, sparsity per block), for a space against a
+frozen spec (is the frozen network a member of the space, and where not, which block breaks it), and for two
+spaces (candidate sets). Output is deterministic; ``spvit-dsl diff`` exits 0 when identical, 1 when different,
+2 on error, like ``diff``. Pure Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..space.plan import BlockPlan, Convention
+from .freeze import arch_of
+from .program import Program
+
+
+@dataclass(frozen=True)
+class Row:
+    block: int | None  # None: backbone-level
+    stage: int | None
+    field: str
+    a: str
+    b: str
+    note: str = ""  # e.g. "not in space"
+
+
+@dataclass
+class Diff:
+    a: str
+    b: str
+    kind: str  # "frozen/frozen", "space/frozen", "frozen/space", "space/space"
+    convention: Convention
+    rows: list[Row]
+    cost: dict[
+        str, dict[str, float]
+    ]  # side ("a"/"b") → {flops, params} (frozen) or {flops_min, flops_max, ...}
+    member: bool | None = None  # space/frozen: is the frozen network in the space
+    breaks: list[Row] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return not self.rows
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "a": self.a,
+            "b": self.b,
+            "kind": self.kind,
+            "convention": self.convention,
+            "identical": self.identical,
+            "member": self.member,
+            "cost": self.cost,
+            "changes": [r.__dict__ for r in self.rows],
+            "breaks": [r.__dict__ for r in self.breaks],
+        }
+
+
+def _fields(p: BlockPlan) -> dict[str, tuple[Any, ...]]:
+    return {
+        "attention": p.attention,
+        "ffn": p.ffn.candidates(p.geom.hidden),
+        "heads": p.heads,
+        "head_dim": p.head_dim,
+        "sparsity": tuple(round(1 - d, 6) for d in p.density),
+    }
+
+
+def _show(values: tuple[Any, ...], plan: BlockPlan, name: str) -> str:
+    if len(values) == 1:
+        return str(values[0])
+    if name == "ffn" and plan.ffn.granular:
+        return (
+            f"0..{plan.geom.hidden} per {plan.ffn.group}"
+            if plan.ffn.group > 1
+            else f"0..{plan.geom.hidden} per neuron"
+        )
+    return "{" + ", ".join(map(str, values)) + "}"
+
+
+def _backbone_rows(a: Program, b: Program) -> list[Row]:
+    ga, gb = a.space.geometry, b.space.geometry
+    rows = []
+    for name in (
+        "model",
+        "img_size",
+        "patch_size",
+        "in_chans",
+        "num_classes",
+        "embed_dim",
+        "depths",
+        "num_heads",
+        "mlp_ratio",
+        "window_size",
+    ):
+        va, vb = getattr(ga, name), getattr(gb, name)
+        if va != vb:
+            rows.append(Row(None, None, name, str(va), str(vb)))
+    if a.space.embed != b.space.embed:
+        rows.append(Row(None, None, "embed", str(a.space.embed), str(b.space.embed)))
+    return rows
+
+
+def _cost(p: Program, conv: Convention) -> dict[str, float]:
+    if p.frozen:
+        c = p.graph.cost(arch_of(p.checked), conv)
+        return {"flops": c.macs / 1e9, "params": c.params / 1e6}
+    bd = p.bounds(conv)
+    return {
+        "flops_min": bd.macs.min / 1e9,
+        "flops_max": bd.macs.max / 1e9,
+        "params_min": bd.params.min / 1e6,
+        "params_max": bd.params.max / 1e6,
+    }
+
+
+def diff(a: Program, b: Program, *, convention: Convention | None = None) -> Diff:
+    conv: Convention = convention or a.convention
+    kind = f"{'frozen' if a.frozen else 'space'}/{'frozen' if b.frozen else 'space'}"
+    rows = _backbone_rows(a, b)
+    breaks: list[Row] = []
+    for pa, pb in zip(a.space.plans, b.space.plans, strict=False):
+        fa, fb = _fields(pa), _fields(pb)
+        for name in fa:
+            if fa[name] == fb[name]:
+                continue
+            sa, sb = _show(fa[name], pa, name), _show(fb[name], pb, name)
+            note = ""
+            if kind in ("space/frozen", "frozen/space"):
+                space_vals, point = (
+                    (fa[name], fb[name][0]) if kind == "space/frozen" else (fb[name], fa[name][0])
+                )
+                if point not in space_vals:
+                    note = "not in space"
+            row = Row(pa.geom.index, pa.geom.stage, name, sa, sb, note)
+            rows.append(row)
+            if note:
+                breaks.append(row)
+    member = None
+    if kind in ("space/frozen", "frozen/space"):
+        space, point = (a, b) if kind == "space/frozen" else (b, a)
+        breaks += _over_budget(space, point, conv)
+        same_backbone = not any(r.block is None for r in rows)
+        member = same_backbone and not breaks
+    return Diff(a.path, b.path, kind, conv, rows, {"a": _cost(a, conv), "b": _cost(b, conv)}, member, breaks)
+
+
+def _over_budget(space: Program, point: Program, conv: Convention) -> list[Row]:
+    """Budgets of the space that the frozen network exceeds (a member must also meet them)."""
+    c = point.graph.cost(arch_of(point.checked), conv)
+    rows = []
+    for bud in space.budgets:
+        value = c.macs if bud.metric == "flops" else c.params
+        if value > bud.absolute:
+            scale, unit = (1e9, "G") if bud.metric == "flops" else (1e6, "M")
+            rows.append(
+                Row(None, None, "budget", bud.describe(), f"{value / scale:.4f}{unit}", "over budget")
+            )
+    return rows
+
+
+def markdown(d: Diff) -> str:
+    """A GitHub-flavoured Markdown report (deterministic)."""
+    lines = [f"### `{d.a}` vs `{d.b}` ({d.kind}, {d.convention} convention)", ""]
+    if d.identical:
+        lines.append("identical")
+    if d.breaks:
+        lines += [
+            f"- breaks membership: {r.field} {r.a} vs {r.b} ({r.note})" for r in d.breaks if r.block is None
+        ]
+    if not d.identical:
+        lines += ["| block | stage | field | A | B | note |", "|---:|---:|---|---|---|---|"]
+        for r in d.rows:
+            lines.append(
+                f"| {'' if r.block is None else r.block} | {'' if r.stage is None else r.stage} | {r.field} | "
+                f"{r.a} | {r.b} | {r.note} |"
+            )
+    lines += ["", "| cost | A | B | delta |", "|---|---:|---:|---:|"]
+    for metric, unit in (("flops", "G"), ("params", "M")):
+        lines.append(
+            f"| {metric} ({unit}) | {cost_cell(d.cost['a'], metric)} | {cost_cell(d.cost['b'], metric)} | "
+            f"{delta_cell(d, metric)} |"
+        )
+    if d.member is not None:
+        lines += ["", f"frozen network is {'a member' if d.member else 'NOT a member'} of the space"]
+    return "\n".join(lines) + "\n"
+
+
+def cost_cell(c: dict[str, float], metric: str) -> str:
+    if metric in c:
+        return f"{c[metric]:.4f}"
+    return f"{c[metric + '_min']:.4f}..{c[metric + '_max']:.4f}"
+
+
+def delta_cell(d: Diff, metric: str) -> str:
+    a, b = d.cost["a"].get(metric), d.cost["b"].get(metric)
+    if a is None or b is None:
+        return ""
+    return f"{b - a:+.4f} ({(b - a) / a:+.1%})" if a else f"{b - a:+.4f}"

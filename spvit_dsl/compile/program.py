@@ -1,0 +1,192 @@
+"""The front-end driver: text → parse → check → build_graph → budget feasibility → :class:`Program`.
+
+``compile_file`` is what ``spvit-dsl compile`` and every later command start from. Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..lang import ast
+from ..lang.errors import SpecError, SpecWarning, UsageError
+from ..lang.parse import parse
+from ..space.plan import Convention, Space
+from ..space.units import Limit, fmt_macs, fmt_params
+from .check import BudgetItem, Checked, check, read_file
+from .graph import Bounds, SearchGraph, build_graph
+
+DEFAULT_CONVENTION: Convention = "paper"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget resolved against the space: its absolute limit and whether some network meets it."""
+
+    limit: Limit
+    absolute: float  # MACs or parameters
+    feasible: bool
+    span: Any = None  # Span in the spec, None when given on the command line
+
+    @property
+    def metric(self) -> str:
+        return self.limit.metric
+
+    def describe(self) -> str:
+        value = fmt_macs(self.absolute) if self.metric == "flops" else fmt_params(self.absolute)
+        return f"{self.metric} <= {self.limit.text}" + (f" ({value})" if self.limit.relative else "")
+
+
+@dataclass
+class Program:
+    checked: Checked
+    graph: SearchGraph
+    convention: Convention
+    budgets: tuple[Budget, ...]
+    source: str
+    warnings: list[SpecWarning] = field(default_factory=list)
+
+    @property
+    def spec(self) -> ast.Spec:
+        return self.checked.spec
+
+    @property
+    def space(self) -> Space:
+        return self.checked.space
+
+    @property
+    def path(self) -> str:
+        return self.checked.spec.path
+
+    def bounds(self, convention: Convention | None = None) -> Bounds:
+        return self.graph.bounds(convention or self.convention)
+
+    @property
+    def decisions(self) -> int:
+        return len(self.graph.decisions())
+
+    @property
+    def frozen(self) -> bool:
+        return self.decisions == 0
+
+    @property
+    def feasible(self) -> bool:
+        return all(b.feasible for b in self.budgets)
+
+    def summary(self) -> dict[str, Any]:
+        """The ``compile --json`` object."""
+        b = self.bounds()
+        g = self.space.geometry
+        return {
+            "spec": self.path,
+            "backbone": g.model,
+            "family": g.family,
+            "convention": self.convention,
+            "frozen": self.frozen,
+            "decisions": self.decisions,
+            "space_size_log10": round(self.graph.size_log10(), 4),
+            "flops": {k: round(getattr(b.macs, k) / 1e9, 6) for k in ("min", "max", "dense")},
+            "params": {k: round(getattr(b.params, k) / 1e6, 6) for k in ("min", "max", "dense")},
+            "budgets": [_budget_json(x) for x in self.budgets],
+            "feasible": self.feasible,
+        }
+
+
+def _budget_json(b: Budget) -> dict[str, Any]:
+    lim = b.limit
+    if lim.relative:
+        limit, unit = round(lim.value * 100, 6), "%"
+    else:
+        limit, unit = (
+            (round(lim.value / 1e9, 6), "G") if lim.metric == "flops" else (round(lim.value / 1e6, 6), "M")
+        )
+    absolute = b.absolute / 1e9 if lim.metric == "flops" else b.absolute / 1e6
+    return {
+        "metric": lim.metric,
+        "limit": limit,
+        "unit": unit,
+        "absolute": round(absolute, 6),
+        "feasible": b.feasible,
+    }
+
+
+def compile_text(
+    text: str,
+    path: str = "<string>",
+    *,
+    convention: Convention | None = None,
+    budgets: list[Limit] | None = None,
+    loader: Any = read_file,
+) -> Program:
+    """Compile spec text. ``budgets`` (from ``--budget`` flags) replace the spec's budgets of the same metric."""
+    try:
+        checked = check(parse(text, path), loader=loader, source=text)
+        graph = build_graph(checked.space)
+        conv: Convention = convention or checked.convention or DEFAULT_CONVENTION  # type: ignore[assignment]
+        items = _merge_budgets(checked.budgets, budgets or [])
+        resolved, warnings = _resolve_budgets(items, graph.bounds(conv), conv)
+    except SpecError as exc:
+        raise exc.with_source(text) if exc.span is None or exc.span.path == path else exc from None
+    warnings += _unsupported(checked, graph)
+    return Program(checked, graph, conv, tuple(resolved), text, checked.warnings + warnings)
+
+
+def _unsupported(checked: Checked, graph: SearchGraph) -> list[SpecWarning]:
+    """Decisions the chosen strategy cannot search: fine to compile and price, refused by ``search``."""
+    from .strategies import STRATEGIES
+
+    info = STRATEGIES.get(checked.search.strategy)
+    kinds = sorted({d.kind for d in graph.decisions()} - info.decisions)
+    if not kinds:
+        return []
+    return [
+        SpecWarning(
+            f"strategy '{info.name}' does not search {', '.join(kinds)}; the space compiles and is priced, "
+            f"but 'spvit-dsl search' will refuse it",
+            None,
+            hint=f"'{info.name}' searches: {', '.join(sorted(info.decisions))}",
+        )
+    ]
+
+
+def compile_file(path: str, **kw: Any) -> Program:
+    try:
+        text = read_file(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read spec '{path}': {exc.strerror or exc}") from None
+    return compile_text(text, path, **kw)
+
+
+def _merge_budgets(items: tuple[BudgetItem, ...], flags: list[Limit]) -> list[tuple[Limit, Any]]:
+    out = [(b.limit, b.span) for b in items if b.limit.metric not in {f.metric for f in flags}]
+    return out + [(f, None) for f in flags]
+
+
+def _resolve_budgets(
+    items: list[tuple[Limit, Any]], bounds: Bounds, conv: Convention
+) -> tuple[list[Budget], list[SpecWarning]]:
+    out, warnings = [], []
+    for limit, span in items:
+        rng = bounds.of(limit.metric)
+        absolute = limit.absolute(rng.dense)
+        fmt = fmt_macs if limit.metric == "flops" else fmt_params
+        unit = f" ({conv} convention)" if limit.metric == "flops" else ""
+        if absolute < rng.min * (1 - 1e-12):
+            msg = (
+                f"budget {limit.metric} <= {limit.text} cannot be met: the cheapest network in this space "
+                f"costs {fmt(rng.min)}{unit}"
+            )
+            hint = "widen the search space (add skip or smaller FFN widths) or relax the budget"
+            if span is None:
+                raise UsageError(msg + "; " + hint)
+            raise SpecError(msg, span, hint=hint)
+        if absolute >= rng.dense:
+            warnings.append(
+                SpecWarning(
+                    f"budget {limit.metric} <= {limit.text} is at or above the dense network's {fmt(rng.dense)}{unit}: "
+                    "every network in the space meets it",
+                    span,
+                )
+            )
+        out.append(Budget(limit, absolute, True, span))
+    return out, warnings

@@ -1,0 +1,1 @@
+"""Stage 1 — the language: grammar, AST, parser, emitter, located errors (pure Python)."""

@@ -1,0 +1,412 @@
+"""Stage 1 — parse: `.vit` text → :class:`spvit_dsl.lang.ast.Spec`.
+
+The grammar is ``lang/vit.lark`` shipped in the package (LALR, positions propagated). Raw lark errors are turned
+into :class:`SpecError` with a friendly message, a caret and a "did you mean" hint; comments are attached to the
+statements around them so that formatting keeps them.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken, VisitError
+
+from . import ast
+from .errors import Span, SpecError, did_you_mean
+
+
+@lru_cache(maxsize=1)
+def grammar() -> Lark:
+    return Lark.open_from_package(
+        "spvit_dsl.lang", "vit.lark", parser="lalr", propagate_positions=True, maybe_placeholders=False
+    )
+
+
+def parse(text: str, path: str = "<string>") -> ast.Spec:
+    """Parse spec text; raise :class:`SpecError` (with the source attached) on malformed input."""
+    comments: list[Token] = []
+    try:
+        tree = _parse_tree(text, comments)
+        spec = _ToAst(path).transform(tree)
+    except VisitError as exc:  # an error raised inside a transformer method
+        if isinstance(exc.orig_exc, SpecError):
+            raise exc.orig_exc.with_source(text) from None
+        raise
+    except (UnexpectedCharacters, UnexpectedToken, UnexpectedEOF) as exc:
+        raise _friendly(exc, text, path).with_source(text) from None
+    return _attach_comments(spec, comments, text)
+
+
+def _parse_tree(text: str, comments: list[Token]) -> Any:
+    # The parser is shared (building it is slow) and lexer callbacks are per instance: find comments by a scan.
+    comments.extend(_scan_comments(text))
+    return grammar().parse(text)
+
+
+_STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\.)*"|//[^\n]*')
+
+
+def _scan_comments(text: str) -> list[Token]:
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        for m in _STRING_OR_COMMENT.finditer(line):
+            if m.group(0).startswith("//"):
+                out.append(Token("COMMENT", m.group(0), line=lineno, column=m.start() + 1))
+                break
+    return out
+
+
+# ---------------------------------------------------------------- tree → AST
+def _span(path: str, meta: Any) -> Span:
+    if getattr(meta, "empty", True):
+        return Span(path=path)
+    return Span(
+        path=path, line=meta.line, column=meta.column, end_line=meta.end_line, end_column=meta.end_column
+    )
+
+
+def _tok_span(path: str, tok: Token) -> Span:
+    return Span(
+        path=path,
+        line=tok.line,
+        column=tok.column,
+        end_line=tok.end_line or tok.line,
+        end_column=tok.end_column or tok.column + len(tok),
+    )
+
+
+_UNIT = re.compile(r"^([0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)(.*)$")
+
+
+def number(text: str, span: Span | None = None) -> ast.Num:
+    """The AST number of ``text`` as a spec writes it (``3.3G`` → value 3.3, unit ``G``); ValueError if not one."""
+    m = _UNIT.match(text)
+    if m is None:
+        raise ValueError(f"not a number: {text!r}")
+    return ast.Num(text=text, value=float(m.group(1)), unit=m.group(2), span=span or Span())
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    # -- helpers
+    def _s(self, meta: Any) -> Span:
+        return _span(self.path, meta)
+
+    def _num(self, tok: Token) -> ast.Num:
+        return number(str(tok), _tok_span(self.path, tok))
+
+    def _name(self, tok: Token) -> ast.Name:
+        return ast.Name(value=str(tok), span=_tok_span(self.path, tok))
+
+    # -- top level
+    def start(self, meta: Any, items: list[Any]) -> ast.Spec:
+        return ast.Spec(path=self.path, items=tuple(items), span=self._s(meta))
+
+    def extends(self, meta: Any, c: list[Any]) -> ast.Extends:
+        return ast.Extends(path=_unquote(c[0]), span=self._s(meta))
+
+    def backbone(self, meta: Any, c: list[Any]) -> ast.Backbone:
+        model = c[0] if c and isinstance(c[0], Token) else None
+        settings = tuple(x for x in c if isinstance(x, ast.Setting))
+        span = _tok_span(self.path, model) if model is not None else self._s(meta)
+        return ast.Backbone(
+            model=str(model) if model else None, model_span=span, settings=settings, span=self._s(meta)
+        )
+
+    def search(self, meta: Any, c: list[Any]) -> ast.Search:
+        name = c[0] if c and isinstance(c[0], Token) else None
+        settings = tuple(x for x in c if isinstance(x, ast.Setting))
+        span = _tok_span(self.path, name) if name is not None else self._s(meta)
+        return ast.Search(
+            strategy=str(name) if name else None, strategy_span=span, settings=settings, span=self._s(meta)
+        )
+
+    def frozen(self, meta: Any, c: list[Any]) -> ast.Frozen:
+        return ast.Frozen(settings=tuple(c), span=self._s(meta))
+
+    def budget(self, meta: Any, c: list[Any]) -> ast.Budget:
+        return ast.Budget(
+            constraints=tuple(x for x in c if isinstance(x, ast.Constraint)),
+            settings=tuple(x for x in c if isinstance(x, ast.Setting)),
+            span=self._s(meta),
+        )
+
+    def constraint(self, meta: Any, c: list[Any]) -> ast.Constraint:
+        metric, _le, limit = c
+        return ast.Constraint(
+            metric=str(metric),
+            metric_span=_tok_span(self.path, metric),
+            limit=self._num(limit),
+            span=self._s(meta),
+        )
+
+    def setting(self, meta: Any, c: list[Any]) -> ast.Setting:
+        key, value = c
+        return ast.Setting(key=str(key), key_span=_tok_span(self.path, key), value=value, span=self._s(meta))
+
+    def embed(self, meta: Any, c: list[Any]) -> ast.Embed:
+        return ast.Embed(value=c[0], span=self._s(meta))
+
+    # -- values
+    def num(self, meta: Any, c: list[Any]) -> ast.Num:
+        return self._num(c[0])
+
+    def string(self, meta: Any, c: list[Any]) -> ast.Str:
+        return ast.Str(value=_unquote(c[0]), span=self._s(meta))
+
+    def name(self, meta: Any, c: list[Any]) -> ast.Name:
+        return self._name(c[0])
+
+    def tuple(self, meta: Any, c: list[Any]) -> ast.TupleV:
+        return ast.TupleV(items=tuple(c), span=self._s(meta))
+
+    # -- scopes
+    def scope(self, meta: Any, c: list[Any]) -> ast.Scope:
+        return ast.Scope(selector=c[0], choices=tuple(c[1:]), span=self._s(meta))
+
+    def _sel(self, meta: Any, form: str, **kw: Token) -> ast.Selector:
+        vals = {k: self._int(v) for k, v in kw.items()}
+        return ast.Selector(form=form, span=self._s(meta), **vals)  # type: ignore[arg-type]
+
+    def _int(self, tok: Token) -> int:
+        num = self._num(tok)
+        if not num.is_int:
+            raise SpecError(f"expected a block or stage index (a whole number), found '{tok}'", num.span)
+        return int(num.value)
+
+    def sel_all(self, meta: Any, c: list[Any]) -> ast.Selector:
+        return self._sel(meta, "all")
+
+    def sel_range(self, meta: Any, c: list[Any]) -> ast.Selector:
+        return self._sel(meta, "range", start=c[0], stop=c[1])
+
+    def sel_block(self, meta: Any, c: list[Any]) -> ast.Selector:
+        return self._sel(meta, "block", start=c[0])
+
+    def sel_stage(self, meta: Any, c: list[Any]) -> ast.Selector:
+        return self._sel(meta, "stage", stage=c[0])
+
+    def sel_stage_range(self, meta: Any, c: list[Any]) -> ast.Selector:
+        return self._sel(meta, "stage_range", stage=c[0], start=c[1], stop=c[2])
+
+    def sel_stage_block(self, meta: Any, c: list[Any]) -> ast.Selector:
+        return self._sel(meta, "stage_block", stage=c[0], start=c[1])
+
+    def choice(self, meta: Any, c: list[Any]) -> ast.Choice:
+        field, value = c
+        return ast.Choice(
+            field=str(field), field_span=_tok_span(self.path, field), value=value, span=self._s(meta)
+        )
+
+    # -- choice values
+    def c_word(self, meta: Any, c: list[Any]) -> ast.Words:
+        return ast.Words(words=(self._name(c[0]),), span=self._s(meta))
+
+    def c_words(self, meta: Any, c: list[Any]) -> ast.Words:
+        return ast.Words(words=tuple(self._name(t) for t in c), one_of=True, span=self._s(meta))
+
+    def _ffn(self, meta: Any, form: str, **kw: Any) -> ast.FfnSpec:
+        return ast.FfnSpec(form=form, span=self._s(meta), **kw)  # type: ignore[arg-type]
+
+    def c_ratios(self, meta: Any, c: list[Any]) -> ast.FfnSpec:
+        return self._ffn(meta, "ratios", values=c[1])
+
+    def c_widths(self, meta: Any, c: list[Any]) -> ast.FfnSpec:
+        return self._ffn(meta, "widths", values=c[1])
+
+    def c_ratio(self, meta: Any, c: list[Any]) -> ast.FfnSpec:
+        return self._ffn(meta, "ratio", number=self._num(c[1]))
+
+    def c_width(self, meta: Any, c: list[Any]) -> ast.FfnSpec:
+        return self._ffn(meta, "width", number=self._num(c[1]))
+
+    def c_neuron(self, meta: Any, c: list[Any]) -> ast.FfnSpec:
+        return self._ffn(meta, "neuron")
+
+    def c_groups(self, meta: Any, c: list[Any]) -> ast.FfnSpec:
+        return self._ffn(meta, "groups", number=self._num(c[0]))
+
+    def set_one(self, meta: Any, c: list[Any]) -> ast.NumSet:
+        return ast.NumSet(form="one", items=(self._num(c[0]),), span=self._s(meta))
+
+    def set_list(self, meta: Any, c: list[Any]) -> ast.NumSet:
+        return ast.NumSet(form="list", items=tuple(self._num(t) for t in c), span=self._s(meta))
+
+    def set_range(self, meta: Any, c: list[Any]) -> ast.NumSet:
+        nums = [self._num(t) for t in c if t.type == "NUM"]
+        step = nums[2] if len(nums) == 3 else None
+        return ast.NumSet(form="range", start=nums[0], stop=nums[1], step=step, span=self._s(meta))
+
+
+def _unquote(tok: Token) -> str:
+    body = str(tok)[1:-1]
+    return re.sub(r"\\(.)", r"\1", body)
+
+
+# ---------------------------------------------------------------- comments
+_COMMENTED = (
+    ast.Extends,
+    ast.Backbone,
+    ast.Embed,
+    ast.Scope,
+    ast.Budget,
+    ast.Search,
+    ast.Frozen,
+    ast.Setting,
+    ast.Choice,
+    ast.Constraint,
+)
+
+
+def _preorder(node: Any, out: list[Any]) -> list[Any]:
+    if isinstance(node, _COMMENTED):
+        out.append(node)
+    if isinstance(node, ast.Node):
+        for k in type(node).model_fields:
+            v = getattr(node, k)
+            for child in v if isinstance(v, tuple) else (v,):
+                if isinstance(child, ast.Node):
+                    _preorder(child, out)
+    return out
+
+
+def _attach_comments(spec: ast.Spec, comments: list[Token], text: str) -> ast.Spec:
+    if not comments:
+        return spec
+    lines = text.splitlines()
+    nodes = _preorder(spec, [])
+    leading: dict[int, list[str]] = {}
+    trailing: dict[int, str] = {}
+    end: list[str] = []
+    for tok in comments:
+        body = str(tok)[2:].strip()
+        line = tok.line
+        inline = bool(lines[line - 1][: tok.column - 1].strip())
+        if inline:
+            owner = _inline_owner(nodes, line)
+            if owner is not None and id(owner) not in trailing:
+                trailing[id(owner)] = body
+                continue
+        after = [n for n in nodes if n.span.line > line]
+        if after:
+            first = min(after, key=lambda n: n.span.line)  # min keeps the first (outermost) of equal lines
+            leading.setdefault(id(first), []).append(body)
+        else:
+            end.append(body)
+    spec = _rebuild(spec, leading, trailing)
+    return spec.model_copy(update={"end_comments": tuple(end)})
+
+
+def _inline_owner(nodes: list[Any], line: int) -> Any:
+    """The statement an end-of-line comment belongs to: the outermost one ending on that line, else the
+    innermost one starting there (a block's header line), else the innermost one around it."""
+    ending = [n for n in nodes if n.span.end_line == line]
+    if ending:
+        return ending[0]
+    starting = [n for n in nodes if n.span.line == line]
+    if starting:
+        return starting[-1]
+    containing = [n for n in nodes if n.span.line <= line <= n.span.end_line]
+    return containing[-1] if containing else None
+
+
+def _rebuild(node: Any, leading: dict[int, list[str]], trailing: dict[int, str]) -> Any:
+    if not isinstance(node, ast.Node):
+        return node
+    update: dict[str, Any] = {}
+    for k in type(node).model_fields:
+        v = getattr(node, k)
+        if isinstance(v, tuple) and v and isinstance(v[0], ast.Node):
+            update[k] = tuple(_rebuild(x, leading, trailing) for x in v)
+        elif isinstance(v, ast.Node):
+            update[k] = _rebuild(v, leading, trailing)
+    if id(node) in leading:
+        update["comments"] = tuple(leading[id(node)])
+    if id(node) in trailing:
+        update["trailing"] = trailing[id(node)]
+    return node.model_copy(update=update) if update else node
+
+
+# ---------------------------------------------------------------- friendly parse errors
+_TERMINALS = {
+    "NAME": "a name",
+    "NUM": "a number",
+    "STRING": "a quoted string",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "COLON": "':'",
+    "SEMICOLON": "';'",
+    "EQUAL": "'='",
+    "COMMA": "','",
+    "LE": "'<='",
+    "__ANON_0": "'..'",
+    "$END": "end of file",
+}
+_TOP = ["backbone", "block", "blocks", "budget", "embed", "extends", "frozen", "search", "stage"]
+
+
+def _describe_expected(expected: set[str]) -> list[str]:
+    out = []
+    for term in sorted(expected):
+        try:
+            pattern = grammar().get_terminal(term).pattern
+            literal = pattern.value if pattern.type == "str" else None
+        except KeyError:
+            literal = None
+        out.append(_TERMINALS.get(term) or (f"'{literal}'" if literal else term.lower()))
+    return sorted(set(out))
+
+
+def _friendly(exc: Exception, text: str, path: str) -> SpecError:
+    if isinstance(exc, UnexpectedEOF):
+        lines = text.rstrip().splitlines() or [""]
+        line, col = len(lines), len(lines[-1]) + 1  # just after the last character of the file
+        exp = _describe_expected(set(exc.expected))
+        return SpecError(
+            "unexpected end of file; expected " + ", ".join(exp),
+            Span(path=path, line=line, column=col, end_line=line, end_column=col + 1),
+            hint="a '{' block may be missing its closing '}'" if "'}'" in exp else None,
+        )
+    if isinstance(exc, UnexpectedCharacters):
+        span = Span(path=path, line=exc.line, column=exc.column, end_line=exc.line, end_column=exc.column + 1)
+        return SpecError(f"unexpected character {exc.char!r}", span, hint=_char_hint(exc.char))
+    assert isinstance(exc, UnexpectedToken)
+    tok = exc.token
+    if tok.type == "$END":
+        return _friendly(UnexpectedEOF(exc.expected), text, path)
+    expected = set(exc.expected)
+    exp = _describe_expected(expected)
+    span = _tok_span(path, tok)
+    what = _TERMINALS.get(tok.type, repr(str(tok)))
+    if tok.type in ("NAME", "NUM"):
+        what = f"{tok.type.lower()} '{tok}'"
+    words = [e.strip("'") for e in exp if e.startswith("'") and e[1:-1].isalpha()]
+    hint = None
+    if tok.type == "NAME" and words:
+        hint = did_you_mean(str(tok), words) or None
+    if expected >= {"EXTENDS", "BACKBONE", "BUDGET"} or set(words) >= {"backbone", "budget", "search"}:
+        return SpecError(
+            f"unexpected {what}; expected a declaration: " + ", ".join(_TOP),
+            span,
+            hint=did_you_mean(str(tok), _TOP) or None,
+        )
+    return SpecError(f"unexpected {what}; expected " + ", ".join(exp), span, hint=hint)
+
+
+def _char_hint(char: str) -> str | None:
+    if char == "#":
+        return "comments start with '//'"
+    if char == '"':
+        return "a string must close on the same line with '\"'"
+    if char in "<>=!":
+        return "budgets are written 'flops <= 3.3G' or 'params <= 16M'"
+    return None

@@ -1,0 +1,1 @@
+"""Runtime shared by the torch stages: datasets and loaders, devices, processes, evaluation."""

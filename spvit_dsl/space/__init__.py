@@ -1,0 +1,1 @@
+"""Stage 2 — the space: backbones, geometry, ops, unit groups and the cost model (pure Python)."""

@@ -1,0 +1,87 @@
+"""Quantities with units, as written in specs (``3.3G``, ``16M``, ``70%``) and on the command line
+(``3.3GFLOPs``, ``16Mparams``, ``70%``). Pure Python; used by the checker and the CLI.
+
+"FLOPs" follow the ViT-pruning literature: they are multiply-adds (MACs).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..lang.errors import did_you_mean
+
+SCALE = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+FLOPS_UNITS = {p + s: SCALE[p] for p in SCALE for s in ("", "FLOPs", "MACs")} | {"%": 0.01}
+PARAMS_UNITS = {p + s: SCALE[p] for p in SCALE for s in ("", "params")} | {"%": 0.01}
+UNITS = {"flops": FLOPS_UNITS, "params": PARAMS_UNITS}
+METRICS = ("flops", "params")
+
+
+class UnitError(ValueError):
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A budget: ``metric <= value`` (absolute MACs / parameters) or ``metric <= fraction`` of the dense cost."""
+
+    metric: str  # "flops" | "params"
+    value: float  # absolute count, or a fraction in (0, ...) when relative
+    relative: bool
+    text: str  # as the user wrote it, e.g. "3.3G" or "70%"
+
+    def absolute(self, dense: float) -> float:
+        return self.value * dense if self.relative else self.value
+
+    @property
+    def unit(self) -> str:
+        if self.relative:
+            return "%"
+        return "GMACs" if self.metric == "flops" else "M"
+
+
+def to_limit(metric: str, number: float, unit: str, text: str) -> Limit:
+    """Interpret ``number`` + ``unit`` for ``metric``; raise :class:`UnitError` for an unknown unit."""
+    table = UNITS[metric]
+    if unit not in table:
+        close = did_you_mean(unit, [u for u in table if u])
+        raise UnitError(
+            f"unknown unit '{unit}' for {metric} in '{text}'",
+            close if close.startswith("did you mean") else _units_hint(metric),
+        )
+    if number <= 0:
+        raise UnitError(f"a {metric} budget must be positive, found '{text}'")
+    if unit == "%":
+        return Limit(metric, number / 100.0, True, text)
+    return Limit(metric, number * table[unit], False, text)
+
+
+def _units_hint(metric: str) -> str:
+    return "write e.g. 3.3G or 70%" if metric == "flops" else "write e.g. 16M or 70%"
+
+
+_FLAG = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z%]*)\s*$")
+
+
+def parse_budget_flag(text: str) -> Limit:
+    """``--budget`` values: ``3.3GFLOPs``, ``3.3G`` (FLOPs), ``16Mparams``, ``70%`` (of dense FLOPs), ``70%params``."""
+    m = _FLAG.match(text)
+    if not m:
+        raise UnitError(f"cannot read budget '{text}'; expected e.g. 3.3GFLOPs, 16Mparams or 70%")
+    number, unit = float(m.group(1)), m.group(2)
+    if unit.endswith("params"):
+        return to_limit("params", number, "%" if unit == "%params" else unit, text)
+    return to_limit("flops", number, unit, text)
+
+
+def fmt_macs(macs: float) -> str:
+    """G multiply-adds with three decimals; M below 0.1 G so small networks stay readable."""
+    return f"{macs / 1e9:.3f} G" if macs >= 1e8 or macs == 0 else f"{macs / 1e6:.3f} M"
+
+
+def fmt_params(params: float) -> str:
+    """Millions of parameters; thousands below 0.1 M."""
+    return f"{params / 1e6:.2f} M" if params >= 1e5 or params == 0 else f"{params / 1e3:.1f} K"

@@ -1,0 +1,100 @@
+"""timm glue of the lowering stage (torch): build the backbone, load its weights, find and patch its blocks.
+
+Input: a :class:`~spvit_dsl.space.plan.Geometry` and a weights source; output: the timm model and its blocks in global
+order (ViT ``blocks.i``; Swin ``layers.s.blocks.j`` numbered across stages).
+
+Swin blocks (timm 1.0.31 ``SwinTransformerBlock``) take (B, H, W, C) maps and do their shift/partition inside
+``_attn``. Lowering swaps such a block's class for :class:`GatedSwinBlock`, a subclass whose ``_attn`` runs timm's own
+``_attn`` (cyclic shift, windows, mask) for the MSA level and hands the full, unshifted map to the unified op for conv
+and skip levels. The swap keeps every attribute, buffer and state-dict key of the block.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+import timm
+import torch
+from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.vision_transformer import Block as VitBlock
+from torch import Tensor, nn
+
+from ..lang.errors import UsageError
+from ..space.plan import Geometry
+
+__all__ = ["GatedSwinBlock", "backbone_blocks", "create_backbone"]
+
+
+class GatedSwinBlock(SwinTransformerBlock):
+    """A timm Swin block whose conv/skip levels see the full unshifted map (MSA level unchanged)."""
+
+    def _attn(self, x: Tensor) -> Tensor:
+        if self.attn.op == "msa":
+            return super()._attn(x)
+        return self.attn.forward_map(x)
+
+
+def create_backbone(
+    geometry: Geometry, weights: str = "none", device: torch.device | str | None = None
+) -> nn.Module:
+    """``timm.create_model`` for the geometry; ``weights`` is ``none``, ``pretrained`` or a checkpoint path."""
+    kwargs = geometry.kwargs()
+    if weights == "pretrained":
+        try:
+            model = timm.create_model(geometry.model, pretrained=True, **kwargs)
+        except Exception as e:  # network, hub or shape problems all end the same way for the user
+            raise UsageError(f"cannot load pretrained weights for {geometry.model}: {_one_line(e)}") from e
+        return model.to(device) if device is not None else model
+    if weights not in ("none", "") and not os.path.isfile(weights):
+        raise UsageError(f"checkpoint not found: {weights}")
+    if device is not None:
+        with torch.device(device):
+            model = timm.create_model(geometry.model, pretrained=False, **kwargs)
+    else:
+        model = timm.create_model(geometry.model, pretrained=False, **kwargs)
+    if weights not in ("none", ""):
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a timm-format checkpoint (state dict, ``{'model': ...}`` as DeiT ships, or ``.safetensors``) through
+    timm's own loading and the model family's checkpoint filter; any mismatch is a one-line :class:`UsageError`."""
+    filter_fn = _checkpoint_filter(model)
+    try:
+        timm.models.load_checkpoint(model, path, strict=True, filter_fn=filter_fn)
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} does not fit {type(model).__name__}: {_one_line(e)}") from e
+
+
+def _checkpoint_filter(model: nn.Module) -> Callable[..., dict[str, Tensor]] | None:
+    module = sys.modules.get(type(model).__module__)
+    return getattr(module, "checkpoint_filter_fn", None)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (text[:300] + " ...") if len(text) > 300 else (text or type(e).__name__)
+
+
+def backbone_blocks(model: nn.Module, family: str) -> list[nn.Module]:
+    """The transformer blocks in global order; raise NotImplementedError for layouts lowering does not know."""
+    if family == "swin":
+        blocks = [b for stage in model.layers for b in stage.blocks]  # type: ignore[union-attr]
+        bad = [type(b).__name__ for b in blocks if not isinstance(b, SwinTransformerBlock)]
+    else:
+        blocks = list(model.blocks)  # type: ignore[arg-type]
+        bad = [type(b).__name__ for b in blocks if not isinstance(b, VitBlock)]
+    if bad:
+        raise NotImplementedError(f"cannot lower {type(model).__name__}: unsupported block type {bad[0]}")
+    return blocks
+
+
+def patch_swin_block(block: nn.Module) -> None:
+    """Route the block's conv/skip levels to the full map (class swap; keeps every attribute and key)."""
+    if type(block) is SwinTransformerBlock:
+        block.__class__ = GatedSwinBlock
+    elif not isinstance(block, GatedSwinBlock):
+        raise NotImplementedError(f"cannot lower Swin block type {type(block).__name__}")

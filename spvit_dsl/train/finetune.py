@@ -1,0 +1,272 @@
+"""Stage — fine-tune and evaluate: a compact network (from :mod:`spvit_dsl.compact.build`) + data → trained weights.
+
+Implements SPViT's fine-tuning recipe (He et al., TPAMI 2024, §4): AdamW (no decay on 1-D parameters and biases),
+cosine learning rate with linear warm-up, optional distillation from a teacher (hard: the teacher's argmax as a
+second label, weight 0.5; soft: KL at temperature τ). Every epoch is validated; ``finetune.ckpt`` (the whole state,
+safetensors, no pickle) is written atomically each epoch so ``--resume`` continues, and ``best.safetensors`` holds
+the best-by-validation model in :func:`spvit_dsl.compact.build.save`'s format (loadable with ``spvit_dsl.load``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._io import write_text
+from ..lang.errors import UsageError
+
+FORMAT = "finetune-ckpt/1"
+
+
+@dataclass
+class FinetuneSettings:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    steps: int = 0  # stop after this many steps (0: no limit)
+    distill: str = "none"  # none | hard | soft
+    distill_weight: float = 0.5
+    tau: float = 1.0
+
+
+@dataclass
+class Metrics:
+    top1: float
+    top5: float
+    loss: float
+    images: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "images": self.images}
+
+
+@dataclass
+class FinetuneResult:
+    out: str
+    best: Metrics
+    last: Metrics
+    best_path: str
+    epochs: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, dataset: Any, *, batch_size: int = 256, device: torch.device | str = "cpu"
+) -> Metrics:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over a dataset, in eval mode."""
+    from ..runtime.data import make_loader
+
+    model.eval()
+    n, loss, c1, c5 = 0, 0.0, 0, 0
+    for x, y in make_loader(dataset, batch_size, train=False, seed=0):
+        x, y = x.to(device), y.to(device)
+        logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        c1 += (top[:, 0] == y).sum().item()
+        c5 += (top == y[:, None]).any(dim=-1).sum().item()
+        n += len(y)
+    if n == 0:
+        raise UsageError("the validation set is empty")
+    return Metrics(100.0 * c1 / n, 100.0 * c5 / n, loss / n, n)
+
+
+# ---------------------------------------------------------------- training pieces
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices and kernels, none on 1-D parameters (norms, biases) and tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (
+            no_decay if p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "pos_embed")) else decay
+        ).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up to ``lr``, then cosine down to ``min_lr`` at ``total``."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
+
+
+def distill_loss(
+    student: Tensor, teacher: Tensor, target: Tensor, base: Tensor, s: FinetuneSettings
+) -> Tensor:
+    """Combine the label loss ``base`` with the teacher's signal (hard: its argmax; soft: KL at temperature τ)."""
+    if s.distill == "hard":
+        return (1 - s.distill_weight) * base + s.distill_weight * F.cross_entropy(student, teacher.argmax(-1))
+    if s.distill == "soft":
+        kl = (
+            F.kl_div(
+                F.log_softmax(student / s.tau, -1),
+                F.log_softmax(teacher / s.tau, -1),
+                reduction="batchmean",
+                log_target=True,
+            )
+            * s.tau**2
+        )
+        return (1 - s.distill_weight) * base + s.distill_weight * kl
+    return base
+
+
+def load_teacher(spec: str, device: torch.device | str, num_classes: int) -> nn.Module:
+    """A teacher from a built model file (``.safetensors`` written by build/finetune) or a timm model name
+    (pretrained weights from timm's hub)."""
+    if os.path.exists(spec):
+        from ..compact.build import load
+
+        teacher = load(spec, device=device)
+    else:
+        import timm
+
+        if spec not in timm.list_models():
+            raise UsageError(f"--teacher: '{spec}' is neither a file nor a timm model name")
+        try:
+            teacher = timm.create_model(spec, pretrained=True, num_classes=num_classes).to(device)
+        except Exception as exc:  # the hub is unreachable, or the weights do not fit
+            raise UsageError(
+                f"--teacher: cannot load pretrained '{spec}': {' '.join(str(exc).split())[:200]}"
+            ) from None
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+# ---------------------------------------------------------------- checkpoints
+def _save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from ..search.checkpoint import Checkpoint, save_checkpoint
+
+    ckpt = Checkpoint(
+        dict(model.state_dict()), {"weights": opt.state_dict()}, {"torch": torch.get_rng_state()}, state
+    )
+    save_checkpoint(path, ckpt, fmt=FORMAT)
+
+
+def _load_state(path: str, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    from ..search.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, fmt=FORMAT)
+    model.load_state_dict(ckpt.net)
+    opt.load_state_dict(ckpt.optimizers["weights"])
+    torch.set_rng_state(ckpt.rng["torch"])
+    return ckpt.state
+
+
+# ---------------------------------------------------------------- the loop
+def finetune(
+    model: nn.Module,
+    data: Any,
+    settings: FinetuneSettings,
+    *,
+    out: str,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    teacher: nn.Module | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    progress: Any = None,
+) -> FinetuneResult:
+    """Train ``model`` (a built compact network carrying ``spvit_spec``) and keep the best by validation top-1."""
+    from ..compact.build import save
+    from ..runtime.data import batches_per_epoch, make_loader
+
+    os.makedirs(out, exist_ok=True)
+    ckpt_path, best_path = os.path.join(out, "finetune.ckpt"), os.path.join(out, "best.safetensors")
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    s = settings
+    if s.distill != "none" and teacher is None:
+        raise UsageError(f"--distill {s.distill} needs --teacher")
+    torch.manual_seed(s.seed)
+    model.to(device)
+    opt = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr)
+    per_epoch = max(1, batches_per_epoch(data.train, s.batch_size))
+    total = per_epoch * s.epochs if not s.steps else min(s.steps, per_epoch * s.epochs)
+    warmup = int(s.warmup_epochs * per_epoch)
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best_top1": -1.0, "history": []}
+    if resume:
+        if not os.path.isfile(ckpt_path):
+            raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
+        state = _load_state(ckpt_path, model, opt)
+    elif os.path.exists(metrics_path):
+        os.unlink(metrics_path)
+    loss_fn = data.loss()
+    last = None
+    while state["epoch"] < s.epochs and (not s.steps or state["step"] < s.steps):
+        model.train()
+        seen, correct, running = 0, 0, 0.0
+        for x, y in make_loader(data.train, s.batch_size, train=True, seed=s.seed, epoch=state["epoch"]):
+            if s.steps and state["step"] >= s.steps:
+                break
+            x, y = x.to(device), y.to(device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(state["step"], total, warmup, s.lr, s.min_lr)
+            target = y
+            if data.mixup is not None:
+                x, target = data.mixup(x, y)
+            logits = model(x)
+            loss = loss_fn(logits, target)
+            if teacher is not None and s.distill != "none":
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                loss = distill_loss(logits, t_logits, y, loss, s)
+            if not torch.isfinite(loss):
+                raise UsageError(
+                    f"the loss became {loss.item()} at step {state['step']}; lower --lr "
+                    f"(the last good checkpoint is {ckpt_path})"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state["step"] += 1
+            seen += len(y)
+            running += loss.item() * len(y)
+            correct += (logits.argmax(-1) == y).sum().item()
+            if progress is not None:
+                progress(state["step"], total, loss.item())
+        last = evaluate(model, data.val, batch_size=max(64, s.batch_size), device=device)
+        state["epoch"] += 1
+        row = {
+            "epoch": state["epoch"],
+            "step": state["step"],
+            "train_loss": running / max(1, seen),
+            "train_top1": 100.0 * correct / max(1, seen),
+            "val_top1": last.top1,
+            "val_top5": last.top5,
+            "val_loss": last.loss,
+            "lr": opt.param_groups[0]["lr"],
+        }
+        state["history"].append(row)
+        if last.top1 > state["best_top1"]:
+            state["best_top1"] = last.top1
+            state["best"] = last.as_dict()
+            save(model, best_path)
+        with open(metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        _save_state(ckpt_path, model, opt, state)
+        if on_epoch is not None:
+            on_epoch(row)
+    if last is None:  # resumed a finished run
+        last = evaluate(model, data.val, batch_size=max(64, s.batch_size), device=device)
+    best = Metrics(**state["best"]) if "best" in state else last
+    write_text(
+        os.path.join(out, "finetune.json"),
+        json.dumps({"best": best.as_dict(), "last": last.as_dict(), "epochs": state["epoch"]}, indent=1)
+        + "\n",
+    )
+    return FinetuneResult(out, best, last, best_path, state["epoch"], state["history"])
