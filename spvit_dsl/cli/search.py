@@ -76,7 +76,8 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
     ) -> None:
         """Search the spec's space for its budget and write the frozen spec, checkpoint, metrics and report."""
-        from ..search.loop import SearchInterrupted, check_searchable, run_search
+        from ..search.loop import SearchInterrupted, run_search
+        from ..search.setup import check_searchable
         from ._common import err, warn
         from ._common import out as console
 

@@ -1,17 +1,28 @@
-"""The compact networks of frozen specs (build stage, torch): plain modules with no gates and no supernet.
+"""Stage — compact networks (torch): plain modules with no masks and no supernet.
 
-:func:`create_compact` gives the shape of a frozen architecture over its timm backbone; :mod:`spvit_dsl.compact.build`
-fills its weights (folded from a search checkpoint, or gathered from dense weights), saves and loads it.
+:func:`create_compact` gives the shape of a frozen point over its timm backbone; :mod:`.slice` cuts the kept units
+out of a supernet; :mod:`.build` fills the weights from a search checkpoint or dense weights, saves and loads;
+:mod:`.export` writes ONNX and TorchScript; :mod:`.speed` measures latency.
 """
 
 from __future__ import annotations
 
-from .modules import CompactBlock, CompactSwinBlock, ConvBranch, FfnBias, SkipBranch
+from .modules import (
+    CompactAttention,
+    CompactBlock,
+    CompactSwinBlock,
+    CompactWindowAttention,
+    ConvBranch,
+    FfnBias,
+    SkipBranch,
+)
 from .skeleton import check_buildable, create_compact, create_dense
 
 __all__ = [
+    "CompactAttention",
     "CompactBlock",
     "CompactSwinBlock",
+    "CompactWindowAttention",
     "ConvBranch",
     "FfnBias",
     "SkipBranch",

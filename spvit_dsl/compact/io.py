@@ -58,7 +58,15 @@ def save(model: nn.Module, path: str) -> None:
 
 
 def _arch_json(arch: FrozenArch) -> dict[str, Any]:
-    return {"embed": arch.embed, "blocks": [[b.op, b.ffn] for b in arch.blocks]}
+    """Every dimension of the point, densities included (a sparse layer's weights are stored dense, zeros in place)."""
+    return {
+        "embed": list(arch.embed),
+        "sparse": arch.sparse,
+        "blocks": [
+            {"op": b.op, "ffn": b.ffn, "heads": b.heads, "head_dim": b.head_dim, "density": vars(b.density)}
+            for b in arch.blocks
+        ],
+    }
 
 
 def read_metadata(path: str) -> dict[str, str]:

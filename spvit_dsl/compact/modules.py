@@ -9,21 +9,33 @@ layer folds into a plain Conv2d(C,d,k) → BN → ReLU → Conv2d(d,C,1)"):
   blocks do not even compute ``norm1`` for it);
 * :class:`FfnBias` — an FFN kept at width 0: what remains is fc2's bias (the cost model counts it);
 * :class:`CompactBlock` / :class:`CompactSwinBlock` — timm's ViT and Swin blocks whose ``forward`` skips the
-  attention branch of a skip block and hands the full, unshifted (B, H, W, C) map to a Swin conv branch.
+  attention branch of a skip block and hands the full, unshifted (B, H, W, C) map to a Swin conv branch;
+* :class:`CompactAttention` / :class:`CompactWindowAttention` — timm's ``Attention`` / ``WindowAttention`` with an
+  explicit head count and per-head width and the *original* softmax scale (UP-ViT and OFB keep ``1/√d`` of the dense
+  head width when they prune per-head channels).
 
-MSA branches stay timm's own ``Attention`` / ``WindowAttention`` modules (fused attention kept); kept FFNs stay
-timm's ``Mlp`` with narrower ``fc1``/``fc2``.
+Kept FFNs stay timm's ``Mlp`` with narrower ``fc1``/``fc2``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformerBlock
+from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block as VitBlock
 from torch import Tensor, nn
 
-__all__ = ["PREFIX_PASSTHROUGH", "CompactBlock", "CompactSwinBlock", "ConvBranch", "FfnBias", "SkipBranch"]
+__all__ = [
+    "PREFIX_PASSTHROUGH",
+    "CompactAttention",
+    "CompactBlock",
+    "CompactSwinBlock",
+    "CompactWindowAttention",
+    "ConvBranch",
+    "FfnBias",
+    "SkipBranch",
+]
 
 # What a conv branch outputs for the prefix (cls/distillation) tokens of a ViT: True = its own input (the tokens
 # "pass the branch unchanged", as the official code and spvit_dsl.supernet.UnifiedAttention do), False = zero.
@@ -95,6 +107,69 @@ class ConvBranch(nn.Module):
         )
 
 
+class CompactAttention(Attention):
+    """timm's ``Attention`` with ``num_heads`` heads of ``head_dim`` channels over a ``dim``-wide stream, computing
+    ``softmax(q·kᵀ · scale)`` with the given ``scale`` (the dense network's), fused or not as timm chooses."""
+
+    def __init__(
+        self, dim: int, num_heads: int, head_dim: int, *, scale: float, qkv_bias: bool, proj_bias: bool = True,
+        attn_drop: float = 0.0, proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__(
+            dim, num_heads, attn_head_dim=head_dim, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop,
+            proj_drop=proj_drop,
+        )
+        self.scale = scale
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            dropout = self.attn_drop.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
+                                               scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, scale={self.scale:.6g}"
+
+
+class CompactWindowAttention(WindowAttention):
+    """timm's ``WindowAttention`` with an explicit head count and per-head width and the dense network's scale."""
+
+    def __init__(
+        self, dim: int, num_heads: int, head_dim: int, window_size: int, *, scale: float, qkv_bias: bool,
+        attn_drop: float = 0.0, proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__(dim, num_heads, head_dim=head_dim, window_size=window_size, qkv_bias=qkv_bias,
+                         attn_drop=attn_drop, proj_drop=proj_drop)
+        self.head_dim, self.scale = head_dim, scale
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        rows, N, _ = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).reshape(rows, N, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self._get_rel_pos_bias()
+        if mask is not None:
+            nw = mask.shape[0]
+            bias = bias + mask.view(1, nw, 1, N, N).expand(rows // nw, -1, h, -1, -1).reshape(-1, h, N, N)
+        if self.fused_attn:
+            dropout = self.attn_drop.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scale)
+        else:
+            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(rows, N, -1)))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, window={self.window_size}, scale={self.scale:.6g}"
+
+
 class SkipBranch(nn.Module):
     """The attention branch of a ``skip`` block: contributes zero (compact blocks never call it)."""
 
@@ -118,7 +193,7 @@ class FfnBias(nn.Module):
 
 
 class CompactBlock(VitBlock):
-    """timm's ViT block; a skip block has no attention branch at all (not even ``norm1``'s computation)."""
+    """timm's ViT block; a skip block has no attention branch at all (``norm1`` is an identity, never run)."""
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if not isinstance(self.attn, SkipBranch):

@@ -1,16 +1,20 @@
-"""The compact network's shape (build stage, torch): Geometry + FrozenArch → a timm model with compact blocks.
+"""The compact network's shape (build stage, torch): Geometry + FrozenArch → a smaller timm model.
 
-Input: the dense backbone's :class:`~spvit_dsl.space.plan.Geometry` and one point :class:`~spvit_dsl.space.plan.FrozenArch`.
-Output: ``timm.create_model(geometry.model, pretrained=False, **geometry.kwargs())`` with each block rebuilt for its
-choices (randomly initialised; :mod:`spvit_dsl.compact.build` fills the weights):
+Input: the dense backbone's :class:`~spvit_dsl.space.geometry.Geometry` and one point
+:class:`~spvit_dsl.space.plan.FrozenArch`. Output: ``timm.create_model`` at the point's residual widths (ViT
+``embed_dim=E``; Swin one width per stage) with each block rebuilt for its choices, randomly initialised
+(:mod:`spvit_dsl.compact.build` fills the weights):
 
-* ``msa`` — timm's own attention, untouched; ``conv{k}x{k}`` — a :class:`~.modules.ConvBranch` with the block's dense
-  per-head width ``d`` as bottleneck; ``skip`` — a :class:`~.modules.SkipBranch` (no parameters);
-* FFN width ``w`` — timm's ``Mlp`` with ``fc1 = Linear(C, w)`` and ``fc2 = Linear(w, C)``; width 0 —
+* ``msa`` — :class:`~.modules.CompactAttention` / :class:`~.modules.CompactWindowAttention`: timm's attention with the
+  kept heads × per-head width and the dense network's softmax scale; ``conv{k}x{k}`` — a
+  :class:`~.modules.ConvBranch` whose bottleneck is the kept per-head width; ``skip`` — a :class:`~.modules.SkipBranch`
+  (no parameters) and no ``norm1``;
+* FFN width ``w`` — timm's ``Mlp`` with ``fc1 = Linear(E, w)`` and ``fc2 = Linear(w, E)``; width 0 —
   :class:`~.modules.FfnBias` (fc2's bias only).
 
 The result keeps timm's interface (``forward_features``, ``forward_head``, ``num_classes``, ``reset_classifier``) and
-carries ``spvit_geometry`` and ``spvit_arch`` attributes. Its parameter count is ``cost.arch_cost(...).params``.
+carries ``spvit_geometry`` and ``spvit_arch`` attributes. Its parameter count is ``cost.arch_cost(...).params`` for
+a dense point (for a sparse one, counted over non-zero weights once the weights are in).
 """
 
 from __future__ import annotations
@@ -25,36 +29,67 @@ from timm.models.vision_transformer import Block as VitBlock
 from torch import nn
 
 from ..lang.errors import UsageError
+from ..space.geometry import BlockGeom, Geometry
 from ..space.ops import OPS
-from ..space.plan import BlockArch, BlockGeom, FrozenArch, Geometry
-from .modules import CompactBlock, CompactSwinBlock, ConvBranch, FfnBias, SkipBranch
+from ..space.plan import BlockArch, FrozenArch
+from .modules import (
+    CompactAttention,
+    CompactBlock,
+    CompactSwinBlock,
+    CompactWindowAttention,
+    ConvBranch,
+    FfnBias,
+    SkipBranch,
+)
 
 __all__ = ["block_modules", "check_buildable", "create_compact", "create_dense", "fuse_window_attention"]
 
 
 def check_buildable(geometry: Geometry, arch: FrozenArch) -> None:
-    """Raise :class:`UsageError` for choices the compact builder cannot realise (yet)."""
+    """Raise :class:`UsageError` for a point the compact builder cannot realise."""
     if len(arch.blocks) != geometry.depth:
-        raise UsageError(
-            f"the architecture has {len(arch.blocks)} blocks but {geometry.model} has {geometry.depth}"
-        )
-    if arch.embed != geometry.embed_dim:
-        raise UsageError(
-            f"build cannot change the embedding width yet (frozen {arch.embed}, backbone "
-            f"{geometry.embed_dim})"
-        )
+        raise UsageError(f"the architecture has {len(arch.blocks)} blocks but {geometry.model} has {geometry.depth}")
+    if len(arch.embed) != geometry.stages or any(not 1 <= e <= d for e, d in zip(arch.embed, geometry.dims, strict=True)):
+        raise UsageError(f"embedding widths {arch.embed} do not fit {geometry.model} (dense {geometry.dims})")
     for b, a in zip(geometry.blocks, arch.blocks, strict=True):
         where = f"blocks[{b.index}]"
-        if a.heads != b.heads or a.head_dim != b.head_dim:
-            raise UsageError(
-                f"{where}: build supports only the backbone's heads/head_dim ({b.heads}x{b.head_dim}), "
-                f"found {a.heads}x{a.head_dim}"
-            )
-        if a.density != 1.0:
-            raise UsageError(f"{where}: build cannot realise weight sparsity (density {a.density:g}) yet")
+        if not (1 <= a.heads <= b.heads and 1 <= a.head_dim <= b.head_dim):
+            raise UsageError(f"{where}: {a.heads} heads of {a.head_dim} do not fit {b.heads} heads of {b.head_dim}")
         if not 0 <= a.ffn <= b.hidden:
             raise UsageError(f"{where}: FFN width {a.ffn} outside 0..{b.hidden}")
         OPS.get(a.op)  # unknown op: the registry's own error
+
+
+def _timm_kwargs(geometry: Geometry, arch: FrozenArch) -> dict[str, object]:
+    """The backbone's constructor arguments at the point's residual widths (blocks are rebuilt afterwards; Swin
+    stages whose width is not stage 0's times 2^s are resized by :func:`_resize_swin_stages`, since timm 1.0.31
+    cannot take per-stage widths)."""
+    kwargs = geometry.kwargs()
+    if arch.embed != geometry.dims:
+        heads: object = (1,) * geometry.stages if geometry.family == "swin" else 1
+        kwargs |= {"embed_dim": arch.embed[0], "num_heads": heads}
+    return kwargs
+
+
+def _resize_swin_stages(model: nn.Module, widths: tuple[int, ...]) -> None:
+    """Patch merging, the final norm and the head at per-stage widths (blocks are rebuilt by :func:`_rebuild_block`)."""
+    from timm.layers import ClassifierHead, trunc_normal_  # noqa: PLC0415
+    from timm.models.swin_transformer import PatchMerging  # noqa: PLC0415
+
+    for s in range(1, len(widths)):
+        down = model.layers[s].downsample
+        if down.reduction.out_features != widths[s] or down.reduction.in_features != 4 * widths[s - 1]:
+            model.layers[s].downsample = PatchMerging(widths[s - 1], widths[s], norm_layer=type(down.norm))
+            trunc_normal_(model.layers[s].downsample.reduction.weight, std=0.02)
+    if model.norm.normalized_shape[0] != widths[-1]:
+        model.norm = nn.LayerNorm(widths[-1], eps=model.norm.eps)
+        head = model.head
+        model.head = ClassifierHead(widths[-1], model.num_classes, pool_type=model.global_pool, input_fmt="NHWC")
+        model.head.drop = head.drop
+        if isinstance(model.head.fc, nn.Linear):
+            trunc_normal_(model.head.fc.weight, std=0.02)
+            nn.init.zeros_(model.head.fc.bias)
+        model.num_features = model.head_hidden_size = widths[-1]
 
 
 def create_compact(
@@ -67,11 +102,11 @@ def create_compact(
     """
     check_buildable(geometry, arch)
     with torch.device(device) if device is not None else nullcontext():
-        model = timm.create_model(geometry.model, pretrained=False, **{**geometry.kwargs(), **timm_kwargs})
-        for block, geom, choice in zip(
-            block_modules(model, geometry.family), geometry.blocks, arch.blocks, strict=True
-        ):
-            _rebuild_block(block, geom, choice, geometry.family)
+        model = timm.create_model(geometry.model, pretrained=False, **{**_timm_kwargs(geometry, arch), **timm_kwargs})
+        if geometry.family == "swin":
+            _resize_swin_stages(model, arch.embed)
+        for block, geom, choice in zip(block_modules(model, geometry.family), geometry.blocks, arch.blocks, strict=True):
+            _rebuild_block(block, geom, choice, arch.embed[geom.stage], geometry.family)
     fuse_window_attention(model)
     model.spvit_geometry = geometry
     model.spvit_arch = arch
@@ -113,33 +148,43 @@ def block_modules(model: nn.Module, family: str) -> list[nn.Module]:
     return blocks
 
 
-def _rebuild_block(block: nn.Module, geom: BlockGeom, choice: BlockArch, family: str) -> None:
+def _rebuild_block(block: nn.Module, geom: BlockGeom, choice: BlockArch, dim: int, family: str) -> None:
     block.__class__ = CompactSwinBlock if family == "swin" else CompactBlock
+    for name in ("norm1", "norm2"):
+        norm = getattr(block, name)
+        if isinstance(norm, nn.LayerNorm) and norm.normalized_shape[0] != dim:
+            setattr(block, name, nn.LayerNorm(dim, eps=norm.eps))
+    old = block.attn
+    drop = float(getattr(old.proj_drop, "p", 0.0))
+    qkv_bias = old.qkv.bias is not None
+    scale = geom.head_dim**-0.5  # the dense network's, whatever the kept per-head width
     if choice.op == "skip":
         block.attn = SkipBranch()
-    elif choice.op != "msa":
+        block.norm1 = nn.Identity()
+    elif choice.op == "msa":
+        if family == "swin":
+            block.attn = CompactWindowAttention(
+                dim, choice.heads, choice.head_dim, geom.window, scale=scale, qkv_bias=qkv_bias, proj_drop=drop
+            )
+        else:
+            block.attn = CompactAttention(dim, choice.heads, choice.head_dim, scale=scale, qkv_bias=qkv_bias,
+                                          proj_drop=drop)
+    else:
         kernel = OPS.get(choice.op).kernel
         if kernel is None:
             raise UsageError(f"blocks[{geom.index}]: build has no module for op '{choice.op}'")
-        drop = float(getattr(block.attn.proj_drop, "p", 0.0))
-        block.attn = ConvBranch(
-            geom.dim,
-            geom.head_dim,
-            kernel,
-            geom.grid,
-            prefix=geom.prefix_tokens,
-            layout="map" if family == "swin" else "tokens",
-            drop=drop,
-        )
-    _narrow_mlp(block, choice.ffn)
+        layout = "map" if family == "swin" else "tokens"
+        block.attn = ConvBranch(dim, choice.head_dim, kernel, geom.grid, prefix=geom.prefix_tokens, layout=layout,
+                                drop=drop)
+    _narrow_mlp(block, dim, choice.ffn)
 
 
-def _narrow_mlp(block: nn.Module, width: int) -> None:
+def _narrow_mlp(block: nn.Module, dim: int, width: int) -> None:
     mlp = block.mlp
-    if width == mlp.fc1.out_features:
-        return
     if width == 0:
-        block.mlp = FfnBias(mlp.fc2.out_features)
+        block.mlp = FfnBias(dim)
         return
-    mlp.fc1 = nn.Linear(mlp.fc1.in_features, width, bias=mlp.fc1.bias is not None)
-    mlp.fc2 = nn.Linear(width, mlp.fc2.out_features, bias=mlp.fc2.bias is not None)
+    if (mlp.fc1.in_features, mlp.fc1.out_features) == (dim, width):
+        return
+    mlp.fc1 = nn.Linear(dim, width, bias=mlp.fc1.bias is not None)
+    mlp.fc2 = nn.Linear(width, dim, bias=mlp.fc2.bias is not None)

@@ -19,12 +19,13 @@ from ..lang import ast
 from ..lang.errors import Span, SpecError, SpecWarning, did_you_mean
 from ..lang.parse import parse
 from ..space import backbones
+from ..space.groups import block_path, embed_path, groups
 from ..space.ops import OPS, by_level
-from ..space.plan import BlockPlan, FfnChoice, Geometry, Space
+from ..space.plan import LAYERS, BlockPlan, DensityChoice, FfnChoice, Geometry, Space
 from ..space.units import METRICS, Limit, UnitError, to_limit
-from .strategies import COMMON, STRATEGIES, StrategyInfo
+from .strategies import SETTINGS, STRATEGIES, StrategyInfo
 
-FIELDS = ("attention", "ffn", "heads", "head_dim", "sparsity")
+FIELDS = ("attention", "ffn", "heads", "head_dim", "sparsity", "embed")
 WEIGHTS_WORDS = ("pretrained", "none")
 BUDGET_SETTINGS = ("convention",)
 
@@ -54,7 +55,7 @@ class Checked:
     convention: str | None  # from the budget block; None: the default
     search: SearchSettings
     frozen: dict[str, object] | None  # the provenance header, or None
-    origins: dict[tuple[int, str], Span]  # (block, field) → span of the declaration that set it
+    origins: dict[str, Span]  # group path → span of the declaration that set it
     model: str = ""
     backbone_settings: tuple[ast.Setting, ...] = ()  # merged over the extends chain
     warnings: list[SpecWarning] = field(default_factory=list)
@@ -233,7 +234,7 @@ class _Draft:
     ffn: FfnChoice
     heads: tuple[int, ...]
     head_dim: tuple[int, ...]
-    density: tuple[float, ...]
+    density: dict[str, tuple[float, ...]]
 
 
 def select(sel: ast.Selector, geo: Geometry) -> list[int]:
@@ -365,47 +366,88 @@ def _ints(choice: ast.Choice, lo: int, hi: int, what: str) -> tuple[int, ...]:
     return tuple(sorted({int(x) for x in values}))
 
 
-def _sparsity(choice: ast.Choice) -> tuple[float, ...]:
-    v = choice.value
-    if not isinstance(v, ast.NumSet):
-        raise SpecError(
-            "sparsity takes a number, 'one of {...}' or a range",
-            v.span,
-            hint="e.g. sparsity: 0..0.5 step 0.1",
-        )
-    values, span = expand(v, what="sparsity", integer=False)
+def _densities(ns: ast.NumSet) -> tuple[float, ...]:
+    """Sparsity values (fractions of zero weights in [0, 1)) → candidate densities, ascending."""
+    values, span = expand(ns, what="sparsity", integer=False)
     for x in values:
         if not 0 <= x < 1:
             raise SpecError(f"sparsity {x:g} is outside [0, 1)", span)
-    return tuple(sorted({round(1.0 - x, 10) for x in values}))
+    return tuple(sorted({round(1.0 - x, 12) for x in values}))
 
 
-def _apply(choice: ast.Choice, draft: _Draft, geo: Geometry, block: int) -> None:
-    b = geo.blocks[block]
-    if choice.field == "attention":
-        draft.attention = _attention(choice)
-    elif choice.field == "ffn":
-        draft.ffn = _ffn(choice, b.hidden, b.dim)
-    elif choice.field == "heads":
-        draft.heads = _ints(choice, 1, b.heads, "heads")
-    elif choice.field == "head_dim":
-        draft.head_dim = _ints(choice, 1, b.head_dim, "head_dim")
-    elif choice.field == "sparsity":
-        draft.density = _sparsity(choice)
-    else:
+def _sparsity(choice: ast.Choice) -> dict[str, tuple[float, ...]]:
+    """``sparsity: S`` (every sparsifiable layer) or ``sparsity: {qkv: S, fc1: S}`` (the named layers only)."""
+    v = choice.value
+    if isinstance(v, ast.NumSet):
+        values = _densities(v)
+        return {layer: values for layer in LAYERS}
+    if not isinstance(v, ast.LayerMap):
         raise SpecError(
-            f"unknown field '{choice.field}'", choice.field_span, hint=did_you_mean(choice.field, FIELDS)
+            "sparsity takes a number, 'one of {...}', a range, or a map per layer",
+            v.span,
+            hint="e.g. sparsity: 0..0.5 step 0.1, or sparsity: {qkv: 0.25, fc1: 0.5}",
         )
+    out: dict[str, tuple[float, ...]] = {}
+    for entry in v.entries:
+        layer = entry.layer.value
+        if layer not in LAYERS:
+            raise SpecError(f"unknown layer '{layer}'", entry.layer.span, hint=did_you_mean(layer, LAYERS))
+        if layer in out:
+            raise SpecError(f"layer '{layer}' is listed twice", entry.layer.span)
+        out[layer] = _densities(entry.values)
+    return out
+
+
+def _apply(choice: ast.Choice, draft: _Draft, geo: Geometry, block: int) -> list[str]:
+    """Apply one choice to one block; return the group paths it set."""
+    b = geo.blocks[block]
+    field = choice.field
+    if field == "attention":
+        draft.attention = _attention(choice)
+    elif field == "ffn":
+        draft.ffn = _ffn(choice, b.hidden, b.dim)
+    elif field == "heads":
+        draft.heads = _ints(choice, 1, b.heads, "heads")
+    elif field == "head_dim":
+        draft.head_dim = _ints(choice, 1, b.head_dim, "head_dim")
+    elif field == "sparsity":
+        layers = _sparsity(choice)
+        draft.density.update(layers)
+        return [block_path(block, layer) for layer in layers]
+    else:
+        raise SpecError(f"unknown field '{field}'", choice.field_span, hint=did_you_mean(field, FIELDS))
+    return [block_path(block, field)]
+
+
+def _stage_embed(scope: ast.Scope, choice: ast.Choice, geo: Geometry) -> tuple[int, tuple[int, ...]]:
+    """``stage S { embed: ... }``: the candidate residual widths of one Swin stage."""
+    if geo.family != "swin":
+        raise SpecError(
+            "a ViT has one embedding width: declare it at the top level",
+            choice.field_span,
+            hint=f"write 'embed: ...' outside any block declaration (dense width {geo.embed_dim})",
+        )
+    if scope.selector.form != "stage":
+        raise SpecError(
+            "an embedding width belongs to a whole stage",
+            scope.selector.span,
+            hint="declare it in 'stage S { embed: ... }'",
+        )
+    stage = scope.selector.stage
+    assert stage is not None
+    select(scope.selector, geo)  # the stage exists
+    return stage, _widths(choice.value, geo.stage_dim(stage), f"stage {stage}")
 
 
 def _plans(
     spec: ast.Spec, items: list[Any], geo: Geometry
-) -> tuple[tuple[BlockPlan, ...], dict, list[SpecWarning]]:
+) -> tuple[tuple[BlockPlan, ...], dict[int, tuple[int, ...]], dict[str, Span], list[SpecWarning]]:
     drafts = [
-        _Draft(("msa",), FfnChoice(widths=(b.hidden,)), (b.heads,), (b.head_dim,), (1.0,)) for b in geo.blocks
+        _Draft(("msa",), FfnChoice(widths=(b.hidden,)), (b.heads,), (b.head_dim,), {}) for b in geo.blocks
     ]
-    origins: dict[tuple[int, str], Span] = {}
-    origin_sel: dict[tuple[int, str], tuple[ast.Selector, str]] = {}
+    stage_embed: dict[int, tuple[int, ...]] = {}
+    origins: dict[str, Span] = {}
+    origin_sel: dict[str, tuple[ast.Selector, str]] = {}
     warnings: list[SpecWarning] = []
     for scope in (i for i in items if i.kind == "scope"):
         blocks = select(scope.selector, geo)
@@ -418,17 +460,21 @@ def _plans(
                     choice.field_span,
                 )
             seen[choice.field] = choice
-            for i in blocks:
-                _apply(choice, drafts[i], geo, i)
-                key = (i, choice.field)
+            if choice.field == "embed":
+                stage, widths = _stage_embed(scope, choice, geo)
+                stage_embed[stage] = widths
+                paths = [embed_path(geo, stage)]
+            else:
+                paths = [path for i in blocks for path in _apply(choice, drafts[i], geo, i)]
+            for key in paths:
                 _conflict(scope, choice, origin_sel.get(key), origins.get(key), len(blocks), warnings)
                 origins[key] = choice.span
                 origin_sel[key] = (scope.selector, scope.selector.span.path)
     plans = tuple(
-        BlockPlan(b, d.attention, d.ffn, d.heads, d.head_dim, d.density)
+        BlockPlan(b, d.attention, d.ffn, d.heads, d.head_dim, DensityChoice(**d.density))
         for b, d in zip(geo.blocks, drafts, strict=True)
     )
-    return plans, origins, warnings
+    return plans, stage_embed, origins, warnings
 
 
 def _conflict(
@@ -465,23 +511,34 @@ def _conflict(
 
 
 # ---------------------------------------------------------------- embed, budget, search, frozen
-def _embed(items: list[Any], geo: Geometry) -> tuple[int, ...]:
-    embeds = [i for i in items if i.kind == "embed"]
-    if not embeds:
-        return (geo.embed_dim,)
-    e = embeds[-1]
-    if not isinstance(e.value, ast.NumSet):
+def _widths(value: ast.ChoiceValue, dense: int, where: str) -> tuple[int, ...]:
+    if not isinstance(value, ast.NumSet):
         raise SpecError(
-            "embed takes a width, 'one of {...}' or a range",
-            e.value.span,
-            hint="e.g. embed: 192..384 step 12",
+            "embed takes a width, 'one of {...}' or a range", value.span, hint="e.g. embed: 192..384 step 12"
         )
-    values, span = expand(e.value, what="embedding widths", integer=True)
-    heads = max(geo.num_heads)
+    values, span = expand(value, what="embedding widths", integer=True)
     for x in values:
-        if not heads <= x <= geo.embed_dim:
-            raise SpecError(f"embedding width {int(x)} is outside {heads}..{geo.embed_dim}", span)
+        if not 1 <= x <= dense:
+            raise SpecError(
+                f"embedding width {int(x)} is outside 1..{dense} (the dense width of {where})", span
+            )
     return tuple(sorted({int(x) for x in values}))
+
+
+def _embed(
+    items: list[Any], geo: Geometry, stage_embed: dict[int, tuple[int, ...]]
+) -> tuple[tuple[int, ...], ...]:
+    """The candidate residual widths of every stage: a ViT's top-level ``embed``, a Swin's ``stage S { embed }``."""
+    embeds = [i for i in items if i.kind == "embed"]
+    if embeds and geo.family == "swin":
+        raise SpecError(
+            "a Swin backbone has one embedding width per stage",
+            embeds[-1].span,
+            hint="declare them in stage declarations, e.g. 'stage 0 { embed: 64..96 step 16 }'",
+        )
+    if embeds:
+        return (_widths(embeds[-1].value, geo.embed_dim, geo.model),)
+    return tuple(stage_embed.get(s, (geo.stage_dim(s),)) for s in range(geo.stages))
 
 
 def _budgets(spec: ast.Spec, items: list[Any]) -> tuple[tuple[BudgetItem, ...], str | None]:
@@ -538,7 +595,7 @@ def _search(spec: ast.Spec, items: list[Any]) -> SearchSettings:
         raise SpecError(
             f"unknown search strategy '{strategy}'", strategy_span, hint=exc.hint or None
         ) from None
-    values = {k: p.default for k, p in (COMMON | info.params).items()}
+    values = {k: p.default for k, p in info.settings().items()}
     spans: dict[str, Span] = {}
     for key, st in settings.items():
         values[key] = _setting_value(st, info)
@@ -547,13 +604,13 @@ def _search(spec: ast.Spec, items: list[Any]) -> SearchSettings:
 
 
 def _setting_value(st: ast.Setting, info: StrategyInfo) -> object:
-    table = COMMON | info.params
+    table = info.settings()
     if st.key not in table:
-        raise SpecError(
-            f"unknown setting '{st.key}' for strategy '{info.name}'",
-            st.key_span,
-            hint=did_you_mean(st.key, table),
-        )
+        what = {"data_free": "reads no data and trains nothing", "score": "scores units and trains nothing"}
+        hint = did_you_mean(st.key, table)
+        if st.key in SETTINGS["train"] and info.kind in what:
+            hint = f"'{info.name}' {what[info.kind]}; its settings: {', '.join(sorted(table))}"
+        raise SpecError(f"unknown setting '{st.key}' for strategy '{info.name}'", st.key_span, hint=hint)
     param = table[st.key]
     value = _plain(st.value)
     if param.type is float and isinstance(value, int) and not isinstance(value, bool):
@@ -592,22 +649,14 @@ def _frozen(spec: ast.Spec) -> dict[str, object] | None:
     return out
 
 
-def _first_open(
-    plans: tuple[BlockPlan, ...], embed: tuple[int, ...], origins: dict
-) -> tuple[str, Span | None] | None:
-    for p in plans:
-        i = p.geom.index
-        for name, cands in (
-            ("attention", p.attention),
-            ("ffn", p.ffn.candidates(p.geom.hidden)),
-            ("heads", p.heads),
-            ("head_dim", p.head_dim),
-            ("sparsity", p.density),
-        ):
-            if len(cands) > 1:
-                return f"blocks[{i}].{name}", origins.get((i, name))
-    if len(embed) > 1:
-        return "embed", None
+def _first_open(space: Space, origins: dict[str, Span]) -> tuple[str, Span | None] | None:
+    """The first group of a frozen spec that still has several candidates: its display name and declaration."""
+    for grp in groups(space):
+        if grp.decision:
+            if grp.kind == "embed":
+                return grp.path, origins.get(grp.path)
+            field = "sparsity" if grp.kind == "weights" else grp.kind
+            return f"blocks[{grp.block}].{field}", origins.get(grp.path)
     return None
 
 
@@ -620,20 +669,20 @@ def check(spec: ast.Spec, *, loader: Loader = read_file, source: str | None = No
     model, model_span, settings = _merge_backbone(spec, items)
     geo = _geometry(model, model_span, settings)
     weights, weights_span = _weights(settings, spec.path)
-    plans, origins, warnings = _plans(spec, items, geo)
-    embed = _embed(items, geo)
+    plans, stage_embed, origins, warnings = _plans(spec, items, geo)
+    embed = _embed(items, geo, stage_embed)
+    space = Space(geo, plans, embed)
     budgets, convention = _budgets(spec, items)
     search = _search(spec, items)
     frozen = _frozen(spec)
     if frozen is not None:
-        open_ = _first_open(plans, embed, origins)
+        open_ = _first_open(space, origins)
         if open_ is not None:
             raise SpecError(
                 f"a frozen spec must fix every choice, but {open_[0]} is still open",
                 open_[1] or headers_span(spec),
                 hint="give exactly one candidate per field",
             )
-    space = Space(geo, plans, embed)
     return Checked(
         spec,
         space,

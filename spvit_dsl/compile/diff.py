@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..space.plan import BlockPlan, Convention
+from ..space.plan import LAYERS, BlockPlan, Convention
 from .freeze import arch_of
 from .program import Program
 
@@ -63,7 +63,7 @@ def _fields(p: BlockPlan) -> dict[str, tuple[Any, ...]]:
         "ffn": p.ffn.candidates(p.geom.hidden),
         "heads": p.heads,
         "head_dim": p.head_dim,
-        "sparsity": tuple(round(1 - d, 6) for d in p.density),
+        **{f"sparsity.{layer}": tuple(round(1 - d, 6) for d in p.density.of(layer)) for layer in LAYERS},
     }
 
 
@@ -97,8 +97,6 @@ def _backbone_rows(a: Program, b: Program) -> list[Row]:
         va, vb = getattr(ga, name), getattr(gb, name)
         if va != vb:
             rows.append(Row(None, None, name, str(va), str(vb)))
-    if a.space.embed != b.space.embed:
-        rows.append(Row(None, None, "embed", str(a.space.embed), str(b.space.embed)))
     return rows
 
 
@@ -118,31 +116,42 @@ def _cost(p: Program, conv: Convention) -> dict[str, float]:
 def diff(a: Program, b: Program, *, convention: Convention | None = None) -> Diff:
     conv: Convention = convention or a.convention
     kind = f"{'frozen' if a.frozen else 'space'}/{'frozen' if b.frozen else 'space'}"
-    rows = _backbone_rows(a, b)
-    breaks: list[Row] = []
+    geometry_rows = _backbone_rows(a, b)
+    rows = list(geometry_rows)
+    mixed = kind in ("space/frozen", "frozen/space")
+
+    def compare(
+        block: int | None, stage: int | None, name: str, va: tuple[Any, ...], vb: tuple[Any, ...], show: Any
+    ) -> None:
+        if va == vb:
+            return
+        note = ""
+        if mixed:
+            space_vals, point = (va, vb[0]) if kind == "space/frozen" else (vb, va[0])
+            note = "not in space" if point not in space_vals else ""
+        rows.append(Row(block, stage, name, show(va), show(vb), note))
+
+    for s, (ea, eb) in enumerate(zip(a.space.embed, b.space.embed, strict=False)):
+        compare(
+            None,
+            s,
+            "embed",
+            ea,
+            eb,
+            lambda v: str(v[0]) if len(v) == 1 else "{" + ", ".join(map(str, v)) + "}",
+        )
     for pa, pb in zip(a.space.plans, b.space.plans, strict=False):
         fa, fb = _fields(pa), _fields(pb)
         for name in fa:
-            if fa[name] == fb[name]:
-                continue
-            sa, sb = _show(fa[name], pa, name), _show(fb[name], pb, name)
-            note = ""
-            if kind in ("space/frozen", "frozen/space"):
-                space_vals, point = (
-                    (fa[name], fb[name][0]) if kind == "space/frozen" else (fb[name], fa[name][0])
-                )
-                if point not in space_vals:
-                    note = "not in space"
-            row = Row(pa.geom.index, pa.geom.stage, name, sa, sb, note)
-            rows.append(row)
-            if note:
-                breaks.append(row)
+            compare(
+                pa.geom.index, pa.geom.stage, name, fa[name], fb[name], lambda v, n=name, p=pa: _show(v, p, n)
+            )
+    breaks = [r for r in rows if r.note]
     member = None
-    if kind in ("space/frozen", "frozen/space"):
+    if mixed:
         space, point = (a, b) if kind == "space/frozen" else (b, a)
         breaks += _over_budget(space, point, conv)
-        same_backbone = not any(r.block is None for r in rows)
-        member = same_backbone and not breaks
+        member = not geometry_rows and not breaks
     return Diff(a.path, b.path, kind, conv, rows, {"a": _cost(a, conv), "b": _cost(b, conv)}, member, breaks)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from ..lang import ast
 from ..lang.parse import number as _num
 from ..space import cost
-from ..space.plan import BlockArch, FrozenArch, Geometry
+from ..space.plan import LAYERS, BlockArch, BlockPlan, Density, DensityChoice, FrozenArch, Geometry
 from .check import Checked
 
 
@@ -39,23 +39,58 @@ def _numset(x: float | int) -> ast.NumSet:
     return ast.NumSet(form="one", items=(_num(f"{x:g}" if isinstance(x, float) else str(x)),))
 
 
-def _block_scope(geo: Geometry, i: int, a: BlockArch) -> ast.Scope:
-    b = geo.blocks[i]
+def _sparsity(density: Density) -> ast.ChoiceValue:
+    """``sparsity: s`` when every layer has the same density, else ``{layer: s, ...}`` for the sparse layers.
+
+    Twelve significant digits: a density is ``kept / weights`` of its layer, and the frozen text must give back the
+    exact kept count (``round(density · weights)``) for any layer below 10^10 weights.
+    """
+    values = {layer: float(f"{1.0 - density.of(layer):.12g}") for layer in LAYERS}
+    if len(set(values.values())) == 1:
+        return _numset(values["qkv"])
+    entries = tuple(
+        ast.LayerValues(layer=ast.Name(value=layer), values=_numset(s))
+        for layer, s in values.items()
+        if s != 0
+    )
+    return ast.LayerMap(entries=entries)
+
+
+def _block_scope(geo: Geometry, plan: BlockPlan, a: BlockArch) -> ast.Scope:
+    """One row of the frozen spec. Heads, per-head width and sparsity are stated when the space could change them
+    or the point differs from the dense block, so a frozen spec states every dimension its space searched."""
+    b = plan.geom
     if geo.family == "swin":
         sel = ast.Selector(form="stage_block", stage=b.stage, start=b.index_in_stage)
     else:
-        sel = ast.Selector(form="block", start=i)
+        sel = ast.Selector(form="block", start=b.index)
     choices = [
         ast.Choice(field="attention", value=ast.Words(words=(ast.Name(value=a.op),))),
         ast.Choice(field="ffn", value=ast.FfnSpec(form="width", number=_num(str(a.ffn)))),
     ]
-    if a.heads != b.heads:
+    if a.heads != b.heads or plan.heads != (b.heads,):
         choices.append(ast.Choice(field="heads", value=_numset(a.heads)))
-    if a.head_dim != b.head_dim:
+    if a.head_dim != b.head_dim or plan.head_dim != (b.head_dim,):
         choices.append(ast.Choice(field="head_dim", value=_numset(a.head_dim)))
-    if a.density != 1.0:
-        choices.append(ast.Choice(field="sparsity", value=_numset(round(1.0 - a.density, 6))))
+    if not a.density.dense or plan.density != DensityChoice():
+        choices.append(ast.Choice(field="sparsity", value=_sparsity(a.density)))
     return ast.Scope(selector=sel, choices=tuple(choices))
+
+
+def _embed_items(checked: Checked, arch: FrozenArch) -> list[Any]:
+    """A ViT's ``embed: W``; a Swin's ``stage S { embed: W }`` for every stage (when searched or changed)."""
+    space, geo = checked.space, checked.space.geometry
+    if space.embed == tuple((w,) for w in geo.dims) and arch.embed == geo.dims:
+        return []
+    if geo.family != "swin":
+        return [ast.Embed(value=_numset(arch.embed[0]))]
+    return [
+        ast.Scope(
+            selector=ast.Selector(form="stage", stage=s),
+            choices=(ast.Choice(field="embed", value=_numset(width)),),
+        )
+        for s, width in enumerate(arch.embed)
+    ]
 
 
 def _backbone(checked: Checked) -> ast.Backbone:
@@ -106,9 +141,8 @@ def freeze(
         ast.Frozen(settings=settings, comments=("frozen by spvit-dsl: every choice is fixed",)),
         _backbone(checked),
     ]
-    if len(checked.space.embed) > 1 or arch.embed != geo.embed_dim:
-        items.append(ast.Embed(value=_numset(arch.embed)))
-    items += [_block_scope(geo, i, a) for i, a in enumerate(arch.blocks)]
+    items += _embed_items(checked, arch)
+    items += [_block_scope(geo, p, a) for p, a in zip(checked.space.plans, arch.blocks, strict=True)]
     budget_item = _budget(checked, convention) if budget else None
     if budget_item is not None:
         items.append(budget_item)
@@ -123,21 +157,8 @@ def _is_quantity(v: str) -> bool:
 
 
 def arch_of(checked: Checked) -> FrozenArch:
-    """The single point of a space with no decisions left (a frozen spec)."""
-    plans = checked.space.plans
-    blocks = tuple(
-        BlockArch(
-            p.attention[0],
-            p.ffn.candidates(p.geom.hidden)[-1]
-            if len(p.ffn.candidates(p.geom.hidden)) == 1
-            else p.ffn.candidates(p.geom.hidden)[0],
-            p.heads[0],
-            p.head_dim[0],
-            p.density[0],
-        )
-        for p in plans
-    )
-    return FrozenArch(blocks, checked.space.embed[0])
+    """The point of a frozen spec (every choice fixed); for a space with choices left, its largest point."""
+    return checked.space.largest()
 
 
 def provenance(spec: ast.Spec) -> dict[str, str]:

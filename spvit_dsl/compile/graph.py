@@ -13,25 +13,14 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
-from itertools import product
 from typing import Any
 
 import networkx as nx
 
 from ..space import cost
-from ..space.plan import CONVENTIONS, BlockArch, BlockPlan, Convention, Cost, FrozenArch, Space
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One choice the search makes (the encoding an algorithm sees)."""
-
-    name: str  # blocks.{i}.attention | blocks.{i}.ffn | blocks.{i}.heads | blocks.{i}.head_dim | blocks.{i}.density | embed
-    kind: str  # attention | ffn | heads | head_dim | density | embed
-    block: int | None
-    candidates: tuple[Any, ...]
-    group: int = 1  # FFN neurons per gate (granular FFN decisions)
+from ..space.groups import UnitGroup, groups
+from ..space.groups import decisions as space_decisions
+from ..space.plan import CONVENTIONS, BlockArch, BlockPlan, Convention, Cost, Density, FrozenArch, Space
 
 
 @dataclass(frozen=True)
@@ -61,12 +50,17 @@ class SearchGraph:
         self._bounds: dict[str, Bounds] = {}
 
     # -- the encoding
-    def decisions(self) -> list[Decision]:
-        return decisions(self.space)
+    def groups(self) -> list[UnitGroup]:
+        """Every prunable dimension of the space (fixed ones included)."""
+        return groups(self.space)
+
+    def decisions(self) -> list[UnitGroup]:
+        """The groups with more than one candidate: what a search chooses."""
+        return space_decisions(self.space)
 
     def size_log10(self) -> float:
         """log10 of the number of distinct frozen specs (a per-neuron FFN counts its distinct widths)."""
-        return sum(math.log10(len(d.candidates)) for d in self.decisions())
+        return sum(math.log10(len(d.choices)) for d in self.decisions())
 
     # -- costs
     def cost(self, arch: FrozenArch, convention: Convention) -> Cost:
@@ -99,63 +93,41 @@ class SearchGraph:
             raise ValueError(f"unknown graph format '{path}': use .json, .graphml or .dot")
 
 
-# ---------------------------------------------------------------- decisions
-def decisions(space: Space) -> list[Decision]:
-    out = []
-    if len(space.embed) > 1:
-        out.append(Decision("embed", "embed", None, space.embed))
-    for p in space.plans:
-        i = p.geom.index
-        fields = (
-            ("attention", p.attention),
-            ("ffn", p.ffn.candidates(p.geom.hidden)),
-            ("heads", p.heads),
-            ("head_dim", p.head_dim),
-            ("density", p.density),
-        )
-        for kind, cands in fields:
-            if len(cands) > 1:
-                group = p.ffn.group if kind == "ffn" and p.ffn.granular else 1
-                out.append(Decision(f"blocks.{i}.{kind}", kind, i, tuple(cands), group))
-    return out
-
-
 # ---------------------------------------------------------------- bounds
-def _block_options(p: BlockPlan) -> list[BlockArch]:
-    """Per block, the combinations that can be extreme: every op/heads/head_dim/density, FFN at its ends."""
-    widths = p.ffn.candidates(p.geom.hidden)
-    ffn_ends = sorted({widths[0], widths[-1]})
-    return [
-        BlockArch(op, w, h, d, r)
-        for op, w, h, d, r in product(p.attention, ffn_ends, p.heads, p.head_dim, p.density)
-    ]
+def _extreme(space: Space, convention: Convention, metric: str, pick: Any) -> FrozenArch:
+    """The cheapest (``pick=min``) or largest (``max``) network for ``metric``.
+
+    Every cost term grows with every count (widths, heads, per-head width, FFN width, density), so the extremes take
+    every count at its end; only the op is chosen per block, which is exact because blocks add up once the widths are
+    fixed.
+    """
+    embed = tuple(pick(widths) for widths in space.embed)
+    blocks = []
+    for p in space.plans:
+        d = p.density
+        density = Density(pick(d.qkv), pick(d.proj), pick(d.fc1), pick(d.fc2))
+        widths = p.ffn.candidates(p.geom.hidden)
+        base = BlockArch(p.attention[0], pick(widths), pick(p.heads), pick(p.head_dim), density)
+        options = [BlockArch(op, base.ffn, base.heads, base.head_dim, density) for op in p.attention]
+        dim = embed[p.geom.stage]
+        blocks.append(pick(options, key=lambda a: cost.block_cost(p.geom, a, convention, dim).of(metric)))
+    return FrozenArch(tuple(blocks), embed)
 
 
 def _bounds(space: Space, convention: Convention) -> Bounds:
     g = space.geometry
-    options = [_block_options(p) for p in space.plans]
-    best: dict[str, tuple[float, FrozenArch]] = {}
-    worst: dict[str, float] = {}
-    for embed in space.embed:
-        costs = [
-            [(cost.block_cost(cost.at_width(p.geom, embed, g.embed_dim), a, convention), a) for a in opts]
-            for p, opts in zip(space.plans, options, strict=True)
-        ]
-        stem = cost.stem_head_cost(g, convention, embed)
-        for metric, key in (("flops", lambda c: c.macs), ("params", lambda c: c.params)):
-            low = tuple(min(block, key=lambda ca: key(ca[0]))[1] for block in costs)
-            arch = FrozenArch(low, embed)
-            value = key(cost.arch_cost(g, arch, convention))
-            if metric not in best or value < best[metric][0]:
-                best[metric] = (value, arch)
-            high = key(stem) + sum(max(key(c) for c, _ in block) for block in costs)
-            worst[metric] = max(worst.get(metric, 0.0), high)
     dense = cost.dense_cost(g, convention)
+    cheapest = {m: _extreme(space, convention, m, min) for m in ("flops", "params")}
+    low = {m: cost.arch_cost(g, a, convention).of(m) for m, a in cheapest.items()}
+    high = {
+        m: cost.arch_cost(g, _extreme(space, convention, m, max), convention).of(m)
+        for m in ("flops", "params")
+    }
     return Bounds(
         convention,
-        Range(best["flops"][0], worst["flops"], dense.macs),
-        Range(best["params"][0], worst["params"], dense.params),
-        {m: best[m][1] for m in best},
+        Range(low["flops"], high["flops"], dense.macs),
+        Range(low["params"], high["params"], dense.params),
+        cheapest,
     )
 
 
@@ -176,17 +148,26 @@ def _attention_node(p: BlockPlan) -> dict[str, Any]:
         kind="attention",
         block=b.index,
         stage=b.stage,
-        decision=len(p.attention) > 1,
+        decision=len(p.attention) > 1 or len(p.heads) > 1 or len(p.head_dim) > 1,
         candidates=list(p.attention),
         heads=list(p.heads),
         head_dim=list(p.head_dim),
-        density=list(p.density),
+        density_qkv=list(p.density.qkv),
+        density_proj=list(p.density.proj),
         dim=b.dim,
         tokens=b.tokens,
     )
     for op in p.attention:
-        attrs |= _costs(partial(cost.block_op_cost, b, op), prefix=f"{op}_")
+        arch = BlockArch(op, 0, b.heads, b.head_dim)
+        attrs |= _costs(lambda conv, a=arch: _branch(b, a, conv), prefix=f"{op}_")
     return attrs
+
+
+def _branch(b: Any, arch: BlockArch, convention: Convention) -> Cost:
+    """The attention branch alone (norm1 included): the block at ``arch`` minus the block with a skip branch."""
+    return cost.block_cost(b, arch, convention) - cost.block_cost(
+        b, BlockArch("skip", arch.ffn, arch.heads, arch.head_dim), convention
+    )
 
 
 def _ffn_node(p: BlockPlan) -> dict[str, Any]:
@@ -194,16 +175,19 @@ def _ffn_node(p: BlockPlan) -> dict[str, Any]:
     widths = p.ffn.candidates(b.hidden)
 
     def per_neuron(conv: Convention) -> Cost:
-        return cost.block_ffn_cost(b, 1, conv) - cost.block_ffn_cost(b, 0, conv)
+        one, zero = BlockArch("skip", 1, b.heads, b.head_dim), BlockArch("skip", 0, b.heads, b.head_dim)
+        return cost.block_cost(b, one, conv) - cost.block_cost(b, zero, conv)
 
     return dict(
         kind="ffn",
         block=b.index,
         stage=b.stage,
-        decision=len(widths) > 1,
+        decision=len(widths) > 1 or len(p.density.fc1) > 1 or len(p.density.fc2) > 1,
         widths=[] if p.ffn.granular else list(widths),
         group=p.ffn.group if p.ffn.granular else 0,
         hidden=b.hidden,
+        density_fc1=list(p.density.fc1),
+        density_fc2=list(p.density.fc2),
         **_costs(per_neuron, prefix="unit_"),
     )
 
@@ -214,9 +198,9 @@ def build_graph(space: Space) -> SearchGraph:
     graph.add_node(
         "stem",
         kind="stem",
-        decision=len(space.embed) > 1,
-        embed=list(space.embed),
-        **_costs(partial(cost.stem_head_cost, g)),
+        decision=any(len(w) > 1 for w in space.embed),
+        embed=[list(w) for w in space.embed],
+        **_costs(lambda conv: cost.stem_head_cost(g, conv)),
     )
     prev = "stem"
     for p in space.plans:

@@ -11,10 +11,12 @@ from typing import Any
 from ..lang import ast
 from ..lang.errors import SpecError, SpecWarning, UsageError
 from ..lang.parse import parse
+from ..space.groups import FIELDS
 from ..space.plan import Convention, Space
 from ..space.units import Limit, fmt_macs, fmt_params
 from .check import BudgetItem, Checked, check, read_file
 from .graph import Bounds, SearchGraph, build_graph
+from .strategies import StrategyInfo
 
 DEFAULT_CONVENTION: Convention = "paper"
 
@@ -133,10 +135,10 @@ def compile_text(
 
 def _unsupported(checked: Checked, graph: SearchGraph) -> list[SpecWarning]:
     """Decisions the chosen strategy cannot search: fine to compile and price, refused by ``search``."""
-    from .strategies import STRATEGIES
+    from .strategies import STRATEGIES  # noqa: PLC0415
 
     info = STRATEGIES.get(checked.search.strategy)
-    kinds = sorted({d.kind for d in graph.decisions()} - info.decisions)
+    kinds = unsearchable(info, graph)
     if not kinds:
         return []
     return [
@@ -144,9 +146,14 @@ def _unsupported(checked: Checked, graph: SearchGraph) -> list[SpecWarning]:
             f"strategy '{info.name}' does not search {', '.join(kinds)}; the space compiles and is priced, "
             f"but 'spvit-dsl search' will refuse it",
             None,
-            hint=f"'{info.name}' searches: {', '.join(sorted(info.decisions))}",
+            hint=f"'{info.name}' searches: {', '.join(sorted(FIELDS[k] for k in info.decisions))}",
         )
     ]
+
+
+def unsearchable(info: StrategyInfo, graph: SearchGraph) -> list[str]:
+    """The fields (as the language names them) a space decides that ``info``'s strategy cannot search."""
+    return sorted({FIELDS[d.kind] for d in graph.decisions() if d.kind not in info.decisions})
 
 
 def compile_file(path: str, **kw: Any) -> Program:

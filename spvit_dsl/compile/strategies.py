@@ -1,15 +1,24 @@
-"""The search-strategy registry (pure Python): names, hyperparameters and supported decisions.
+"""The search-strategy registry (compile stage, pure Python): names, kinds, settings and the group kinds searched.
 
 A user names a strategy in ``search NAME { ... }``; the checker validates its settings from this table without
 importing torch. The implementation (a plug-in receiving the supernet's unit groups, the cost model, data and
-the budget) is looked up by the same name in :mod:`spvit_dsl.search` (see docs/strategies.md).
+the budget) is registered under the same name in :mod:`spvit_dsl.search.methods` (see docs/strategies.md).
+
+Three kinds of strategy, each with the settings that make sense for it:
+
+* ``train`` — trains a masked supernet (spvit; ofb): data, batches and optimisation settings;
+* ``score`` — scores units with data but trains nothing (upvit): data and batch settings;
+* ``data_free`` — needs no data at all (magnitude, random; dimap): only the seed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .._registry import Registry
+
+StrategyKind = Literal["train", "score", "data_free"]
 
 
 @dataclass(frozen=True)
@@ -23,23 +32,32 @@ class Param:
 class StrategyInfo:
     name: str
     doc: str
-    decisions: frozenset[str]  # decision kinds it can search: attention, ffn, heads, head_dim, density, embed
+    decisions: frozenset[str]  # group kinds it can search: embed, attention, heads, head_dim, ffn, weights
     params: dict[str, Param] = field(default_factory=dict)
+    kind: StrategyKind = "train"
+
+    def settings(self) -> dict[str, Param]:
+        """Every setting this strategy accepts: those of its kind, then its own."""
+        return SETTINGS[self.kind] | self.params
 
 
 STRATEGIES: Registry[StrategyInfo] = Registry("strategy")
 
-# Settings every strategy understands (the search loop's own knobs).
-COMMON: dict[str, Param] = {
+# Settings every strategy understands, and those of strategies that read data / that train (the loop's knobs).
+RUN: dict[str, Param] = {"seed": Param(int, 0, "seed of data order, random draws and init")}
+DATA: dict[str, Param] = {
     "data": Param(str, "digits", "digits | synthetic | a folder with train/ and val/ class folders"),
-    "epochs": Param(int, 10, "passes over the training data"),
-    "steps": Param(int, 0, "stop after this many optimizer steps (0: no limit)"),
     "batch_size": Param(int, 64, "images per step (per process under torchrun)"),
-    "seed": Param(int, 0, "seed of data order, gate noise and init"),
-    "lr": Param(float, 1e-4, "AdamW learning rate of the weights"),
-    "weight_decay": Param(float, 0.05, "AdamW weight decay of the weights (none on 1-D params and biases)"),
     "workers": Param(int, 0, "data-loader worker processes"),
 }
+TRAIN: dict[str, Param] = {
+    "epochs": Param(int, 10, "passes over the training data"),
+    "steps": Param(int, 0, "stop after this many optimizer steps (0: no limit)"),
+    "lr": Param(float, 1e-4, "AdamW learning rate of the weights"),
+    "weight_decay": Param(float, 0.05, "AdamW weight decay of the weights (none on 1-D params and biases)"),
+}
+SETTINGS: dict[str, dict[str, Param]] = {"train": RUN | DATA | TRAIN, "score": RUN | DATA, "data_free": RUN}
+COMMON = SETTINGS["train"]  # every setting of a training strategy
 
 
 def register_strategy(info: StrategyInfo) -> StrategyInfo:
@@ -60,5 +78,26 @@ register_strategy(
             "dual_lr": Param(float, 0.05, "step of the Lagrange multiplier enforcing the budget"),
             "warmup_epochs": Param(float, 0.0, "epochs of weight-only training before the gates learn"),
         },
+    )
+)
+
+
+ALL_KINDS = frozenset({"embed", "attention", "heads", "head_dim", "ffn", "weights"})
+
+register_strategy(
+    StrategyInfo(
+        name="magnitude",
+        doc="data-free baseline: L1 norm per unit, normalised within each group kind, cut to the budget",
+        decisions=ALL_KINDS,
+        kind="data_free",
+    )
+)
+
+register_strategy(
+    StrategyInfo(
+        name="random",
+        doc="control: kept units drawn uniformly at random under the budget (seeded)",
+        decisions=ALL_KINDS,
+        kind="data_free",
     )
 )

@@ -101,11 +101,25 @@ class FfnSpec(Node):
     number: Num | None = None  # ratio / width / groups
 
 
-ChoiceValue = Annotated[NumSet | Words | FfnSpec, Field(discriminator="kind")]
+class LayerValues(Node):
+    """One entry of a per-layer map: a layer name (qkv, proj, fc1, fc2) and its number set."""
+
+    layer: Name
+    values: NumSet
+
+
+class LayerMap(Node):
+    """``{qkv: S, proj: S, fc1: S, fc2: S}``: values per sparsifiable layer (any subset of the four)."""
+
+    kind: Literal["layers"] = "layers"
+    entries: tuple[LayerValues, ...]
+
+
+ChoiceValue = Annotated[NumSet | Words | FfnSpec | LayerMap, Field(discriminator="kind")]
 
 
 class Choice(Commented):
-    """``field: value`` inside a scope (attention, ffn, heads, head_dim, sparsity)."""
+    """``field: value`` inside a scope (attention, ffn, heads, head_dim, sparsity, embed)."""
 
     field: str
     field_span: Span = Field(default_factory=Span)

@@ -2,7 +2,7 @@
 
 The law: ``parse(emit(spec))`` equals ``spec`` except for positions. Items keep their order (scope order matters);
 layout is canonical: two-space indent, a blank line between top-level items (none between consecutive one-line
-block declarations, so a frozen spec reads as a table), and a short block on one line (at most three entries, no
+block declarations, so a frozen spec reads as a table), and a short block on one line (at most three entries — five for a block declaration — no
 comments inside, at most 100 characters).
 """
 
@@ -12,7 +12,8 @@ from . import ast
 
 INDENT = "  "
 MAX_LINE = 100
-MAX_INLINE = 3
+MAX_INLINE = 3  # entries of a one-line block
+MAX_INLINE_SCOPE = 5  # a block declaration (a frozen spec's row: op, ffn, heads, head_dim, sparsity)
 
 
 def emit(spec: ast.Spec) -> str:
@@ -57,13 +58,15 @@ def _item(item: ast.Commented) -> str:
         return "\n".join(head + _block("budget", item, entries))
     assert isinstance(item, ast.Scope)
     entries = [(c, f"{c.field}: {_cvalue(c.value)}") for c in item.choices]
-    return "\n".join(head + _block(_selector(item.selector), item, entries))
+    return "\n".join(head + _block(_selector(item.selector), item, entries, MAX_INLINE_SCOPE))
 
 
-def _block(opener: str, node: ast.Commented, entries: list[tuple[ast.Commented, str]]) -> list[str]:
+def _block(
+    opener: str, node: ast.Commented, entries: list[tuple[ast.Commented, str]], max_inline: int = MAX_INLINE
+) -> list[str]:
     inner_comments = any(e.comments or e.trailing for e, _ in entries)
     inline = f"{opener} {{ {'; '.join(t for _, t in entries)} }}" if entries else f"{opener} {{ }}"
-    if not inner_comments and len(entries) <= MAX_INLINE and len(inline) <= MAX_LINE:
+    if not inner_comments and len(entries) <= max_inline and len(inline) <= MAX_LINE:
         return [inline + _trail(node)]
     lines = [f"{opener} {{{_trail(node)}"]
     for entry, text in entries:
@@ -115,6 +118,10 @@ def _numset(ns: ast.NumSet, *, keyword: bool) -> str:
 def _cvalue(v: ast.ChoiceValue) -> str:
     if isinstance(v, ast.NumSet):
         return _numset(v, keyword=False)
+    if isinstance(v, ast.LayerMap):
+        return (
+            "{" + ", ".join(f"{e.layer.value}: {_numset(e.values, keyword=False)}" for e in v.entries) + "}"
+        )
     if isinstance(v, ast.Words):
         names = [w.value for w in v.words]
         return "one of {" + ", ".join(names) + "}" if v.one_of else names[0]

@@ -233,6 +233,12 @@ class _ToAst(Transformer):
     def c_groups(self, meta: Any, c: list[Any]) -> ast.FfnSpec:
         return self._ffn(meta, "groups", number=self._num(c[0]))
 
+    def c_layers(self, meta: Any, c: list[Any]) -> ast.LayerMap:
+        return ast.LayerMap(entries=tuple(c), span=self._s(meta))
+
+    def layer(self, meta: Any, c: list[Any]) -> ast.LayerValues:
+        return ast.LayerValues(layer=self._name(c[0]), values=c[1], span=self._s(meta))
+
     def set_one(self, meta: Any, c: list[Any]) -> ast.NumSet:
         return ast.NumSet(form="one", items=(self._num(c[0]),), span=self._s(meta))
 

@@ -1,4 +1,4 @@
-"""Search stage — data: a ``data`` setting (``digits`` | ``synthetic`` | a folder) → training and validation sets.
+"""Runtime — data: a ``data`` setting (``digits`` | ``synthetic`` | a folder) → training and validation sets.
 
 Input: the spec's ``data`` value and the backbone :class:`~spvit_dsl.space.plan.Geometry` (image size, channels, classes).
 Output: :class:`Data` (two map-style datasets, an optional timm Mixup and the training loss) and, per epoch,
@@ -278,7 +278,16 @@ def make_loader(
     pin: bool = False,
 ) -> DataLoader:
     """One epoch's loader: deterministic order from ``(seed, epoch)``, sharded over ``world`` ranks; training
-    drops the last partial batch when a full one exists (Mixup needs even batches)."""
+    drops the last partial batch when a full one exists (Mixup needs even batches). Evaluation shards are strided
+    (rank, rank + world, ...): every image exactly once over all ranks, none repeated to even them out."""
+    if not train:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=list(range(rank, len(dataset), world)),  # type: ignore[arg-type]
+            num_workers=workers,
+            pin_memory=pin,
+        )
     shard = DistributedSampler(
         dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train and world > 1
     )

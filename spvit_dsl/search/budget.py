@@ -1,8 +1,9 @@
-"""Search stage — budgets: the Lagrange multiplier that steers the gates, and the repair that makes the budget hold.
+"""Search stage — budgets: the Lagrange multiplier that steers training, and the projection that makes them hold.
 
-Input: the program's resolved budgets and the supernet's unit table (one entry per gate: logit, MACs and parameters
-it saves, whether it is kept). Output: multiplier updates during training, and after training the kept/dropped state
-of every unit such that the derived network meets every budget and sits within 1% of the binding one.
+Input: the program's resolved budgets, a point of the space and, for every unit group a strategy decided, the values
+its levels stand for and a score per step (what is lost stepping down one level). Output: multiplier updates during
+training, and after a search the level of every group such that the network meets every budget and sits within 1%
+of the binding one. Pure Python (the analytic cost model prices every move exactly): no torch.
 
 SPViT (He et al., TPAMI 2024, §3) adds ``λ·(T − F)²`` with a hand-tuned λ and misses its targets. Here the budget is
 a constraint ``F_k(gates) ≤ T_k`` per budget k:
@@ -12,24 +13,30 @@ a constraint ``F_k(gates) ≤ T_k`` per budget k:
    after every step ``λ_k ← λ_k + dual_lr · (r_k − 1)``. While the derived network is over budget the multiplier
    grows until the cost gradient outweighs the task gradient on the gates; under budget it shrinks (and may turn
    negative, pulling gates back up), so no λ needs tuning.
-2. **Repair** (:func:`repair`) — thresholding can land a little off. While over any budget, drop the kept unit with
-   the least gate logit per unit of (normalised) cost saved; then, while more than 1% under the binding budget, add
-   back the dropped unit with the most logit per unit cost that still fits every budget. Cumulative gates (ops,
-   nested widths) only ever step down from their top level or up by one level, so the result stays derivable.
-
-The cost model is linear in the units (``F = constant + Σ increment · kept``), so repair bookkeeps in closed form;
-the caller re-checks the analytic cost of the result.
+2. **Projection** (:func:`project`) — works on levels of unit groups (embedding widths, heads, per-head widths, FFN
+   widths, op levels, densities) and on costs that do not simply add up (embedding width × FFN width, heads × per-head
+   width × tokens): every move is priced by the analytic cost model. While over any budget, step down the group whose
+   next step loses the least score per unit of (normalised) cost saved; then, while more than 1% under the binding
+   budget, step up the group with the most score per unit of cost that still fits every budget; when only coarse
+   steps are left, try one coarse step up paired with fine steps down elsewhere (a swap). Greedy by score per cost
+   with lazily re-priced moves, as in budgeted knapsack heuristics.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import random as _random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DualAscent", "RepairResult", "Target", "repair", "targets_of"]
+from ..space import cost as cost_model
+from ..space.geometry import Convention, Geometry
+from ..space.groups import UnitGroup, value_of, with_value
+from ..space.plan import FrozenArch
+
+__all__ = ["DualAscent", "GroupSteps", "Projection", "Target", "project", "targets_of"]
 
 METRIC_FIELD = {"flops": "macs", "params": "params"}
 
@@ -99,13 +106,36 @@ class DualAscent:
         self.values = [float(v) for v in state["values"]]
 
 
-# --------------------------------------------------------------------------------------------- repair
+# --------------------------------------------------------------------------------------------- projection
 @dataclass
-class RepairResult:
-    """The repaired state: ``on[(decision, index)]`` per unit, the resulting costs, and what changed."""
+class GroupSteps:
+    """One unit group as the projection sees it.
 
-    on: dict[tuple[str, int], bool]
-    cost: dict[str, float]  # metric → absolute cost after repair
+    ``values[l]``: the group's value (kept count, op name, density) at level ``l``, cheapest first; ``level``: where it
+    stands now; ``scores[l - 1]``: what stepping down from level ``l`` to ``l - 1`` loses (a gate logit, a sum of
+    normalised magnitudes, ...; higher = more valuable). ``floor``: the lowest level it may take.
+    """
+
+    group: UnitGroup
+    values: list[Any]
+    level: int
+    scores: list[float]
+    floor: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.scores) != len(self.values) - 1:
+            raise ValueError(f"{self.group.path}: {len(self.values)} levels need {len(self.values) - 1} step scores")
+        if not self.floor <= self.level < len(self.values):
+            raise ValueError(f"{self.group.path}: level {self.level} outside {self.floor}..{len(self.values) - 1}")
+
+
+@dataclass
+class ProjectionResult:
+    """The projected point, every group's level, its costs (metric → absolute) and how many steps were taken."""
+
+    arch: FrozenArch
+    levels: dict[str, int]
+    cost: dict[str, float]
     removed: int
     added: int
 
@@ -113,192 +143,230 @@ class RepairResult:
         return self.cost[target.metric] / target.limit
 
 
-@dataclass
-class _Unit:
-    decision: str
-    index: int
-    logit: float
-    save: dict[str, float]  # metric → cost it adds when kept
-    nested: bool
+class Projection:
+    """Greedy level moves under the budgets, priced exactly by the analytic cost model (see the module docstring).
 
+    ``order="score"`` (default) ranks moves by score per normalised cost; ``order="random"`` picks uniformly among the
+    legal moves (the ``random`` control strategy), with ``rng``.
+    """
 
-class _State:
-    """Units, their on flags and each cumulative decision's level, with the running cost."""
+    def __init__(
+        self,
+        geometry: Geometry,
+        arch: FrozenArch,
+        steps: Sequence[GroupSteps],
+        targets: Sequence[Target],
+        convention: Convention,
+        *,
+        order: str = "score",
+        rng: _random.Random | None = None,
+    ) -> None:
+        self.geometry, self.targets, self.convention = geometry, list(targets), convention
+        self.steps = {s.group.path: s for s in steps}
+        self.order, self.rng = order, rng or _random.Random(0)
+        self.arch = arch
+        for s in steps:
+            self.arch = with_value(self.arch, s.group, s.values[s.level])
+        self._blocks = [self._block_cost(i) for i in range(geometry.depth)]
+        self._stem = self._stem_cost(self.arch)
+        self.removed = self.added = 0
 
-    def __init__(self, units: Sequence[Any], cost: dict[str, float], targets: list[Target]) -> None:
-        self.targets = targets
-        self.cost = dict(cost)
-        self.units: dict[tuple[str, int], _Unit] = {}
-        self.on: dict[tuple[str, int], bool] = {}
-        self.levels: dict[str, int] = {}
-        self.sizes: dict[str, int] = {}
-        for u in units:
-            save = {"flops": float(u.macs), "params": float(u.params)}
-            self.units[(u.decision, u.index)] = _Unit(
-                u.decision, u.index, float(u.logit), save, bool(u.nested)
-            )
-            self.on[(u.decision, u.index)] = bool(u.on)
-            if u.nested:
-                self.sizes[u.decision] = self.sizes.get(u.decision, 0) + 1
-                self.levels[u.decision] = self.levels.get(u.decision, 0) + (1 if u.on else 0)
+    # -- costs
+    def _block_cost(self, i: int, arch: FrozenArch | None = None) -> dict[str, float]:
+        a = arch or self.arch
+        b = self.geometry.blocks[i]
+        c = cost_model.block_cost(b, a.blocks[i], self.convention, a.embed[b.stage])
+        return {"flops": float(c.macs), "params": float(c.params)}
 
+    def _stem_cost(self, arch: FrozenArch) -> dict[str, float]:
+        c = cost_model.stem_head_cost(self.geometry, self.convention, arch.embed)
+        return {"flops": float(c.macs), "params": float(c.params)}
+
+    @property
+    def cost(self) -> dict[str, float]:
+        return {m: self._stem[m] + sum(b[m] for b in self._blocks) for m in ("flops", "params")}
+
+    def _move(self, path: str, level: int) -> tuple[FrozenArch, dict[int, dict[str, float]], dict[str, float]]:
+        """The point, the changed blocks' costs and the stem cost if ``path`` moved to ``level``."""
+        s = self.steps[path]
+        arch = with_value(self.arch, s.group, s.values[level])
+        if s.group.block is not None:
+            return arch, {s.group.block: self._block_cost(s.group.block, arch)}, self._stem
+        stage = s.group.stage
+        blocks = {b.index: self._block_cost(b.index, arch) for b in self.geometry.blocks if b.stage == stage}
+        return arch, blocks, self._stem_cost(arch)
+
+    def delta(self, path: str, level: int) -> dict[str, float]:
+        """metric → the cost change of moving ``path`` to ``level``."""
+        _arch, blocks, stem = self._move(path, level)
+        return {
+            m: stem[m] - self._stem[m] + sum(c[m] - self._blocks[i][m] for i, c in blocks.items())
+            for m in ("flops", "params")
+        }
+
+    def apply(self, path: str, level: int) -> None:
+        arch, blocks, stem = self._move(path, level)
+        self.arch, self._stem = arch, stem
+        for i, c in blocks.items():
+            self._blocks[i] = c
+        self.steps[path].level = level
+
+    # -- helpers
     def over(self) -> list[Target]:
-        return [t for t in self.targets if self.cost[t.metric] > t.limit]
+        cost = self.cost
+        return [t for t in self.targets if cost[t.metric] > t.limit * (1 + 1e-12)]
 
-    def weight(self, u: _Unit, targets: Iterable[Target]) -> float:
-        return sum(u.save[t.metric] / t.limit for t in targets)
+    def binding_ratio(self) -> float:
+        cost = self.cost
+        return max(cost[t.metric] / t.limit for t in self.targets)
 
-    def flip(self, u: _Unit, on: bool) -> None:
-        sign = 1.0 if on else -1.0
-        for metric in self.cost:
-            self.cost[metric] += sign * u.save[metric]
-        self.on[(u.decision, u.index)] = on
-        if u.nested:
-            self.levels[u.decision] += 1 if on else -1
+    def fits(self, delta: dict[str, float]) -> bool:
+        cost = self.cost
+        return all(cost[t.metric] + delta[t.metric] <= t.limit for t in self.targets)
 
-    def removable(self) -> Iterable[_Unit]:
-        for key, u in self.units.items():
-            if not u.nested and self.on[key]:
-                yield u
-        for d, level in self.levels.items():
-            if level > 0:
-                yield self.units[(d, level - 1)]
+    @staticmethod
+    def weight(delta: dict[str, float], targets: Iterable[Target]) -> float:
+        return sum(abs(delta[t.metric]) / t.limit for t in targets)
 
-    def addable(self) -> Iterable[_Unit]:
-        for key, u in self.units.items():
-            if not u.nested and not self.on[key]:
-                yield u
-        for d, level in self.levels.items():
-            if level < self.sizes[d]:
-                yield self.units[(d, level)]
+    def _down_key(self, path: str, over: list[Target]) -> float | None:
+        s = self.steps[path]
+        if s.level <= s.floor:
+            return None
+        w = self.weight(self.delta(path, s.level - 1), over)
+        if w <= 0:
+            return None
+        return self.rng.random() if self.order == "random" else s.scores[s.level - 1] / w
 
-    def fits(self, u: _Unit) -> bool:
-        return all(self.cost[t.metric] + u.save[t.metric] <= t.limit for t in self.targets)
+    def _up_key(self, path: str) -> float | None:
+        s = self.steps[path]
+        if s.level >= len(s.values) - 1:
+            return None
+        w = self.weight(self.delta(path, s.level + 1), self.targets)
+        if self.order == "random":
+            return self.rng.random()
+        return -math.inf if w <= 0 else -(s.scores[s.level] / w)
 
+    # -- phases
+    def remove(self, protect: frozenset[str] = frozenset()) -> int:
+        """Step down until every budget holds (never the groups in ``protect``); ValueError when nothing is left."""
+        removed = 0
+        while over := self.over():
+            keys = [(k, p) for p in self.steps if p not in protect and (k := self._down_key(p, over)) is not None]
+            if not keys:
+                names = ", ".join(f"{t.metric} <= {t.text or t.limit}" for t in over)
+                raise ValueError(f"the budget projection cannot meet {names}: no group left that lowers the cost")
+            heap = list(keys)
+            heapq.heapify(heap)
+            while heap and self.over() == over:
+                key, path = heapq.heappop(heap)
+                fresh = self._down_key(path, over)
+                if fresh is None:
+                    continue
+                if heap and fresh > heap[0][0] + 1e-12 and self.order != "random":
+                    heapq.heappush(heap, (fresh, path))  # its price changed (an embedding move): re-rank it
+                    continue
+                self.apply(path, self.steps[path].level - 1)
+                removed += 1
+                if (nxt := self._down_key(path, over)) is not None:
+                    heapq.heappush(heap, (nxt, path))
+        self.removed += removed
+        return removed
 
-def _remove_phase(s: _State, protect: frozenset[tuple[str, int]] = frozenset()) -> int:
-    """Drop least-logit-per-cost units (never those in ``protect``) until every budget holds."""
-    removed = 0
-    while True:
-        over = s.over()
-        if not over:
-            return removed
-        heap = [
-            (u.logit / w, u.decision, u.index)
-            for u in s.removable()
-            if (w := s.weight(u, over)) > 0 and (u.decision, u.index) not in protect
-        ]
+    def add(self, tolerance: float) -> int:
+        """Step up the most valuable fitting moves until the binding budget is within ``tolerance``."""
+        added = 0
+        heap = [(k, p) for p in self.steps if (k := self._up_key(p)) is not None]
         heapq.heapify(heap)
-        while heap and s.over() == over:
-            _score, d, i = heapq.heappop(heap)
-            u = s.units[(d, i)]
-            if not s.on[(d, i)] or (u.nested and s.levels[d] != i + 1):
+        while heap and self.binding_ratio() < 1.0 - tolerance:
+            _key, path = heapq.heappop(heap)
+            s = self.steps[path]
+            if s.level >= len(s.values) - 1 or not self.fits(self.delta(path, s.level + 1)):
+                continue  # costs only grow from here: it will not fit later
+            fresh = self._up_key(path)
+            if fresh is not None and heap and fresh > heap[0][0] + 1e-12 and self.order != "random":
+                heapq.heappush(heap, (fresh, path))
                 continue
-            s.flip(u, False)
-            removed += 1
-            if u.nested and s.levels[d] > 0:  # the next level down becomes removable
-                below = s.units[(d, s.levels[d] - 1)]
-                if (w := s.weight(below, over)) > 0 and (d, below.index) not in protect:
-                    heapq.heappush(heap, (below.logit / w, d, below.index))
-        if not heap and s.over() == over:
-            names = ", ".join(f"{t.metric} <= {t.text or t.limit}" for t in over)
-            raise ValueError(f"repair cannot meet {names}: no unit left that lowers the cost")
+            self.apply(path, s.level + 1)
+            added += 1
+            if (nxt := self._up_key(path)) is not None:
+                heapq.heappush(heap, (nxt, path))
+        self.added += added
+        return added
 
+    def swap(self, tolerance: float, tries: int = 64) -> None:
+        """When only coarse steps are left (e.g. an op level), take one that does not fit and make room with steps
+        finer than the tolerance; keep the swap when the binding budget gets closer while every budget holds."""
+        while self.binding_ratio() < 1.0 - tolerance:
+            base = self.binding_ratio()
+            options = [p for p in self.steps if self.steps[p].level < len(self.steps[p].values) - 1]
+            options = [p for p in options if not self.fits(self.delta(p, self.steps[p].level + 1))]
+            keys = {p: self._up_key(p) for p in options}
+            options.sort(key=lambda p: keys[p] if keys[p] is not None else math.inf)
+            coarse = frozenset(p for p in self.steps if self._coarse(p, tolerance))
+            for path in options[:tries]:
+                saved = self._snapshot()
+                self.apply(path, self.steps[path].level + 1)
+                try:
+                    self.remove(coarse | {path})
+                    self.add(tolerance)
+                    ok = not self.over() and self.binding_ratio() > base
+                except ValueError:
+                    ok = False
+                if ok:
+                    self.added += 1
+                    break
+                self._restore(saved)
+            else:
+                return
 
-def _binding_ratio(s: _State) -> float:
-    return max(s.cost[t.metric] / t.limit for t in s.targets)
+    def _coarse(self, path: str, tolerance: float) -> bool:
+        s = self.steps[path]
+        if s.level <= s.floor:
+            return False
+        delta = self.delta(path, s.level - 1)
+        return any(abs(delta[t.metric]) > tolerance * t.limit for t in self.targets)
 
+    def _snapshot(self) -> tuple[FrozenArch, dict[str, int], list[dict[str, float]], dict[str, float], int, int]:
+        return self.arch, {p: s.level for p, s in self.steps.items()}, list(self._blocks), dict(self._stem), self.removed, self.added
 
-def _add_phase(s: _State, tolerance: float) -> int:
-    """Add back most-logit-per-cost units that fit until the binding budget is within ``tolerance``."""
-    added = 0
-    heap = []
-    for u in s.addable():
-        w = s.weight(u, s.targets)
-        heap.append((-(u.logit / w) if w > 0 else -math.inf, u.decision, u.index))
-    heapq.heapify(heap)
-    while heap and _binding_ratio(s) < 1.0 - tolerance:
-        _score, d, i = heapq.heappop(heap)
-        u = s.units[(d, i)]
-        if s.on[(d, i)] or (u.nested and s.levels[d] != i):
-            continue
-        if not s.fits(u):
-            continue  # costs only grow from here: it will never fit
-        s.flip(u, True)
-        added += 1
-        if u.nested and s.levels[d] < s.sizes[d]:  # the next level up becomes addable
-            up = s.units[(d, s.levels[d])]
-            w = s.weight(up, s.targets)
-            heapq.heappush(heap, (-(up.logit / w) if w > 0 else -math.inf, d, up.index))
-    return added
+    def _restore(self, snap: tuple[FrozenArch, dict[str, int], list[dict[str, float]], dict[str, float], int, int]) -> None:
+        self.arch, levels, self._blocks, self._stem, self.removed, self.added = snap
+        for p, level in levels.items():
+            self.steps[p].level = level
 
-
-def _snapshot(s: _State) -> tuple[dict[tuple[str, int], bool], dict[str, int], dict[str, float]]:
-    return dict(s.on), dict(s.levels), dict(s.cost)
-
-
-def _swap_phase(s: _State, tolerance: float, tries: int = 64) -> tuple[int, int]:
-    """When nothing small is left to add (e.g. every FFN neuron is still kept but a whole op level was dropped), add
-    a valuable unit that does not fit and remove units finer than the tolerance to make room; keep the swap when the
-    binding budget gets closer while every budget holds."""
-    removed = added = 0
-    while _binding_ratio(s) < 1.0 - tolerance:
-        base = _binding_ratio(s)
-        options = sorted(
-            (u for u in s.addable() if not s.fits(u)),
-            key=lambda u: -(u.logit / max(s.weight(u, s.targets), 1e-30)),
+    def result(self) -> ProjectionResult:
+        """The projected point (canonical: no sparsity on layers it does not run; the cost is unchanged)."""
+        return ProjectionResult(
+            self.arch.canonical(), {p: s.level for p, s in self.steps.items()}, self.cost, self.removed, self.added
         )
-        # make room only with units finer than the tolerance, so the result lands within it
-        coarse = frozenset(
-            k for k, v in s.units.items() if any(v.save[t.metric] > tolerance * t.limit for t in s.targets)
-        )
-        for u in options[:tries]:
-            saved = _snapshot(s)
-            s.flip(u, True)
-            try:
-                r = _remove_phase(s, coarse | {(u.decision, u.index)})
-            except ValueError:
-                r = -1
-            a = _add_phase(s, tolerance) if r >= 0 else 0
-            if r >= 0 and not s.over() and _binding_ratio(s) > base:
-                removed, added = removed + r, added + 1 + a
-                break
-            s.on, s.levels, s.cost = saved
-        else:
-            return removed, added
-    return removed, added
 
 
-def repair(
-    units: Sequence[Any],
-    cost: dict[str, float],
-    targets: list[Target],
+def project(
+    geometry: Geometry,
+    arch: FrozenArch,
+    steps: Sequence[GroupSteps],
+    targets: Sequence[Target],
+    convention: Convention,
     *,
     tolerance: float = 0.01,
     fill: bool = True,
-) -> RepairResult:
-    """Repair the kept units (``units``: :class:`spvit_dsl.supernet.Unit`-like objects; ``cost``: metric → the derived
-    network's cost) so every target holds and, with ``fill``, the binding one is within ``tolerance``."""
-    s = _State(units, {"flops": cost["flops"], "params": cost["params"]}, targets)
-    removed = _remove_phase(s)
-    added = _add_phase(s, tolerance) if fill else 0
+    order: str = "score",
+    seed: int = 0,
+) -> ProjectionResult:
+    """Move the groups of ``steps`` (starting from their current levels; every other dimension as in ``arch``) so
+    that every target holds and, with ``fill``, the binding one is within ``tolerance`` below its limit.
+
+    Raises ``ValueError`` when no move can bring the cost under a budget (the budget is below what the decided groups
+    can reach).
+    """
+    proj = Projection(geometry, arch, steps, targets, convention, order=order, rng=_random.Random(seed))
+    proj.remove()
     if fill:
-        r, a = _swap_phase(s, tolerance)
-        removed, added = removed + r, added + a
-    return RepairResult(dict(s.on), dict(s.cost), removed, added)
+        proj.add(tolerance)
+        proj.swap(tolerance)
+    return proj.result()
 
 
-def nested_levels(result: RepairResult) -> dict[str, int]:
-    """Each cumulative decision's level in a repair result (count of leading kept units)."""
-    by_decision: dict[str, list[tuple[int, bool]]] = {}
-    for (d, i), on in result.on.items():
-        by_decision.setdefault(d, []).append((i, on))
-    levels = {}
-    for d, items in by_decision.items():
-        level = 0
-        for _i, on in sorted(items):
-            if not on:
-                break
-            level += 1
-        levels[d] = level
-    return levels
+def value_levels(arch: FrozenArch, steps: Sequence[GroupSteps]) -> dict[str, Any]:
+    """Each group's value in ``arch`` (for reports)."""
+    return {s.group.path: value_of(arch, s.group) for s in steps}

@@ -1,10 +1,13 @@
 """Search stage — checkpoints: the whole search state ↔ one safetensors file (no pickle), written atomically.
 
-Tensors (safetensors): ``net/<state-dict key>`` (supernet weights, gate logits, BatchNorm statistics),
-``opt/<name>/<param index>/<field>`` (optimizer moments and step counters), ``rng/torch``, ``rng/gates`` (the
-supernet's gate-noise generator), ``rng/cuda`` (when on GPU) and ``kept/<decision>`` (the final kept-unit masks,
-once the search has finished). Everything else — epoch, step, multiplier, optimizer hyperparameters, settings, the
-spec's hash — is JSON in the file's metadata under ``spvit_dsl.state``.
+Tensors (safetensors): ``net/<state-dict key>`` (supernet weights, BatchNorm statistics, fixed masks),
+``strategy/<key>`` (the strategy's own tensors: gate logits, scores), ``opt/<name>/<param index>/<field>``
+(optimizer moments and step counters), ``rng/torch``, ``rng/gates`` (a strategy's noise generator), ``rng/cuda``
+(when on GPU) and ``kept/<group path>`` (the final kept units — ascending indices, or a bool mask for a weights group
+— once the search has finished). Everything else — epoch, step, multiplier, optimizer hyperparameters, settings,
+the spec's hash, the units left in shrunk groups — is JSON in the file's metadata under ``spvit_dsl.state``, and
+the spec text the search compiled is stored under ``spvit_dsl.spec`` (with its path under ``spvit_dsl.spec_path``),
+so a checkpoint is self-contained.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class Checkpoint:
     rng: dict[str, Tensor]
     state: dict[str, Any]  # JSON: epoch, step, batch, finished, strategy, settings, spec_hash...
     kept: dict[str, Tensor] = field(default_factory=dict)
+    strategy: dict[str, Tensor] = field(default_factory=dict)
+    spec: str = ""  # the spec text the search compiled
+    spec_path: str = ""
 
 
 def _cpu(t: Tensor) -> Tensor:
@@ -67,8 +73,11 @@ def save_checkpoint(path: str, ckpt: Checkpoint, *, fmt: str = FORMAT) -> None:
     opt_json = {name: _flatten_optimizer(name, sd, tensors) for name, sd in ckpt.optimizers.items()}
     tensors.update({f"rng/{k}": _cpu(v) for k, v in ckpt.rng.items()})
     tensors.update({f"kept/{k}": _cpu(v) for k, v in ckpt.kept.items()})
+    tensors.update({f"strategy/{k}": _cpu(v) for k, v in ckpt.strategy.items()})
     state = dict(ckpt.state, optimizers=opt_json)
     meta = {"spvit_dsl.format": fmt, "spvit_dsl.state": json.dumps(state, sort_keys=True)}
+    if ckpt.spec:
+        meta |= {"spvit_dsl.spec": ckpt.spec, "spvit_dsl.spec_path": ckpt.spec_path}
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -91,7 +100,16 @@ def load_checkpoint(path: str, *, fmt: str = FORMAT) -> Checkpoint:
     opt_json = state.pop("optimizers", {})
     groups = _split(tensors)
     optimizers = {name: _optimizer_state(name, j, groups.get("opt", {})) for name, j in opt_json.items()}
-    return Checkpoint(groups.get("net", {}), optimizers, groups.get("rng", {}), state, groups.get("kept", {}))
+    return Checkpoint(
+        groups.get("net", {}),
+        optimizers,
+        groups.get("rng", {}),
+        state,
+        groups.get("kept", {}),
+        groups.get("strategy", {}),
+        meta.get("spvit_dsl.spec", ""),
+        meta.get("spvit_dsl.spec_path", ""),
+    )
 
 
 def _split(tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
@@ -121,10 +139,9 @@ def read_state(path: str) -> dict[str, Any]:
     return json.loads(meta.get("spvit_dsl.state", "{}"))
 
 
-def rng_state(net: Any, device: torch.device) -> dict[str, Tensor]:
-    """The random states a resumed search must restore: torch's CPU generator, the gate noise, CUDA's."""
+def rng_state(gen: torch.Generator | None, device: torch.device) -> dict[str, Tensor]:
+    """The random states a resumed search must restore: torch's CPU generator, a strategy's noise, CUDA's."""
     out = {"torch": torch.get_rng_state()}
-    gen = net.sample_generator
     if gen is not None:
         out["gates"] = gen.get_state()
     if device.type == "cuda":
@@ -142,11 +159,10 @@ def numpy_rng_extra() -> list[Any]:
 
 
 def restore_rng(
-    net: Any, rng: dict[str, Tensor], device: torch.device, numpy_extra: list[Any] | None = None
+    gen: torch.Generator | None, rng: dict[str, Tensor], device: torch.device, numpy_extra: list[Any] | None = None
 ) -> None:
     if "torch" in rng:
         torch.set_rng_state(rng["torch"])
-    gen = net.sample_generator
     if gen is not None and "gates" in rng:
         gen.set_state(rng["gates"])
     if device.type == "cuda" and "cuda" in rng:

@@ -1,127 +1,189 @@
-"""Search stage — strategy plug-ins: the registry of implementations keyed by the names of
-:data:`spvit_dsl.compile.strategies.STRATEGIES`, the :class:`Strategy` interface the loop drives, and SPViT's implementation.
+"""Search stage — the strategy protocol: what a method receives, what the loop calls, what it must return.
 
-Input (:class:`SearchContext`): the lowered supernet (its gates, unit table and differentiable cost), the budget
-targets, the resolved settings, the data and the device. Output (:meth:`Strategy.finalize`): :class:`Decisions` —
-the frozen architecture and the kept-unit masks, already repaired to the budget. The loop (:mod:`.loop`) owns
-batches, mixed precision, DDP, checkpoints and metrics; a strategy owns its optimizers, extra loss terms and
-schedules (docs/strategies.md explains how to add UP-ViT, OFB or DIMAP without touching the loop).
+A strategy is a plug-in registered under a name of :data:`spvit_dsl.compile.strategies.STRATEGIES`. Its kind says
+how the loop drives it:
 
-SPViT (He et al., TPAMI 2024, §4): weights and gates updated together on the same batch by two AdamW optimizers;
-the budget enforced by a Lagrange multiplier and a final repair (:mod:`.budget`).
+* ``train`` (spvit; ofb) — trains a masked supernet: per step :meth:`Strategy.before_step`, then the forward of the
+  supernet (inside which :meth:`Strategy.draw` sets the masks and ops), the task loss plus
+  :meth:`Strategy.extra_loss`, one backward, :meth:`Strategy.step`, :meth:`Strategy.after_step`, and
+  :meth:`Strategy.shrinks` (groups to cut physically now: the loop slices the tensors and optimizer states);
+* ``score`` (upvit) — scores units with data and trains nothing: :meth:`Strategy.score` on proxy batches, no
+  gradients;
+* ``data_free`` (magnitude, random; dimap) — reads no data at all.
+
+Every kind ends with :meth:`Strategy.finalize`, which returns :class:`Decisions` at or under every budget (the
+projection in :mod:`.budget` is the shared tool). The loop owns everything that is not the method: data, DDP, mixed
+precision, checkpoints (the strategy's :meth:`Strategy.module` tensors, its optimizers and its JSON
+:meth:`Strategy.state_dict` included), resume, metrics, progress, the frozen spec and the report.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._registry import Registry
-from ..space.plan import FrozenArch
+from ..compile.program import Program
+from ..runtime.data import Data
+from ..space.plan import Convention, FrozenArch
+from ..supernet import Supernet
 from .budget import Target
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "Batch",
     "Decisions",
+    "JSON",
     "SearchContext",
+    "Shrink",
     "Strategy",
+    "StrategyKind",
     "register_implementation",
 ]
 
-_log = logging.getLogger(__name__)
+StrategyKind = Literal["train", "score", "data_free"]
+JSON = None | bool | int | float | str | list["JSON"] | dict[str, "JSON"]
+SettingValue = int | float | str | bool
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch: ``images`` (B, C, H, W) and ``targets`` — labels (B,) or soft targets (B, classes) after mixup."""
+
+    images: Tensor
+    targets: Tensor
 
 
 @dataclass
 class SearchContext:
-    """What a strategy receives."""
+    """What a strategy receives (typed: no ``Any`` at the plug-in boundary)."""
 
-    program: Any  # spvit_dsl.compile.program.Program (space, graph, convention, budgets, settings)
-    net: Any  # spvit_dsl.supernet.Supernet, on ``device``
-    targets: list[Target]
-    settings: dict[str, Any]  # common and strategy settings, flags applied
+    program: Program  # space, graph, convention, budgets, checked spec
+    net: Supernet  # on ``device``
+    targets: list[Target]  # the budgets: metric, absolute limit (program convention), text
+    settings: dict[str, SettingValue]  # the strategy's settings, spec values with command-line flags applied
     device: torch.device
-    data: Any  # spvit_dsl.runtime.data.Data
-    steps_per_epoch: int
-    total_steps: int
+    data: Data | None  # None for data-free strategies
+    steps_per_epoch: int = 0
+    total_steps: int = 0
     rank: int = 0
     world: int = 1
 
     @property
-    def convention(self) -> str:
-        return self.program.convention  # type: ignore[no-any-return]
+    def convention(self) -> Convention:
+        return self.program.convention
 
-    def expected_costs(self) -> dict[str, Tensor]:
-        """metric → differentiable expected cost F(gates) (float64; value = the derived network's cost)."""
-        out = {}
-        for t in self.targets:
-            out[t.metric] = self.net.expected_cost(self.convention, t.field)
-        return out
-
-    def derived_costs(self) -> dict[str, float]:
-        """metric → the analytic cost (program convention) of the network the gates derive now."""
-        c = self.program.graph.cost(self.net.derive(), self.convention)
+    def price(self, arch: FrozenArch) -> dict[str, float]:
+        """metric → the analytic cost of ``arch`` (program convention): ``flops`` (multiply-adds), ``params``."""
+        c = self.program.graph.cost(arch, self.convention)
         return {"flops": float(c.macs), "params": float(c.params)}
 
 
 @dataclass
 class Decisions:
-    """What a strategy returns: the architecture and the kept FFN neurons per block (bool masks)."""
+    """What a strategy returns: the point, and the kept units of every group it keeps below its size (group path →
+    ascending indices for channels, heads and neurons; a bool mask of the weight's shape for ``weights`` groups)."""
 
     arch: FrozenArch
     kept: dict[str, Tensor]
-    info: dict[str, Any] = field(default_factory=dict)  # e.g. repair statistics, for the report
+    info: dict[str, JSON] = field(default_factory=dict)  # e.g. projection statistics, for the report
+
+
+@dataclass(frozen=True)
+class Shrink:
+    """A group to cut physically: ``keep`` indexes the group's current units (see :meth:`Supernet.shrink`)."""
+
+    path: str
+    keep: Tensor
 
 
 class Strategy:
-    """The interface the loop drives. Subclasses set ``name`` (a name in :data:`spvit_dsl.compile.strategies.STRATEGIES`).
-
-    Per step the loop calls: :meth:`before_step` → forward → :meth:`extra_loss` → backward → :meth:`step` →
-    :meth:`after_step`; per epoch :meth:`on_epoch_end`; at the end :meth:`finalize`. :meth:`state_dict` (JSON) and
-    :meth:`optimizers` (their state is saved by the loop) make the strategy resumable.
-    """
+    """Base class of strategy implementations; subclasses set ``name`` and ``kind`` and override what they need."""
 
     name: ClassVar[str] = ""
+    kind: ClassVar[StrategyKind] = "train"
 
     def __init__(self, ctx: SearchContext) -> None:
         self.ctx = ctx
 
+    # --- state the loop checkpoints ------------------------------------------------------------------------
+
+    def module(self) -> nn.Module | None:
+        """Tensors the strategy owns (gate logits, importance scores): trained with the weights when parameters
+        (wrapped by DDP with the supernet), checkpointed under ``strategy/``, restored before resume."""
+        return None
+
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Named optimizers; the loop zeroes their gradients each step and checkpoints their state."""
         return {}
+
+    def generator(self) -> torch.Generator | None:
+        """The generator the strategy draws random masks from (checkpointed, so a resume draws the same)."""
+        return None
+
+    def state_dict(self) -> dict[str, JSON]:
+        """JSON state (multipliers, schedules) for the checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, JSON]) -> None:
+        """Inverse of :meth:`state_dict`."""
+
+    # --- train kind ----------------------------------------------------------------------------------------
+
+    def draw(self, training: bool) -> None:
+        """Set the supernet's masks and ops for the next forward (called inside the forward, so under DDP too)."""
 
     def before_step(self, epoch: float) -> None:
         """Schedules: called before each forward with the fractional epoch."""
 
-    def extra_loss(self, costs: dict[str, Tensor]) -> Tensor | None:
-        """A term added to the task loss (e.g. the budget term); ``costs`` from ``ctx.expected_costs()``."""
+    def extra_loss(self, batch: Batch, logits: Tensor) -> Tensor | None:
+        """A term added to the task loss (a budget term, distillation, masked-image modelling...)."""
         return None
 
     def step(self) -> None:
+        """After the backward: step the optimizers (default: all of them)."""
         for opt in self.optimizers().values():
             opt.step()
 
-    def after_step(self, ratios: dict[str, float]) -> None:
-        """After the optimizer step; ``ratios``: metric → derived cost / budget."""
+    def after_step(self) -> None:
+        """After the optimizer step (e.g. dual ascent)."""
+
+    def shrinks(self) -> list[Shrink]:
+        """Groups to cut physically now (after the step); the loop applies them to the supernet and optimizers."""
+        return []
 
     def on_epoch_end(self, epoch: int) -> None:
-        """After each epoch's checkpoint-worthy end."""
+        """After each epoch's validation."""
+
+    def derived(self) -> FrozenArch:
+        """The network the strategy would choose now, before any budget projection (logged every step)."""
+        return self.ctx.program.space.largest()
+
+    def costs(self) -> dict[str, float]:
+        """metric → the cost of :meth:`derived` (override when the strategy already knows it)."""
+        return self.ctx.price(self.derived())
 
     def metrics(self) -> dict[str, float]:
-        """Numbers for the progress bar and metrics.jsonl (e.g. the multiplier)."""
+        """Numbers for the progress bar and metrics.jsonl (``multiplier`` is shown in the bar)."""
         return {}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
+    # --- score kind ----------------------------------------------------------------------------------------
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`."""
+    def score_batches(self) -> int:
+        """How many proxy batches :meth:`score` needs (the loop iterates the training set in a fixed order)."""
+        return 0
+
+    def score(self, index: int, batch: Batch) -> None:
+        """Score units on proxy batch ``index`` (no gradients; runs under ``torch.no_grad``)."""
+
+    # --- every kind ----------------------------------------------------------------------------------------
 
     def finalize(self) -> Decisions:
-        raise NotImplementedError
+        raise NotImplementedError(f"strategy '{self.name}' does not implement finalize()")
 
 
 IMPLEMENTATIONS: Registry[Callable[[SearchContext], Strategy]] = Registry("strategy implementation")

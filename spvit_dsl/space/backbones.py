@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..lang.errors import did_you_mean
-from .plan import BlockGeom, Family, Geometry
+from .geometry import BlockGeom, Family, Geometry
 
 __all__ = [
     "OVERRIDE_KEYS",

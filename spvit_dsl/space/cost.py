@@ -1,8 +1,15 @@
-"""The analytic cost model (used by *build_graph*, the search and *freeze*): Geometry + FrozenArch → Cost.
+"""The analytic cost model (space stage, pure Python): kept counts → multiply-adds and parameters.
 
-Input: a resolved :class:`~spvit_dsl.space.plan.Geometry` (see :mod:`spvit_dsl.space.backbones`) and one point of the space
-(:class:`~spvit_dsl.space.plan.FrozenArch`), or a single block and one of its choices. Output: :class:`Cost`, plain
-multiply-adds (MACs, per image) and exact parameter counts. Pure Python, no torch.
+Input: the backbone's :class:`~.geometry.Geometry` and an assignment of kept counts to every dimension —
+:class:`Counts`: the residual width of every stage, and per block the op weights, heads, per-head width, FFN width
+and the density of each sparsifiable layer. Output: a :class:`Tally` (MACs per image by category, parameters).
+
+The formulas are written once, with ``+``, ``*`` and ``-`` only, so the same code prices
+
+* a frozen point (:func:`arch_cost`: integer counts, a one-hot op) — what ``compile``, ``freeze`` and budgets use;
+* a search state (:func:`tally` on tensors: expected counts, op probabilities) — the supernet's differentiable cost.
+  Products such as embedding width × FFN width or heads × head_dim × tokens are exact, not linearised, and at hard
+  masks the two agree.
 
 Two conventions (``docs/cost-model.md`` has every formula):
 
@@ -13,60 +20,112 @@ Two conventions (``docs/cost-model.md`` has every formula):
   LayerNorm 5 MACs per element, eval-mode BatchNorm 2 per element, the global average pool one per input element.
   Its ``matmul`` part is exactly what ``torch.utils.flop_counter.FlopCounterMode`` reports ÷ 2.
 
-Accounting choices (the same in both conventions): the attention branch of a ``skip`` block costs nothing; the two
-block LayerNorms are *fixed* (held and run by every block whatever its choices); an FFN kept at width 0 still holds
-``fc2.bias`` (what slicing leaves), which costs no MACs; ``density`` scales weight matmuls and weight counts only.
-Every function is linear in the FFN width and in ``heads × head_dim`` apart from attention (quadratic in tokens),
-so fractional (expected) counts work too.
+Accounting choices (the same in both conventions; the compact network is built to match them):
+
+* the attention branch of a block — ``norm1`` included — belongs to its op: a ``skip`` block runs neither;
+* ``norm2`` and ``fc2.bias`` belong to every block: an FFN kept at width 0 still adds ``fc2.bias``;
+* a conv op's bottleneck is the block's kept per-head width; its layers are never sparsified;
+* ``density`` (unstructured sparsity, our extension for DIMAP-style pruning) counts the non-zero weights of qkv,
+  proj, fc1 and fc2 and their multiply-adds; a cost with a density below 1 is reported as sparse.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+from .geometry import BlockGeom, Convention, Geometry
 from .ops import OPS
-from .plan import BlockArch, BlockGeom, Convention, Cost, FrozenArch, Geometry
+from .plan import LAYERS, BlockArch, Cost, FrozenArch, dense_arch
 
 __all__ = [
     "CATEGORIES",
+    "BlockCounts",
+    "Counts",
+    "Tally",
     "arch_cost",
-    "at_width",
     "block_cost",
-    "block_ffn_cost",
-    "block_fixed_cost",
-    "block_op_cost",
     "breakdown",
+    "counts_of",
     "dense_arch",
     "dense_cost",
     "stem_head_cost",
+    "tally",
 ]
 
 CATEGORIES: tuple[str, ...] = ("matmul", "norm", "pool")
+
+# A count: an int or float for a frozen point, a torch tensor (any dtype with arithmetic) during a search.
+Num = Any
 
 # per-element MACs of the non-matmul layers
 _LAYERNORM = {"paper": 1, "exact": 5}
 _BATCHNORM = {"paper": 0, "exact": 2}
 
 
-@dataclass(frozen=True)
-class _Tally:
-    """MACs by category plus parameters; what every function here adds up."""
+@dataclass
+class Tally:
+    """MACs by category plus parameters (numbers or tensors)."""
 
-    matmul: float = 0
-    norm: float = 0
-    pool: float = 0
-    params: float = 0
+    matmul: Num = 0
+    norm: Num = 0
+    pool: Num = 0
+    params: Num = 0
+    sparse: bool = False
 
-    def __add__(self, other: _Tally) -> _Tally:
-        return _Tally(
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(
             self.matmul + other.matmul,
             self.norm + other.norm,
             self.pool + other.pool,
             self.params + other.params,
+            self.sparse or other.sparse,
         )
 
+    def scaled(self, weight: Num) -> Tally:
+        return Tally(
+            self.matmul * weight, self.norm * weight, self.pool * weight, self.params * weight, self.sparse
+        )
+
+    @property
+    def macs(self) -> Num:
+        return self.matmul + self.norm + self.pool
+
+    def of(self, metric: str) -> Num:
+        """``flops``/``macs`` (multiply-adds) or ``params``."""
+        return self.params if metric == "params" else self.macs
+
     def cost(self) -> Cost:
-        return Cost(self.matmul + self.norm + self.pool, self.params)  # type: ignore[arg-type]
+        return Cost(self.macs, self.params, self.sparse)  # type: ignore[arg-type]
+
+
+@dataclass
+class BlockCounts:
+    """What one block keeps: op weights (one-hot when frozen), heads, per-head width, FFN width, densities."""
+
+    ops: Mapping[str, Num]
+    heads: Num
+    head_dim: Num
+    ffn: Num
+    density: Mapping[str, Num] = field(default_factory=dict)  # layer → density; missing layers are dense
+
+
+@dataclass
+class Counts:
+    """Kept counts for a whole network: the residual width of every stage and every block's counts."""
+
+    embed: Sequence[Num]
+    blocks: Sequence[BlockCounts]
+
+
+def counts_of(arch: FrozenArch) -> Counts:
+    """The counts of a frozen point."""
+    blocks = [
+        BlockCounts({b.op: 1}, b.heads, b.head_dim, b.ffn, {layer: b.density.of(layer) for layer in LAYERS})
+        for b in arch.blocks
+    ]
+    return Counts(arch.embed, blocks)
 
 
 def _check_convention(convention: str) -> None:
@@ -74,221 +133,196 @@ def _check_convention(convention: str) -> None:
         raise ValueError(f"unknown cost convention '{convention}'; expected 'paper' or 'exact'")
 
 
-def _weights(count: float, density: float) -> float:
-    """Kept weights of a matrix at ``density`` (rounded to a whole count)."""
-    return count if density == 1 else round(count * density)
+def _is_one(x: Num) -> bool:
+    return isinstance(x, int | float) and x == 1
 
 
-def _sparse(macs: float, density: float) -> float:
-    """Weight-matmul MACs at ``density`` (left an exact integer when dense)."""
-    return macs if density == 1 else macs * density
+def _nnz(count: Num, density: Num) -> Num:
+    """Kept (non-zero) weights of a matrix of ``count`` weights at ``density``: rounded to a whole number for a
+    frozen point, exact ``count · density`` for tensors."""
+    if _is_one(density):
+        return count
+    product = count * density
+    return round(product) if isinstance(product, int | float) else product
 
 
-def _patch_tokens(b: BlockGeom) -> int:
-    return b.grid[0] * b.grid[1]
+def _sparse(counts: BlockCounts) -> bool:
+    return any(isinstance(d, int | float) and d != 1 for d in counts.density.values()) or any(
+        not isinstance(d, int | float) for d in counts.density.values()
+    )
 
 
-# --- the attention branch ------------------------------------------------------------------------------------
+# --- one block ------------------------------------------------------------------------------------------------
 
 
-def _msa(b: BlockGeom, heads: int, head_dim: int, density: float) -> _Tally:
-    """qkv (C → 3D, bias), attention matmuls (2·N·M·D, M = keys per query), proj (D → C, bias); D = heads·head_dim."""
-    inner = heads * head_dim
+def _norm(b: BlockGeom, dim: Num, convention: str) -> Tally:
+    """One LayerNorm over every token of the block at width ``dim``."""
+    return Tally(norm=_LAYERNORM[convention] * b.tokens * dim, params=2 * dim)
+
+
+def _msa(b: BlockGeom, dim: Num, c: BlockCounts) -> Tally:
+    """qkv (C → 3D, bias), attention matmuls (2·N·M·D, M keys per query), proj (D → C, bias); D = heads·head_dim."""
+    inner = c.heads * c.head_dim
     tokens = b.tokens
     keys = b.window**2 if b.window else tokens  # Swin attends within windows, ViT over all tokens
-    weight_macs = _sparse(tokens * b.dim * inner * 4, density)
-    attention = 2 * tokens * keys * inner
-    params = _weights(4 * b.dim * inner, density) + 3 * inner + b.dim
+    d_qkv, d_proj = c.density.get("qkv", 1), c.density.get("proj", 1)
+    qkv = _nnz(3 * dim * inner, d_qkv)
+    proj = _nnz(dim * inner, d_proj)
+    params = qkv + 3 * inner + proj + dim
     if b.window:
-        params += (2 * b.window - 1) ** 2 * heads  # relative-position-bias table
-    return _Tally(matmul=weight_macs + attention, params=params)
+        params = params + (2 * b.window - 1) ** 2 * c.heads  # relative-position-bias table
+    return Tally(matmul=tokens * (qkv + proj) + 2 * tokens * keys * inner, params=params)
 
 
-def _conv(b: BlockGeom, convention: str, kernel: int, density: float) -> _Tally:
-    """Conv2d(C, d, k, bias) → BN(d) → ReLU → Conv2d(d, C, 1, bias) on the patch-token map, d = dense head_dim.
+def _conv(b: BlockGeom, dim: Num, bottleneck: Num, kernel: int, convention: str) -> Tally:
+    """Conv2d(C, d, k, bias) → BN(d) → ReLU → Conv2d(d, C, 1, bias) on the patch map, d = the kept head width.
 
     Prefix tokens pass the branch unchanged (they are not on the map), so only H·W positions are computed.
     """
-    d, hw = b.head_dim, _patch_tokens(b)
-    weights = kernel * kernel * b.dim * d + d * b.dim
-    return _Tally(
-        matmul=_sparse(hw * weights, density),
-        norm=_BATCHNORM[convention] * hw * d,
-        params=_weights(weights, density) + d + 2 * d + b.dim,
+    weights = kernel * kernel * dim * bottleneck + bottleneck * dim
+    return Tally(
+        matmul=b.patches * weights,
+        norm=_BATCHNORM[convention] * b.patches * bottleneck,
+        params=weights + bottleneck + 2 * bottleneck + dim,
     )
 
 
-def _op_tally(
-    b: BlockGeom, op: str, convention: str, heads: int | None, head_dim: int | None, density: float
-) -> _Tally:
-    _check_convention(convention)
-    info = OPS.get(op)
+def _op(b: BlockGeom, op: str, dim: Num, c: BlockCounts, convention: str) -> Tally:
+    """The attention branch running ``op``: norm1 and the branch (``skip``: nothing at all)."""
     if op == "skip":
-        return _Tally()
+        return Tally()
     if op == "msa":
-        return _msa(
-            b, b.heads if heads is None else heads, b.head_dim if head_dim is None else head_dim, density
-        )
-    if info.kernel is not None:
-        return _conv(b, convention, info.kernel, density)
-    raise ValueError(f"the cost model has no formula for op '{op}'")
+        branch = _msa(b, dim, c)
+    else:
+        kernel = OPS.get(op).kernel
+        if kernel is None:
+            raise ValueError(f"the cost model has no formula for op '{op}'")
+        branch = _conv(b, dim, c.head_dim, kernel, convention)
+    return _norm(b, dim, convention) + branch
 
 
-def block_op_cost(
-    b: BlockGeom,
-    op: str,
-    convention: Convention,
-    *,
-    heads: int | None = None,
-    head_dim: int | None = None,
-    density: float = 1.0,
-) -> Cost:
-    """Cost of one block's attention branch running ``op`` (``skip`` costs nothing).
-
-    ``heads``/``head_dim`` set the inner width of ``msa`` (default: the dense block's); conv ops always use the
-    dense per-head width ``d = C / h`` as their bottleneck. ``density`` scales the weight matmuls and weights.
-    """
-    return _op_tally(b, op, convention, heads, head_dim, density).cost()
+def _ffn(b: BlockGeom, dim: Num, c: BlockCounts, convention: str) -> Tally:
+    """norm2, fc1 (C → w, bias), GELU, fc2 (w → C, bias); the paper leaves the prefix tokens out of the matmuls."""
+    tokens = b.patches if convention == "paper" else b.tokens
+    fc1 = _nnz(dim * c.ffn, c.density.get("fc1", 1))
+    fc2 = _nnz(c.ffn * dim, c.density.get("fc2", 1))
+    return _norm(b, dim, convention) + Tally(matmul=tokens * (fc1 + fc2), params=fc1 + c.ffn + fc2 + dim)
 
 
-# --- FFN, norms ----------------------------------------------------------------------------------------------
+def _block(b: BlockGeom, dim: Num, c: BlockCounts, convention: str) -> Tally:
+    total = _ffn(b, dim, c, convention)
+    for op, weight in c.ops.items():
+        if isinstance(weight, int | float) and weight == 0:
+            continue
+        part = _op(b, op, dim, c, convention)
+        total = total + (part if _is_one(weight) else part.scaled(weight))
+    total.sparse = _sparse(c)
+    return total
 
 
-def _ffn(b: BlockGeom, width: float, convention: str, density: float) -> _Tally:
-    """fc1 (C → w, bias), GELU, fc2 (w → C, bias); the paper leaves the prefix tokens out."""
+def block_cost(b: BlockGeom, arch: BlockArch, convention: Convention, dim: int | None = None) -> Cost:
+    """One whole block at the choices ``arch`` and residual width ``dim`` (default: the dense width)."""
     _check_convention(convention)
-    tokens = _patch_tokens(b) if convention == "paper" else b.tokens
-    return _Tally(
-        matmul=_sparse(tokens * 2 * b.dim * width, density),
-        params=_weights(2 * b.dim * width, density) + width + b.dim,  # fc2.bias stays at width 0
-    )
+    (counts,) = counts_of(FrozenArch((arch,), (b.dim,))).blocks
+    return _block(b, b.dim if dim is None else dim, counts, convention).cost()
 
 
-def block_ffn_cost(b: BlockGeom, width: float, convention: Convention, *, density: float = 1.0) -> Cost:
-    """Cost of one block's FFN keeping ``width`` hidden neurons (linear in ``width``; 0 keeps only fc2's bias)."""
-    return _ffn(b, width, convention, density).cost()
+# --- stem and head --------------------------------------------------------------------------------------------
 
 
-def _fixed(b: BlockGeom, convention: str) -> _Tally:
-    _check_convention(convention)
-    return _Tally(norm=2 * _LAYERNORM[convention] * b.tokens * b.dim, params=4 * b.dim)  # norm1, norm2
-
-
-def block_fixed_cost(b: BlockGeom, convention: Convention) -> Cost:
-    """Cost every block pays whatever its choices: its two LayerNorms (norm1, norm2)."""
-    return _fixed(b, convention).cost()
-
-
-def _block(b: BlockGeom, arch: BlockArch, convention: str) -> _Tally:
-    return (
-        _op_tally(b, arch.op, convention, arch.heads, arch.head_dim, arch.density)
-        + _ffn(b, arch.ffn, convention, arch.density)
-        + _fixed(b, convention)
-    )
-
-
-def block_cost(b: BlockGeom, arch: BlockArch, convention: Convention) -> Cost:
-    """One whole block at the choices ``arch``: attention branch + FFN + norms."""
-    return _block(b, arch, convention).cost()
-
-
-# --- stem and head -------------------------------------------------------------------------------------------
-
-
-def _linear_head(g: Geometry, width: int, copies: int) -> _Tally:
+def _linear_head(g: Geometry, width: Num, copies: int) -> Tally:
     """Classifier(s) on one pooled/cls feature vector; distilled DeiT runs two (head, head_dist)."""
     if g.num_classes == 0:
-        return _Tally()
-    return _Tally(
+        return Tally()
+    return Tally(
         matmul=copies * width * g.num_classes, params=copies * (width * g.num_classes + g.num_classes)
     )
 
 
-def _patch_embed(g: Geometry, embed: int) -> _Tally:
+def _patch_embed(g: Geometry, embed: Num) -> Tally:
     grid = g.blocks[0].grid
     weights = g.in_chans * g.patch_size**2 * embed
-    return _Tally(matmul=grid[0] * grid[1] * weights, params=weights + embed)
+    return Tally(matmul=grid[0] * grid[1] * weights, params=weights + embed)
 
 
-def _vit_stem_head(g: Geometry, convention: str, embed: int) -> _Tally:
+def _vit_stem_head(g: Geometry, convention: str, embed: Num) -> Tally:
     """Patch embed, cls/dist tokens + position embedding, final LayerNorm over every token, head(s)."""
     tokens = g.blocks[0].tokens
-    final_norm = _Tally(
+    final_norm = Tally(
         norm=_LAYERNORM[convention] * tokens * embed if convention == "exact" else 0, params=2 * embed
     )
-    tokens_params = _Tally(params=g.prefix_tokens * embed + tokens * embed)
+    tokens_params = Tally(params=g.prefix_tokens * embed + tokens * embed)
     return _patch_embed(g, embed) + tokens_params + final_norm + _linear_head(g, embed, g.prefix_tokens)
 
 
-def _swin_stem_head(g: Geometry, convention: str, embed: int) -> _Tally:
+def _div(x: Num, k: int) -> Num:
+    """``x // k`` for numbers (the official code's integer arithmetic), ``x / k`` for tensors."""
+    return x // k if isinstance(x, int) else x / k
+
+
+def _swin_stem_head(g: Geometry, convention: str, embed: Sequence[Num]) -> Tally:
     """Patch embed + its LayerNorm, patch merging before stages 1.., final LayerNorm, global average pool, head."""
     ln = _LAYERNORM[convention]
     grid0 = g.blocks[0].grid
-    out = _patch_embed(g, embed) + _Tally(norm=ln * grid0[0] * grid0[1] * embed, params=2 * embed)
+    out = _patch_embed(g, embed[0]) + Tally(norm=ln * grid0[0] * grid0[1] * embed[0], params=2 * embed[0])
     stages = len(g.depths)
     for s in range(1, stages):
         h, w = _stage_grid(g, s)
-        merged = 4 * embed * 2 ** (s - 1)  # 2x2 neighbours of the previous stage, concatenated
-        out += _Tally(
-            matmul=h * w * merged * embed * 2**s,
-            norm=ln * h * w * merged,
-            params=2 * merged + merged * embed * 2**s,
+        merged = 4 * embed[s - 1]  # 2x2 neighbours of the previous stage, concatenated
+        out += Tally(
+            matmul=h * w * merged * embed[s], norm=ln * h * w * merged, params=2 * merged + merged * embed[s]
         )
-    features = embed * 2 ** (stages - 1)
+    features = embed[stages - 1]
     h, w = _stage_grid(g, stages - 1)
     if convention == "exact":
-        out += _Tally(norm=ln * h * w * features, pool=h * w * features)
+        out += Tally(norm=ln * h * w * features, pool=h * w * features)
     else:  # the official flops(): num_features · H0·W0 / 2^stages, standing in for the final norm/pool
-        out += _Tally(pool=features * grid0[0] * grid0[1] // 2**stages)
-    return out + _Tally(params=2 * features) + _linear_head(g, features, 1)
+        out += Tally(pool=_div(features * grid0[0] * grid0[1], 2**stages))
+    return out + Tally(params=2 * features) + _linear_head(g, features, 1)
 
 
 def _stage_grid(g: Geometry, stage: int) -> tuple[int, int]:
     return next(b.grid for b in g.blocks if b.stage == stage)
 
 
-def _stem_head(g: Geometry, convention: str, embed: int | None) -> _Tally:
+def _stem_head(g: Geometry, convention: str, embed: Sequence[Num]) -> Tally:
     _check_convention(convention)
-    embed = g.embed_dim if embed is None else embed
+    if len(embed) != g.stages:
+        raise ValueError(f"{g.model} has {g.stages} stage width(s), the assignment gives {len(embed)}")
     return (
-        _swin_stem_head(g, convention, embed) if g.family == "swin" else _vit_stem_head(g, convention, embed)
+        _swin_stem_head(g, convention, embed)
+        if g.family == "swin"
+        else _vit_stem_head(g, convention, embed[0])
     )
 
 
-def stem_head_cost(geometry: Geometry, convention: Convention, embed: int | None = None) -> Cost:
-    """Everything outside the blocks, at residual width ``embed`` (default: the dense one)."""
-    return _stem_head(geometry, convention, embed).cost()
+def stem_head_cost(geometry: Geometry, convention: Convention, embed: Sequence[int] | None = None) -> Cost:
+    """Everything outside the blocks, at the residual widths ``embed`` (per stage; default: the dense ones)."""
+    return _stem_head(geometry, convention, geometry.dims if embed is None else embed).cost()
 
 
-# --- whole networks ------------------------------------------------------------------------------------------
+# --- whole networks -------------------------------------------------------------------------------------------
 
 
-def at_width(b: BlockGeom, embed: int, dense_embed: int) -> BlockGeom:
-    """The block at residual width ``embed`` (dense: ``dense_embed``): ViT C', Swin stage s C'·2^s.
+def tally(geometry: Geometry, counts: Counts, convention: Convention) -> Tally:
+    """The cost of an assignment of counts (numbers or tensors) by category.
 
-    Only ``dim`` changes: ``heads``/``head_dim`` (the conv bottleneck) and the dense ``hidden`` stay.
+    Raises ``ValueError`` for a convention other than ``paper``/``exact``, an assignment with the wrong number of
+    blocks or stages, or an op without a formula.
     """
-    return b if embed == dense_embed else replace(b, dim=embed * 2**b.stage)
-
-
-def _arch(g: Geometry, arch: FrozenArch, convention: str) -> _Tally:
-    if len(arch.blocks) != g.depth:
-        raise ValueError(f"the architecture has {len(arch.blocks)} blocks but the backbone has {g.depth}")
-    total = _stem_head(g, convention, arch.embed)
-    for b, a in zip(g.blocks, arch.blocks, strict=True):
-        total += _block(at_width(b, arch.embed, g.embed_dim), a, convention)
+    if len(counts.blocks) != geometry.depth:
+        raise ValueError(
+            f"the assignment has {len(counts.blocks)} blocks but the backbone has {geometry.depth}"
+        )
+    total = _stem_head(geometry, convention, counts.embed)
+    for b, c in zip(geometry.blocks, counts.blocks, strict=True):
+        total += _block(b, counts.embed[b.stage], c, convention)
     return total
 
 
 def arch_cost(geometry: Geometry, arch: FrozenArch, convention: Convention) -> Cost:
-    """Total cost of one point of the space (every block's choices plus stem and head)."""
-    return _arch(geometry, arch, convention).cost()
-
-
-def dense_arch(geometry: Geometry) -> FrozenArch:
-    """The dense backbone as a :class:`FrozenArch` (every block msa, full FFN, dense heads)."""
-    blocks = tuple(BlockArch("msa", b.hidden, b.heads, b.head_dim, 1.0) for b in geometry.blocks)
-    return FrozenArch(blocks, geometry.embed_dim)
+    """Total cost of one point of the space: multiply-adds per image and parameters (non-zero ones when sparse)."""
+    return tally(geometry, counts_of(arch), convention).cost()
 
 
 def dense_cost(geometry: Geometry, convention: Convention) -> Cost:
@@ -299,5 +333,5 @@ def dense_cost(geometry: Geometry, convention: Convention) -> Cost:
 def breakdown(geometry: Geometry, arch: FrozenArch, convention: Convention = "exact") -> dict[str, float]:
     """MACs by category: ``matmul`` (linear, matmul, bmm, conv: what FlopCounterMode counts, ÷ 2), ``norm``
     (LayerNorm, BatchNorm), ``pool`` (Swin's global average pool) and their ``total``."""
-    t = _arch(geometry, arch, convention)
-    return {"matmul": t.matmul, "norm": t.norm, "pool": t.pool, "total": t.matmul + t.norm + t.pool}
+    t = tally(geometry, counts_of(arch), convention)
+    return {"matmul": t.matmul, "norm": t.norm, "pool": t.pool, "total": t.macs}

@@ -1,78 +1,41 @@
-"""Data contracts between the stages (pure Python, no torch).
+"""The search space and its points (space stage, pure Python).
 
 Three separate things, as PyGlove keeps them apart:
 
-* the **space** — :class:`Geometry` (what the backbone is) plus one :class:`BlockPlan` per block (which choices
-  the spec declares there) and the global embedding-width choice;
-* the **encoding** an algorithm sees — the decisions of :class:`spvit_dsl.compile.graph.SearchGraph`;
-* one **point** — :class:`FrozenArch`, every choice fixed.
-
-Decision names are stable strings used everywhere (graph nodes, supernet gates, checkpoints, diffs):
-``blocks.{i}.attention``, ``blocks.{i}.ffn``, ``blocks.{i}.heads``, ``blocks.{i}.head_dim``,
-``blocks.{i}.density`` and ``embed``; ``i`` is the global block index (Swin blocks are numbered across stages).
+* the **space** — :class:`Space`: the backbone's :class:`~.geometry.Geometry`, one :class:`BlockPlan` per block
+  (the candidates the spec declares there) and the embedding-width candidates of every stage;
+* the **encoding** an algorithm sees — the unit groups of :mod:`.groups` (one per prunable dimension);
+* one **point** — :class:`FrozenArch`, every choice fixed: counts only. Which units are kept (ordered indices) is
+  not part of a point; it lives in checkpoints, keyed by the same group paths.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
-Family = Literal["vit", "swin"]
-Convention = Literal["paper", "exact"]
-CONVENTIONS: tuple[Convention, ...] = ("paper", "exact")
+from .geometry import CONVENTIONS, BlockGeom, Convention, Family, Geometry
 
+__all__ = [
+    "CONVENTIONS",
+    "LAYERS",
+    "BlockArch",
+    "BlockGeom",
+    "BlockPlan",
+    "Convention",
+    "Cost",
+    "Density",
+    "DensityChoice",
+    "Family",
+    "FfnChoice",
+    "FrozenArch",
+    "Geometry",
+    "Space",
+    "dense_arch",
+]
 
-@dataclass(frozen=True)
-class BlockGeom:
-    """Shape facts of one transformer block of the dense backbone."""
-
-    index: int  # global block index
-    stage: int  # Swin stage (0 for ViT)
-    index_in_stage: int
-    dim: int  # C, the residual width
-    heads: int
-    head_dim: int
-    hidden: int  # dense FFN width (mlp_ratio * C)
-    grid: tuple[int, int]  # (H, W) of the patch-token map this block sees
-    prefix_tokens: int  # cls (+ distillation) tokens; 0 for Swin
-    window: int = 0  # Swin window size after timm's clamping to the grid; 0 for ViT
-    shift: int = 0  # Swin shift size (0 on even blocks and when the window covers the grid)
-
-    @property
-    def tokens(self) -> int:
-        return self.grid[0] * self.grid[1] + self.prefix_tokens
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """The dense backbone, resolved from a timm model name and the spec's overrides."""
-
-    family: Family
-    model: str  # timm model name
-    img_size: int
-    patch_size: int
-    in_chans: int
-    num_classes: int
-    embed_dim: int
-    depths: tuple[int, ...]  # ViT: (depth,); Swin: per stage
-    num_heads: tuple[int, ...]  # ViT: (heads,); Swin: per stage
-    mlp_ratio: float
-    window_size: int  # Swin only (0 for ViT)
-    prefix_tokens: int  # ViT: cls + distillation tokens
-    blocks: tuple[BlockGeom, ...]
-    # keyword arguments for timm.create_model(model, pretrained=False, **timm_kwargs)
-    timm_kwargs: tuple[tuple[str, object], ...] = ()
-
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def num_features(self) -> int:
-        return self.blocks[-1].dim if self.blocks else self.embed_dim
-
-    def kwargs(self) -> dict[str, object]:
-        return dict(self.timm_kwargs)
+# The weight matrices of a block that unstructured sparsity applies to (timm names: attn.qkv, attn.proj,
+# mlp.fc1, mlp.fc2). Patch embedding, patch merging, norms and the head are never sparsified.
+LAYERS: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
 
 
 @dataclass(frozen=True)
@@ -98,6 +61,19 @@ class FfnChoice:
 
 
 @dataclass(frozen=True)
+class DensityChoice:
+    """Candidate weight densities (1.0 = dense) of each sparsifiable layer of a block, ascending."""
+
+    qkv: tuple[float, ...] = (1.0,)
+    proj: tuple[float, ...] = (1.0,)
+    fc1: tuple[float, ...] = (1.0,)
+    fc2: tuple[float, ...] = (1.0,)
+
+    def of(self, layer: str) -> tuple[float, ...]:
+        return getattr(self, layer)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
 class BlockPlan:
     """The choices declared for one block (after override resolution); singletons are fixed."""
 
@@ -106,58 +82,116 @@ class BlockPlan:
     ffn: FfnChoice
     heads: tuple[int, ...]  # candidate head counts (default: the dense count)
     head_dim: tuple[int, ...]  # candidate per-head widths (default: the dense width)
-    density: tuple[float, ...] = (1.0,)  # candidate weight densities (1.0 = dense; unstructured pruning)
+    density: DensityChoice = DensityChoice()
+
+
+@dataclass(frozen=True)
+class Density:
+    """The weight density of each sparsifiable layer of one block (kept non-zero weights / weights)."""
+
+    qkv: float = 1.0
+    proj: float = 1.0
+    fc1: float = 1.0
+    fc2: float = 1.0
+
+    def of(self, layer: str) -> float:
+        return getattr(self, layer)  # type: ignore[no-any-return]
+
+    @property
+    def dense(self) -> bool:
+        return all(self.of(layer) == 1.0 for layer in LAYERS)
+
+    @classmethod
+    def uniform(cls, density: float) -> Density:
+        return cls(density, density, density, density)
 
 
 @dataclass(frozen=True)
 class BlockArch:
-    """One block with every choice fixed."""
+    """One block with every choice fixed: op, FFN width, heads × per-head width, per-layer densities."""
 
     op: str
     ffn: int  # kept FFN neurons
     heads: int
     head_dim: int
-    density: float = 1.0
+    density: Density = Density()
 
 
 @dataclass(frozen=True)
 class FrozenArch:
-    """One point of the space: every decision fixed. ``embed`` is the residual width (ViT) / stage-0 width."""
+    """One point of the space: every block's choices and the residual width of every stage (ViT: one)."""
 
     blocks: tuple[BlockArch, ...]
-    embed: int
+    embed: tuple[int, ...]
 
     def with_block(self, i: int, **changes: object) -> FrozenArch:
         blocks = list(self.blocks)
         blocks[i] = replace(blocks[i], **changes)  # type: ignore[arg-type]
         return replace(self, blocks=tuple(blocks))
 
+    @property
+    def sparse(self) -> bool:
+        """Whether some layer keeps less than all of its weights (costs then count non-zero weights)."""
+        return any(not b.density.dense for b in self.blocks)
+
+    def canonical(self) -> FrozenArch:
+        """The same network with the densities of layers it does not run set to 1: qkv and proj of a block
+        whose op is not msa, fc1 and fc2 of an FFN of width 0 (their sparsity changes nothing)."""
+        blocks = []
+        for b in self.blocks:
+            d = b.density
+            if b.op != "msa":
+                d = replace(d, qkv=1.0, proj=1.0)
+            if b.ffn == 0:
+                d = replace(d, fc1=1.0, fc2=1.0)
+            blocks.append(b if d == b.density else replace(b, density=d))
+        return replace(self, blocks=tuple(blocks))
+
 
 @dataclass(frozen=True)
 class Cost:
-    """Multiply-adds and parameters (plain counts, not G/M)."""
+    """Multiply-adds and parameters (plain counts, not G/M); ``sparse``: counted over non-zero weights."""
 
     macs: float = 0.0
     params: int = 0
+    sparse: bool = False
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.macs + other.macs, self.params + other.params)
+        return Cost(self.macs + other.macs, self.params + other.params, self.sparse or other.sparse)
 
     def __sub__(self, other: Cost) -> Cost:
-        return Cost(self.macs - other.macs, self.params - other.params)
+        return Cost(self.macs - other.macs, self.params - other.params, self.sparse or other.sparse)
+
+    def of(self, metric: str) -> float:
+        """``flops`` (multiply-adds) or ``params``."""
+        return float(self.macs if metric == "flops" else self.params)
+
+
+def dense_arch(geometry: Geometry) -> FrozenArch:
+    """The dense backbone as a point: every block msa with its dense heads, head width and FFN; dense widths."""
+    blocks = tuple(BlockArch("msa", b.hidden, b.heads, b.head_dim) for b in geometry.blocks)
+    return FrozenArch(blocks, geometry.dims)
 
 
 @dataclass(frozen=True)
 class Space:
-    """The whole space: geometry, one plan per block, the embedding-width candidates."""
+    """The whole space: geometry, one plan per block, the embedding-width candidates of every stage."""
 
     geometry: Geometry
     plans: tuple[BlockPlan, ...]
-    embed: tuple[int, ...]
+    embed: tuple[tuple[int, ...], ...]  # per stage (ViT: one entry), ascending
     extras: dict[str, object] = field(default_factory=dict, compare=False)
 
     def dense(self) -> FrozenArch:
-        return FrozenArch(
-            tuple(BlockArch("msa", p.geom.hidden, p.geom.heads, p.geom.head_dim, 1.0) for p in self.plans),
-            self.geometry.embed_dim,
-        )
+        """The dense backbone (which need not be a point of the space)."""
+        return dense_arch(self.geometry)
+
+    def largest(self) -> FrozenArch:
+        """Every dimension at its largest candidate (the top op level); for a frozen space, its one point."""
+        blocks = []
+        for p in self.plans:
+            d = p.density
+            density = Density(d.qkv[-1], d.proj[-1], d.fc1[-1], d.fc2[-1])
+            width = p.ffn.candidates(p.geom.hidden)[-1]
+            blocks.append(BlockArch(p.attention[-1], width, p.heads[-1], p.head_dim[-1], density))
+        return FrozenArch(tuple(blocks), tuple(w[-1] for w in self.embed))

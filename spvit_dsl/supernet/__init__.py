@@ -1,34 +1,32 @@
-"""Torch modules of the lowering stage: the gated SPViT supernet over timm backbones.
+"""Stage — lower (torch): a checked space → a masked supernet over the real timm backbone.
 
-:func:`spvit_dsl.supernet.lower.lower` builds a :class:`Supernet`; its pieces are the unified attention op
-(:class:`UnifiedAttention`), the gated FFN (:class:`GatedMlp`) and the gates (:class:`OpGate`, :class:`FfnGate`).
+:func:`~.lower.lower` builds a :class:`Supernet`; its pieces are the unified attention op (:class:`UnifiedAttention`:
+SPViT's candidate ops over shared weights), the masked FFN (:class:`GatedMlp`) and the mask board every unit group
+writes to (:mod:`.masks`). Strategies set masks; :meth:`Supernet.cost` prices expected counts differentiably.
 """
 
 from __future__ import annotations
 
-from .attention import UnifiedAttention, gated_linear
-from .ffn import GatedMlp
+from .attention import AttentionGroups, UnifiedAttention, gated_linear
+from .ffn import FfnGroups, GatedMlp
 from .flops import count_macs
-from .gates import FfnGate, OpGate, binary_concrete, indicator, leading_ones, level_weight
 from .io import load_supernet, read_metadata, save_supernet, space_from_json, space_to_json
-from .net import BlockRow, GateDict, Supernet, Unit
+from .masks import MaskBoard, MaskedLayerNorm, masked_layer_norm
+from .net import BlockRow, Supernet
 
 __all__ = [
+    "AttentionGroups",
     "BlockRow",
-    "FfnGate",
-    "GateDict",
+    "FfnGroups",
     "GatedMlp",
-    "OpGate",
+    "MaskBoard",
+    "MaskedLayerNorm",
     "Supernet",
     "UnifiedAttention",
-    "Unit",
-    "binary_concrete",
     "count_macs",
     "gated_linear",
-    "indicator",
-    "leading_ones",
-    "level_weight",
     "load_supernet",
+    "masked_layer_norm",
     "read_metadata",
     "save_supernet",
     "space_from_json",

@@ -1,11 +1,13 @@
-"""The unified attention op of the SPViT supernet (lowering stage, torch).
+"""The unified attention op of the supernet (lowering stage, torch): SPViT's candidates, with masked heads, per-head
+channels, residual channels and weights.
 
-Input: a timm ``Attention`` (ViT/DeiT) or ``WindowAttention`` (Swin) module, the block's candidate ops and its
-geometry. Output: one module computing any candidate from the *same* parameters (SPViT §1, single-path weight
-sharing):
+Input: a timm ``Attention`` (ViT/DeiT) or ``WindowAttention`` (Swin) module, the block's candidate ops, its geometry
+and the paths of its unit groups on the supernet's :class:`~.masks.MaskBoard`. Output: one module computing any
+candidate from the *same* parameters (SPViT §1, single-path weight sharing):
 
 * ``msa`` — the backbone's own attention, from ``qkv`` and ``proj`` (adopted under their timm names, so a dense
-  state dict loads unchanged); Swin keeps its relative position bias and shifted-window mask;
+  state dict loads unchanged); Swin keeps its relative position bias and shifted-window mask. The softmax scale is
+  always the *original* ``1/√head_dim`` (UP-ViT and OFB keep it when per-head channels are pruned);
 * ``conv{k}x{k}`` — a bottleneck conv built from the value and output projections: ``v`` is the last third of
   ``qkv`` (sliced at run time); a learnable mixing matrix ``mix`` (h × K², K the largest kernel among the
   candidates, initialised to ones) gives ``A = softmax(mix / alpha)`` over heads; kernel position ``p`` (row-major
@@ -14,26 +16,32 @@ sharing):
   ``Σ_h (Σ_{p in k×k} A[h,p]) · W_o[:,h]`` plus ``proj.bias``; one fresh BatchNorm per conv op, then ReLU;
 * ``skip`` — the attention branch contributes zero.
 
-Convs run on the patch-token map: for ViT the prefix (cls/distillation) tokens pass the branch unchanged (as in the
-official code); for Swin they run on the full, unshifted (B, H, W, C) map (see :mod:`spvit_dsl.supernet._timm`), during the
-search and after it alike.
+Masks (see :mod:`.masks`): a head's mask scales its output (proj's input columns), a per-head channel's mask scales
+its query (the term it adds to every attention logit) and its output column, so a 0 removes the channel from q, k
+and v at once; the residual-channel mask scales proj's output rows; ``weights`` masks multiply qkv and proj. For a
+conv op the head mask scales ``A`` and the channel mask the expansion's columns. With 0/1 masks the module equals
+the compact attention with only the kept units.
 
-Only the branch of the selected level is computed. During the search its output is multiplied by the level's
-straight-through weight (forward value 1) so the gate logits get gradients; the multiplication is folded into the
-branch's final projection (weight and bias scaled), so it stores no extra activation.
+Convs run on the patch-token map: for ViT the prefix (cls/distillation) tokens pass the branch unchanged (as in the
+official code); for Swin they run on the full, unshifted (B, H, W, C) map (see :mod:`spvit_dsl.supernet._timm`).
+Only the branch of the selected level is computed. During a SPViT search its output is multiplied by the level's
+straight-through weight (forward value 1), folded into the branch's final projection.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from torch import Tensor, nn
 
+from ..space.geometry import BlockGeom
 from ..space.ops import OPS
-from ..space.plan import BlockGeom
+from .masks import MaskBoard, per_sample, scale_axis
 
-__all__ = ["UnifiedAttention", "gated_linear"]
+__all__ = ["AttentionGroups", "UnifiedAttention", "gated_linear"]
 
 
 def gated_linear(z: Tensor, weight: Tensor, bias: Tensor | None, w: Tensor | None) -> Tensor:
@@ -54,6 +62,26 @@ def _kernel(op: str) -> int:
     return k
 
 
+def _batch_view(mask: Tensor, rows: int, dims: int, dtype: torch.dtype) -> Tensor:
+    """A per-sample mask (B, U) for an activation of ``dims`` dimensions whose batch is ``rows`` (Swin windows:
+    B·nW rows, image-major) with units last: (rows, 1, ..., 1, U)."""
+    m = mask.to(dtype)
+    if m.shape[0] != rows:
+        m = m.repeat_interleave(rows // m.shape[0], dim=0)
+    return m.view(rows, *([1] * (dims - 2)), m.shape[1])
+
+
+@dataclass(frozen=True)
+class AttentionGroups:
+    """Paths of the unit groups one attention layer reads from the mask board (None: not masked)."""
+
+    heads: str | None = None
+    head_dim: str | None = None
+    embed: str | None = None
+    qkv: str | None = None  # weights mask of qkv
+    proj: str | None = None  # weights mask of proj
+
+
 class UnifiedAttention(nn.Module):
     """One block's attention candidates over shared weights; ``candidates`` are sorted along the single path."""
 
@@ -66,6 +94,8 @@ class UnifiedAttention(nn.Module):
         *,
         alpha: float,
         window: bool,
+        board: MaskBoard | None = None,
+        groups: AttentionGroups = AttentionGroups(),
     ) -> None:
         super().__init__()
         _check_attn(attn, decision)
@@ -79,15 +109,20 @@ class UnifiedAttention(nn.Module):
         self.qkv: nn.Linear = attn.qkv
         self.proj: nn.Linear = attn.proj
         self.head_dim = self.qkv.out_features // (3 * self.num_heads)
-        self.attn_dim = self.num_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = self.head_dim**-0.5  # the original scale, kept when per-head channels are pruned
         self.fused_attn: bool = bool(getattr(attn, "fused_attn", True))
         self.attn_drop: nn.Module = attn.attn_drop
         self.proj_drop: nn.Module = attn.proj_drop
+        self.board = board if board is not None else MaskBoard()
+        self.groups = groups
         self._adopt_msa_extras(attn)
         self._build_convs()
         self._level = len(self.candidates) - 1
         self._weight: Tensor | None = None
+
+    @property
+    def attn_dim(self) -> int:
+        return self.num_heads * self.head_dim
 
     # --- construction ----------------------------------------------------------------------------------------
 
@@ -130,6 +165,62 @@ class UnifiedAttention(nn.Module):
     def op(self) -> str:
         return self.candidates[self._level]
 
+    # --- masks -----------------------------------------------------------------------------------------------
+
+    def _masks(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        g = self.groups
+        return self.board.get(g.heads), self.board.get(g.head_dim), self.board.get(g.embed)
+
+    def qkv_params(self) -> tuple[Tensor, Tensor | None]:
+        """qkv's weight and bias with its weights mask and a batch-wide per-head-channel mask on the query rows."""
+        weight, bias = self.qkv.weight, self.qkv.bias
+        w_mask = self.board.get(self.groups.qkv)
+        if w_mask is not None:
+            weight = weight * w_mask.to(weight.dtype)
+        md = self.board.get(self.groups.head_dim)
+        if md is not None and not per_sample(md):
+            q = torch.cat([md.to(weight.dtype).repeat(self.num_heads), weight.new_ones(2 * self.attn_dim)])
+            weight = weight * q[:, None]
+            bias = bias * q if bias is not None else None
+        return weight, bias
+
+    def _inner_mask(self, mh: Tensor | None, md: Tensor | None) -> Tensor | None:
+        """The batch-wide mask of the D = heads·head_dim attention channels (head-major), or None."""
+        if mh is None and md is None:
+            return None
+        ref = self.proj.weight
+        h = mh.to(ref.dtype) if mh is not None else ref.new_ones(self.num_heads)
+        d = md.to(ref.dtype) if md is not None else ref.new_ones(self.head_dim)
+        return (h[:, None] * d[None, :]).flatten()
+
+    def _output(self, z: Tensor, weight: Tensor, bias: Tensor | None, *, msa: bool) -> Tensor:
+        """The branch's final projection with the residual mask on its rows: ``proj`` for msa (``z``: (rows, N, D);
+        its weights mask and the inner mask on its columns applied here), a conv's expansion (``z``: (B, H, W, d);
+        masked by :meth:`expansion` and :meth:`head_mix`)."""
+        mh, md, me = self._masks()
+        if msa:
+            w_mask = self.board.get(self.groups.proj)
+            if w_mask is not None:
+                weight = weight * w_mask.to(weight.dtype)
+            inner = self._inner_mask(None if per_sample(mh) else mh, None if per_sample(md) else md)
+            weight = scale_axis(weight, inner, 1)
+        if me is not None and not per_sample(me):
+            weight = scale_axis(weight, me, 0)
+            bias = bias * me.to(bias.dtype) if bias is not None else None
+        out = gated_linear(z, weight, bias, self._weight)
+        if per_sample(me):
+            out = out * _batch_view(me, out.shape[0], out.dim(), out.dtype)  # type: ignore[arg-type]
+        return self.proj_drop(out)
+
+    def _per_sample_inner(self, z: Tensor) -> Tensor:
+        """Per-sample head / per-head-channel masks on attention outputs (rows, N, H, d) → (rows, N, D)."""
+        mh, md, _ = self._masks()
+        if per_sample(mh):
+            z = z * _batch_view(mh, z.shape[0], 3, z.dtype).unsqueeze(-1)  # type: ignore[arg-type]
+        if per_sample(md):
+            z = z * _batch_view(md, z.shape[0], 4, z.dtype)  # type: ignore[arg-type]
+        return z.flatten(2)
+
     # --- forward ---------------------------------------------------------------------------------------------
 
     def forward(
@@ -139,9 +230,7 @@ class UnifiedAttention(nn.Module):
         of a Swin block go through :meth:`forward_map`)."""
         op = self.op
         if op == "msa":
-            if self.window:
-                return self._window_msa(x, mask)
-            return self._msa(x, attn_mask, is_causal)
+            return self._attention(x, attn_mask, is_causal, mask)
         if self.window:
             raise RuntimeError(f"{self.decision}: Swin conv/skip levels run on the full map (forward_map)")
         if op == "skip":
@@ -165,74 +254,79 @@ class UnifiedAttention(nn.Module):
 
     # --- the candidates --------------------------------------------------------------------------------------
 
-    def _msa(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+    def _attention(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, window_mask: Tensor | None) -> Tensor:
+        """Multi-head self-attention over (rows, N, C): all tokens (ViT) or one window (Swin, with its bias)."""
+        rows, N, _ = x.shape
+        h = self.num_heads
+        weight, bias = self.qkv_params()
+        q, k, v = F.linear(x, weight, bias).reshape(rows, N, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        md = self.board.get(self.groups.head_dim)
+        if per_sample(md):
+            q = q * _batch_view(md, rows, 4, q.dtype)  # type: ignore[arg-type]
+        if self.window:
+            attn_mask = self._rel_pos_bias()
+            if window_mask is not None:
+                nw = window_mask.shape[0]
+                attn_mask = attn_mask + window_mask.view(1, nw, 1, N, N).expand(rows // nw, -1, h, -1, -1).reshape(
+                    -1, h, N, N
+                )
+            is_causal = False
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn:
             dropout = self.attn_drop.p if self.training else 0.0  # type: ignore[attr-defined]
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale
             )
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-            x = self.attn_drop(attn.softmax(dim=-1)) @ v
-        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
-        return self.proj_drop(gated_linear(x, self.proj.weight, self.proj.bias, self._weight))
+            bias = attn_mask if self.window else resolve_self_attn_mask(N, attn, attn_mask, is_causal)
+            z = self.attn_drop(maybe_add_mask(attn, bias).softmax(dim=-1)) @ v
+        z = self._per_sample_inner(z.transpose(1, 2))
+        if not self.window:
+            z = self.norm(z)
+        return self._output(z, self.proj.weight, self.proj.bias, msa=True)
 
     def _rel_pos_bias(self) -> Tensor:
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(self.window_area, self.window_area, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
 
-    def _window_msa(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        B_, N, _ = x.shape
-        h = self.num_heads
-        qkv = self.qkv(x).reshape(B_, N, 3, h, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        if self.fused_attn:
-            bias = self._rel_pos_bias()
-            if mask is not None:
-                nw = mask.shape[0]
-                bias = bias + mask.view(1, nw, 1, N, N).expand(B_ // nw, -1, h, -1, -1).reshape(-1, h, N, N)
-            dropout = self.attn_drop.p if self.training else 0.0  # type: ignore[attr-defined]
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + self._rel_pos_bias()
-            if mask is not None:
-                nw = mask.shape[0]
-                attn = attn.view(-1, nw, h, N, N) + mask.unsqueeze(1).unsqueeze(0)
-                attn = attn.view(-1, h, N, N)
-            x = self.attn_drop(attn.softmax(dim=-1)) @ v
-        x = x.transpose(1, 2).reshape(B_, N, -1)
-        return self.proj_drop(gated_linear(x, self.proj.weight, self.proj.bias, self._weight))
-
     def head_mix(self, k: int) -> Tensor:
-        """``A`` restricted to the centre k × k positions: (heads, k²)."""
+        """``A`` restricted to the centre k × k positions, times the heads mask: (heads, k²)."""
         K = self.max_kernel
         A = torch.softmax(self.mix / self.alpha, dim=0).view(self.num_heads, K, K)
         o = (K - k) // 2
-        return A[:, o : o + k, o : o + k].reshape(self.num_heads, k * k)
+        A = A[:, o : o + k, o : o + k].reshape(self.num_heads, k * k)
+        mh = self.board.get(self.groups.heads)
+        if per_sample(mh):
+            raise NotImplementedError(f"{self.decision}: per-sample head masks do not apply to conv ops")
+        return A if mh is None else A * mh.to(A.dtype)[:, None]
 
     def conv_weights(self, k: int) -> tuple[Tensor, Tensor | None, Tensor]:
-        """(kernel (d, C, k, k), kernel bias (d,) or None, expansion (C, d)) of the k × k bottleneck conv.
+        """(kernel (d, C, k, k), kernel bias (d,) or None, expansion (C, d)) of the k × k bottleneck conv, before the
+        per-head-channel and residual masks (applied to the expansion by the forward and by folding alike).
 
         Mixed by broadcasting, not by a matmul: this is once-per-forward weight preparation whose cost does not
         grow with the batch, and it stays out of FLOP counts of the per-image network (docs/supernet.md).
         """
         h, d = self.num_heads, self.head_dim
         A = self.head_mix(k)  # (h, k²)
-        w_v = self.qkv.weight[2 * self.attn_dim :].view(h, d, -1)  # (h, d, C)
+        weight, qkv_bias = self.qkv_params()
+        w_v = weight[2 * self.attn_dim :].view(h, d, -1)  # (h, d, C)
         kernel = (A.t()[:, :, None, None] * w_v[None]).sum(1)  # (k², d, C)
         kernel = kernel.permute(1, 2, 0).reshape(d, -1, k, k)
         a = A.sum(1)  # (h,): Σ over the kernel positions
         bias = None
-        if self.qkv.bias is not None:
-            bias = (a[:, None] * self.qkv.bias[2 * self.attn_dim :].view(h, d)).sum(0)
+        if qkv_bias is not None:
+            bias = (a[:, None] * qkv_bias[2 * self.attn_dim :].view(h, d)).sum(0)
         w_o = self.proj.weight.view(-1, h, d)  # (C, h, d)
         expand = (w_o * a[None, :, None]).sum(1)  # (C, d)
         return kernel, bias, expand
+
+    def expansion(self, expand: Tensor) -> Tensor:
+        """The expansion (C, d) with the batch-wide per-head-channel mask on its columns (what folding keeps)."""
+        md = self.board.get(self.groups.head_dim)
+        return expand if per_sample(md) else scale_axis(expand, md, 1)
 
     def _conv(self, x: Tensor, op: str) -> Tensor:
         """Bottleneck conv on a (B, H, W, C) map → (B, H, W, C)."""
@@ -244,13 +338,17 @@ class UnifiedAttention(nn.Module):
         else:
             y = F.conv2d(x.permute(0, 3, 1, 2), kernel, bias, padding=k // 2)
         y = F.relu(self.bns[op](y)).permute(0, 2, 3, 1)
-        return self.proj_drop(gated_linear(y, expand, self.proj.bias, self._weight))
+        md = self.board.get(self.groups.head_dim)
+        if per_sample(md):
+            y = y * _batch_view(md, y.shape[0], 4, y.dtype)  # type: ignore[arg-type]
+        return self._output(y, self.expansion(expand), self.proj.bias, msa=False)
 
     def extra_repr(self) -> str:
         s = f"{self.decision}: {' | '.join(self.candidates)}, heads={self.num_heads}, head_dim={self.head_dim}"
         if self.max_kernel:
             s += f", mix={self.num_heads}x{self.max_kernel**2}, alpha={self.alpha:g}"
-        return s + (", window" if self.window else "")
+        masked = [f"{k}={v}" for k, v in vars(self.groups).items() if v is not None]
+        return s + (", window" if self.window else "") + (f", groups: {', '.join(masked)}" if masked else "")
 
 
 def _check_attn(attn: nn.Module, decision: str) -> None:

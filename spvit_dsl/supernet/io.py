@@ -5,7 +5,7 @@ BatchNorms, gate logits and gate buffers) and, in its string metadata:
 
 * ``spvit_dsl.format`` — ``supernet/1``;
 * ``spvit_dsl.spec`` — the spec text the supernet was compiled from (may be empty);
-* ``spvit_dsl.space.plan`` — the :class:`~spvit_dsl.space.plan.Space` as JSON (so loading needs no parser);
+* ``spvit_dsl.space`` — the :class:`~spvit_dsl.space.plan.Space` as JSON (so loading needs no parser);
 * ``spvit_dsl.lowering`` — JSON of the lowering options (convention, alpha, seed).
 
 :func:`load_supernet` rebuilds the supernet with :func:`spvit_dsl.supernet.lower.lower` (random init) and loads the tensors
@@ -25,7 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..lang.errors import UsageError
-from ..space.plan import BlockGeom, BlockPlan, FfnChoice, Geometry, Space
+from ..space.plan import BlockGeom, BlockPlan, DensityChoice, FfnChoice, Geometry, Space
+from ._shrink import restore_shrunk
+from .lower import lower
 from .net import Supernet
 
 __all__ = ["FORMAT", "load_supernet", "save_supernet", "space_from_json", "space_to_json"]
@@ -39,7 +41,7 @@ def space_to_json(space: Space) -> str:
     data = {
         "geometry": asdict(space.geometry),
         "plans": [asdict(p) for p in space.plans],
-        "embed": list(space.embed),
+        "embed": [list(w) for w in space.embed],
         "extras": extras,
     }
     return json.dumps(data, sort_keys=True)
@@ -53,7 +55,8 @@ def space_from_json(text: str) -> Space:
     g["depths"], g["num_heads"] = tuple(g["depths"]), tuple(g["num_heads"])
     g["timm_kwargs"] = tuple((k, _tuplify(v)) for k, v in g["timm_kwargs"])
     plans = tuple(_plan(p) for p in d["plans"])
-    return Space(Geometry(**g), plans, tuple(d["embed"]), dict(d.get("extras", {})))
+    embed = tuple(tuple(w) for w in d["embed"])
+    return Space(Geometry(**g), plans, embed, dict(d.get("extras", {})))
 
 
 def _geom(b: dict[str, Any]) -> BlockGeom:
@@ -69,7 +72,7 @@ def _plan(p: dict[str, Any]) -> BlockPlan:
         choice,
         tuple(p["heads"]),
         tuple(p["head_dim"]),
-        tuple(p["density"]),
+        DensityChoice(**{k: tuple(v) for k, v in p["density"].items()}),
     )
 
 
@@ -88,11 +91,16 @@ def _jsonable(v: object) -> bool:
 def save_supernet(supernet: Supernet, path: str | Path, spec_text: str = "") -> None:
     """Write ``supernet`` to ``path`` as safetensors with the spec text and the space in the metadata."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in supernet.state_dict().items()}
-    lowering = {"convention": supernet.convention, "alpha": supernet.alpha, "seed": supernet.seed}
+    lowering = {
+        "convention": supernet.convention,
+        "alpha": supernet.alpha,
+        "seed": supernet.seed,
+        "shrunk": {p: v.tolist() for p, v in supernet.kept_index.items()},
+    }
     metadata = {
         "spvit_dsl.format": FORMAT,
         "spvit_dsl.spec": spec_text,
-        "spvit_dsl.space.plan": space_to_json(supernet.space),
+        "spvit_dsl.space": space_to_json(supernet.space),
         "spvit_dsl.lowering": json.dumps(lowering),
     }
     save_file(tensors, str(path), metadata=metadata)
@@ -120,16 +128,15 @@ def load_supernet(
 ) -> Supernet:
     """Rebuild a saved supernet. ``space_factory(spec_text)`` rebuilds the space from the stored spec (e.g. the
     compiler's parse + check); without it the stored space JSON is used."""
-    from .lower import lower
-
     meta = read_metadata(path)
     space = (
         space_factory(meta["spvit_dsl.spec"])
         if space_factory
-        else space_from_json(meta["spvit_dsl.space.plan"])
+        else space_from_json(meta["spvit_dsl.space"])
     )
     opts = json.loads(meta["spvit_dsl.lowering"])
     net = lower(space, convention=opts["convention"], alpha=opts["alpha"], seed=opts["seed"], device=device)
+    restore_shrunk(net, opts.get("shrunk", {}))
     with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     try:

@@ -1,26 +1,37 @@
 """The *lower* stage: Space → Supernet (torch).
 
-Input: a checked :class:`~spvit_dsl.space.plan.Space` (the backbone's geometry and one plan per block). Output: a
-:class:`~spvit_dsl.supernet.Supernet` over the real timm model: ``timm.create_model`` builds the backbone (random init,
-pretrained weights from the hub, or a checkpoint file), then each block's attention becomes a
-:class:`~spvit_dsl.supernet.UnifiedAttention` over the block's declared candidates (reusing ``qkv``/``proj`` in place) and
-each FFN a :class:`~spvit_dsl.supernet.GatedMlp`, with gates only where a decision has more than one candidate.
-Implements SPViT's single-path weight sharing (He et al., TPAMI 2024, §1–§2); docs/supernet.md has the design.
+Input: a checked :class:`~spvit_dsl.space.plan.Space` (the backbone's geometry, one plan per block, the embedding
+widths of every stage). Output: a :class:`~spvit_dsl.supernet.Supernet` over the real timm model:
+``timm.create_model`` builds the backbone (random init, pretrained weights from the hub, or a checkpoint file), then
+
+* each block's attention becomes a :class:`~.attention.UnifiedAttention` over the block's declared ops (reusing
+  ``qkv``/``proj`` in place; SPViT's single-path weight sharing, He et al., TPAMI 2024, §1–§2) and each FFN a
+  :class:`~.ffn.GatedMlp`;
+* every unit group that may keep less than all of its units reads a mask from the shared board; a group whose
+  residual channels may shrink also gets LayerNorms that normalise over the kept channels
+  (:class:`~.masks.MaskedLayerNorm`), a masked stream start (ViT: after the position embedding; Swin: patch
+  embedding's norm and each patch merging's reduction) and masked branch outputs;
+* a group fixed below its dense size (``ffn: width 768``) keeps its largest units by L1 magnitude, as a constant mask.
+
+With every mask ``None`` the supernet computes exactly what the dense timm model computes. docs/supernet.md and
+docs/unit-groups.md have the design.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from ..space.groups import UnitGroup, block_path, embed_path, groups, with_value
 from ..space.ops import by_level
 from ..space.plan import BlockPlan, Convention, Space
 from ._timm import backbone_blocks, create_backbone, patch_swin_block
-from .attention import UnifiedAttention
-from .ffn import GatedMlp
-from .gates import FfnGate, OpGate
-from .net import BlockRow, GateDict, Supernet
+from .attention import AttentionGroups, UnifiedAttention
+from .ffn import FfnGroups, GatedMlp
+from .masks import EmbedMask, MaskBoard, MaskedLayerNorm, MaskedLinear
+from .net import BlockRow, Supernet
 
-__all__ = ["DEFAULT_ALPHA", "lower"]
+__all__ = ["DEFAULT_ALPHA", "check_lowerable", "lower"]
 
 # Official temperature of the head-mixing softmax: DeiT's A may sharpen, Swin's stays near uniform.
 DEFAULT_ALPHA = {"vit": 1e-2, "swin": 1e2}
@@ -32,16 +43,16 @@ def lower(
     weights: str = "none",
     convention: Convention = "exact",
     alpha: float | None = None,
-    gate_init: float = 1.5,
     seed: int = 0,
     device: torch.device | str | None = None,
 ) -> Supernet:
-    """Lower ``space`` to a gated supernet over its timm backbone.
+    """Lower ``space`` to a masked supernet over its timm backbone.
 
     ``weights``: ``"none"`` (random init), ``"pretrained"`` (timm hub) or a checkpoint path (timm state dict,
     DeiT's ``{'model': ...}`` .pth, ``.safetensors``); a missing or mismatched file is a
-    :class:`~spvit_dsl.lang.errors.UsageError`. ``alpha``: mixing-softmax temperature (None or 0: 1e-2 ViT, 1e2 Swin).
-    ``gate_init``: initial gate logit. ``seed``: gate-noise seed. ``device``: where to build (``"meta"`` works).
+    :class:`~spvit_dsl.lang.errors.UsageError`. ``alpha``: mixing-softmax temperature (None or 0: 1e-2 ViT, 1e2
+    Swin). ``seed``: recorded for strategies that draw random masks. ``device``: where to build (``"meta"`` works).
+    Raises ``NotImplementedError`` for a backbone layout the supernet cannot mask.
     """
     check_lowerable(space)
     geometry = space.geometry
@@ -50,34 +61,22 @@ def lower(
     if len(blocks) != len(space.plans):
         raise ValueError(f"{geometry.model} has {len(blocks)} blocks but the space plans {len(space.plans)}")
     alpha = alpha or DEFAULT_ALPHA[geometry.family]
-    gates = GateDict()
+    board = MaskBoard()
+    active = _active(space)
     rows = [
-        _lower_block(block, plan, geometry.family, alpha, gate_init, gates)
+        _lower_block(block, plan, geometry.family, alpha, board, active, embed_path(geometry, plan.geom.stage))
         for block, plan in zip(blocks, space.plans, strict=True)
     ]
-    return Supernet(space, model, rows, gates, convention=convention, seed=seed, alpha=alpha)
+    _mask_stream(model, space, board, active)
+    net = Supernet(space, model, rows, board, convention=convention, seed=seed, alpha=alpha)
+    _fix_reduced(net)
+    return net
 
 
 def check_lowerable(space: Space) -> None:
-    """The SPViT supernet searches attention ops and FFN widths only; anything else is NotImplementedError."""
-    g = space.geometry
-    if len(space.embed) > 1 or (space.embed and space.embed[0] != g.embed_dim):
-        raise NotImplementedError(
-            f"the spvit supernet cannot search or change the embedding width "
-            f"(declared {space.embed}, backbone {g.embed_dim})"
-        )
+    """Refuse plans the supernet cannot represent (ValueError): unsorted or empty op lists, out-of-range widths."""
     for p in space.plans:
         b = p.geom
-        for name, values, dense in (
-            ("heads", p.heads, b.heads),
-            ("head_dim", p.head_dim, b.head_dim),
-            ("density", p.density, 1.0),
-        ):
-            if tuple(values) != (dense,):
-                raise NotImplementedError(
-                    f"blocks.{b.index}.{name}: the spvit supernet supports only the "
-                    f"backbone's {name} ({dense}), found {tuple(values)}"
-                )
         if not p.attention:
             raise ValueError(f"blocks.{b.index}.attention: no candidate op")
         if tuple(p.attention) != by_level(p.attention):
@@ -87,50 +86,105 @@ def check_lowerable(space: Space) -> None:
             raise ValueError(f"blocks.{b.index}.ffn: widths {widths} outside 0..{b.hidden}")
 
 
+def _dense_value(group: UnitGroup) -> object:
+    return {"attention": group.choices[-1], "weights": 1.0}.get(group.kind, group.size)
+
+
+def _active(space: Space) -> set[str]:
+    """Paths of the groups that may keep less than all of their units (they need masks)."""
+    return {g.path for g in groups(space) if g.kind != "attention" and tuple(g.choices) != (_dense_value(g),)}
+
+
 def _lower_block(
-    block: torch.nn.Module, plan: BlockPlan, family: str, alpha: float, gate_init: float, gates: GateDict
+    block: nn.Module, plan: BlockPlan, family: str, alpha: float, board: MaskBoard, active: set[str], embed: str
 ) -> BlockRow:
-    """Swap in the unified attention and the gated MLP; create the block's gates."""
+    """Swap in the unified attention and the masked MLP (and masked norms when the stream's width may change)."""
     b = plan.geom
-    attn_name, ffn_name = f"blocks.{b.index}.attention", f"blocks.{b.index}.ffn"
+    i = b.index
+
+    def path(kind: str) -> str | None:
+        p = embed if kind == "embed" else block_path(i, kind)
+        return p if p in active else None
+
     attn = UnifiedAttention(
-        block.attn, b, tuple(plan.attention), attn_name, alpha=alpha, window=family == "swin"
+        block.attn,
+        b,
+        tuple(plan.attention),
+        block_path(i, "attention"),
+        alpha=alpha,
+        window=family == "swin",
+        board=board,
+        groups=AttentionGroups(path("heads"), path("head_dim"), path("embed"), path("qkv"), path("proj")),
     )
     _check_geometry(attn, block, plan)
-    mlp = GatedMlp(block.mlp, ffn_name)
+    _check_maskable(attn, plan, path("heads") or path("head_dim"))
+    mlp = GatedMlp(block.mlp, block_path(i, "ffn"), board, FfnGroups(path("ffn"), path("embed"), path("fc1"), path("fc2")))
     block.attn, block.mlp = attn, mlp
+    if embed in active:
+        block.norm1 = MaskedLayerNorm(block.norm1, board, embed)
+        block.norm2 = MaskedLayerNorm(block.norm2, board, embed)
     if family == "swin":
         patch_swin_block(block)
-    device = attn.qkv.weight.device
-    op_gate = None
-    if len(plan.attention) > 1:
-        op_gate = OpGate(attn_name, tuple(plan.attention), gate_init).to(device)
-        gates[attn_name] = op_gate
-    ffn_gate = None
-    widths = plan.ffn.candidates(b.hidden)
-    importance = mlp.importance()
-    if len(widths) > 1:
-        ffn_gate = FfnGate(
-            ffn_name, b.hidden, plan.ffn, importance if not plan.ffn.granular else None, gate_init
-        )
-        gates[ffn_name] = ffn_gate.to(device)
-    elif widths[0] != b.hidden:
-        mlp.set_fixed_keep(_top(importance, widths[0]))
-    return BlockRow(plan, attn, mlp, op_gate, ffn_gate)
+    return BlockRow(plan, attn, mlp)
 
 
-def _top(importance: torch.Tensor, width: int) -> torch.Tensor:
-    order = torch.sort(importance.float(), descending=True, stable=True).indices
-    keep = torch.zeros(importance.numel(), dtype=torch.bool, device=importance.device)
-    keep[order[:width]] = True
-    return keep
+def _mask_stream(model: nn.Module, space: Space, board: MaskBoard, active: set[str]) -> None:
+    """Where a masked residual stream starts and ends: the stem, Swin's patch merging, the final norm."""
+    g = space.geometry
+    if g.family == "vit":
+        if "embed" not in active:
+            return
+        if not isinstance(model.norm_pre, nn.Identity) or not isinstance(getattr(model, "fc_norm", None), nn.Identity | None):
+            raise NotImplementedError(f"{g.model}: embedding widths of a pre-norm or pooled-norm ViT cannot be masked")
+        model.norm_pre = EmbedMask(board, "embed")
+        model.norm = MaskedLayerNorm(model.norm, board, "embed")
+        return
+    for s in range(g.stages):
+        path = embed_path(g, s)
+        if path in active:
+            if s == 0:
+                model.patch_embed.norm = MaskedLayerNorm(model.patch_embed.norm, board, path)
+            else:
+                down = model.layers[s].downsample
+                down.reduction = MaskedLinear(down.reduction, board, path)
+            if s + 1 < g.stages:
+                down = model.layers[s + 1].downsample
+                down.norm = MaskedLayerNorm(down.norm, board, path, repeat=4)
+            else:
+                model.norm = MaskedLayerNorm(model.norm, board, path)
 
 
-def _check_geometry(attn: UnifiedAttention, block: torch.nn.Module, plan: BlockPlan) -> None:
+def _fix_reduced(net: Supernet) -> None:
+    """Groups with one candidate below the dense size keep their largest units, as constant masks."""
+    if next(net.model.parameters()).device.type == "meta":
+        return
+    dense = net.space.dense()
+    point = dense
+    for group in net.groups.values():
+        if len(group.choices) == 1 and group.choices[0] != _dense_value(group):
+            point = with_value(point, group, group.choices[0])
+    if point == dense:
+        return
+    for path, index in net.kept_for(point).items():
+        net.fixed.set(path, net.mask_of(path, index))
+    net.reset()
+
+
+def _check_geometry(attn: UnifiedAttention, block: nn.Module, plan: BlockPlan) -> None:
     b = plan.geom
     found = (attn.qkv.in_features, attn.num_heads, attn.head_dim, block.mlp.fc1.out_features)
     if found != (b.dim, b.heads, b.head_dim, b.hidden):
         raise ValueError(
             f"blocks.{b.index}: timm block has (dim, heads, head_dim, hidden) = {found}, "
             f"the space says {(b.dim, b.heads, b.head_dim, b.hidden)}"
+        )
+
+
+def _check_maskable(attn: UnifiedAttention, plan: BlockPlan, masked: str | None) -> None:
+    if masked is None or attn.window:
+        return
+    if not all(isinstance(m, nn.Identity) for m in (attn.q_norm, attn.k_norm, attn.norm)):
+        raise NotImplementedError(
+            f"blocks.{plan.geom.index}: heads or per-head widths of an attention with q/k or output norms cannot be "
+            "masked"
         )

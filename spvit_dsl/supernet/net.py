@@ -1,92 +1,41 @@
-"""The gated SPViT supernet (lowering stage output, torch): a timm backbone whose blocks carry gated candidates.
+"""The supernet (lowering stage output, torch): a timm backbone whose every unit group carries a mask.
 
-Input (from :func:`spvit_dsl.supernet.lower.lower`): the :class:`~spvit_dsl.space.plan.Space`, the patched timm model and one
-:class:`BlockRow` per block (its unified attention op, gated MLP and gates). Output: a module the search trains
-(``forward`` → logits; :meth:`Supernet.expected_cost` → the differentiable cost F(gates)) and reads
-(:meth:`Supernet.derive` → :class:`~spvit_dsl.space.plan.FrozenArch`). SPViT §2 (He et al., TPAMI 2024).
+Input (from :func:`spvit_dsl.supernet.lower.lower`): the :class:`~spvit_dsl.space.plan.Space`, the patched timm model,
+one :class:`BlockRow` per block and the shared :class:`~.masks.MaskBoard`. Output: a module a search strategy drives
+— it sets masks (:meth:`Supernet.set_masks`) and ops (:meth:`Supernet.set_op`) before a forward, prices any
+assignment of kept counts differentiably (:meth:`Supernet.cost`), reads unit magnitudes (:meth:`Supernet.unit_scores`)
+and may physically shrink a group (:meth:`Supernet.shrink`). Method-agnostic: SPViT's gates, OFB's bi-masks or
+UP-ViT's ablations live in their strategies (:mod:`spvit_dsl.search.methods`) and only write masks here.
 
-Per forward, the supernet first decides every block's choice, then runs the timm model once:
-
-* ``train()`` — one straight-through binary-concrete sample per gate from :attr:`Supernet.sample_generator`
-  (one noise draw for all gates, one host sync to learn the sampled op levels);
-* ``eval()`` — the deterministic choice ``1[θ > 0]`` (cumulative for ops and nested widths);
-* :meth:`Supernet.fix` — a given architecture in every mode, until released with ``fix(None)``.
+A point with its kept units (:meth:`Supernet.apply`) sets hard 0/1 masks: the supernet then computes what the
+compact network of that point computes (:mod:`spvit_dsl.compact`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..space import cost as cost_model
-from ..space.plan import BlockArch, BlockPlan, Convention, FrozenArch, Space
-from ._costs import CostTable, build_table
+from ..space.groups import Slice, UnitGroup, block_path, groups, slices
+from ..space.plan import BlockPlan, Convention, FrozenArch, Space
 from .attention import UnifiedAttention
 from .ffn import GatedMlp
-from .gates import FfnGate, OpGate, binary_concrete, leading_ones, level_weight
+from .masks import FixedMasks, MaskBoard
 
-__all__ = ["BlockRow", "GateDict", "Supernet", "Unit"]
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One prunable unit for budget repair: one gate of a decision.
-
-    ``on``: the unit is kept by :meth:`Supernet.derive`. ``nested``: the decision's gates are cumulative (ops and
-    nested FFN widths): unit ``index`` only counts when every lower unit is on, so the one unit that can be dropped
-    alone is the highest unit that is on (dropping it steps the decision down one level). ``macs``/``params`` are what
-    dropping that one step saves; ``neurons`` the hidden neurons behind an FFN unit (0 for ops).
-    """
-
-    decision: str
-    index: int
-    logit: float
-    macs: float
-    params: float
-    on: bool
-    nested: bool
-    neurons: int = 0
-
-
-class GateDict(nn.ModuleDict):
-    """Decision name → gate module. Module names may not contain '.', so ``blocks.3.ffn`` is stored under
-    ``blocks_3_ffn`` (the state-dict key); indexing, ``in``, ``keys`` and ``items`` use decision names."""
-
-    @staticmethod
-    def _key(name: str) -> str:
-        return name.replace(".", "_")
-
-    def __getitem__(self, name: str) -> nn.Module:  # type: ignore[override]
-        return super().__getitem__(self._key(name))
-
-    def __setitem__(self, name: str, module: nn.Module) -> None:
-        super().__setitem__(self._key(name), module)
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and super().__contains__(self._key(name))
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
-
-    def keys(self) -> list[str]:  # type: ignore[override]
-        return [m.decision for m in self.values()]  # type: ignore[misc]
-
-    def items(self) -> list[tuple[str, nn.Module]]:  # type: ignore[override]
-        return [(m.decision, m) for m in self.values()]  # type: ignore[misc]
+__all__ = ["BlockRow", "Supernet"]
 
 
 @dataclass
 class BlockRow:
-    """One block of the supernet: its plan, its two gated modules and their gates (None when fixed)."""
+    """One block of the supernet: its plan and its two masked modules."""
 
     plan: BlockPlan
     attn: UnifiedAttention
     mlp: GatedMlp
-    op_gate: OpGate | None
-    ffn_gate: FfnGate | None
 
     @property
     def index(self) -> int:
@@ -94,18 +43,33 @@ class BlockRow:
 
     @property
     def hidden(self) -> int:
-        return self.plan.geom.hidden
+        return self.mlp.hidden
+
+
+@dataclass(frozen=True)
+class _Coupled:
+    """A live tensor a group's units own: ``owner.name`` viewed along ``axis`` as (outer, units, inner)."""
+
+    owner: nn.Module
+    name: str
+    axis: int
+    outer: int = 1
+    inner: int = 1
+
+    @property
+    def tensor(self) -> Tensor:
+        return getattr(self.owner, self.name)  # type: ignore[no-any-return]
 
 
 class Supernet(nn.Module):
-    """The gated supernet over a timm backbone (see the module docstring and docs/supernet.md)."""
+    """The masked supernet over a timm backbone (see the module docstring and docs/supernet.md)."""
 
     def __init__(
         self,
         space: Space,
         model: nn.Module,
         rows: list[BlockRow],
-        gates: GateDict,
+        board: MaskBoard,
         *,
         convention: Convention = "exact",
         seed: int = 0,
@@ -114,351 +78,315 @@ class Supernet(nn.Module):
         super().__init__()
         self.space = space
         self.model = model
-        self.gates = gates
         self.convention: Convention = convention
         self.alpha = alpha
         self.seed = seed
         self.__dict__["_rows"] = rows  # modules already registered inside `model`
-        self.__dict__["_generator"] = None
-        self._fixed: FrozenArch | None = None
-        self._tables: dict[tuple[str, str], CostTable] = {}
+        self.__dict__["board"] = board
+        self.groups: dict[str, UnitGroup] = {g.path: g for g in groups(space)}
+        self.fixed = FixedMasks()  # masks of groups fixed below their dense size (restored by reset; in state dicts)
+        self.kept_index: dict[str, Tensor] = {}  # original indices still present per shrunk group
 
     @property
     def rows(self) -> list[BlockRow]:
         return self.__dict__["_rows"]  # type: ignore[no-any-return]
 
-    # --- parameters ------------------------------------------------------------------------------------------
-
-    def gate_parameters(self) -> list[nn.Parameter]:
-        """The gate logits (one tensor per decision)."""
-        return [g.logits for g in self.gates.values()]  # type: ignore[misc]
-
-    def weight_parameters(self) -> list[nn.Parameter]:
-        """Every other parameter: the backbone's, the mixing matrices and the BatchNorms."""
-        gate_ids = {id(p) for p in self.gate_parameters()}
-        return [p for p in self.parameters() if id(p) not in gate_ids]
-
-    # --- gate noise ------------------------------------------------------------------------------------------
+    @property
+    def board(self) -> MaskBoard:
+        return self.__dict__["board"]  # type: ignore[no-any-return]
 
     @property
-    def sample_generator(self) -> torch.Generator | None:
-        """The generator of gate noise, on the gates' device, seeded with :attr:`seed` when (re)created.
-
-        Data-parallel ranks that build the supernet with the same seed sample identical gates. ``None`` on the meta
-        device (no random numbers there).
-        """
-        device = self._gate_device()
-        gen = self.__dict__["_generator"]
-        if device.type == "meta":
-            return None
-        if gen is None or gen.device != device:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            self.__dict__["_generator"] = gen
-        return gen  # type: ignore[no-any-return]
-
-    def manual_seed(self, seed: int) -> None:
-        """Restart the gate noise from ``seed``."""
-        self.seed = seed
-        self.__dict__["_generator"] = None
-
-    def _gate_device(self) -> torch.device:
-        params = self.gate_parameters()
-        return params[0].device if params else next(self.model.parameters()).device
-
-    # --- forward ---------------------------------------------------------------------------------------------
+    def geometry(self):  # noqa: ANN201 (Geometry; avoids a circular annotation import in docs)
+        return self.space.geometry
 
     def forward(self, x: Tensor) -> Tensor:
-        self.draw()
-        try:
-            return self.model(x)
-        finally:
-            self._release_samples()
+        return self.model(x)  # type: ignore[no-any-return]
 
-    def _release_samples(self) -> None:
-        """Drop this forward's straight-through tensors (the autograd graph keeps what backward needs), so the
-        modules hold no graph between steps and stay deep-copyable."""
+    # --- choices for the next forward ----------------------------------------------------------------------
+
+    def set_masks(self, masks: Mapping[str, Tensor | None]) -> None:
+        """Set group masks by path (``None``: every unit kept). Unknown paths are a ValueError."""
+        for path in masks:
+            if path not in self.groups:
+                raise ValueError(f"unknown unit group '{path}' (groups: {', '.join(sorted(self.groups))[:200]} ...)")
+        self.board.update(masks)
+
+    def mask(self, path: str) -> Tensor | None:
+        return self.board.get(path)
+
+    def set_op(self, block: int, level: int, weight: Tensor | None = None) -> None:
+        """Run the block's candidate ``level`` (index into its plan's ops) next, with a straight-through weight."""
+        self.rows[block].attn.choose(level, weight)
+
+    def reset(self) -> None:
+        """Every unit kept (fixed groups at their fixed masks); every block at its top candidate op."""
+        self.board.clear()
+        self.board.update(self.fixed.as_dict())
         for r in self.rows:
-            if r.op_gate is not None:
-                r.attn.choose(r.attn._level)
-            if r.ffn_gate is not None and r.mlp._mask is not None:
-                r.mlp.choose()
+            r.attn.choose(len(r.plan.attention) - 1)
 
-    def draw(self, noise: Tensor | None = None) -> None:
-        """Decide every block's choice for the next model forward (``forward`` calls this first).
+    # --- points --------------------------------------------------------------------------------------------
 
-        ``noise`` (training only): uniform (0, 1) values for every gate logit, in :meth:`num_gates` order (op gates
-        by block, then FFN gates by block); default: drawn from :attr:`sample_generator`.
-        """
-        if self._fixed is not None:
-            return
-        if self.training:
-            self._draw_sampled(noise)
-        else:
-            self._draw_deterministic()
-
-    def num_gates(self) -> int:
-        """The number of gate logits (the length of the noise one training draw uses)."""
-        return sum(g.num_gates for g in self._ordered_gates())
-
-    def _draw_sampled(self, noise: Tensor | None) -> None:
-        op_rows = [r for r in self.rows if r.op_gate is not None]
-        ffn_rows = [r for r in self.rows if r.ffn_gate is not None]
-        logits = [r.op_gate.logits for r in op_rows] + [r.ffn_gate.logits for r in ffn_rows]  # type: ignore[union-attr]
-        self._choose_constant()
-        if not logits:
-            return
-        flat = torch.cat(logits)
-        if noise is None:
-            noise = torch.rand(
-                flat.shape, generator=self.sample_generator, device=flat.device, dtype=flat.dtype
-            )
-        gates, hard = binary_concrete(flat, noise)
-        n_op = sum(r.op_gate.num_gates for r in op_rows)  # type: ignore[union-attr]
-        hard_ops = hard[:n_op].tolist() if n_op and flat.device.type != "meta" else [1.0] * n_op  # one sync
-        offset = 0
-        for r in op_rows:
-            n = r.op_gate.num_gates  # type: ignore[union-attr]
-            level = leading_ones(hard_ops[offset : offset + n])
-            r.attn.choose(level, level_weight(gates[offset : offset + n], level))
-            offset += n
-        for r in ffn_rows:
-            n = r.ffn_gate.num_gates  # type: ignore[union-attr]
-            r.mlp.choose(mask=r.ffn_gate.neuron_mask(gates[offset : offset + n]))  # type: ignore[union-attr]
-            offset += n
-
-    def _draw_deterministic(self) -> None:
-        self._choose_constant()
-        op_rows = [r for r in self.rows if r.op_gate is not None]
-        if op_rows:
-            flat = torch.cat([r.op_gate.logits.detach() for r in op_rows]) > 0  # type: ignore[union-attr]
-            on = flat.tolist() if flat.device.type != "meta" else [True] * flat.numel()  # one sync
-            offset = 0
-            for r in op_rows:
-                n = r.op_gate.num_gates  # type: ignore[union-attr]
-                r.attn.choose(leading_ones([float(v) for v in on[offset : offset + n]]))
-                offset += n
-        for r in self.rows:
-            if r.ffn_gate is not None:
-                r.mlp.choose(kept=r.ffn_gate.kept() if r.ffn_gate.logits.device.type != "meta" else None)
-
-    def _choose_constant(self) -> None:
-        """Blocks without a gate: their single candidate (and a fixed FFN width, if declared)."""
-        for r in self.rows:
-            if r.op_gate is None:
-                r.attn.choose(0)
-            if r.ffn_gate is None:
-                r.mlp.choose(kept=r.mlp.fixed_keep())
-
-    # --- fixing an architecture ------------------------------------------------------------------------------
-
-    def fix(self, arch: FrozenArch | None, kept: dict[str, Tensor] | None = None) -> None:
-        """Force every block to ``arch`` in all modes (``kept``: FFN neuron masks by decision; by default the
-        masks :meth:`width_mask` picks); ``fix(None)`` releases the gates."""
-        if arch is None:
-            self._fixed = None
-            return
+    def apply(self, arch: FrozenArch, kept: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Hard 0/1 masks and ops for ``arch``; ``kept``: kept indices by group path (missing groups: the largest
+        units by :meth:`unit_scores`). Returns the kept indices used, for every group below its dense size."""
         if len(arch.blocks) != len(self.rows):
             raise ValueError(f"the architecture has {len(arch.blocks)} blocks, the supernet {len(self.rows)}")
-        kept = kept or {}
+        full = self.kept_for(arch, kept)
+        self.reset()
+        self.board.update({path: self.mask_of(path, index) for path, index in full.items()})
         for r, b in zip(self.rows, arch.blocks, strict=True):
             if b.op not in r.plan.attention:
-                raise ValueError(
-                    f"blocks.{r.index}.attention: '{b.op}' is not a candidate {r.plan.attention}"
-                )
-            mask = kept.get(f"blocks.{r.index}.ffn")
-            mask = self.width_mask(r.index, b.ffn) if mask is None else mask.to(torch.bool)
-            if int(mask.sum()) != b.ffn:
-                raise ValueError(
-                    f"blocks.{r.index}.ffn: the kept mask has {int(mask.sum())} neurons, not {b.ffn}"
-                )
+                raise ValueError(f"blocks.{r.index}.attention: '{b.op}' is not a candidate {r.plan.attention}")
             r.attn.choose(r.plan.attention.index(b.op))
-            r.mlp.choose(kept=mask)
-        self._fixed = arch
+        return full
 
-    @property
-    def fixed(self) -> FrozenArch | None:
-        return self._fixed
+    def kept_for(self, arch: FrozenArch, kept: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Kept indices of every group that ``arch`` keeps below its current size: ``kept`` where given (checked:
+        as many units as ``arch`` says, all in range), else the top units by :meth:`unit_scores`.
 
-    def width_mask(self, block: int, width: int) -> Tensor:
-        """The neurons a block keeps at FFN ``width``: nested widths by the importance order, granular gates by
-        descending gate logit (whole groups), a fixed width by its declared mask."""
-        r = self.rows[block]
-        device = r.mlp.fc1.weight.device
-        if width == r.hidden:
-            return torch.ones(r.hidden, dtype=torch.bool, device=device)
-        g = r.ffn_gate
-        if g is None:
-            keep = r.mlp.fixed_keep()
-            if keep is None or int(keep.sum()) != width:
-                raise ValueError(f"blocks.{block}.ffn: width {width} is not the block's fixed width")
-            return keep
-        if g.nested:
-            widths = g.choice.widths or ()
-            if width not in widths:
-                raise ValueError(f"blocks.{block}.ffn: width {width} is not one of {widths}")
-            level = widths.index(width)
-            gates = torch.tensor([1.0] * level + [0.0] * (g.num_gates - level), device=device)
-            return g.neuron_mask(gates) > 0.5
-        return _granular_mask(g, width, block)
+        Structured groups get a 1-D index tensor (ascending, the compact network's order); ``weights`` groups a
+        bool mask of the weight's shape, selected among the weights of the kept rows and columns.
+        """
+        from ..space.groups import value_of  # noqa: PLC0415
 
-    # --- reading the gates -----------------------------------------------------------------------------------
-
-    def levels(self) -> list[int]:
-        """Each block's deterministic op level (index into its plan's candidates)."""
-        return [r.op_gate.level() if r.op_gate is not None else 0 for r in self.rows]
-
-    def kept_units(self) -> dict[str, Tensor]:
-        """``blocks.i.ffn`` → bool mask over the block's hidden neurons: what :meth:`derive` keeps (every block)."""
-        if self._fixed is not None:
-            return {f"blocks.{r.index}.ffn": _kept_of(r.mlp) for r in self.rows}
-        out = {}
-        for r in self.rows:
-            if r.ffn_gate is not None:
-                out[f"blocks.{r.index}.ffn"] = r.ffn_gate.kept()
-            else:
-                keep = r.mlp.fixed_keep()
-                out[f"blocks.{r.index}.ffn"] = (
-                    keep
-                    if keep is not None
-                    else torch.ones(r.hidden, dtype=torch.bool, device=r.mlp.fc1.weight.device)
-                )
+        kept = dict(kept or {})
+        arch = arch.canonical()  # no weights masks on layers the point does not run
+        out: dict[str, Tensor] = {}
+        for path, group in self.groups.items():
+            if group.kind in ("attention", "weights"):
+                continue
+            count, size = int(value_of(arch, group)), self.size(path)
+            if count > size or count < 0:
+                raise ValueError(f"{path}: {count} units asked, the group has {size}")
+            index = kept.get(path)
+            fixed = self.fixed.get(path)
+            if index is None and fixed is not None and int((fixed > 0).sum()) == count:
+                index = torch.nonzero(fixed > 0).flatten()  # the units the search kept fixed
+            if index is None:
+                if count == size:
+                    continue
+                index = self.top_units(path, count)
+            index = index.to(torch.long).flatten()
+            if index.numel() != count or (count and (int(index.min()) < 0 or int(index.max()) >= size)):
+                raise ValueError(f"{path}: the kept indices do not fit {count} of {size} units")
+            out[path] = torch.sort(index).values
+        for path, group in self.groups.items():
+            if group.kind == "weights":
+                density = float(value_of(arch, group))
+                mask = kept.get(path)
+                fixed = self.fixed.get(path)
+                if mask is None and fixed is not None:
+                    mask = fixed > 0
+                if mask is None and density < 1:
+                    mask = self.top_weights(path, density, out)
+                if mask is not None:
+                    out[path] = mask.to(torch.bool)
         return out
 
-    def derive(self) -> FrozenArch:
-        """The architecture the gates select: ops by ``cumprod(1[θ > 0])``, FFN width = kept neurons."""
-        if self._fixed is not None:
-            return self._fixed
-        kept = self.kept_units()
-        blocks = []
-        for r, level in zip(self.rows, self.levels(), strict=True):
-            p = r.plan
-            n = int(kept[f"blocks.{r.index}.ffn"].sum())
-            blocks.append(BlockArch(p.attention[level], n, p.heads[0], p.head_dim[0], p.density[0]))
-        embed = self.space.embed[0] if self.space.embed else self.space.geometry.embed_dim
-        return FrozenArch(tuple(blocks), embed)
+    def mask_of(self, path: str, kept: Tensor) -> Tensor:
+        """The 0/1 mask of a group from its kept indices (a weights group's kept mask is its mask)."""
+        if self.groups[path].kind == "weights":
+            return kept.to(self._dtype())
+        mask = torch.zeros(self.size(path), dtype=self._dtype(), device=self._device())
+        mask[kept.to(mask.device)] = 1
+        return mask
 
-    # --- cost ------------------------------------------------------------------------------------------------
+    # --- sizes and magnitudes -----------------------------------------------------------------------------
 
-    def expected_cost(self, convention: Convention | None = None, metric: str = "macs") -> Tensor:
-        """Differentiable F(gates) (SPViT §2–3), float64: ``macs`` (multiply-adds) or ``params``.
+    def size(self, path: str) -> int:
+        """The group's current number of units (its dense size until :meth:`shrink`)."""
+        index = self.kept_index.get(path)
+        return self.groups[path].size if index is None else int(index.numel())
 
-        Deterministic indicators (forward ``1[θ > 0]``, cumulative for ops and nested widths; gradient of
-        ``σ(σ(θ) − 0.5)``) weight each gate's cost increment from :mod:`spvit_dsl.space.cost`; the constant part (stem,
-        head, norms, ungated choices) is included, so the value equals ``cost.arch_cost(derive())`` exactly.
-        With a fixed architecture it is that architecture's cost, a constant.
+    def coupled(self, path: str) -> list[_Coupled]:
+        """The live parameters and buffers a structured group's units own (timm's slices plus the supernet's own:
+        the conv mixing matrix's rows for heads, the conv BatchNorms' channels for per-head channels)."""
+        group = self.groups[path]
+        out = []
+        blocks = [self.rows[group.block]] if group.block is not None else []
+        attn = blocks[0].attn if blocks else None
+        heads = attn.num_heads if attn is not None else None
+        head_dim = attn.head_dim if attn is not None else None
+        for s in slices(self.geometry, group, heads=heads, head_dim=head_dim):
+            owner, name = self._resolve(s)
+            if getattr(owner, name, None) is not None:  # e.g. a qkv without bias
+                out.append(_Coupled(owner, name, s.axis, s.outer, s.inner))
+        if attn is not None and group.kind == "heads" and attn.max_kernel:
+            out.append(_Coupled(attn, "mix", 0))
+        if attn is not None and group.kind == "head_dim":
+            for bn in attn.bns.values():
+                out += [_Coupled(bn, n, 0) for n in ("weight", "bias", "running_mean", "running_var")]
+        return out
+
+    def _resolve(self, s: Slice) -> tuple[nn.Module, str]:
+        module_path, _, name = s.tensor.rpartition(".")
+        return self.model.get_submodule(module_path) if module_path else self.model, name
+
+    @torch.no_grad()
+    def unit_scores(self, path: str) -> Tensor:
+        """L1 magnitude of every unit of a group: the sum of |value| over the tensor slices it owns (float64).
+
+        ``weights`` groups: |w| of each weight (the weight's shape). ``attention`` groups: one score per op step —
+        the L1 of the weights a step down stops using (msa → conv: the query and key rows; conv → the next smaller
+        conv: the mixing matrix's outer ring; the smallest conv → skip: the value and output projections).
         """
-        convention = convention or self.convention
-        if metric not in ("macs", "params"):
+        group = self.groups[path]
+        if group.kind == "weights":
+            return self._layer_weight(group).detach().abs().double()
+        if group.kind == "attention":
+            return self._op_scores(group)
+        total = torch.zeros(self.size(path), dtype=torch.float64, device=self._device())
+        for c in self.coupled(path):
+            t = c.tensor.detach().abs().double()
+            view = t.movedim(c.axis, 0).reshape(c.outer, self.size(path), c.inner, -1)
+            total += view.sum(dim=(0, 2, 3))
+        return total
+
+    def _op_scores(self, group: UnitGroup) -> Tensor:
+        """One score per step down the block's single path (see :meth:`unit_scores`), lowest step first."""
+        assert group.block is not None
+        attn = self.rows[group.block].attn
+        D = attn.attn_dim
+        qkv = attn.qkv.weight.detach().abs().double()
+        qk, v_proj = qkv[: 2 * D].sum(), qkv[2 * D :].sum() + attn.proj.weight.detach().abs().double().sum()
+
+        def used(op: str) -> Tensor:
+            """L1 of what ``op`` computes with: msa the q, k, v rows and proj; a conv v, proj and its mix window."""
+            if op == "skip":
+                return qk * 0
+            if op == "msa":
+                return qk + v_proj
+            k, K = _kernel_of(op), attn.max_kernel
+            o = (K - k) // 2
+            mix = attn.mix.detach().abs().double().view(attn.num_heads, K, K)[:, o : o + k, o : o + k]
+            return v_proj + mix.sum()
+
+        ops = attn.candidates
+        steps = [used(upper) - used(lower) for lower, upper in zip(ops, ops[1:], strict=False)]
+        return torch.stack(steps).clamp_min(0) if steps else torch.zeros(0, dtype=torch.float64)
+
+    def layers(self, block: int) -> dict[str, nn.Linear]:
+        """The sparsifiable layers of a block by name (qkv, proj, fc1, fc2)."""
+        r = self.rows[block]
+        return {"qkv": r.attn.qkv, "proj": r.attn.proj, "fc1": r.mlp.fc1, "fc2": r.mlp.fc2}
+
+    def layer_paths(self) -> dict[int, str]:
+        """``id(linear)`` → the path of its weights group (``blocks.3.attn.qkv``)."""
+        return {
+            id(module): block_path(r.index, layer) for r in self.rows for layer, module in self.layers(r.index).items()
+        }
+
+    def _layer_weight(self, group: UnitGroup) -> Tensor:
+        assert group.block is not None and group.layer is not None
+        return self.layers(group.block)[group.layer].weight
+
+    def top_units(self, path: str, count: int) -> Tensor:
+        """The ``count`` units of largest :meth:`unit_scores` (ties: lower index first), ascending."""
+        order = torch.sort(self.unit_scores(path), descending=True, stable=True).indices
+        return torch.sort(order[:count]).values
+
+    def top_weights(self, path: str, density: float, kept: Mapping[str, Tensor]) -> Tensor:
+        """A bool mask keeping ``round(density · n)`` weights of largest |w| among the ``n`` weights of the kept rows
+        and columns (``kept``: structured kept indices by path, e.g. from :meth:`kept_for`)."""
+        group = self.groups[path]
+        scores = self.unit_scores(path)
+        allowed = self.structured_support(group, kept)
+        n = int(allowed.sum())
+        count = n if density >= 1 else round(density * n)
+        masked = torch.where(allowed, scores, torch.full_like(scores, -1.0))
+        order = torch.sort(masked.flatten(), descending=True, stable=True).indices[:count]
+        out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+        out[order] = True
+        return out.view_as(scores)
+
+    def structured_support(self, group: UnitGroup, kept: Mapping[str, Tensor]) -> Tensor:
+        """Bool mask over a layer's weight: the rows and columns its structured groups keep."""
+        assert group.block is not None and group.layer is not None
+        i, b = group.block, self.geometry.blocks[group.block]
+        attn = self.rows[i].attn
+        stage_embed = self._embed_path(b.stage)
+        rows, cols = self._axis_keep(group, kept, i, attn, stage_embed)
+        return rows[:, None] & cols[None, :]
+
+    def _axis_keep(
+        self, group: UnitGroup, kept: Mapping[str, Tensor], i: int, attn: UnifiedAttention, embed: str
+    ) -> tuple[Tensor, Tensor]:
+        weight = self._layer_weight(group)
+        dev = weight.device
+        e = _bool(kept.get(embed), self.size(embed), dev)
+        heads = _bool(kept.get(f"blocks.{i}.heads"), attn.num_heads, dev)
+        dims = _bool(kept.get(f"blocks.{i}.head_dim"), attn.head_dim, dev)
+        inner = (heads[:, None] & dims[None, :]).flatten()
+        ffn = _bool(kept.get(f"blocks.{i}.ffn"), self.rows[i].hidden, dev)
+        return {
+            "qkv": (inner.repeat(3), e),
+            "proj": (e, inner),
+            "fc1": (ffn, e),
+            "fc2": (e, ffn),
+        }[group.layer or ""]
+
+    def _embed_path(self, stage: int) -> str:
+        return "embed" if self.geometry.family != "swin" else f"stages.{stage}.embed"
+
+    # --- cost ----------------------------------------------------------------------------------------------
+
+    def cost(self, counts: cost_model.Counts, convention: Convention | None = None, metric: str = "macs") -> Tensor:
+        """The analytic cost of an assignment of (expected) counts as a differentiable float64 tensor: ``macs``
+        (multiply-adds) or ``params``. Products of counts are exact; at integer counts this is
+        :func:`spvit_dsl.space.cost.arch_cost`."""
+        if metric not in ("macs", "params", "flops"):
             raise ValueError(f"unknown cost metric '{metric}'; expected 'macs' or 'params'")
-        device = self._gate_device()
-        if self._fixed is not None:
-            c = cost_model.arch_cost(self.space.geometry, self._fixed, convention)
-            return torch.tensor(
-                float(c.macs if metric == "macs" else c.params), dtype=torch.float64, device=device
-            )
-        table = self._table(convention, metric)
-        total = torch.tensor(table.constant, dtype=torch.float64, device=device)
-        inds = [g.indicators() for g in self._ordered_gates()]
-        if not inds:
-            return total
-        incr = torch.tensor(table.increments, dtype=torch.float64, device=device)
-        return total + (torch.cat(inds).to(torch.float64) * incr).sum()
+        value = cost_model.tally(self.geometry, counts, convention or self.convention).of(metric)
+        if isinstance(value, Tensor):
+            return value.to(torch.float64)
+        return torch.tensor(float(value), dtype=torch.float64, device=self._device())
 
-    def _ordered_gates(self) -> list[OpGate | FfnGate]:
-        out: list[OpGate | FfnGate] = [r.op_gate for r in self.rows if r.op_gate is not None]
-        return out + [r.ffn_gate for r in self.rows if r.ffn_gate is not None]
+    # --- shrinking -----------------------------------------------------------------------------------------
 
-    def _table(self, convention: str, metric: str) -> CostTable:
-        key = (convention, metric)
-        if key not in self._tables:
-            self._tables[key] = build_table(self.space, self.rows, convention, metric)
-        return self._tables[key]
+    @torch.no_grad()
+    def shrink(self, path: str, keep: Tensor, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        """Physically keep only the units ``keep`` (indices into the group's *current* units, in the order given) of
+        a structured group: every coupled parameter and buffer is sliced, so are the moments of ``optimizers``
+        and the masks on the board. :attr:`kept_index` records which original units remain."""
+        from ._shrink import shrink_group  # noqa: PLC0415
 
-    def unit_table(self, convention: Convention | None = None) -> list[Unit]:
-        """Every prunable unit (gate) with its logit, cost saving and whether :meth:`derive` keeps it (see
-        :class:`Unit`); op gates first (block order), then FFN gates."""
-        convention = convention or self.convention
-        macs, params = self._table(convention, "macs"), self._table(convention, "params")
-        units: list[Unit] = []
-        offset = 0
-        for g in self._ordered_gates():
-            logits = g.logits.detach().cpu().tolist()
-            on = _units_on(g, logits)
-            sizes = g.group_sizes() if isinstance(g, FfnGate) else [0] * g.num_gates
-            nested = isinstance(g, OpGate) or g.nested
-            for j, logit in enumerate(logits):
-                units.append(
-                    Unit(
-                        g.decision,
-                        j,
-                        logit,
-                        macs.increments[offset + j],
-                        params.increments[offset + j],
-                        on[j],
-                        nested,
-                        sizes[j],
-                    )
-                )
-            offset += g.num_gates
-        return units
+        shrink_group(self, path, keep, list(optimizers))
 
-    def set_unit(self, decision: str, index: int, on: bool) -> None:
-        """Force the sign of one gate logit (keeps its magnitude, at least 1e-3): used by budget repair."""
-        gate = self.gates[decision]
-        with torch.no_grad():
-            value = max(abs(float(gate.logits[index])), 1e-3)
-            gate.logits[index] = value if on else -value
+    # --- helpers -------------------------------------------------------------------------------------------
 
-    # --- saving ----------------------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
-    def save(self, path: str, spec_text: str = "") -> None:
-        """Write the supernet to ``path`` (safetensors; see :func:`spvit_dsl.supernet.save_supernet`)."""
-        from .io import save_supernet
-
-        save_supernet(self, path, spec_text)
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def extra_repr(self) -> str:
-        g = self.space.geometry
+        g = self.geometry
+        decided = sum(1 for grp in self.groups.values() if grp.decision)
         return (
-            f"backbone={g.model}, family={g.family}, blocks={g.depth}, decisions={len(self.gates)}, "
+            f"backbone={g.model}, family={g.family}, blocks={g.depth}, decisions={decided}, "
             f"convention={self.convention}, seed={self.seed}"
         )
 
 
-# --- helpers -------------------------------------------------------------------------------------------------
+def _bool(index: Tensor | None, size: int, device: torch.device) -> Tensor:
+    out = torch.ones(size, dtype=torch.bool, device=device)
+    if index is not None:
+        out[:] = False
+        out[index.to(device)] = True
+    return out
 
 
-def _kept_of(mlp: GatedMlp) -> Tensor:
-    mask = torch.zeros(mlp.hidden, dtype=torch.bool, device=mlp.fc1.weight.device)
-    index = mlp.kept_index()
-    if index is None:
-        mask[:] = True
-    else:
-        mask[index] = True
-    return mask
+def _kernel_of(op: str) -> int:
+    from ..space.ops import OPS  # noqa: PLC0415
+
+    k = OPS.get(op).kernel
+    assert k is not None
+    return k
 
 
-def _granular_mask(g: FfnGate, width: int, block: int) -> Tensor:
-    """Whole groups by descending logit until ``width`` neurons are kept (exactly, or a ValueError)."""
-    sizes = torch.bincount(g.group_of, minlength=g.num_gates)
-    order = torch.sort(g.logits.detach(), descending=True, stable=True).indices.tolist()
-    chosen, total = [], 0
-    for j in order:
-        if total >= width:
-            break
-        chosen.append(j)
-        total += int(sizes[j])
-    if total != width:
-        raise ValueError(f"blocks.{block}.ffn: width {width} is not a sum of whole gate groups")
-    keep_groups = torch.zeros(g.num_gates, dtype=torch.bool, device=g.group_of.device)
-    keep_groups[chosen] = True
-    return keep_groups[g.group_of]
+def kept_sizes(kept: Mapping[str, Tensor]) -> dict[str, int]:
+    """Number of kept units per structured group."""
+    return {p: int(v.numel()) for p, v in kept.items() if v.dtype != torch.bool}
 
-
-def _units_on(g: OpGate | FfnGate, logits: list[float]) -> list[bool]:
-    on = [v > 0 for v in logits]
-    if isinstance(g, OpGate) or g.nested:
-        level = leading_ones([1.0 if v else 0.0 for v in on])
-        return [j < level for j in range(len(on))]
-    return on

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from . import spvit
+from . import magnitude, spvit
 
-__all__ = ["spvit"]
+__all__ = ["magnitude", "spvit"]

@@ -1,0 +1,31 @@
+"""Optimiser parameter groups shared by the search and fine-tuning (runtime, torch).
+
+timm's and DeiT's recipe: AdamW with weight decay on matrices and kernels only; none on 1-D parameters (norms,
+biases, BatchNorm) and none on the parameters a timm model lists in ``no_weight_decay()`` (class and position tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+__all__ = ["param_groups"]
+
+
+def param_groups(module: nn.Module, weight_decay: float, exclude: set[int] | None = None) -> list[dict[str, Any]]:
+    """Two AdamW groups of ``module``'s trainable parameters: with ``weight_decay`` and without.
+
+    ``exclude``: ids of parameters to leave out (e.g. trained by another optimizer). The timm model may be the
+    module itself or its ``model`` attribute (a supernet).
+    """
+    exclude = exclude or set()
+    model = getattr(module, "model", module)
+    prefix = "model." if model is not module else ""
+    skip = {prefix + n for n in model.no_weight_decay()} if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if id(p) in exclude or not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,93 @@
+"""The dense backbone's shape (space stage, pure Python): :class:`Geometry` and one :class:`BlockGeom` per block.
+
+Produced by :func:`spvit_dsl.space.backbones.resolve` from a timm model name and the spec's overrides; read by every
+later stage. Nothing here changes with a search: a point of the space (:mod:`.plan`) says how much of it is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["CONVENTIONS", "BlockGeom", "Convention", "Family", "Geometry"]
+
+Family = Literal["vit", "swin"]
+Convention = Literal["paper", "exact"]
+CONVENTIONS: tuple[Convention, ...] = ("paper", "exact")
+
+
+@dataclass(frozen=True)
+class BlockGeom:
+    """Shape facts of one transformer block of the dense backbone."""
+
+    index: int  # global block index (Swin blocks are numbered across stages)
+    stage: int  # Swin stage (0 for ViT)
+    index_in_stage: int
+    dim: int  # C, the dense residual width
+    heads: int
+    head_dim: int
+    hidden: int  # dense FFN width (int(mlp_ratio * C), timm's rounding)
+    grid: tuple[int, int]  # (H, W) of the patch-token map this block sees
+    prefix_tokens: int  # cls (+ distillation) tokens; 0 for Swin
+    window: int = 0  # Swin window size after timm's clamping to the grid; 0 for ViT
+    shift: int = 0  # Swin shift size (0 on even blocks and when the window covers the grid)
+
+    @property
+    def tokens(self) -> int:
+        """Every token the block sees: patches plus prefix tokens."""
+        return self.grid[0] * self.grid[1] + self.prefix_tokens
+
+    @property
+    def patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def module(self) -> str:
+        """The block's path in the timm model (``blocks.3``; Swin ``layers.1.blocks.0``)."""
+        return f"layers.{self.stage}.blocks.{self.index_in_stage}" if self.window else f"blocks.{self.index}"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The dense backbone, resolved from a timm model name and the spec's overrides."""
+
+    family: Family
+    model: str  # timm model name
+    img_size: int
+    patch_size: int
+    in_chans: int
+    num_classes: int
+    embed_dim: int  # ViT: the residual width; Swin: stage 0's width (stage s: embed_dim * 2**s)
+    depths: tuple[int, ...]  # ViT: (depth,); Swin: per stage
+    num_heads: tuple[int, ...]  # ViT: (heads,); Swin: per stage
+    mlp_ratio: float
+    window_size: int  # Swin only (0 for ViT)
+    prefix_tokens: int  # ViT: cls + distillation tokens
+    blocks: tuple[BlockGeom, ...]
+    # keyword arguments for timm.create_model(model, pretrained=False, **timm_kwargs)
+    timm_kwargs: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def stages(self) -> int:
+        """Stages with their own residual width: one for ViT, ``len(depths)`` for Swin."""
+        return len(self.depths) if self.family == "swin" else 1
+
+    def stage_dim(self, stage: int) -> int:
+        """The dense residual width of a stage."""
+        return self.embed_dim * 2**stage if self.family == "swin" else self.embed_dim
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """The dense residual width of every stage."""
+        return tuple(self.stage_dim(s) for s in range(self.stages))
+
+    @property
+    def num_features(self) -> int:
+        return self.stage_dim(self.stages - 1)
+
+    def kwargs(self) -> dict[str, object]:
+        return dict(self.timm_kwargs)

@@ -1,0 +1,294 @@
+"""Unit groups (space stage, pure Python): one abstraction for every prunable dimension.
+
+A **unit group** is a named set of coupled units that are kept or removed together — an embedding channel, a head,
+a per-head channel, an FFN neuron, an attention op level, a single weight — named by the path the language, the
+search graph and the checkpoints share:
+
+==========================  ===========  ==============================================================
+path                        kind         units
+==========================  ===========  ==============================================================
+``embed``                   embed        residual channels of a ViT (every block, the stem and the head)
+``stages.{s}.embed``        embed        residual channels of Swin stage ``s``
+``blocks.{i}.attention``    attention    levels of the block's nested attention ops (SPViT)
+``blocks.{i}.heads``        heads        the block's attention heads
+``blocks.{i}.head_dim``     head_dim     per-head channels (the same index in every kept head)
+``blocks.{i}.ffn``          ffn          hidden FFN neurons
+``blocks.{i}.attn.qkv``     weights      single weights of qkv (likewise ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``)
+==========================  ===========  ==============================================================
+
+The group (this module: its size, candidate kept counts and coupled tensor slices), its mask (a tensor during a
+search, :mod:`spvit_dsl.supernet`) and its kept indices (an ordered list at freeze, in checkpoints) are three
+separate things. A :class:`~.plan.FrozenArch` holds counts only; :func:`value_of` and :func:`with_value` read and set
+one group's count in it, so the budget projection works on any group kind the same way.
+
+Coupled slices follow the Torch-Pruning idea of a dependency group (the tensor slices that must shrink together),
+declared here from the backbone family rather than traced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from .geometry import BlockGeom, Geometry
+from .plan import LAYERS, FrozenArch, Space
+
+__all__ = [
+    "FIELDS",
+    "KINDS",
+    "GroupKind",
+    "Slice",
+    "UnitGroup",
+    "block_path",
+    "decisions",
+    "embed_path",
+    "groups",
+    "layer_module",
+    "slices",
+    "value_of",
+    "with_value",
+]
+
+GroupKind = Literal["embed", "attention", "heads", "head_dim", "ffn", "weights"]
+KINDS: tuple[GroupKind, ...] = ("embed", "attention", "heads", "head_dim", "ffn", "weights")
+
+# the language's field for each group kind (``weights`` groups are declared with ``sparsity``)
+FIELDS: dict[str, str] = {kind: kind for kind in KINDS} | {"weights": "sparsity"}
+
+# layer → its module path inside a block (timm names)
+_LAYER_MODULE = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+def layer_module(layer: str) -> str:
+    """``qkv`` → ``attn.qkv``, ``fc1`` → ``mlp.fc1`` (the layer's module inside a block)."""
+    return _LAYER_MODULE[layer]
+
+
+def embed_path(geometry: Geometry, stage: int) -> str:
+    return f"stages.{stage}.embed" if geometry.family == "swin" else "embed"
+
+
+def block_path(block: int, kind: str) -> str:
+    """``blocks.{i}.{kind}``; a sparsifiable layer (qkv, proj, fc1, fc2) gives ``blocks.{i}.attn.qkv`` etc."""
+    return f"blocks.{block}.{_LAYER_MODULE.get(kind, kind)}"
+
+
+@dataclass(frozen=True)
+class Slice:
+    """The part of one tensor of the dense timm model that a group's units own.
+
+    The tensor's ``axis`` is viewed as ``(outer, units, inner)``: unit ``u`` owns positions
+    ``o·units·inner + u·inner + j`` for every ``o < outer`` and ``j < inner`` (``qkv`` rows of head ``h`` are
+    ``(3, heads, head_dim)``; patch merging's input channels ``(4, C, 1)``).
+    """
+
+    tensor: str
+    axis: int
+    outer: int = 1
+    inner: int = 1
+
+    def positions(self, kept: Sequence[int], units: int) -> list[int]:
+        """Tensor positions along ``axis`` of the ``kept`` units, outer-major, in the order of ``kept``."""
+        return [
+            o * units * self.inner + u * self.inner + j
+            for o in range(self.outer)
+            for u in kept
+            for j in range(self.inner)
+        ]
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """A named set of coupled units and the kept counts a point may give it.
+
+    ``choices``: candidate kept counts, ascending (``attention``: op names along the single path; ``weights``:
+    densities). ``granule``: FFN neurons that share one gate (``groups of N``). ``slices``: the coupled tensor slices
+    of the dense model (:func:`slices`; ``attention`` and ``weights`` groups own whole tensors).
+    """
+
+    path: str
+    kind: GroupKind
+    size: int  # units of the dense backbone (weights: elements of the matrix; attention: op levels)
+    choices: tuple[int | float | str, ...]
+    block: int | None = None
+    stage: int = 0
+    granule: int = 1
+    layer: str | None = None  # weights groups: qkv | proj | fc1 | fc2
+
+    @property
+    def decision(self) -> bool:
+        """Whether a search chooses among several candidates here."""
+        return len(self.choices) > 1
+
+    @property
+    def structured(self) -> bool:
+        """Units are channels/heads/neurons (removing them shrinks tensors), not op levels or single weights."""
+        return self.kind in ("embed", "heads", "head_dim", "ffn")
+
+
+# --- the groups of a space ------------------------------------------------------------------------------------
+
+
+def groups(space: Space) -> list[UnitGroup]:
+    """Every dimension of the space with its candidates (fixed ones included), embed first, then block by block."""
+    g = space.geometry
+    out = [
+        UnitGroup(embed_path(g, s), "embed", g.stage_dim(s), tuple(space.embed[s]), stage=s)
+        for s in range(g.stages)
+    ]
+    for p in space.plans:
+        b = p.geom
+        i = b.index
+        ffn = p.ffn.candidates(b.hidden)
+        granule = p.ffn.group if p.ffn.granular else 1
+        out += [
+            UnitGroup(block_path(i, "attention"), "attention", len(p.attention), p.attention, i, b.stage),
+            UnitGroup(block_path(i, "heads"), "heads", b.heads, p.heads, i, b.stage),
+            UnitGroup(block_path(i, "head_dim"), "head_dim", b.head_dim, p.head_dim, i, b.stage),
+            UnitGroup(block_path(i, "ffn"), "ffn", b.hidden, ffn, i, b.stage, granule),
+        ]
+        for layer in LAYERS:
+            out.append(
+                UnitGroup(
+                    block_path(i, layer),
+                    "weights",
+                    _weights(b, layer),
+                    p.density.of(layer),
+                    i,
+                    b.stage,
+                    layer=layer,
+                )
+            )
+    return out
+
+
+def decisions(space: Space) -> list[UnitGroup]:
+    """The groups a search chooses in (more than one candidate): the encoding an algorithm sees."""
+    return [grp for grp in groups(space) if grp.decision]
+
+
+def _weights(b: BlockGeom, layer: str) -> int:
+    inner = b.heads * b.head_dim
+    return {
+        "qkv": 3 * inner * b.dim,
+        "proj": b.dim * inner,
+        "fc1": b.dim * b.hidden,
+        "fc2": b.hidden * b.dim,
+    }[layer]
+
+
+# --- reading and setting one group's value in a point ----------------------------------------------------------
+
+
+def value_of(arch: FrozenArch, group: UnitGroup) -> int | float | str:
+    """The group's count in ``arch`` (op name for attention, density for weights)."""
+    if group.kind == "embed":
+        return arch.embed[group.stage]
+    assert group.block is not None
+    b = arch.blocks[group.block]
+    if group.kind == "attention":
+        return b.op
+    if group.kind == "weights":
+        assert group.layer is not None
+        return b.density.of(group.layer)
+    return {"heads": b.heads, "head_dim": b.head_dim, "ffn": b.ffn}[group.kind]
+
+
+def with_value(arch: FrozenArch, group: UnitGroup, value: int | float | str) -> FrozenArch:
+    """``arch`` with the group set to ``value``."""
+    if group.kind == "embed":
+        embed = list(arch.embed)
+        embed[group.stage] = int(value)
+        return replace(arch, embed=tuple(embed))
+    assert group.block is not None
+    b = arch.blocks[group.block]
+    if group.kind == "attention":
+        return arch.with_block(group.block, op=str(value))
+    if group.kind == "weights":
+        assert group.layer is not None
+        return arch.with_block(group.block, density=replace(b.density, **{group.layer: float(value)}))
+    return arch.with_block(group.block, **{group.kind: int(value)})
+
+
+# --- coupled slices -----------------------------------------------------------------------------------------------
+
+
+def slices(
+    geometry: Geometry, group: UnitGroup, *, heads: int | None = None, head_dim: int | None = None
+) -> tuple[Slice, ...]:
+    """The tensor slices of the timm model that ``group``'s units own (see :class:`Slice`).
+
+    Heads and per-head channels together select attention channel ``h·head_dim + c`` of q, k, v and of proj's
+    input; ``heads``/``head_dim`` give the block's current counts when the other group was already cut (default:
+    the dense ones). ``attention`` and ``weights`` groups return ``()``.
+    """
+    if group.kind == "embed":
+        return _embed_slices(geometry, group.stage)
+    if group.block is None or group.kind in ("attention", "weights"):
+        return ()
+    b = geometry.blocks[group.block]
+    m = b.module
+    h = b.heads if heads is None else heads
+    d = b.head_dim if head_dim is None else head_dim
+    if group.kind == "ffn":
+        return (
+            Slice(f"{m}.mlp.fc1.weight", 0),
+            Slice(f"{m}.mlp.fc1.bias", 0),
+            Slice(f"{m}.mlp.fc2.weight", 1),
+        )
+    if group.kind == "heads":
+        out = [
+            Slice(f"{m}.attn.qkv.weight", 0, 3, d),
+            Slice(f"{m}.attn.qkv.bias", 0, 3, d),
+            Slice(f"{m}.attn.proj.weight", 1, 1, d),
+        ]
+        if b.window:
+            out.append(Slice(f"{m}.attn.relative_position_bias_table", 1))
+        return tuple(out)
+    return (  # head_dim: channel c of every head, in q, k and v
+        Slice(f"{m}.attn.qkv.weight", 0, 3 * h, 1),
+        Slice(f"{m}.attn.qkv.bias", 0, 3 * h, 1),
+        Slice(f"{m}.attn.proj.weight", 1, h, 1),
+    )
+
+
+def _block_embed_slices(m: str) -> list[Slice]:
+    names = [
+        ("norm1.weight", 0), ("norm1.bias", 0), ("attn.qkv.weight", 1), ("attn.proj.weight", 0),
+        ("attn.proj.bias", 0), ("norm2.weight", 0), ("norm2.bias", 0), ("mlp.fc1.weight", 1),
+        ("mlp.fc2.weight", 0), ("mlp.fc2.bias", 0),
+    ]  # fmt: skip
+    return [Slice(f"{m}.{name}", axis) for name, axis in names]
+
+
+def _embed_slices(g: Geometry, stage: int) -> tuple[Slice, ...]:
+    out: list[Slice] = []
+    if stage == 0:
+        out += [Slice("patch_embed.proj.weight", 0), Slice("patch_embed.proj.bias", 0)]
+    if g.family == "vit":
+        out += [Slice("cls_token", 2)] + ([Slice("dist_token", 2)] if g.prefix_tokens > 1 else [])
+        out.append(Slice("pos_embed", 2))
+    elif stage == 0:
+        out += [Slice("patch_embed.norm.weight", 0), Slice("patch_embed.norm.bias", 0)]
+    else:
+        out.append(Slice(f"layers.{stage}.downsample.reduction.weight", 0))
+    for b in g.blocks:
+        if b.stage == stage:
+            out += _block_embed_slices(b.module)
+    if stage + 1 < g.stages:  # patch merging reads the 2x2 neighbours of this stage concatenated: (4, C, 1)
+        nxt = f"layers.{stage + 1}.downsample"
+        out += [
+            Slice(f"{nxt}.norm.weight", 0, 4),
+            Slice(f"{nxt}.norm.bias", 0, 4),
+            Slice(f"{nxt}.reduction.weight", 1, 4),
+        ]
+    if stage == g.stages - 1:
+        out += [Slice("norm.weight", 0), Slice("norm.bias", 0)]
+        if g.num_classes == 0:
+            pass
+        elif g.family == "swin":
+            out.append(Slice("head.fc.weight", 1))
+        else:
+            out += [Slice("head.weight", 1)] + ([Slice("head_dist.weight", 1)] if g.prefix_tokens > 1 else [])
+    return tuple(out)
