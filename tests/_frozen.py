@@ -43,7 +43,7 @@ def pattern_arch(program: Program, pattern: list[tuple[str, float]] | None = Non
     for b in g.blocks:
         op, frac = pattern[-1] if b.index == g.depth - 1 else pattern[b.index % (len(pattern) - 1)]
         blocks.append(BlockArch(op, round(frac * b.hidden), b.heads, b.head_dim))
-    return FrozenArch(tuple(blocks), g.embed_dim)
+    return FrozenArch(tuple(blocks), g.dims)
 
 
 def write_frozen(program: Program, arch: FrozenArch, path: Path) -> Path:
@@ -54,17 +54,16 @@ def write_frozen(program: Program, arch: FrozenArch, path: Path) -> Path:
 
 
 def randomise(net: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial supernet state: every weight, mixing matrix, BN statistic and gate logit random."""
+    """Non-trivial supernet state: every weight, mixing matrix and BN statistic random (gate logits too, when
+    ``net`` is a module holding them)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in net.weight_parameters():
+        for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        for row in net.rows:
-            for bn in row.attn.bns.values():
-                bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=gen))
-                bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) + 0.5)
-        for p in net.gate_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
 
 
 def images(program_or_geometry, batch: int = 2, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Hand-built spaces on tiny real timm backbones for the lowering tests (no parser involved), and the dense twin."""
+"""Hand-built spaces on tiny real timm backbones for the lowering tests (no parser involved), the dense twin, and
+spaces that declare every dimension (embedding widths, heads, per-head widths, FFN, ops, per-layer sparsity)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import timm
 import torch
 
 from spvit_dsl.space.backbones import resolve
-from spvit_dsl.space.plan import BlockPlan, FfnChoice, Geometry, Space
+from spvit_dsl.space.plan import BlockPlan, DensityChoice, FfnChoice, Geometry, Space
 from spvit_dsl.supernet import Supernet
 
 ALL_OPS = ("skip", "conv1x1", "conv3x3", "conv5x5", "msa")
@@ -29,7 +30,27 @@ def make_space(
         block_ops = ops(b.index) if callable(ops) else ops
         choice = ffn(b.index, b.hidden) if callable(ffn) else ffn
         plans.append(BlockPlan(b, tuple(block_ops), choice, (b.heads,), (b.head_dim,)))
-    return Space(geometry, tuple(plans), (geometry.embed_dim,))
+    return Space(geometry, tuple(plans), tuple((d,) for d in geometry.dims))
+
+
+DENSITIES = (0.5, 0.75, 1.0)
+
+
+def every_dimension(geometry: Geometry, ops: tuple[str, ...] = ALL_OPS) -> Space:
+    """Every dimension open: any embedding width per stage, any heads and per-head width, any FFN width
+    (per neuron), every op, densities {0.5, 0.75, 1} for each sparsifiable layer."""
+    plans = tuple(
+        BlockPlan(
+            b,
+            ops,
+            PER_NEURON,
+            tuple(range(1, b.heads + 1)),
+            tuple(range(1, b.head_dim + 1)),
+            DensityChoice(DENSITIES, DENSITIES, DENSITIES, DENSITIES),
+        )
+        for b in geometry.blocks
+    )
+    return Space(geometry, plans, tuple(tuple(range(1, d + 1)) for d in geometry.dims))
 
 
 def tiny_vit_space(ops=ALL_OPS, ffn=PER_NEURON, model="deit_tiny_patch16_224", **overrides) -> Space:
@@ -54,11 +75,12 @@ def dense_twin(net: Supernet) -> torch.nn.Module:
     dense = timm.create_model(g.model, pretrained=False, **g.kwargs())
     result = dense.load_state_dict(net.model.state_dict(), strict=False)
     assert not result.missing_keys  # every timm parameter kept its name
-    assert all(".attn.mix" in k or ".attn.bns." in k or ".mlp.keep" in k for k in result.unexpected_keys)
+    assert all(".attn.mix" in k or ".attn.bns." in k for k in result.unexpected_keys)
     return dense
 
 
-def all_on(net: Supernet) -> None:
+def all_on(gates: torch.nn.Module) -> None:
+    """Every SPViT gate on in every sample (noise logit(u) is within ±14 after clamping)."""
     with torch.no_grad():
-        for p in net.gate_parameters():
-            p.fill_(30.0)  # every sample is on (noise logit(u) is within ±14 after clamping)
+        for p in gates.parameters():
+            p.fill_(30.0)

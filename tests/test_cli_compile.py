@@ -150,6 +150,6 @@ def test_compile_materialises_the_supernet(tmp_path: Path) -> None:
     meta = read_metadata(str(out))
     assert "blocks all" in next(v for v in meta.values() if "backbone vit_tiny_patch16_224" in v)
     net = load_supernet(str(out), lambda text: compile_text(text).space).eval()
-    assert set(net.gates.keys()) >= {"blocks.0.attention", "blocks.5.ffn"}
+    assert {g.path for g in net.groups.values() if g.decision} >= {"blocks.0.attention", "blocks.5.ffn"}
     x = torch.rand(2, 1, 32, 32)
     assert net(x).shape == (2, 10)

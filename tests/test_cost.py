@@ -18,17 +18,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from spvit_dsl.space.backbones import resolve, supported_names
 from spvit_dsl.space.cost import (
+    BlockCounts,
+    Counts,
     arch_cost,
     block_cost,
-    block_ffn_cost,
-    block_fixed_cost,
-    block_op_cost,
     breakdown,
+    counts_of,
     dense_arch,
     dense_cost,
     stem_head_cost,
+    tally,
 )
-from spvit_dsl.space.plan import BlockArch, Cost, FrozenArch, Geometry
+from spvit_dsl.space.plan import BlockArch, Cost, Density, FrozenArch, Geometry
 
 DEIT = {"Ti": "deit_tiny_patch16_224", "S": "deit_small_patch16_224", "B": "deit_base_patch16_224"}
 SWIN = {
@@ -82,11 +83,29 @@ PER_OP = [
 ]
 
 
+def branch_cost(b, op: str, convention: str, **dims: object) -> Cost:
+    """One attention branch without its LayerNorm: the block with ``op`` minus the block with a skip branch, minus
+    norm1 (which a skip block does not run)."""
+    arch = BlockArch(op, b.hidden, int(dims.get("heads", b.heads)), int(dims.get("head_dim", b.head_dim)))
+    skip = BlockArch("skip", b.hidden, arch.heads, arch.head_dim)
+    norm = (
+        Cost({"paper": 1, "exact": 5}[convention] * b.tokens * b.dim, 2 * b.dim) if op != "skip" else Cost()
+    )
+    return block_cost(b, arch, convention) - block_cost(b, skip, convention) - norm
+
+
+def ffn_cost(b, width: int, convention: str, **density: float) -> Cost:
+    """The FFN alone (without norm2): a skip block at ``width`` minus the same block at width 0, plus fc2's bias."""
+    one = BlockArch("skip", width, b.heads, b.head_dim, Density(**density))
+    zero = BlockArch("skip", 0, b.heads, b.head_dim)
+    return block_cost(b, one, convention) - block_cost(b, zero, convention) + Cost(0, b.dim)
+
+
 @pytest.mark.parametrize("name, index, mega", PER_OP)
 def test_per_op_paper_macs(name: str, index: int, mega: list[float]):
     b = resolve(name, {}).blocks[index]
-    got = [block_op_cost(b, op, "paper").macs / 1e6 for op in ("conv1x1", "conv3x3", "msa")]
-    got.append(block_ffn_cost(b, b.hidden, "paper").macs / 1e6)
+    got = [branch_cost(b, op, "paper").macs / 1e6 for op in ("conv1x1", "conv3x3", "msa")]
+    got.append(ffn_cost(b, b.hidden, "paper").macs / 1e6)
     assert [round(x, 2) for x in got] == mega
 
 
@@ -130,7 +149,8 @@ class Zero(nn.Module):
 
 
 class ConvBranch(nn.Module):
-    """Conv2d(C,d,k) → BN → ReLU → Conv2d(d,C,1) on the patch-token map; prefix tokens pass through as zeros."""
+    """Conv2d(C,d,k) → BN → ReLU → Conv2d(d,C,1) on the patch-token map (d: the kept per-head width); prefix
+    tokens pass through as zeros."""
 
     def __init__(self, dim: int, d: int, k: int, prefix: int, grid: tuple[int, int], channels_last: bool):
         super().__init__()
@@ -166,18 +186,21 @@ def branch(b, a: BlockArch, dim: int, swin_block=None) -> nn.Module:
         attn.fused_attn = False  # FlopCounterMode does not count SDPA's CPU kernel
         return attn
     k = int(a.op[-1])
-    return ConvBranch(dim, b.head_dim, k, b.prefix_tokens, b.grid, channels_last=swin_block is not None)
+    return ConvBranch(dim, a.head_dim, k, b.prefix_tokens, b.grid, channels_last=swin_block is not None)
 
 
 def build(g: Geometry, arch: FrozenArch) -> nn.Module:
-    """timm's model at residual width arch.embed, every attention branch and FFN replaced per ``arch``."""
-    kwargs = g.kwargs() | {"embed_dim": arch.embed}
+    """timm's model at the residual widths of ``arch`` (stage 0's; the later Swin stages double it), every attention
+    branch and FFN replaced per ``arch``; a skip block's norm1 is never run, so it is removed."""
+    kwargs = g.kwargs() | {"embed_dim": arch.embed[0]}
     kwargs |= {"num_heads": (1,) * len(g.depths)} if g.family == "swin" else {"num_heads": 1}
     m = timm.create_model(g.model, pretrained=False, **kwargs)
     blocks = [blk for layer in m.layers for blk in layer.blocks] if g.family == "swin" else list(m.blocks)
     for b, a, blk in zip(g.blocks, arch.blocks, blocks, strict=True):
         dim = blk.norm1.normalized_shape[0]
         blk.attn = branch(b, a, dim, blk if g.family == "swin" else None)
+        if a.op == "skip":
+            blk.norm1 = nn.Identity()
         if (
             g.family == "swin" and a.op != "msa"
         ):  # timm's _attn would window-partition; convs see the full map
@@ -273,7 +296,7 @@ def points(draw, space):
         )
         for b in g.blocks
     )
-    return g, FrozenArch(blocks, embed)
+    return g, FrozenArch(blocks, tuple(embed * 2**s for s in range(g.stages)))
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
@@ -298,20 +321,22 @@ def test_conv_module_by_hand():
     )
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         mod.eval()(torch.randn(1, 384, 4, 4))
-    cost = block_op_cost(b, "conv3x3", "exact")
+    cost = branch_cost(b, "conv3x3", "exact")
     assert cost.params == sum(p.numel() for p in mod.parameters())
     assert cost.macs == counter.get_total_flops() // 2 + 2 * 64 * 16  # + eval BatchNorm, 2 per element
-    assert block_op_cost(b, "conv3x3", "paper").macs == counter.get_total_flops() // 2
+    assert branch_cost(b, "conv3x3", "paper").macs == counter.get_total_flops() // 2
 
 
 # --- laws of the model ---------------------------------------------------------------------------------------
 
 
 def test_embed_width_scales_like_a_narrower_backbone():
-    """A point at embed C' with dense-shaped blocks costs what timm's backbone of width C' costs."""
+    """A point at residual widths C'·2^s with dense-shaped blocks costs what timm's backbone of width C' costs."""
     g = resolve(SWIN["T"], TINY_SWIN)
     narrow = resolve(SWIN["T"], TINY_SWIN | dict(embed_dim=8, heads=(1, 1, 2)))
-    arch = FrozenArch(tuple(BlockArch("msa", b.hidden, b.heads, b.head_dim) for b in narrow.blocks), 8)
+    arch = FrozenArch(
+        tuple(BlockArch("msa", b.hidden, b.heads, b.head_dim) for b in narrow.blocks), narrow.dims
+    )
     for convention in ("paper", "exact"):
         assert arch_cost(g, arch, convention) == dense_cost(narrow, convention)
 
@@ -319,25 +344,36 @@ def test_embed_width_scales_like_a_narrower_backbone():
 def test_ffn_is_linear_in_width_and_keeps_fc2_bias():
     b = resolve(DEIT["S"], {}).blocks[3]
     for convention in ("paper", "exact"):
-        c0, c1, c7 = (block_ffn_cost(b, w, convention) for w in (0, 1, 7))
+        c0, c1, c7 = (ffn_cost(b, w, convention) for w in (0, 1, 7))
         assert c0.macs == 0 and c0.params == b.dim
         assert c7 - c0 == Cost(7 * c1.macs, 7 * (c1.params - c0.params))
-    assert block_ffn_cost(b, 10, "exact").macs - block_ffn_cost(b, 10, "paper").macs == 2 * b.dim * 10  # cls
+    assert ffn_cost(b, 10, "exact").macs - ffn_cost(b, 10, "paper").macs == 2 * b.dim * 10  # the cls token
 
 
-def test_skip_density_and_block_sum():
+def test_skip_blocks_run_no_attention_norm():
+    """A skip block pays its FFN and norm2 only: no attention branch, no norm1 (the compact block has none)."""
     b = resolve(DEIT["S"], {}).blocks[0]
-    assert block_op_cost(b, "skip", "exact") == block_op_cost(b, "skip", "paper") == Cost()
-    msa, half = block_op_cost(b, "msa", "paper"), block_op_cost(b, "msa", "paper", density=0.5)
-    attention = 2 * b.tokens**2 * b.dim
-    assert half.macs - attention == pytest.approx((msa.macs - attention) / 2)
-    assert msa.params - half.params == 4 * b.dim * b.dim // 2
-    a = BlockArch("conv3x3", 100, b.heads, b.head_dim)
-    assert block_cost(b, a, "exact") == (
-        block_op_cost(b, "conv3x3", "exact") + block_ffn_cost(b, 100, "exact") + block_fixed_cost(b, "exact")
+    for convention, ln in (("paper", 1), ("exact", 5)):
+        skip = block_cost(b, BlockArch("skip", 0, b.heads, b.head_dim), convention)
+        assert skip == Cost(
+            ln * b.tokens * b.dim, 2 * b.dim + b.dim
+        )  # norm2 (MACs, weight+bias) and fc2.bias
+
+
+def test_density_counts_non_zero_weights_of_each_layer():
+    b = resolve(DEIT["S"], {}).blocks[0]
+    dense = block_cost(b, BlockArch("msa", 100, 2, 32), "paper")
+    d = Density(qkv=0.5, proj=0.25, fc1=0.75, fc2=1.0)
+    sparse = block_cost(b, BlockArch("msa", 100, 2, 32, d), "paper")
+    inner = 64
+    saved_weights = (3 * b.dim * inner) // 2 + (b.dim * inner * 3) // 4 + (b.dim * 100) // 4
+    assert dense.params - sparse.params == saved_weights
+    saved_macs = (
+        b.tokens * ((3 * b.dim * inner) // 2 + (b.dim * inner * 3) // 4) + b.patches * (b.dim * 100) // 4
     )
-    narrow = block_op_cost(b, "msa", "exact", heads=2, head_dim=32)
-    assert narrow.params == 4 * b.dim * 64 + 3 * 64 + b.dim
+    assert dense.macs - sparse.macs == saved_macs
+    assert sparse.sparse and not dense.sparse
+    assert branch_cost(b, "msa", "paper", heads=2, head_dim=32).params == 4 * b.dim * 64 + 3 * 64 + b.dim
 
 
 def test_totals_add_up():
@@ -351,14 +387,29 @@ def test_totals_add_up():
         assert total == arch_cost(g, arch, convention)
 
 
+def test_counts_price_the_same_as_points_and_mix_ops_linearly():
+    """``tally`` of a point's counts is its cost; op weights (0.25, 0.75) price a quarter and three quarters."""
+    g = resolve(DEIT["Ti"], TINY_VIT)
+    arch = dense_arch(g).with_block(0, op="conv3x3", heads=1, head_dim=16)
+    assert tally(g, counts_of(arch), "exact").cost() == arch_cost(g, arch, "exact")
+    mixed = counts_of(arch)
+    b0 = mixed.blocks[0]
+    mixed.blocks[0] = BlockCounts({"conv3x3": 0.25, "msa": 0.75}, b0.heads, b0.head_dim, b0.ffn)
+    a_conv, a_msa = arch, arch.with_block(0, op="msa")
+    want = 0.25 * arch_cost(g, a_conv, "exact").macs + 0.75 * arch_cost(g, a_msa, "exact").macs
+    assert tally(g, Counts(mixed.embed, mixed.blocks), "exact").macs == pytest.approx(want, rel=1e-12)
+
+
 def test_errors():
     g = resolve(DEIT["Ti"], TINY_VIT)
     with pytest.raises(ValueError, match="unknown cost convention 'fvcore'"):
         dense_cost(g, "fvcore")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="the architecture has 1 blocks but the backbone has 6"):
+    with pytest.raises(ValueError, match="the assignment has 1 blocks but the backbone has 6"):
         arch_cost(g, replace(dense_arch(g), blocks=dense_arch(g).blocks[:1]), "exact")
     with pytest.raises(KeyError, match="conv7x7"):
-        block_op_cost(g.blocks[0], "conv7x7", "exact")
+        block_cost(g.blocks[0], BlockArch("conv7x7", 1, 1, 1), "exact")
+    with pytest.raises(ValueError, match="1 stage width"):
+        stem_head_cost(g, "exact", (8, 8))
 
 
 def test_import_does_not_pull_torch():

@@ -1,14 +1,29 @@
-"""Gates: the pure functions on tensors and the two gate modules."""
+"""SPViT's gates: the pure functions on tensors, the two gate modules and the gate set driving a supernet
+(draws, sampling statistics, seeds, derived networks, the differentiable cost of their counts)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
+import math
 
 import pytest
 import torch
+from _spaces import nested_ffn, tiny_distilled_space, tiny_swin_space, tiny_vit_space
 
+from spvit_dsl.search.methods.spvit_gates import (
+    FfnGate,
+    OpGate,
+    SpvitGates,
+    binary_concrete,
+    indicator,
+    leading_ones,
+    level_weight,
+)
+from spvit_dsl.space import cost
 from spvit_dsl.space.plan import FfnChoice
-from spvit_dsl.supernet.gates import FfnGate, OpGate, binary_concrete, indicator, leading_ones, level_weight
+from spvit_dsl.supernet import Supernet
+from spvit_dsl.supernet.lower import lower
 
 
 def test_binary_concrete_forward_is_exactly_hard_and_gradient_is_sigmoid():
@@ -123,3 +138,171 @@ def test_ffn_gate_straight_through_mask_reaches_every_logit():
     assert mask.detach().tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]  # the 3 most important: indices 3..5
     (mask * torch.arange(1.0, 7.0)).sum().backward()
     assert torch.all(leaf.grad != 0)
+
+
+# --- the gate set of a supernet ----------------------------------------------------------------------------------
+
+SPACES = {
+    "deit": lambda: tiny_vit_space(),
+    "deit_distilled_nested": lambda: tiny_distilled_space(ffn=nested_ffn),
+    "swin": lambda: tiny_swin_space(),
+    "swin_groups": lambda: tiny_swin_space(ffn=FfnChoice(group=8)),
+}
+_NETS: dict[str, Supernet] = {}
+
+
+def net_for(name: str) -> Supernet:
+    if name not in _NETS:
+        torch.manual_seed(0)
+        _NETS[name] = lower(SPACES[name]())
+    net = _NETS[name]
+    net.reset()
+    return net
+
+
+def x_batch(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+def random_logits(gates: SpvitGates, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 2)
+
+
+def test_gates_exist_for_decisions_only_and_derive_the_declared_singletons():
+    space = tiny_vit_space(
+        ops=lambda i: ("msa",) if i == 0 else ("skip", "msa"),
+        ffn=lambda i, h: FfnChoice(widths=(h // 2,)) if i == 1 else FfnChoice(group=4),
+    )
+    net = lower(space)
+    gates = SpvitGates(net)
+    assert set(gates.gates.keys()) == {"blocks.1.attention", "blocks.2.attention", "blocks.0.ffn", "blocks.2.ffn"}
+    assert gates.gates["blocks.1.attention"].candidates == ("skip", "msa")
+    assert gates.num_gates() == 2 + 2 * (space.plans[0].geom.hidden // 4)
+    assert [g.decision for g in gates.ordered()] == ["blocks.1.attention", "blocks.2.attention", "blocks.0.ffn", "blocks.2.ffn"]
+    with torch.no_grad():
+        gates.gates["blocks.1.attention"].logits.fill_(-1.0)
+        gates.gates["blocks.0.ffn"].logits[:3] = -1.0
+    arch = gates.derive(net)
+    assert [b.op for b in arch.blocks] == ["msa", "skip", "msa"]
+    assert [b.ffn for b in arch.blocks] == [128 - 12, 64, 128] and arch.embed == (32,)
+    assert gates.levels() == {"blocks.1.attention": 0, "blocks.2.attention": 1}
+    assert int(gates.kept_ffn()["blocks.0.ffn"].sum()) == 116
+    text = repr(gates)
+    assert "blocks.1.attention: skip < msa" in text and "blocks.0.ffn: 32 gates of 4 neuron(s) over 128" in text
+
+
+def test_draw_sets_the_supernets_ops_and_ffn_masks():
+    net = net_for("deit_distilled_nested")
+    gates = SpvitGates(net)
+    random_logits(gates, 5)
+    gates.draw(net, training=False)
+    levels, kept = gates.levels(), gates.kept_ffn()
+    for r in net.rows:
+        assert r.attn._level == levels[f"blocks.{r.index}.attention"]
+        assert torch.equal(net.mask(f"blocks.{r.index}.ffn") > 0.5, kept[f"blocks.{r.index}.ffn"])
+    net.eval()
+    x = x_batch()
+    assert torch.equal(net(x), net(x))
+    noise = torch.rand(gates.num_gates(), generator=torch.Generator().manual_seed(2))
+    gates.draw(net, training=True, noise=noise)
+    flat = torch.cat([g.logits.detach() for g in gates.ordered()])
+    hard = (flat + torch.log(noise) - torch.log1p(-noise) > 0).float()
+    offset = 0
+    for g in gates.ordered():
+        n, block = g.num_gates, int(g.decision.split(".")[1])
+        if isinstance(g, OpGate):
+            attn = net.rows[block].attn
+            assert attn._level == leading_ones(hard[offset : offset + n].tolist())
+            assert attn._weight is not None and attn._weight.item() == 1.0 and attn._weight.requires_grad
+        else:
+            mask = net.mask(g.decision)
+            assert torch.equal(mask.detach(), g.neuron_mask(hard[offset : offset + n])) and mask.requires_grad
+        offset += n
+    net.reset()
+
+
+def test_sampled_levels_follow_sigmoid_statistics():
+    net = lower(tiny_vit_space(ffn=FfnChoice(group=4))).train()
+    gates = SpvitGates(net, seed=1234)
+    theta = torch.tensor([1.5, 0.4, -0.3, 1.0])
+    ffn_gate = gates.gates["blocks.0.ffn"]
+    with torch.no_grad():
+        gates.gates["blocks.0.attention"].logits.copy_(theta)
+        ffn_gate.logits.copy_(torch.linspace(-2, 2, ffn_gate.num_gates))
+    n = 3000
+    counts = [0] * 5
+    ffn_on = torch.zeros(ffn_gate.num_gates)
+    for _ in range(n):
+        gates.draw(net, training=True)
+        counts[net.rows[0].attn._level] += 1
+        ffn_on += net.mask("blocks.0.ffn").detach()[::4]
+    s = torch.sigmoid(theta).tolist()
+    probs = [math.prod(s[:k]) * (1 - s[k]) for k in range(4)] + [math.prod(s)]
+    chi2 = sum((c - n * p) ** 2 / (n * p) for c, p in zip(counts, probs, strict=True))
+    assert chi2 < 18.47  # 4 degrees of freedom, p = 0.001
+    for k in range(5):  # P(level ≥ k) = Π_{j<k} σ(θ_j)
+        p_ge = math.prod(s[:k])
+        assert abs(sum(counts[k:]) / n - p_ge) < 4 * math.sqrt(p_ge * (1 - p_ge) / n) + 1e-9
+    p_ffn = torch.sigmoid(ffn_gate.logits.detach())
+    assert torch.all((ffn_on / n - p_ffn).abs() < 4 * torch.sqrt(p_ffn * (1 - p_ffn) / n))
+
+
+def test_same_seed_same_gates_and_eval_is_deterministic():
+    torch.manual_seed(0)
+    net = lower(tiny_vit_space()).train()
+    a = SpvitGates(net, seed=5)
+    a.draw(net, training=True)
+    net(x_batch()).sum().backward()
+    b = copy.deepcopy(a)  # ... generator state included
+    net_copy = copy.deepcopy(net.reset() or net)
+    c = SpvitGates(net, seed=5)
+    c.draw(net, training=True)  # a fresh gate set with the same seed: the same first draw onwards
+    levels_a, levels_b, levels_c = [], [], []
+    for _ in range(20):
+        a.draw(net, training=True)
+        levels_a.append([r.attn._level for r in net.rows])
+        b.draw(net_copy, training=True)
+        levels_b.append([r.attn._level for r in net_copy.rows])
+        c.draw(net, training=True)
+        levels_c.append([r.attn._level for r in net.rows])
+    assert levels_a == levels_b == levels_c and len({tuple(v) for v in levels_a}) > 1
+    random_logits(a, 3)
+    a.draw(net, training=False)
+    net.eval()
+    x = x_batch()
+    assert torch.equal(net(x), net(x))
+    expected = [
+        min([j for j, v in enumerate(a.gates[f"blocks.{r.index}.attention"].logits.tolist()) if v <= 0], default=4)
+        for r in net.rows
+    ]
+    assert [r.attn._level for r in net.rows] == expected
+
+
+@pytest.mark.parametrize("name", SPACES)
+@pytest.mark.parametrize("convention", ["exact", "paper"])
+def test_expected_cost_equals_the_cost_of_the_derived_arch(name, convention):
+    net = net_for(name)
+    gates = SpvitGates(net)
+    for seed in range(4):
+        random_logits(gates, seed)
+        arch = gates.derive(net)
+        c = cost.arch_cost(net.space.geometry, arch, convention)
+        counts = gates.counts(net)
+        assert net.cost(counts, convention, "macs").item() == c.macs
+        assert net.cost(counts, convention, "params").item() == c.params
+    net.cost(gates.counts(net), convention, "macs").backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates.parameters())
+
+
+def test_a_training_step_leaves_no_graph_behind_on_the_supernet():
+    """After a step the supernet stays deep-copyable (EMA copies, checkpoint snapshots) without a reset."""
+    torch.manual_seed(0)
+    net = lower(tiny_vit_space()).train()
+    gates = SpvitGates(net, seed=5)
+    gates.draw(net, training=True)
+    net(x_batch()).sum().backward()
+    twin = copy.deepcopy(net)
+    assert [r.attn._level for r in twin.rows] == [r.attn._level for r in net.rows]

@@ -33,7 +33,7 @@ def test_valid(name: str, regen: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     expected = {
         "summary": paper.summary(),
         "exact": {k: exact.summary()[k] for k in ("flops", "params", "budgets")},
-        "decisions": [[d.name, d.kind, len(d.candidates)] for d in paper.graph.decisions()],
+        "decisions": [[d.path, d.kind, len(d.choices)] for d in paper.graph.decisions()],
         "warnings": [w.render() for w in paper.warnings],
     }
     _golden(

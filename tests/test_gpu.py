@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _spaces import all_on, dense_twin, tiny_swin_space, tiny_vit_space
+from _spaces import all_on, dense_twin, every_dimension, tiny_swin_space, tiny_vit_space
 
+from spvit_dsl.search.methods.spvit_gates import SpvitGates
 from spvit_dsl.supernet.lower import lower
 
 pytestmark = pytest.mark.gpu
@@ -17,19 +18,41 @@ ROOT = Path(__file__).parent.parent
 @pytest.mark.parametrize("make", [tiny_vit_space, tiny_swin_space], ids=["vit", "swin"])
 def test_supernet_matches_dense_on_cuda_and_trains_under_bf16(make) -> None:
     net = lower(make(), device="cuda").eval()
-    all_on(net)
+    gates = SpvitGates(net)
+    all_on(gates)
+    gates.draw(net, training=False)
     dense = dense_twin(net).cuda().eval()
     g = net.space.geometry
     x = torch.randn(4, g.in_chans, g.img_size, g.img_size, device="cuda")
     with torch.no_grad():
         assert (net(x) - dense(x)).abs().max().item() <= 1e-4
     net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW([*net.parameters(), *gates.parameters()], lr=1e-4)
+    gates.draw(net, training=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = net(x).float().logsumexp(-1).mean() + net.expected_cost() / 1e12
+        loss = net(x).float().logsumexp(-1).mean() + net.cost(gates.counts(net)).float() / 1e12
     loss.backward()
     opt.step()
-    assert all(p.grad is not None for p in net.gate_parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gates.parameters())
+
+
+@pytest.mark.parametrize("geometry", ["vit", "swin"])
+def test_per_sample_masks_on_cuda_equal_batch_masks(geometry) -> None:
+    space = (tiny_vit_space if geometry == "vit" else tiny_swin_space)()
+    net = lower(every_dimension(space.geometry), device="cuda").eval()
+    g = net.space.geometry
+    x = torch.randn(3, g.in_chans, g.img_size, g.img_size, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    masks = {p: (torch.rand(3, net.size(p), device="cuda", generator=gen) < 0.7).float() for p in net.groups
+             if net.groups[p].structured}
+    for m in masks.values():
+        m[:, 0] = 1  # one unit kept at least
+    with torch.no_grad():
+        net.set_masks(masks)
+        per_sample = net(x)
+        for b in range(3):
+            net.set_masks({p: m[b] for p, m in masks.items()})
+            assert (net(x)[b] - per_sample[b]).abs().max().item() <= 1e-4
 
 
 def test_search_on_cuda_meets_the_budget(tmp_path: Path) -> None:

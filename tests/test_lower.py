@@ -1,4 +1,5 @@
-"""Lowering: real timm backbones become gated supernets that compute exactly what timm computes."""
+"""Lowering: real timm backbones become masked supernets that compute exactly what timm computes while every mask
+is None (or every SPViT gate is on)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import torch
 import torch.nn.functional as F
 from _spaces import (
     ALL_OPS,
+    TINY_SWIN,
+    TINY_VIT,
     all_on,
     dense_twin,
+    every_dimension,
     make_space,
     nested_ffn,
     tiny_distilled_space,
@@ -21,60 +25,122 @@ from _spaces import (
 from safetensors.torch import save_file
 
 from spvit_dsl.lang.errors import UsageError
+from spvit_dsl.search.methods.spvit_gates import SpvitGates
 from spvit_dsl.space.backbones import resolve
 from spvit_dsl.space.plan import FfnChoice
-from spvit_dsl.supernet import GatedMlp, UnifiedAttention
+from spvit_dsl.supernet import GatedMlp, MaskedLayerNorm, UnifiedAttention
 from spvit_dsl.supernet._timm import GatedSwinBlock
 from spvit_dsl.supernet.lower import check_lowerable, lower
+from spvit_dsl.supernet.masks import EmbedMask, MaskedLinear
 
 SPACES = {"deit": tiny_vit_space, "deit_distilled": tiny_distilled_space, "swin": tiny_swin_space}
+GEOMETRIES = {
+    "deit_distilled": lambda: resolve("deit_tiny_distilled_patch16_224", TINY_VIT),
+    "swin": lambda: resolve("swin_tiny_patch4_window7_224", TINY_SWIN),
+}
 
 
 @pytest.mark.parametrize("name", SPACES)
 @pytest.mark.parametrize("ffn", [FfnChoice(group=1), FfnChoice(group=8), "nested"])
-def test_all_gates_on_equals_timm(name, ffn):
+def test_no_masks_and_all_gates_on_equal_timm(name, ffn):
     torch.manual_seed(0)
     space = SPACES[name](ffn=nested_ffn if ffn == "nested" else ffn)
     net = lower(space)
     dense = dense_twin(net)
     x = torch.randn(2, 3, 32, 32)
     net.eval(), dense.eval()
-    assert (net(x) - dense(x)).abs().max() <= 1e-5  # deterministic gates: θ = 1.5 > 0 keeps everything
+    assert (net(x) - dense(x)).abs().max() <= 1e-5  # every mask None, every block at msa
+    gates = SpvitGates(net)
+    gates.draw(net, training=False)  # deterministic gates: θ = 1.5 > 0 keeps everything
+    assert (net(x) - dense(x)).abs().max() <= 1e-5
     net.train(), dense.train()
-    all_on(net)
+    all_on(gates)
+    gates.draw(net, training=True)
+    assert all(r.attn.op == "msa" for r in net.rows)
     torch.manual_seed(1)
     y = net(x)
     torch.manual_seed(1)  # same drop-path draws: gate noise has its own generator
     assert (y - dense(x)).abs().max() <= 1e-5
 
 
-def test_lowering_replaces_modules_in_place_and_names_decisions():
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_every_dimension_masked_with_no_masks_equals_timm_with_gradients(name):
+    torch.manual_seed(0)
+    net = lower(every_dimension(GEOMETRIES[name]())).train()
+    dense = dense_twin(net).train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    y = net(x)
+    torch.manual_seed(1)
+    want = dense(x)
+    assert (y - want).abs().max() <= 1e-5
+    y.square().mean().backward()
+    want.square().mean().backward()
+    dense_params = dict(dense.named_parameters())
+    compared = 0
+    for k, p in net.model.named_parameters():
+        if k in dense_params:
+            torch.testing.assert_close(p.grad, dense_params[k].grad, atol=1e-6, rtol=1e-5)
+            compared += 1
+    assert compared == len(dense_params)
+
+
+def test_lowering_replaces_modules_in_place_and_names_groups():
     net = lower(tiny_swin_space(ops=("conv1x1", "msa")))
     assert len(net.rows) == 4
     for stage in net.model.layers:
         for blk in stage.blocks:
             assert type(blk) is GatedSwinBlock
             assert isinstance(blk.attn, UnifiedAttention) and isinstance(blk.mlp, GatedMlp)
-    assert set(net.gates.keys()) == {f"blocks.{i}.{k}" for i in range(4) for k in ("attention", "ffn")}
-    assert net.gates["blocks.3.attention"].candidates == ("conv1x1", "msa")
+            assert type(blk.norm1) is torch.nn.LayerNorm  # residual widths fixed: timm's own norms
+    kinds = ("attention", "heads", "head_dim", "ffn", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    assert set(net.groups) == {"stages.0.embed", "stages.1.embed"} | {f"blocks.{i}.{k}" for i in range(4) for k in kinds}
+    assert net.groups["blocks.3.attention"].choices == ("conv1x1", "msa")
+    assert {p for p, g in net.groups.items() if g.decision} == {f"blocks.{i}.{k}" for i in range(4) for k in ("attention", "ffn")}
     text = repr(net)
     for i in range(4):
-        assert f"blocks.{i}.attention: conv1x1 < msa" in text and f"blocks.{i}.ffn:" in text
+        assert f"blocks.{i}.attention: conv1x1 | msa" in text and f"blocks.{i}.ffn: hidden=" in text
+        assert f"ffn=blocks.{i}.ffn" in text  # the FFN reads its mask from the board
+    assert "heads=blocks." not in text  # fixed groups read no mask
 
 
-def test_single_candidates_get_no_gate():
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_open_residual_widths_mask_the_stream_and_keep_timm_names(name):
+    net = lower(every_dimension(GEOMETRIES[name]()))
+    dense_twin(net)  # same state-dict keys as timm (plus mixing matrices and conv BatchNorms)
+    m = net.model
+    for r in net.rows:
+        blk = m.get_submodule(r.plan.geom.module)
+        assert isinstance(blk.norm1, MaskedLayerNorm) and isinstance(blk.norm2, MaskedLayerNorm)
+        assert blk.norm1.group == ("embed" if name != "swin" else f"stages.{r.plan.geom.stage}.embed")
+    if name == "swin":
+        assert isinstance(m.patch_embed.norm, MaskedLayerNorm) and m.patch_embed.norm.group == "stages.0.embed"
+        down = m.layers[1].downsample
+        assert isinstance(down.reduction, MaskedLinear) and down.reduction.out_group == "stages.1.embed"
+        assert isinstance(down.norm, MaskedLayerNorm) and (down.norm.group, down.norm.repeat) == ("stages.0.embed", 4)
+        assert m.norm.group == "stages.1.embed"
+    else:
+        assert isinstance(m.norm_pre, EmbedMask) and isinstance(m.norm, MaskedLayerNorm)
+
+
+def test_a_fixed_narrower_group_keeps_its_largest_units():
     space = tiny_vit_space(
         ops=lambda i: ("msa",) if i == 0 else ("skip", "msa"),
         ffn=lambda i, h: FfnChoice(widths=(h // 2,)) if i == 1 else FfnChoice(group=4),
     )
     net = lower(space)
-    assert "blocks.0.attention" not in net.gates and "blocks.1.ffn" not in net.gates
-    assert "blocks.1.attention" in net.gates and "blocks.0.ffn" in net.gates
-    arch = net.eval().derive()
-    assert arch.blocks[0].op == "msa" and arch.blocks[1].ffn == space.plans[1].geom.hidden // 2
-    keep = net.kept_units()["blocks.1.ffn"]
-    imp = net.rows[1].mlp.importance()
-    assert imp[keep].min() >= imp[~keep].max()  # a fixed width keeps the most important neurons
+    assert net.fixed.paths() == ["blocks.1.ffn"]
+    keep = net.fixed.get("blocks.1.ffn") > 0
+    assert int(keep.sum()) == space.plans[1].geom.hidden // 2
+    scores = net.unit_scores("blocks.1.ffn")
+    assert scores[keep].min() >= scores[~keep].max()  # by L1 magnitude
+    assert torch.equal(net.mask("blocks.1.ffn"), keep.float())  # in force from the start ...
+    net.set_masks({"blocks.1.ffn": None})
+    net.reset()
+    assert torch.equal(net.mask("blocks.1.ffn"), keep.float())  # ... and after every reset
+    kept = net.kept_for(space.largest())
+    assert set(kept) == {"blocks.1.ffn"} and torch.equal(kept["blocks.1.ffn"], keep.nonzero().flatten())
+    assert "fixed.blocks__1__ffn" in net.state_dict()  # saved with the supernet
 
 
 def test_vit_conv_matches_the_reference_construction():
@@ -139,23 +205,26 @@ def test_real_shapes_on_the_meta_device(name, model):
     assert y.shape == (2, 1000)
     b = space.geometry.blocks[0]
     assert net.rows[0].attn.mix.shape == (b.heads, 25)
+    gates = SpvitGates(net)
+    assert gates.sample_generator is None
+    gates.draw(net, training=True)  # no host sync on meta: every block stays at msa
+    assert all(r.attn.op == "msa" for r in net.rows)
+    assert net(torch.empty(1, 3, 224, 224, device="meta")).shape == (1, 1000)
 
 
-@pytest.mark.parametrize("bad", ["heads", "head_dim", "density", "embed"])
-def test_non_spvit_decisions_are_not_implemented(bad):
+def test_check_lowerable_refuses_what_the_supernet_cannot_represent():
     space = tiny_vit_space()
     p = space.plans[0]
-    changes = {
-        "heads": dict(heads=(1, 2)),
-        "head_dim": dict(head_dim=(8, 16)),
-        "density": dict(density=(0.5, 1.0)),
-    }
-    if bad == "embed":
-        space = dataclasses.replace(space, embed=(16, 32))
-    else:
-        space = dataclasses.replace(space, plans=(dataclasses.replace(p, **changes[bad]),) + space.plans[1:])
-    with pytest.raises(NotImplementedError, match="embedding width" if bad == "embed" else f"blocks.0.{bad}"):
-        check_lowerable(space)
+    unsorted = dataclasses.replace(p, attention=("msa", "skip"))
+    with pytest.raises(ValueError, match="blocks.0.attention.*not sorted"):
+        check_lowerable(dataclasses.replace(space, plans=(unsorted,) + space.plans[1:]))
+    empty = dataclasses.replace(p, attention=())
+    with pytest.raises(ValueError, match="blocks.0.attention: no candidate"):
+        check_lowerable(dataclasses.replace(space, plans=(empty,) + space.plans[1:]))
+    wide = dataclasses.replace(p, ffn=FfnChoice(widths=(64, 2 * p.geom.hidden)))
+    with pytest.raises(ValueError, match="blocks.0.ffn: widths"):
+        check_lowerable(dataclasses.replace(space, plans=(wide,) + space.plans[1:]))
+    check_lowerable(every_dimension(space.geometry))  # heads, head_dim, density and embed are all lowerable
 
 
 def _timm_weights(space) -> dict[str, torch.Tensor]:

@@ -50,14 +50,19 @@ def test_frozen_network_meets_the_budget_within_one_percent(searched, budget):
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
-def test_kept_masks_match_the_frozen_widths(searched, budget):
-    _program, result = searched[budget]
+def test_kept_units_match_the_frozen_widths(searched, budget):
+    program, result = searched[budget]
     frozen = compile_file(result.frozen_path)
     arch = arch_of(frozen.checked)
     assert arch == result.arch
-    for i, block in enumerate(arch.blocks):
-        mask = result.kept[f"blocks.{i}.ffn"]
-        assert mask.dtype == torch.bool and int(mask.sum()) == block.ffn
+    for p, block in zip(program.space.plans, arch.blocks, strict=True):
+        kept = result.kept.get(f"blocks.{p.geom.index}.ffn")
+        if block.ffn == p.geom.hidden:
+            assert kept is None  # a group kept whole needs no indices
+            continue
+        assert kept.dtype == torch.int64 and kept.numel() == block.ffn
+        assert torch.equal(kept, torch.unique(kept))  # ascending, no repeats
+        assert kept.numel() == 0 or int(kept.max()) < p.geom.hidden
 
 
 def test_outputs(searched):
@@ -87,8 +92,9 @@ def test_outputs(searched):
         json.loads(fh.read(size))
     with safe_open(result.checkpoint_path, framework="pt") as f:
         keys, meta = list(f.keys()), f.metadata()
-    for prefix in ("net/", "opt/weights/", "opt/gates/", "rng/torch", "rng/gates", "kept/blocks.0.ffn"):
+    for prefix in ("net/", "strategy/gates.", "opt/weights/", "opt/gates/", "rng/torch", "rng/gates", "kept/blocks."):
         assert any(k.startswith(prefix) for k in keys), prefix
+    assert meta["spvit_dsl.spec"] == program.source  # the checkpoint is self-contained
     state = json.loads(meta["spvit_dsl.state"])
     assert state["step"] == 3 and state["finished"] is True and "values" in state["strategy_state"]["dual"]
     records = [json.loads(line) for line in open(result.metrics_path, encoding="utf-8")]

@@ -1,91 +1,131 @@
-"""Budget repair and the dual multiplier (pure Python: fake unit tables, no torch)."""
+"""The budget projection over unit groups and the dual multiplier (pure Python: a real tiny geometry, no torch)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spvit_dsl.search.budget import DualAscent, Target, nested_levels, repair
-from spvit_dsl.supernet.net import Unit
+from spvit_dsl.compile.program import compile_text
+from spvit_dsl.search.budget import DualAscent, GroupSteps, Target, project
+from spvit_dsl.space.cost import arch_cost
+from spvit_dsl.space.groups import decisions, value_of
+
+SPACE = """backbone vit_tiny_patch16_224 { weights = none; image = 32; patch = 8; classes = 10; embed_dim = 48; depth = 3; heads = 3 }
+embed: 16..48 step 4
+blocks all { attention: one of {skip, conv1x1, conv3x3, msa}; heads: 1..3; head_dim: 4..16 step 4; ffn: per neuron;
+             sparsity: {qkv: 0..0.5 step 0.25, fc1: 0..0.5 step 0.25} }
+"""
+PROGRAM = compile_text(SPACE, "space.vit")
+SPACE_ = PROGRAM.space
+GEOMETRY = SPACE_.geometry
+GROUPS = decisions(SPACE_)
 
 
-def _cost(units, on, constant=(1000.0, 100.0)):
-    macs = constant[0] + sum(u.macs for u in units if on[(u.decision, u.index)])
-    params = constant[1] + sum(u.params for u in units if on[(u.decision, u.index)])
-    return {"flops": macs, "params": params}
+def _steps(draw_scores, levels: list[int] | None = None) -> list[GroupSteps]:
+    out = []
+    for k, g in enumerate(GROUPS):
+        n = len(g.choices)
+        level = n - 1 if levels is None else levels[k] % n
+        out.append(GroupSteps(g, list(g.choices), level, [draw_scores(k, j) for j in range(n - 1)]))
+    return out
 
 
-def _table(n_blocks, logits, op_levels=3, neurons=192):
-    """Blocks with cumulative op gates (big) and per-neuron FFN gates (small); all units on as given by logits."""
-    units, k = [], 0
-    for b in range(n_blocks):
-        level = 0
-        for j in range(op_levels):
-            lg = logits[k % len(logits)]
-            k += 1
-            on = lg > 0 and level == j
-            level += 1 if on else 0
-            units.append(Unit(f"blocks.{b}.attention", j, lg, 500.0 * (j + 1), 40.0 * (j + 1), on, True))
-        for j in range(neurons):
-            lg = logits[k % len(logits)]
-            k += 1
-            units.append(Unit(f"blocks.{b}.ffn", j, lg, 10.0, 1.0, lg > 0, False, 1))
-    return units
+def _dense_costs() -> dict[str, float]:
+    c = arch_cost(GEOMETRY, SPACE_.largest(), "paper")
+    return {"flops": c.macs, "params": c.params}
 
 
 @given(
-    logits=st.lists(st.floats(-3, 3, allow_nan=False), min_size=1, max_size=40),
-    ratio=st.floats(0.3, 0.95),
-    blocks=st.integers(1, 4),
+    scores=st.lists(st.floats(-3, 3, allow_nan=False), min_size=1, max_size=50),
+    levels=st.lists(st.integers(0, 200), min_size=len(GROUPS), max_size=len(GROUPS)),
+    ratio=st.floats(0.15, 0.95),
+    metric=st.sampled_from(["flops", "params"]),
 )
-@settings(max_examples=60, deadline=None)
-def test_repair_meets_the_budget_within_one_percent(logits, ratio, blocks):
-    units = _table(blocks, logits)
-    on = {(u.decision, u.index): u.on for u in units}
-    dense = _cost(units, {k: True for k in on})
-    target = Target("flops", ratio * dense["flops"], f"{ratio:.0%}")
-    res = repair(units, _cost(units, on), [target])
-    # recompute the cost from the returned state, independently of the repair's own bookkeeping
-    levels = nested_levels(res)
-    state = {}
-    for u in units:
-        key = (u.decision, u.index)
-        state[key] = u.index < levels[u.decision] if u.nested else res.on[key]
-    achieved = _cost(units, state)["flops"]
-    assert achieved <= target.limit
-    assert abs(achieved - res.cost["flops"]) < 1e-6
-    # FFN units (10 MACs, 1920 per block) are finer than the op steps (<= 1500), so every budget here can be
-    # approached within 1% (>= 1000 MACs)
-    assert achieved >= 0.99 * target.limit
-    # cumulative decisions stay a prefix (derivable)
-    for u in units:
-        if u.nested and res.on[(u.decision, u.index)]:
-            assert all(res.on[(u.decision, j)] for j in range(u.index))
+@settings(max_examples=40, deadline=None)
+def test_projection_meets_the_budget_within_one_percent(scores, levels, ratio, metric):
+    steps = _steps(lambda k, j: scores[(7 * k + j) % len(scores)], levels)
+    target = Target(metric, ratio * _dense_costs()[metric], f"{ratio:.0%}")
+    res = project(GEOMETRY, SPACE_.largest(), steps, [target], "paper")
+    # price the result independently of the projection's own bookkeeping
+    achieved = arch_cost(GEOMETRY, res.arch, "paper")
+    value = achieved.macs if metric == "flops" else achieved.params
+    assert value == pytest.approx(res.cost[metric], rel=1e-12)
+    assert value <= target.limit
+    # per-neuron FFN steps are far finer than 1% of any of these budgets
+    assert value >= 0.99 * target.limit
+    for s in steps:  # every group ends on one of its candidates, at the level the result reports
+        assert value_of(res.arch, s.group) in s.group.choices or s.group.kind == "weights"
 
 
-def test_repair_keeps_high_logit_per_cost_units():
-    units = [
-        Unit("blocks.0.ffn", j, lg, 10.0, 1.0, True, False, 1) for j, lg in enumerate([5.0, 0.1, 3.0, 0.2])
+def test_projection_drops_the_least_score_per_cost_first():
+    """Two FFN groups of equal cost: the lower-scoring one loses its neurons first."""
+    steps = _steps(lambda k, j: 0.0)
+    for s in steps:
+        if s.group.path == "blocks.0.ffn":
+            s.scores = [-1.0] * len(s.scores)
+        elif s.group.path == "blocks.1.ffn":
+            s.scores = [5.0] * len(s.scores)
+    others = [s for s in steps if s.group.path in ("blocks.0.ffn", "blocks.1.ffn")]
+    dense = arch_cost(GEOMETRY, SPACE_.largest(), "paper").macs
+    ffn = arch_cost(GEOMETRY, SPACE_.largest().with_block(0, ffn=0), "paper").macs
+    target = Target("flops", dense - 0.5 * (dense - ffn))  # half of block 0's FFN must go
+    res = project(GEOMETRY, SPACE_.largest(), others, [target], "paper")
+    assert res.arch.blocks[1].ffn == GEOMETRY.blocks[1].hidden
+    assert res.arch.blocks[0].ffn < GEOMETRY.blocks[0].hidden
+
+
+def test_projection_honours_two_budgets():
+    dense = _dense_costs()
+    targets = [Target("flops", 0.6 * dense["flops"]), Target("params", 0.4 * dense["params"])]
+    res = project(GEOMETRY, SPACE_.largest(), _steps(lambda k, j: float(j % 3)), targets, "paper")
+    c = arch_cost(GEOMETRY, res.arch, "paper")
+    assert c.macs <= targets[0].limit and c.params <= targets[1].limit
+    assert max(c.macs / targets[0].limit, c.params / targets[1].limit) >= 0.99
+
+
+def test_embedding_moves_are_priced_with_every_block_product():
+    """Only the embedding width may move: the projection lands where the exact cost (E × FFN, E × heads·d...) says."""
+    embed = next(g for g in GROUPS if g.kind == "embed")
+    steps = [GroupSteps(embed, list(embed.choices), len(embed.choices) - 1, [1.0] * (len(embed.choices) - 1))]
+    dense = _dense_costs()["flops"]
+    target = Target("flops", 0.7 * dense)
+    res = project(GEOMETRY, SPACE_.largest(), steps, [target], "paper", fill=False)
+    widths = list(embed.choices)
+    largest = SPACE_.largest()
+    fitting = [
+        w for w in widths if arch_cost(GEOMETRY, replace(largest, embed=(w,)), "paper").macs <= target.limit
     ]
-    res = repair(
-        units, _cost(units, {(u.decision, u.index): True for u in units}, (0.0, 0.0)), [Target("flops", 20.0)]
-    )
-    assert res.on == {
-        ("blocks.0.ffn", 0): True,
-        ("blocks.0.ffn", 1): False,
-        ("blocks.0.ffn", 2): True,
-        ("blocks.0.ffn", 3): False,
-    }
+    assert res.arch.embed == (max(fitting),)
 
 
-def test_repair_honours_two_budgets():
-    units = _table(3, [1.0, 2.0, 0.5, 1.5])
-    on = {(u.decision, u.index): u.on for u in units}
-    dense = _cost(units, on)
-    targets = [Target("flops", 0.6 * dense["flops"]), Target("params", 0.5 * dense["params"])]
-    res = repair(units, dense, targets)
-    assert res.cost["flops"] <= targets[0].limit and res.cost["params"] <= targets[1].limit
-    assert max(res.cost["flops"] / targets[0].limit, res.cost["params"] / targets[1].limit) >= 0.99
+def test_random_order_is_seeded_and_still_meets_the_budget():
+    dense = _dense_costs()["flops"]
+    target = Target("flops", 0.5 * dense)
+    results = [
+        project(
+            GEOMETRY, SPACE_.largest(), _steps(lambda k, j: 0.0), [target], "paper", order="random", seed=s
+        )
+        for s in (0, 0, 1)
+    ]
+    assert results[0].arch == results[1].arch
+    assert results[0].arch != results[2].arch
+    for r in results:
+        assert 0.99 * target.limit <= arch_cost(GEOMETRY, r.arch, "paper").macs <= target.limit
+
+
+def test_an_unreachable_budget_is_a_clear_error():
+    ffn_only = [s for s in _steps(lambda k, j: 0.0) if s.group.kind == "ffn"]
+    with pytest.raises(ValueError, match="cannot meet flops <= tiny"):
+        project(GEOMETRY, SPACE_.largest(), ffn_only, [Target("flops", 1.0, "tiny")], "paper")
+
+
+def test_group_steps_check_their_shape():
+    g = GROUPS[0]
+    with pytest.raises(ValueError, match="need"):
+        GroupSteps(g, list(g.choices), 0, [])
 
 
 def test_dual_ascent_integrates_and_resets_when_the_budget_is_crossed():

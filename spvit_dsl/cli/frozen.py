@@ -127,7 +127,12 @@ def build_cmd(
         "round": round_to,
         "params_counted": counted,
         **_costs(model),
-        "blocks": [{"op": b.op, "ffn": b.ffn} for b in model.spvit_arch.blocks],
+        "embed": list(model.spvit_arch.embed),
+        "sparse": model.spvit_arch.sparse,
+        "blocks": [
+            {"op": b.op, "ffn": b.ffn, "heads": b.heads, "head_dim": b.head_dim, "density": vars(b.density)}
+            for b in model.spvit_arch.blocks
+        ],
     }
     if json_out:
         print(json.dumps(info))
@@ -225,18 +230,13 @@ def bench_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Measure latency and throughput of the compact network beside the dense backbone and its FLOPs ratio."""
-    from ..compact.speed import resolve_device
-
     _check_round(round_to)
     for name, value in (("--batch-size", batch_size), ("--repeats", repeats)):
         if value < 1:
             raise UsageError(f"{name}: expected a positive integer, found {value}")
     if warmup < 0 or threads < 0:
         raise UsageError(f"--warmup/--threads: expected 0 or more, found {min(warmup, threads)}")
-    try:
-        dev = resolve_device(device)
-    except ValueError as exc:
-        raise UsageError(f"--device: {exc}") from None
+    dev = _device(device)
     if threads:
         import torch
 
@@ -316,12 +316,9 @@ def _print_bench(r: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- finetune / eval
 def _device(name: str):
-    from ..compact.speed import resolve_device
+    from ..runtime.device import pick_device
 
-    try:
-        return resolve_device(name)
-    except ValueError as exc:
-        raise UsageError(f"--device: {exc}") from None
+    return pick_device(name)
 
 
 @contextmanager
@@ -425,7 +422,7 @@ def eval_cmd(
 ) -> None:
     """Top-1 / top-5 accuracy of a frozen network on the validation set, and its cost."""
     from ..runtime.data import load_data
-    from ..train.finetune import evaluate
+    from ..runtime.evaluate import evaluate
 
     dev = _device(device)
     model = _model(frozen, weights, None).to(dev)

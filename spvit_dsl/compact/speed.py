@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-__all__ = ["Timing", "machine", "resolve_device", "time_models"]
+__all__ = ["Timing", "machine", "time_models"]
 
 
 @dataclass(frozen=True)
@@ -35,17 +35,6 @@ class Timing:
 
     def as_dict(self) -> dict[str, float]:
         return {**asdict(self), "images_per_s": round(self.images_per_s, 2)}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``cpu``, ``cuda`` (a ValueError without one) or ``auto`` (cuda when available)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"expected cpu, cuda or auto, found '{device}'")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available on this machine")
-    return torch.device(device)
 
 
 def _sync(device: torch.device) -> None:

@@ -30,13 +30,21 @@ def _arch_panel(ax: Any, program: Any, arch: FrozenArch) -> None:
     ratios = [b.ffn / h if h else 0.0 for b, h in zip(arch.blocks, hidden, strict=True)]
     colors = [OP_COLORS.get(b.op, "#666666") for b in arch.blocks]
     ax.bar(xs, ratios, color=colors, edgecolor="black", linewidth=0.5)
-    for x, b, r in zip(xs, arch.blocks, ratios, strict=True):
-        ax.text(x, r + 0.02, f"{b.op}\n{b.ffn}", ha="center", va="bottom", fontsize=7)
-    ax.set_ylim(0, 1.3)
+    for x, b, p, r in zip(xs, arch.blocks, program.space.plans, ratios, strict=True):
+        label = f"{b.op}\n{b.ffn}"
+        if (b.heads, b.head_dim) != (p.geom.heads, p.geom.head_dim):
+            label += f"\n{b.heads}x{b.head_dim}"
+        if not b.density.dense:
+            label += "\n" + "/".join(f"{b.density.of(layer):.2g}" for layer in ("qkv", "proj", "fc1", "fc2"))
+        ax.text(x, r + 0.02, label, ha="center", va="bottom", fontsize=6)
+    ax.set_ylim(0, 1.5)
     ax.set_xticks(xs)
     ax.set_xlabel("block")
     ax.set_ylabel("kept FFN width / dense")
-    ax.set_title("chosen attention op (colour, label) and FFN width per block")
+    title = "op (colour), FFN width, heads x head width when cut, densities qkv/proj/fc1/fc2 when sparse"
+    if arch.embed != program.space.geometry.dims:
+        title += f"; embedding widths {', '.join(map(str, arch.embed))}"
+    ax.set_title(title, fontsize=8)
     used = sorted({b.op for b in arch.blocks}, key=list(OP_COLORS).index)
     handles = [_patch(OP_COLORS[o], o) for o in used if o in OP_COLORS]
     if handles:

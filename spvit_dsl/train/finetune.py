@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 from .._io import write_text
 from ..lang.errors import UsageError
+from ..runtime.evaluate import Metrics, evaluate
+from ..runtime.optim import param_groups
 
 FORMAT = "finetune-ckpt/1"
 
@@ -42,17 +44,6 @@ class FinetuneSettings:
 
 
 @dataclass
-class Metrics:
-    top1: float
-    top5: float
-    loss: float
-    images: int
-
-    def as_dict(self) -> dict[str, float]:
-        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "images": self.images}
-
-
-@dataclass
 class FinetuneResult:
     out: str
     best: Metrics
@@ -62,42 +53,7 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, dataset: Any, *, batch_size: int = 256, device: torch.device | str = "cpu"
-) -> Metrics:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over a dataset, in eval mode."""
-    from ..runtime.data import make_loader
-
-    model.eval()
-    n, loss, c1, c5 = 0, 0.0, 0, 0
-    for x, y in make_loader(dataset, batch_size, train=False, seed=0):
-        x, y = x.to(device), y.to(device)
-        logits = model(x).float()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        c1 += (top[:, 0] == y).sum().item()
-        c5 += (top == y[:, None]).any(dim=-1).sum().item()
-        n += len(y)
-    if n == 0:
-        raise UsageError("the validation set is empty")
-    return Metrics(100.0 * c1 / n, 100.0 * c5 / n, loss / n, n)
-
-
 # ---------------------------------------------------------------- training pieces
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices and kernels, none on 1-D parameters (norms, biases) and tokens."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (
-            no_decay if p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "pos_embed")) else decay
-        ).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
     """Linear warm-up to ``lr``, then cosine down to ``min_lr`` at ``total``."""
     if warmup and step < warmup:

@@ -1,0 +1,76 @@
+"""Checks that need a CUDA device; on a machine without one they are skipped with that reason (see conftest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from _spaces import all_on, dense_twin, every_dimension, tiny_swin_space, tiny_vit_space
+
+from spvit_dsl.search.methods.spvit_gates import SpvitGates
+from spvit_dsl.supernet.lower import lower
+
+pytestmark = []
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize("make", [tiny_vit_space, tiny_swin_space], ids=["vit", "swin"])
+def test_supernet_matches_dense_on_cuda_and_trains_under_bf16(make) -> None:
+    net = lower(make(), device="cpu").eval()
+    gates = SpvitGates(net)
+    all_on(gates)
+    gates.draw(net, training=False)
+    dense = dense_twin(net).eval()
+    g = net.space.geometry
+    x = torch.randn(4, g.in_chans, g.img_size, g.img_size, device="cpu")
+    with torch.no_grad():
+        assert (net(x) - dense(x)).abs().max().item() <= 1e-4
+    net.train()
+    opt = torch.optim.AdamW([*net.parameters(), *gates.parameters()], lr=1e-4)
+    gates.draw(net, training=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = net(x).float().logsumexp(-1).mean() + net.cost(gates.counts(net)).float() / 1e12
+    loss.backward()
+    opt.step()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gates.parameters())
+
+
+@pytest.mark.parametrize("geometry", ["vit", "swin"])
+def test_per_sample_masks_on_cuda_equal_batch_masks(geometry) -> None:
+    space = (tiny_vit_space if geometry == "vit" else tiny_swin_space)()
+    net = lower(every_dimension(space.geometry), device="cpu").eval()
+    g = net.space.geometry
+    x = torch.randn(3, g.in_chans, g.img_size, g.img_size, device="cpu")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    masks = {p: (torch.rand(3, net.size(p), device="cpu", generator=gen) < 0.7).float() for p in net.groups
+             if net.groups[p].structured}
+    for m in masks.values():
+        m[:, 0] = 1  # one unit kept at least
+    with torch.no_grad():
+        net.set_masks(masks)
+        per_sample = net(x)
+        for b in range(3):
+            net.set_masks({p: m[b] for p, m in masks.items()})
+            assert (net(x)[b] - per_sample[b]).abs().max().item() <= 1e-4
+
+
+def test_search_on_cuda_meets_the_budget(tmp_path: Path) -> None:
+    from spvit_dsl.compile.program import compile_file
+    from spvit_dsl.search import run_search
+
+    program = compile_file(str(ROOT / "examples/digits_tiny.vit"))
+    result = run_search(program, steps=4, device="cpu", out=str(tmp_path), quiet=True)
+    for b in result.budgets:
+        assert 0.99 <= b["ratio"] <= 1.0
+
+
+def test_compact_model_on_cuda_equals_cpu(tmp_path: Path) -> None:
+    from spvit_dsl.compact.build import build
+
+    model = build(str(ROOT / "examples/deit_s_frozen.vit"), weights="none").eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        cpu = model(x)
+        gpu = model(x).cpu()
+    assert (cpu - gpu).abs().max().item() <= 1e-3
