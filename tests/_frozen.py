@@ -25,6 +25,18 @@ SWIN_BACKBONE = (
 )
 SEARCH_BLOCKS = "blocks all { attention: one of {skip, conv1x1, conv3x3, conv5x5, msa}; ffn: per neuron }"
 
+# search specs declaring every dimension on the backbones above: embedding width(s), heads, per-head width, FFN
+# width, op and per-layer sparsity (the spaces tests/_spaces.every_dimension builds for their geometries)
+_EVERY = (
+    "attention: one of {skip, conv1x1, conv3x3, conv5x5, msa}; ffn: per neuron; head_dim: 1..16; "
+    "sparsity: {0, 0.25, 0.5}"
+)
+EVERY_DIMENSION = {
+    VIT_BACKBONE: f"embed: 1..32\nblocks all {{ {_EVERY}; heads: 1..2 }}\n",
+    DISTILLED_BACKBONE: f"embed: 1..32\nblocks all {{ {_EVERY}; heads: 1..2 }}\n",
+    SWIN_BACKBONE: f"stage 0 {{ embed: 1..16 }}\nstage 1 {{ embed: 1..32; heads: 1..2 }}\nblocks all {{ {_EVERY} }}\n",
+}
+
 # per-block (op, ffn width as a fraction of the dense width); the last block keeps MSA so that every token
 # (the cls token included) depends on the conv branches
 PATTERN = [("conv3x3", 0.4), ("skip", 0.0), ("conv1x1", 0.7), ("msa", 1.0)]
@@ -34,6 +46,11 @@ def search_program(backbone: str, path: Path) -> Program:
     text = f"{backbone}\n{SEARCH_BLOCKS}\n"
     path.write_text(text)
     return compile_text(text, str(path))
+
+
+def every_dimension_text(backbone: str) -> str:
+    """The search spec text of ``backbone`` (one of the above) with every dimension open."""
+    return f"{backbone}\n{EVERY_DIMENSION[backbone]}"
 
 
 def pattern_arch(program: Program, pattern: list[tuple[str, float]] | None = None) -> FrozenArch:

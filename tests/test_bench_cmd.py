@@ -1,5 +1,6 @@
 """``spvit-dsl bench``: measured latency beside the dense backbone, FLOPs ratio from the cost model (no timing
-assertions: only that the report is complete and consistent)."""
+assertions: only that the report is complete and consistent), for an SPViT point and one that cuts every
+dimension."""
 
 from __future__ import annotations
 
@@ -7,21 +8,35 @@ import json
 
 import pytest
 import torch
-from _frozen import VIT_BACKBONE, pattern_arch, search_program, write_frozen
+from _frozen import VIT_BACKBONE, every_dimension_text, pattern_arch, search_program, write_frozen
 from typer.testing import CliRunner
 
 from spvit_dsl.cli import app, main
+from spvit_dsl.compile.program import compile_text
 from spvit_dsl.space.cost import arch_cost, dense_arch
+from spvit_dsl.space.plan import BlockArch, Density, FrozenArch
 
 runner = CliRunner()
 FAST = ["--device", "cpu", "--batch-size", "2", "--repeats", "2", "--warmup", "0"]
 
 
-@pytest.fixture
-def frozen(tmp_path):
-    program = search_program(VIT_BACKBONE, tmp_path / "s.vit")
-    arch = pattern_arch(program)
+def _frozen(kind, tmp_path):
+    if kind == "spvit":
+        program = search_program(VIT_BACKBONE, tmp_path / "s.vit")
+        arch = pattern_arch(program)
+    else:  # embedding width, heads, per-head width and densities cut too
+        path = tmp_path / "every.vit"
+        path.write_text(every_dimension_text(VIT_BACKBONE))
+        program = compile_text(path.read_text(), str(path))
+        base = pattern_arch(program)
+        blocks = [BlockArch(b.op, b.ffn, 1, 9, Density.uniform(0.5)) for b in base.blocks]
+        arch = FrozenArch(tuple(blocks), (20,))
     return program, arch, write_frozen(program, arch, tmp_path / "f.vit")
+
+
+@pytest.fixture(params=["spvit", "every"])
+def frozen(request, tmp_path):
+    return _frozen(request.param, tmp_path)
 
 
 def test_bench_json_report(frozen):
@@ -40,6 +55,8 @@ def test_bench_json_report(frozen):
     )
     assert r["efficiency"] == pytest.approx(r["speedup"] / r["flops_speedup"], rel=1e-3)
     assert r["machine"]["device"] == "cpu" and r["machine"]["torch"] == torch.__version__
+    assert r["costs"]["params"] == arch_cost(g, arch, "exact").params
+    assert r["costs"]["paper"]["flops"] == arch_cost(g, arch, "paper").macs
 
 
 def test_bench_table_without_dense(frozen):
@@ -49,16 +66,19 @@ def test_bench_table_without_dense(frozen):
     assert "compact" in result.output and "dense" not in result.output.split("batch 2", 1)[1]
 
 
-def test_bench_failures(frozen, tmp_path, capsys):
-    _, _, path = frozen
+def test_bench_failures(tmp_path, capsys):
+    _, _, path = _frozen("spvit", tmp_path)
     cases = [
         (["bench", str(tmp_path / "missing.vit"), *FAST], "file not found"),
         (["bench", str(path), *FAST, "--batch-size", "0"], "--batch-size: expected a positive integer"),
-        (["bench", str(path), "--device", "tpu"], "--device"),
+        (
+            ["bench", str(path), "--device", "tpu"],
+            "--device: expected auto, cpu, cuda or cuda:N, found 'tpu'",
+        ),
         (["bench", str(path), *FAST, "--round", "0"], "--round"),
     ]
     if not torch.cuda.is_available():
-        cases.append((["bench", str(path), "--device", "cuda"], "no CUDA device"))
+        cases.append((["bench", str(path), "--device", "cuda"], "--device cuda: CUDA is not available"))
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:
             main(argv)

@@ -11,7 +11,17 @@ from dataclasses import replace
 
 import pytest
 import torch
-from _frozen import DISTILLED_BACKBONE, SWIN_BACKBONE, VIT_BACKBONE, images, randomise, write_frozen
+from _frozen import (
+    DISTILLED_BACKBONE,
+    SWIN_BACKBONE,
+    VIT_BACKBONE,
+    every_dimension_text,
+    images,
+    pattern_arch,
+    randomise,
+    search_program,
+    write_frozen,
+)
 from _spaces import every_dimension
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,9 +29,17 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from spvit_dsl.cli import app
-from spvit_dsl.compact import CompactAttention, CompactWindowAttention, ConvBranch, create_compact
+from spvit_dsl.compact import (
+    CompactAttention,
+    CompactWindowAttention,
+    ConvBranch,
+    FfnBias,
+    SkipBranch,
+    create_compact,
+)
 from spvit_dsl.compact.build import build, fold, load, save
 from spvit_dsl.compile.program import compile_text
+from spvit_dsl.lang.errors import UsageError
 from spvit_dsl.search.checkpoint import Checkpoint, save_checkpoint, spec_hash
 from spvit_dsl.space.backbones import resolve
 from spvit_dsl.space.cost import arch_cost, breakdown
@@ -31,14 +49,8 @@ from spvit_dsl.supernet import save_supernet
 from spvit_dsl.supernet.flops import count_macs
 from spvit_dsl.supernet.lower import lower
 
-OPS = "attention: one of {skip, conv1x1, conv3x3, conv5x5, msa}; ffn: per neuron"
-DIMS = "head_dim: 1..16; sparsity: {0, 0.25, 0.5}"
-SPECS = {  # spaces declaring every dimension (the same as _spaces.every_dimension of their geometry)
-    "vit": f"{VIT_BACKBONE}\nembed: 1..32\nblocks all {{ {OPS}; heads: 1..2; {DIMS} }}\n",
-    "distilled": f"{DISTILLED_BACKBONE}\nembed: 1..32\nblocks all {{ {OPS}; heads: 1..2; {DIMS} }}\n",
-    "swin": f"{SWIN_BACKBONE}\nstage 0 {{ embed: 1..16 }}\nstage 1 {{ embed: 1..32; heads: 1..2 }}\n"
-    f"blocks all {{ {OPS}; {DIMS} }}\n",
-}
+SPECS = {name: every_dimension_text(b) for name, b in (("vit", VIT_BACKBONE), ("distilled", DISTILLED_BACKBONE),
+                                                       ("swin", SWIN_BACKBONE))}  # fmt: skip
 runner = CliRunner()
 
 
@@ -62,7 +74,11 @@ def points(draw, space, sparse=True):
     blocks = []
     for p in space.plans:
         b = p.geom
-        density = Density(*(draw(st.sampled_from(p.density.of(layer))) for layer in LAYERS)) if sparse else Density()
+        density = (
+            Density(*(draw(st.sampled_from(p.density.of(layer))) for layer in LAYERS))
+            if sparse
+            else Density()
+        )
         ffn = draw(st.integers(0, b.hidden))
         blocks.append(
             BlockArch(draw(st.sampled_from(p.attention)), ffn, draw(st.sampled_from(p.heads)),
@@ -79,7 +95,9 @@ def _random_kept(net, arch, seed=0):
     out = {}
     for path, group in net.groups.items():
         if group.structured:
-            out[path] = torch.randperm(net.size(path), generator=gen)[: int(value_of(arch, group))].sort().values
+            out[path] = (
+                torch.randperm(net.size(path), generator=gen)[: int(value_of(arch, group))].sort().values
+            )
     return out
 
 
@@ -106,26 +124,35 @@ def _support(net, kept, i, layer):
         return out
 
     e = keep(embed_path(net.geometry, b.stage), b.dim)
-    inner = (keep(f"blocks.{i}.heads", b.heads)[:, None] & keep(f"blocks.{i}.head_dim", b.head_dim)[None]).flatten()
+    inner = (
+        keep(f"blocks.{i}.heads", b.heads)[:, None] & keep(f"blocks.{i}.head_dim", b.head_dim)[None]
+    ).flatten()
     ffn = keep(f"blocks.{i}.ffn", b.hidden)
     return {"qkv": (inner.repeat(3), e), "proj": (e, inner), "fc1": (ffn, e), "fc2": (e, ffn)}[layer]
 
 
 def _check_sparse(model, geometry, arch):
-    """Each layer keeps exactly round(density · n) of its n weights; the non-zero parameters are the cost model's."""
-    for i, layer, weight in _sparse_layers(model, geometry, arch):
+    """Each layer the point runs keeps exactly round(density · n) of its n weights (stored dense, zeros in place);
+    the parameters, those layers counted by their non-zero weights, are the cost model's."""
+    layers = _sparse_layers(model, geometry, arch)
+    for i, layer, weight in layers:
         density = arch.blocks[i].density.of(layer)
         assert int(torch.count_nonzero(weight)) == round(density * weight.numel()), (i, layer, density)
-    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
-    assert nonzero == arch_cost(geometry, arch, "exact").params
+    zeros = sum(weight.numel() - int(torch.count_nonzero(weight)) for _, _, weight in layers)
+    assert sum(p.numel() for p in model.parameters()) - zeros == arch_cost(geometry, arch, "exact").params
 
 
 def _check_equal(net, model, arch, kept, x):
+    """Logits and final features (the supernet's at the kept channels of the last stage) agree to 1e-5."""
+    g = net.geometry
     with torch.no_grad():
-        net.apply(arch, kept)
+        full = net.apply(arch, kept)
         want_features, want = net.model.forward_features(x), net(x)
         net.reset()
         got_features, got = model.forward_features(x), model(x)
+    channels = full.get(embed_path(g, g.stages - 1))
+    if channels is not None:
+        want_features = want_features.index_select(-1, channels)
     torch.testing.assert_close(got_features, want_features, rtol=0, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
@@ -134,7 +161,7 @@ def _check_equal(net, model, arch, kept, x):
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(data=st.data())
 def test_every_dimension_folds_to_the_masked_supernet(name, data):
     net, g = _net(name), _program(name).space.geometry
@@ -147,14 +174,17 @@ def test_every_dimension_folds_to_the_masked_supernet(name, data):
     last = g.stages - 1
     head = model.head.fc.weight if g.family == "swin" else model.head.weight
     dense_head = net.model.head.fc.weight if g.family == "swin" else net.model.head.weight
-    torch.testing.assert_close(head, dense_head[:, kept[f"stages.{last}.embed" if g.family == "swin" else "embed"]])
+    torch.testing.assert_close(
+        head, dense_head[:, kept[f"stages.{last}.embed" if g.family == "swin" else "embed"]]
+    )
 
 
 def _cut_point(g, op=lambda i: "msa"):
     """Every dimension below its dense size: one head less where there are two, 5 of 16 channels per head, width
     three quarters, densities (0.5, 0.75, 0.5, 0.75)."""
     blocks = tuple(
-        BlockArch(op(b.index), b.hidden // 3, max(1, b.heads - 1), 5, Density(0.5, 0.75, 0.5, 0.75)) for b in g.blocks
+        BlockArch(op(b.index), b.hidden // 3, max(1, b.heads - 1), 5, Density(0.5, 0.75, 0.5, 0.75))
+        for b in g.blocks
     )
     return FrozenArch(blocks, tuple(3 * d // 4 for d in g.dims))
 
@@ -202,6 +232,68 @@ def test_sparse_layers_keep_the_supernets_weights_in_place(name):
         if a.op == "conv3x3":  # conv ops are never sparse; their bottleneck is the kept per-head width
             assert isinstance(block.attn, ConvBranch) and block.attn.conv.out_channels == 5
             assert int(torch.count_nonzero(block.attn.conv.weight)) == block.attn.conv.weight.numel()
+
+
+# --- modules and limits -----------------------------------------------------------------------------------
+
+
+def test_skip_adds_zero_and_width_zero_keeps_fc2_bias(tmp_path):
+    program = search_program(VIT_BACKBONE, tmp_path / "s.vit")
+    g = program.space.geometry
+    arch = FrozenArch(tuple(BlockArch("skip", 0, b.heads, b.head_dim) for b in g.blocks), g.dims)
+    model = create_compact(g, arch).eval()
+    block = model.blocks[1]
+    assert isinstance(block.attn, SkipBranch) and isinstance(block.mlp, FfnBias)
+    assert isinstance(block.norm1, torch.nn.Identity)  # a skip block has no norm1 at all
+    with torch.no_grad():
+        block.mlp.bias.copy_(torch.randn(g.embed_dim))
+        x = torch.randn(2, g.blocks[1].tokens, g.embed_dim)
+        torch.testing.assert_close(block(x), x + block.mlp.bias, rtol=0, atol=0)
+
+
+def test_conv_branch_trains_like_the_plain_module_sequence():
+    """Training mode too: same output, same gradients, same BatchNorm running statistics as NCHW modules."""
+    import copy
+
+    torch.manual_seed(0)
+    branch = ConvBranch(24, 8, 3, (5, 4), prefix=2).train()
+    plain = copy.deepcopy(branch)
+    x = torch.randn(3, 2 + 20, 24, requires_grad=True)
+    got = branch(x)
+    patches = x[:, 2:].transpose(1, 2).reshape(3, 24, 5, 4)
+    y = plain.proj(plain.act(plain.bn(plain.conv(patches)))).flatten(2).transpose(1, 2)
+    want = torch.cat([x[:, :2], y], dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(got)
+    (gx,) = torch.autograd.grad(got, x, g, retain_graph=True)
+    (wx,) = torch.autograd.grad(want, x, g, retain_graph=True)
+    torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-6)
+    (got * g).sum().backward()
+    (want * g).sum().backward()
+    torch.testing.assert_close(branch.conv.weight.grad, plain.conv.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(branch.bn.running_var, plain.bn.running_var)
+    assert not torch.equal(branch.bn.running_var, torch.ones(8))
+
+
+def test_unfrozen_spec_and_unbuildable_choices_are_refused(tmp_path):
+    program = search_program(VIT_BACKBONE, tmp_path / "s.vit")
+    with pytest.raises(UsageError, match="not a frozen spec: .* decision"):
+        build(str(tmp_path / "s.vit"))
+    g = program.space.geometry  # 2 heads of 16, FFN 128, width 32
+    arch = pattern_arch(program)
+    for bad, message in (
+        (arch.with_block(0, heads=3), "heads"),
+        (arch.with_block(0, heads=0), "heads"),
+        (arch.with_block(1, head_dim=17), "head"),
+        (arch.with_block(2, ffn=129), "FFN width 129"),
+        (FrozenArch(arch.blocks, (33,)), "embedding width"),
+        (FrozenArch(arch.blocks, (16, 16)), "embedding width"),
+        (FrozenArch(arch.blocks[:2], g.dims), "blocks"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            create_compact(g, bad)
+        with pytest.raises(UsageError, match=message):
+            fold(lower(program.space), bad)
 
 
 # --- the cost model, measured --------------------------------------------------------------------------------
@@ -281,12 +373,15 @@ def test_build_from_a_search_ckpt_keeps_every_group(name, tmp_path):
     _check_sparse(model, g, arch.canonical())
 
 
-def test_dense_weights_with_masks_of_every_group(tmp_path):
-    """`--weights dense --masks search.ckpt`: the compact network is the dense-weight supernet under the search's
-    kept units (conv kernels from a fresh mixing matrix)."""
+@pytest.mark.parametrize("canonical", [True, False])
+def test_dense_weights_with_masks_of_every_group(tmp_path, canonical):
+    """`--weights dense --masks search.ckpt`: the compact network is the dense-weight supernet of the searched space
+    under the search's kept units (conv kernels from a fresh mixing matrix). The frozen point may state densities
+    for layers it does not run (qkv/proj of a conv block): they change nothing (``FrozenArch.canonical``)."""
     program, net = _program("vit"), _net("vit", seed=1)
     g = program.space.geometry
     arch = _cut_point(g, op=lambda i: ("conv3x3", "msa")[i % 2])
+    arch = arch.canonical() if canonical else arch
     kept = net.kept_for(arch, _random_kept(net, arch, seed=3))
     _ckpt(program, net, kept, tmp_path / "search.ckpt")
     dense = lower(program.space)
@@ -311,7 +406,9 @@ def test_real_random_search_then_cli_build(tmp_path, monkeypatch):
     from spvit_dsl.compile.freeze import arch_of
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "every.vit").write_text(SPECS["vit"] + "budget { flops <= 40% }\nsearch random { seed = 3 }\n")
+    (tmp_path / "every.vit").write_text(
+        SPECS["vit"] + "budget { flops <= 40% }\nsearch random { seed = 3 }\n"
+    )
     result = runner.invoke(app, ["search", "every.vit", "--device", "cpu", "--out", "run", "--quiet"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "m.safetensors"
@@ -326,9 +423,10 @@ def test_real_random_search_then_cli_build(tmp_path, monkeypatch):
         {"op": b.op, "ffn": b.ffn, "heads": b.heads, "head_dim": b.head_dim, "density": vars(b.density)}
         for b in arch.blocks
     ]
-    assert info["params"] == arch_cost(g, arch, "exact").params and info["exact"]["flops"] == arch_cost(
-        g, arch, "exact"
-    ).macs
+    assert (
+        info["params"] == arch_cost(g, arch, "exact").params
+        and info["exact"]["flops"] == arch_cost(g, arch, "exact").macs
+    )
     net, kept = _load_search("run/search.ckpt", program, "cpu")
     assert {p for p, grp in net.groups.items() if grp.kind != "attention" and p in kept} <= set(kept)
     model = load(str(out))
@@ -364,5 +462,7 @@ def test_fold_of_a_shrunk_supernet(name, path, size, tmp_path):
     )
     _check_equal(net, fold(net, arch).eval(), arch, None, images(g))
     save_supernet(net, tmp_path / "shrunk.safetensors", program.source)
-    model = build(str(write_frozen(program, arch, tmp_path / "f.vit")), weights=str(tmp_path / "shrunk.safetensors"))
+    model = build(
+        str(write_frozen(program, arch, tmp_path / "f.vit")), weights=str(tmp_path / "shrunk.safetensors")
+    )
     _check_equal(net, model.eval(), arch, None, images(g))

@@ -1,24 +1,68 @@
-"""Exporting compact networks: ONNX checked against PyTorch in onnxruntime, TorchScript, the export command."""
+"""Exporting compact networks: ONNX checked against PyTorch in onnxruntime, TorchScript, the export command; for
+SPViT points (ops and FFN widths) and for points that cut every dimension (embedding widths, heads, per-head width,
+per-layer sparsity)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _frozen import DISTILLED_BACKBONE, SWIN_BACKBONE, images, pattern_arch, search_program, write_frozen
+from _frozen import (
+    DISTILLED_BACKBONE,
+    SWIN_BACKBONE,
+    VIT_BACKBONE,
+    every_dimension_text,
+    images,
+    pattern_arch,
+    randomise,
+    search_program,
+    write_frozen,
+)
 from typer.testing import CliRunner
 
 from spvit_dsl.cli import app, main
+from spvit_dsl.compact import CompactAttention, CompactWindowAttention
 from spvit_dsl.compact.build import build, save
 from spvit_dsl.compact.export import export_onnx, export_torchscript, onnx_max_error
+from spvit_dsl.compile.program import compile_text
+from spvit_dsl.space.plan import BlockArch, Density, FrozenArch
+from spvit_dsl.supernet import save_supernet
+from spvit_dsl.supernet.lower import lower
 
 ort = pytest.importorskip("onnxruntime")
 runner = CliRunner()
+BACKBONES = {"vit": VIT_BACKBONE, "distilled": DISTILLED_BACKBONE, "swin": SWIN_BACKBONE}
 
 
-@pytest.fixture(params=["distilled", "swin"])
+def _every_dimension_model(name, tmp_path):
+    """Built from a randomised supernet of a space with every dimension open, at a point that cuts each of them
+    (Swin: stage widths (12, 20), not proportional to the dense (16, 32)): sparse layers hold zeros in place."""
+    path = tmp_path / "every.vit"
+    path.write_text(every_dimension_text(BACKBONES[name]))
+    program = compile_text(path.read_text(), str(path))
+    g = program.space.geometry
+    net = lower(program.space)
+    randomise(net, seed=4)
+    save_supernet(net, tmp_path / "net.safetensors", program.source)
+    ops = ("conv3x3", "msa", "skip", "msa")
+    blocks = tuple(
+        BlockArch(ops[b.index % 4], b.hidden // 3, max(1, b.heads - 1), 5, Density(0.5, 0.75, 0.5, 0.75))
+        for b in g.blocks
+    )
+    arch = FrozenArch(blocks, (12, 20) if g.family == "swin" else (24,))
+    frozen = write_frozen(program, arch, tmp_path / "f.vit")
+    model = build(str(frozen), weights=str(tmp_path / "net.safetensors")).eval()
+    assert model.spvit_arch == arch and arch.sparse
+    kind = CompactWindowAttention if g.family == "swin" else CompactAttention
+    assert any(isinstance(m, kind) and m.head_dim == 5 for m in model.modules())
+    return model
+
+
+@pytest.fixture(params=["distilled", "swin", "vit-every", "distilled-every", "swin-every"])
 def model(request, tmp_path):
-    backbone = {"distilled": DISTILLED_BACKBONE, "swin": SWIN_BACKBONE}[request.param]
-    program = search_program(backbone, tmp_path / "s.vit")
+    name, _, every = request.param.partition("-")
+    if every:
+        return _every_dimension_model(name, tmp_path)
+    program = search_program(BACKBONES[name], tmp_path / "s.vit")
     m = build(str(write_frozen(program, pattern_arch(program), tmp_path / "f.vit")), weights="none").eval()
     with torch.no_grad():  # BN statistics away from the identity, so a dropped BN would show
         for mod in m.modules():
@@ -61,6 +105,11 @@ def test_cli_export_from_a_built_model(model, tmp_path):
     assert result.exit_code == 0, result.output
     assert "onnxruntime vs PyTorch: max |difference|" in result.output
     assert onnx_path.stat().st_size > 0 and ts_path.stat().st_size > 0
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = images(model.spvit_geometry, batch=2, seed=5)
+    (got,) = session.run(["logits"], {"image": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_cli_export_failures(tmp_path, capsys):

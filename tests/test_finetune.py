@@ -1,4 +1,5 @@
-"""Fine-tuning and evaluation of frozen networks: outputs, resume, distillation, CLI and its errors."""
+"""Fine-tuning and evaluation of frozen networks: outputs, resume, distillation, the weights a fine-tune starts
+from (search checkpoint, dense weights + kept units), sparse networks, CLI and its errors."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _frozen import randomise
 from typer.testing import CliRunner
 
 from spvit_dsl.cli import app
@@ -15,6 +17,10 @@ from spvit_dsl.compact.build import build, load
 from spvit_dsl.compile.freeze import arch_of
 from spvit_dsl.compile.program import compile_file, compile_text
 from spvit_dsl.runtime.data import load_data
+from spvit_dsl.search.checkpoint import Checkpoint, save_checkpoint, spec_hash
+from spvit_dsl.space.plan import BlockArch, Density, FrozenArch
+from spvit_dsl.supernet import save_supernet
+from spvit_dsl.supernet.lower import lower
 from spvit_dsl.train import recipe
 from spvit_dsl.train.finetune import FinetuneSettings, distill_loss, evaluate, finetune, lr_at, param_groups
 
@@ -121,6 +127,112 @@ def test_uniform_arch_is_the_widest_that_fits() -> None:
     assert len({(b.op, b.ffn) for b in arch.blocks}) == 1
 
 
+def _search_ckpt(frozen: Path, path: Path) -> dict[str, torch.Tensor]:
+    """A finished search.ckpt of the frozen spec's space (random weights, random kept FFN neurons of the frozen
+    widths, the spec text embedded)."""
+    program = compile_file(str(frozen.parent / "space.vit"))
+    net = lower(program.space)
+    randomise(net, seed=3)
+    arch = arch_of(compile_file(str(frozen)).checked)
+    gen = torch.Generator().manual_seed(0)
+    kept = {
+        f"blocks.{i}.ffn": torch.randperm(row.hidden, generator=gen)[: b.ffn].sort().values
+        for i, (row, b) in enumerate(zip(net.rows, arch.blocks, strict=True))
+    }
+    state = {"settings": {"alpha": 0.0, "seed": 0}, "spec_hash": spec_hash(program.source), "finished": True}
+    save_checkpoint(
+        str(path),
+        Checkpoint(net.state_dict(), {}, {}, state, kept, spec=program.source, spec_path=program.path),
+    )
+    return kept
+
+
+def _same_weights(model: torch.nn.Module, other: torch.nn.Module) -> None:
+    """Equal parameters (BatchNorm running statistics move in training mode even at learning rate 0)."""
+    theirs = dict(other.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, theirs[name], rtol=0, atol=0, msg=name)
+
+
+def test_cli_finetune_starts_from_the_built_network(frozen: Path, tmp_path: Path) -> None:
+    """--init search starts from the folded search checkpoint, --init pretrained --masks from the dense weights of the
+    units the search kept (at learning rate 0 the best model is the start, parameter for parameter)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from spvit_dsl.compact.build import read_metadata
+
+    ckpt = tmp_path / "search.ckpt"
+    kept = _search_ckpt(frozen, ckpt)
+    g = compile_file(str(frozen)).space.geometry
+    torch.manual_seed(5)
+    dense = timm.create_model(g.model, pretrained=False, **g.kwargs())
+    dense_path = tmp_path / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(dense_path))
+    fast = ["--steps", "2", "--epochs", "1", "--lr", "0", "--device", "cpu"]
+    for args, start in (
+        (["--init", "search", "--weights", str(ckpt)], build(str(frozen), weights=str(ckpt))),
+        (
+            ["--init", "pretrained", "--weights", str(dense_path), "--masks", str(ckpt)],
+            build(str(frozen), weights=str(dense_path), masks=str(ckpt)),
+        ),
+    ):
+        out = tmp_path / args[1]
+        result = runner.invoke(app, ["finetune", str(frozen), *args, *fast, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert read_metadata(str(out / "best.safetensors"))["spvit_dsl.weights"] == start.spvit_weights
+        _same_weights(load(str(out / "best.safetensors")), start)
+    index = kept["blocks.1.ffn"]
+    torch.testing.assert_close(start.blocks[1].mlp.fc1.weight, dense.blocks[1].mlp.fc1.weight[index])
+
+
+SPARSE = """backbone vit_tiny_patch16_224 { weights = none; image = 16; patch = 8; channels = 1; classes = 10
+  embed_dim = 32; depth = 2; heads = 2 }
+embed: 1..32
+blocks all { attention: one of {skip, conv1x1, msa}; ffn: per neuron; heads: 1..2; head_dim: 1..16
+  sparsity: {0, 0.5} }
+"""
+
+
+def test_finetune_keeps_a_sparse_network_sparse(tmp_path: Path) -> None:
+    """A point with unstructured sparsity is stored dense with zeros in place; fine-tuning must keep those zeros
+    (the frozen spec and its cost count non-zero weights), in memory and in best.safetensors."""
+    (tmp_path / "space.vit").write_text(SPARSE)
+    program = compile_file(str(tmp_path / "space.vit"))
+    net = lower(program.space)
+    randomise(net, seed=1)
+    save_supernet(net, tmp_path / "net.safetensors", program.source)
+    arch = FrozenArch(
+        (
+            BlockArch("msa", 40, 1, 12, Density(0.5, 0.5, 0.5, 0.5)),
+            BlockArch("conv1x1", 30, 2, 8, Density(fc1=0.5)),
+        ),
+        (24,),
+    )
+    frozen = recipe.write_frozen(program, arch, str(tmp_path / "f.vit"), {"seed": 0}, budget=False)
+    model = build(frozen, weights=str(tmp_path / "net.safetensors"))
+    layers = [
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.fc2",
+        "blocks.1.mlp.fc1",
+    ]
+    zeros = {name: model.get_submodule(name).weight == 0 for name in layers}
+    assert all(z.float().mean() == pytest.approx(0.5, abs=0.01) for z in zeros.values())
+    result = finetune(
+        model,
+        _digits(model),
+        FinetuneSettings(epochs=1, steps=3, lr=1e-3, warmup_epochs=0),
+        out=str(tmp_path / "o"),
+    )
+    assert result.epochs == 1
+    for trained in (model, load(result.best_path)):
+        for name, zero in zeros.items():
+            weight = trained.get_submodule(name).weight
+            assert torch.equal(weight == 0, zero), f"{name}: the pruned weights were trained back"
+
+
 def test_cli_finetune_then_eval(frozen: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = runner.invoke(
@@ -166,7 +278,8 @@ def test_cli_finetune_with_a_teacher(frozen: Path, tmp_path: Path) -> None:
         (["--init", "none", "--distill", "hard"], "--distill hard needs --teacher"),
         (["--init", "none", "--teacher", "no_such_model_xyz"], "neither a file nor a timm model name"),
         (["--init", "none", "--data", "/no/such/folder"], "/no/such/folder"),
-        (["--init", "none", "--device", "cuda"], "no CUDA device"),
+        (["--init", "none", "--device", "cuda"], "--device cuda: CUDA is not available"),
+        (["--init", "none", "--device", "tpu"], "--device: expected auto, cpu, cuda or cuda:N, found 'tpu'"),
     ],
 )
 def test_cli_finetune_errors_are_one_line(
@@ -174,6 +287,8 @@ def test_cli_finetune_errors_are_one_line(
 ) -> None:
     from spvit_dsl.cli import main
 
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
     with pytest.raises(SystemExit) as info:
         main(["finetune", str(frozen), "--epochs", "1", "--out", str(tmp_path / "x"), *args])
     err = capsys.readouterr().err

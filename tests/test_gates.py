@@ -178,10 +178,20 @@ def test_gates_exist_for_decisions_only_and_derive_the_declared_singletons():
     )
     net = lower(space)
     gates = SpvitGates(net)
-    assert set(gates.gates.keys()) == {"blocks.1.attention", "blocks.2.attention", "blocks.0.ffn", "blocks.2.ffn"}
+    assert set(gates.gates.keys()) == {
+        "blocks.1.attention",
+        "blocks.2.attention",
+        "blocks.0.ffn",
+        "blocks.2.ffn",
+    }
     assert gates.gates["blocks.1.attention"].candidates == ("skip", "msa")
     assert gates.num_gates() == 2 + 2 * (space.plans[0].geom.hidden // 4)
-    assert [g.decision for g in gates.ordered()] == ["blocks.1.attention", "blocks.2.attention", "blocks.0.ffn", "blocks.2.ffn"]
+    assert [g.decision for g in gates.ordered()] == [
+        "blocks.1.attention",
+        "blocks.2.attention",
+        "blocks.0.ffn",
+        "blocks.2.ffn",
+    ]
     with torch.no_grad():
         gates.gates["blocks.1.attention"].logits.fill_(-1.0)
         gates.gates["blocks.0.ffn"].logits[:3] = -1.0
@@ -191,7 +201,9 @@ def test_gates_exist_for_decisions_only_and_derive_the_declared_singletons():
     assert gates.levels() == {"blocks.1.attention": 0, "blocks.2.attention": 1}
     assert int(gates.kept_ffn()["blocks.0.ffn"].sum()) == 116
     text = repr(gates)
-    assert "blocks.1.attention: skip < msa" in text and "blocks.0.ffn: 32 gates of 4 neuron(s) over 128" in text
+    assert (
+        "blocks.1.attention: skip < msa" in text and "blocks.0.ffn: 32 gates of 4 neuron(s) over 128" in text
+    )
 
 
 def test_draw_sets_the_supernets_ops_and_ffn_masks():
@@ -275,7 +287,10 @@ def test_same_seed_same_gates_and_eval_is_deterministic():
     x = x_batch()
     assert torch.equal(net(x), net(x))
     expected = [
-        min([j for j, v in enumerate(a.gates[f"blocks.{r.index}.attention"].logits.tolist()) if v <= 0], default=4)
+        min(
+            [j for j, v in enumerate(a.gates[f"blocks.{r.index}.attention"].logits.tolist()) if v <= 0],
+            default=4,
+        )
         for r in net.rows
     ]
     assert [r.attn._level for r in net.rows] == expected

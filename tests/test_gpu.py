@@ -43,8 +43,11 @@ def test_per_sample_masks_on_cuda_equal_batch_masks(geometry) -> None:
     g = net.space.geometry
     x = torch.randn(3, g.in_chans, g.img_size, g.img_size, device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    masks = {p: (torch.rand(3, net.size(p), device="cuda", generator=gen) < 0.7).float() for p in net.groups
-             if net.groups[p].structured}
+    masks = {
+        p: (torch.rand(3, net.size(p), device="cuda", generator=gen) < 0.7).float()
+        for p in net.groups
+        if net.groups[p].structured
+    }
     for m in masks.values():
         m[:, 0] = 1  # one unit kept at least
     with torch.no_grad():

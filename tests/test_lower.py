@@ -94,9 +94,13 @@ def test_lowering_replaces_modules_in_place_and_names_groups():
             assert isinstance(blk.attn, UnifiedAttention) and isinstance(blk.mlp, GatedMlp)
             assert type(blk.norm1) is torch.nn.LayerNorm  # residual widths fixed: timm's own norms
     kinds = ("attention", "heads", "head_dim", "ffn", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-    assert set(net.groups) == {"stages.0.embed", "stages.1.embed"} | {f"blocks.{i}.{k}" for i in range(4) for k in kinds}
+    assert set(net.groups) == {"stages.0.embed", "stages.1.embed"} | {
+        f"blocks.{i}.{k}" for i in range(4) for k in kinds
+    }
     assert net.groups["blocks.3.attention"].choices == ("conv1x1", "msa")
-    assert {p for p, g in net.groups.items() if g.decision} == {f"blocks.{i}.{k}" for i in range(4) for k in ("attention", "ffn")}
+    assert {p for p, g in net.groups.items() if g.decision} == {
+        f"blocks.{i}.{k}" for i in range(4) for k in ("attention", "ffn")
+    }
     text = repr(net)
     for i in range(4):
         assert f"blocks.{i}.attention: conv1x1 | msa" in text and f"blocks.{i}.ffn: hidden=" in text
@@ -114,10 +118,14 @@ def test_open_residual_widths_mask_the_stream_and_keep_timm_names(name):
         assert isinstance(blk.norm1, MaskedLayerNorm) and isinstance(blk.norm2, MaskedLayerNorm)
         assert blk.norm1.group == ("embed" if name != "swin" else f"stages.{r.plan.geom.stage}.embed")
     if name == "swin":
-        assert isinstance(m.patch_embed.norm, MaskedLayerNorm) and m.patch_embed.norm.group == "stages.0.embed"
+        stem_norm = m.patch_embed.norm
+        assert isinstance(stem_norm, MaskedLayerNorm) and stem_norm.group == "stages.0.embed"
         down = m.layers[1].downsample
         assert isinstance(down.reduction, MaskedLinear) and down.reduction.out_group == "stages.1.embed"
-        assert isinstance(down.norm, MaskedLayerNorm) and (down.norm.group, down.norm.repeat) == ("stages.0.embed", 4)
+        assert isinstance(down.norm, MaskedLayerNorm)
+        assert (
+            down.norm.group == "stages.0.embed" and down.norm.repeat == 4
+        )  # the 2x2 neighbours side by side
         assert m.norm.group == "stages.1.embed"
     else:
         assert isinstance(m.norm_pre, EmbedMask) and isinstance(m.norm, MaskedLayerNorm)

@@ -88,7 +88,8 @@ def test_a_per_sample_mask_equals_the_batch_mask_of_each_sample(family, kind):
         gen = torch.Generator().manual_seed(seed)
         units = net.size(path)
         hard = torch.rand(len(x), units, generator=gen) < 0.5
-        hard[torch.arange(len(x)), torch.randint(units, (len(x),), generator=gen)] = True  # one unit kept at least
+        some = torch.randint(units, (len(x),), generator=gen)
+        hard[torch.arange(len(x)), some] = True  # one unit kept at least
         hard[0] = False
         hard[0, 0] = True  # sample 0 keeps a single unit
         soft = data.draw(st.booleans(), label="soft")
@@ -147,7 +148,9 @@ def test_masked_layer_norm_is_the_layer_norm_of_the_kept_channels(channels, toke
         )
         torch.testing.assert_close(y[b][:, k], want, rtol=1e-5, atol=1e-5)
         assert torch.equal(y[b][:, ~k], torch.zeros_like(y[b][:, ~k]))
-    assert torch.equal(masked_layer_norm(x, weight, bias, None, 1e-6), F.layer_norm(x, (channels,), weight, bias, 1e-6))
+    assert torch.equal(
+        masked_layer_norm(x, weight, bias, None, 1e-6), F.layer_norm(x, (channels,), weight, bias, 1e-6)
+    )
 
 
 # --- unit scores --------------------------------------------------------------------------------------------------
@@ -169,7 +172,12 @@ def test_unit_scores_are_the_l1_of_the_coupled_slices():
     head = 1  # q, k and v rows of the head, their biases, proj's columns, the head's row of the mixing matrix
     rows = [t * D + head * d + c for t in range(3) for c in range(d)]
     cols = list(range(head * d, (head + 1) * d))
-    want = qkv_w[rows].sum() + qkv_b[rows].sum() + proj[:, cols].sum() + attn.mix[head].detach().double().abs().sum()
+    want = (
+        qkv_w[rows].sum()
+        + qkv_b[rows].sum()
+        + proj[:, cols].sum()
+        + attn.mix[head].detach().double().abs().sum()
+    )
     torch.testing.assert_close(net.unit_scores("blocks.1.heads")[head], want, rtol=1e-6, atol=0)
 
     c = 5  # one per-head channel: in q, k and v of every head, proj's columns, every conv BatchNorm's channel
@@ -177,7 +185,9 @@ def test_unit_scores_are_the_l1_of_the_coupled_slices():
     cols = [g * d + c for g in range(h)]
     want = qkv_w[rows].sum() + qkv_b[rows].sum() + proj[:, cols].sum()
     for bn in attn.bns.values():
-        want += sum(float(t[c].abs()) for t in (bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var))
+        want += sum(
+            float(t[c].abs()) for t in (bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var)
+        )
     torch.testing.assert_close(net.unit_scores("blocks.1.head_dim")[c], want, rtol=1e-6, atol=0)
 
 
@@ -201,13 +211,17 @@ def test_swin_head_scores_include_the_relative_position_bias():
 # --- shrinking -------------------------------------------------------------------------------------------------
 
 
-def _moments(net: Supernet, path: str, opt: torch.optim.Optimizer) -> list[tuple[object, str, int, Slice, dict]]:
+def _moments(
+    net: Supernet, path: str, opt: torch.optim.Optimizer
+) -> list[tuple[object, str, int, Slice, dict]]:
     """(owner, name, axis, slice, {value, exp_avg, exp_avg_sq}) of every coupled parameter of ``path``."""
     out = []
     for c in net.coupled(path):
         t = c.tensor
         state = dict(opt.state.get(t, {})) if isinstance(t, torch.nn.Parameter) else {}
-        saved = {"value": t.detach().clone()} | {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq") if k in state}
+        saved = {"value": t.detach().clone()} | {
+            k: state[k].clone() for k in ("exp_avg", "exp_avg_sq") if k in state
+        }
         out.append((c.owner, c.name, c.axis, Slice("", c.axis, c.outer, c.inner), saved))
     return out
 
@@ -232,7 +246,8 @@ def test_shrinking_a_masked_group_keeps_outputs_and_slices_optimizer_state(famil
         net.set_op(r.index, r.plan.attention.index(op))
     path = group_of(net, family, kind)
     units = net.size(path)
-    keep = torch.randperm(units, generator=torch.Generator().manual_seed(3))[: max(1, units // 2)]  # not sorted
+    order = torch.randperm(units, generator=torch.Generator().manual_seed(3))
+    keep = order[: max(1, units // 2)]  # not sorted: shrinking keeps the order given
     net.set_masks({path: net.mask_of(path, keep)})
     with torch.no_grad():
         before = net(x)
@@ -260,7 +275,7 @@ def test_shrinking_a_masked_group_keeps_outputs_and_slices_optimizer_state(famil
     assert (before - unmasked).abs().max() > 1e-4  # dropping the units matters
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
 
-    again = torch.arange(keep.numel() - 1, -1, -1)[: max(1, keep.numel() // 2 + 1)]  # a second shrink composes
+    again = torch.arange(keep.numel() - 1, -1, -1)[: keep.numel() // 2 + 1]  # a second shrink composes
     net.shrink(path, again, [opt])
     assert torch.equal(net.kept_index[path], keep[again])
     _train_step(net, opt, x)  # the optimizer steps on the new shapes

@@ -92,7 +92,15 @@ def test_outputs(searched):
         json.loads(fh.read(size))
     with safe_open(result.checkpoint_path, framework="pt") as f:
         keys, meta = list(f.keys()), f.metadata()
-    for prefix in ("net/", "strategy/gates.", "opt/weights/", "opt/gates/", "rng/torch", "rng/gates", "kept/blocks."):
+    for prefix in (
+        "net/",
+        "strategy/gates.",
+        "opt/weights/",
+        "opt/gates/",
+        "rng/torch",
+        "rng/gates",
+        "kept/blocks.",
+    ):
         assert any(k.startswith(prefix) for k in keys), prefix
     assert meta["spvit_dsl.spec"] == program.source  # the checkpoint is self-contained
     state = json.loads(meta["spvit_dsl.state"])

@@ -193,7 +193,9 @@ def test_apply_forces_ops_and_top_units_in_every_mode_and_reset_releases():
         net.train(mode)
         net(x_batch())
         assert all(r.attn.op == "conv1x1" for r in net.rows)
-    chosen = torch.randperm(128, generator=torch.Generator().manual_seed(0))[:32]  # explicit units: used, sorted
+    chosen = torch.randperm(128, generator=torch.Generator().manual_seed(0))[
+        :32
+    ]  # explicit units: used, sorted
     kept = net.apply(arch, {"blocks.0.ffn": chosen})
     assert torch.equal(kept["blocks.0.ffn"], chosen.sort().values)
     assert torch.equal(net.mask("blocks.0.ffn").nonzero().flatten(), chosen.sort().values)

@@ -104,13 +104,17 @@ def adjust_kept(net: Supernet, arch: FrozenArch, kept: Mapping[str, Tensor]) -> 
             scores = net.unit_scores(path)
             order = torch.sort(scores, descending=True, stable=True).indices.to(index.device)
             inside = torch.isin(order, index)
-            order = torch.cat([order[inside], order[~inside]])  # kept units first, best first within each part
+            order = torch.cat(
+                [order[inside], order[~inside]]
+            )  # kept units first, best first within each part
             index = torch.sort(order[:count]).values
         out[path] = index
     return out
 
 
-def fold(net: Supernet, arch: FrozenArch, kept: Mapping[str, Tensor] | None = None, **timm_kwargs: Any) -> nn.Module:
+def fold(
+    net: Supernet, arch: FrozenArch, kept: Mapping[str, Tensor] | None = None, **timm_kwargs: Any
+) -> nn.Module:
     """The compact network of ``arch`` carrying ``net``'s weights (``net``'s masks are reset afterwards).
 
     Equals ``net`` under :meth:`Supernet.apply` ``(arch, kept)`` in eval mode. ``kept``: kept units by group path
@@ -148,7 +152,9 @@ def _search_format(path: str) -> str | None:
     return fmt if fmt in (SEARCH_FORMAT, SUPERNET_FORMAT) else None
 
 
-def _load_search(path: str, frozen: Program | None, device: torch.device | str | None) -> tuple[Supernet, dict[str, Tensor]]:
+def _load_search(
+    path: str, frozen: Program | None, device: torch.device | str | None
+) -> tuple[Supernet, dict[str, Tensor]]:
     """The supernet of a search checkpoint (``search.ckpt``) or a saved supernet, and the kept units it stores."""
     from safetensors import safe_open  # noqa: PLC0415
 
@@ -160,7 +166,13 @@ def _load_search(path: str, frozen: Program | None, device: torch.device | str |
     state = json.loads(meta.get("spvit_dsl.state", "{}"))
     program = _search_program(path, meta, state, frozen)
     settings = state.get("settings", {})
-    net = _lower(program, "none", device, alpha=float(settings.get("alpha", 0.0) or 0.0), seed=int(settings.get("seed", 0)))
+    net = _lower(
+        program,
+        "none",
+        device,
+        alpha=float(settings.get("alpha", 0.0) or 0.0),
+        seed=int(settings.get("seed", 0)),
+    )
     restore_shrunk(net, state.get("shrunk", {}))
     tensors: dict[str, dict[str, Tensor]] = {"net/": {}, "kept/": {}}
     with safe_open(path, framework="pt", device=str(device or "cpu")) as f:
@@ -171,11 +183,15 @@ def _load_search(path: str, frozen: Program | None, device: torch.device | str |
     try:
         net.load_state_dict(tensors["net/"], strict=True)
     except RuntimeError as e:
-        raise UsageError(f"{path} does not match the supernet of {program.path}: {' '.join(str(e).split())[:200]}") from None
-    return net, tensors["kept/"]
+        raise UsageError(
+            f"{path} does not match the supernet of {program.path}: {' '.join(str(e).split())[:200]}"
+        ) from None
+    return net, tensors["kept/"]  # the dense backbone's unit indices (see Supernet.to_original)
 
 
-def _search_program(path: str, meta: dict[str, str], state: dict[str, Any], frozen: Program | None) -> Program:
+def _search_program(
+    path: str, meta: dict[str, str], state: dict[str, Any], frozen: Program | None
+) -> Program:
     """The search spec a checkpoint was written for: embedded in it (every checkpoint since the spec text is stored),
     or else the frozen spec's ``source`` looked up near the frozen spec and the checkpoint (older checkpoints); only
     a file whose text hashes to the checkpoint's ``spec_hash`` counts."""
@@ -199,7 +215,14 @@ def _search_program(path: str, meta: dict[str, str], state: dict[str, Any], froz
 def _lower(program: Program, weights: str, device: torch.device | str | None, **options: Any) -> Supernet:
     alpha = options.pop("alpha", 0.0) or None
     try:
-        return lower(program.space, weights=weights, convention=program.convention, alpha=alpha, device=device, **options)
+        return lower(
+            program.space,
+            weights=weights,
+            convention=program.convention,
+            alpha=alpha,
+            device=device,
+            **options,
+        )
     except NotImplementedError as e:
         raise UsageError(str(e)) from None
 
@@ -207,7 +230,11 @@ def _lower(program: Program, weights: str, device: torch.device | str | None, **
 def _same_backbone(net: Supernet, geometry: Geometry, path: str) -> None:
     g = net.geometry
     if (g.model, g.img_size, g.num_classes, g.in_chans, g.blocks) != (
-        geometry.model, geometry.img_size, geometry.num_classes, geometry.in_chans, geometry.blocks
+        geometry.model,
+        geometry.img_size,
+        geometry.num_classes,
+        geometry.in_chans,
+        geometry.blocks,
     ):
         raise UsageError(
             f"{path} was searched on another backbone ({g.model}, {g.img_size}px, {g.num_classes} classes) than "
@@ -271,13 +298,21 @@ def _build_weights(
         return create_compact(geometry, arch, device=device, **timm_kwargs)
     if _search_format(weights):
         if masks is not None:
-            raise UsageError("--masks is for dense --weights; a search checkpoint already holds its kept units")
+            raise UsageError(
+                "--masks is for dense --weights; a search checkpoint already holds its kept units"
+            )
         net, kept = _load_search(weights, program, device)
         _same_backbone(net, geometry, weights)
         net.eval()
-        return fold(net, arch, kept, **timm_kwargs)
+        try:
+            current = net.to_current(kept)
+        except ValueError as e:
+            raise UsageError(f"{weights}: {e}") from None
+        return fold(net, arch, current, **timm_kwargs)
     kept = _search_kept(masks, program) if masks is not None else {}
-    net = _lower(program, weights, device, alpha=float(program.checked.search.values.get("alpha", 0.0) or 0.0))
+    net = _lower(
+        program, weights, device, alpha=float(program.checked.search.values.get("alpha", 0.0) or 0.0)
+    )
     net.eval()
     return fold(net, arch, kept, **timm_kwargs)
 

@@ -112,11 +112,24 @@ class CompactAttention(Attention):
     ``softmax(q·kᵀ · scale)`` with the given ``scale`` (the dense network's), fused or not as timm chooses."""
 
     def __init__(
-        self, dim: int, num_heads: int, head_dim: int, *, scale: float, qkv_bias: bool, proj_bias: bool = True,
-        attn_drop: float = 0.0, proj_drop: float = 0.0,
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        scale: float,
+        qkv_bias: bool,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
     ) -> None:
         super().__init__(
-            dim, num_heads, attn_head_dim=head_dim, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop,
+            dim,
+            num_heads,
+            attn_head_dim=head_dim,
+            qkv_bias=qkv_bias,
+            proj_bias=proj_bias,
+            attn_drop=attn_drop,
             proj_drop=proj_drop,
         )
         self.scale = scale
@@ -127,8 +140,9 @@ class CompactAttention(Attention):
         q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn:
             dropout = self.attn_drop.p if self.training else 0.0
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
-                                               scale=self.scale)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale
+            )
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
@@ -144,11 +158,26 @@ class CompactWindowAttention(WindowAttention):
     """timm's ``WindowAttention`` with an explicit head count and per-head width and the dense network's scale."""
 
     def __init__(
-        self, dim: int, num_heads: int, head_dim: int, window_size: int, *, scale: float, qkv_bias: bool,
-        attn_drop: float = 0.0, proj_drop: float = 0.0,
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int,
+        window_size: int,
+        *,
+        scale: float,
+        qkv_bias: bool,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
     ) -> None:
-        super().__init__(dim, num_heads, head_dim=head_dim, window_size=window_size, qkv_bias=qkv_bias,
-                         attn_drop=attn_drop, proj_drop=proj_drop)
+        super().__init__(
+            dim,
+            num_heads,
+            head_dim=head_dim,
+            window_size=window_size,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+        )
         self.head_dim, self.scale = head_dim, scale
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:

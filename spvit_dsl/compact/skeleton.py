@@ -48,13 +48,19 @@ __all__ = ["block_modules", "check_buildable", "create_compact", "create_dense",
 def check_buildable(geometry: Geometry, arch: FrozenArch) -> None:
     """Raise :class:`UsageError` for a point the compact builder cannot realise."""
     if len(arch.blocks) != geometry.depth:
-        raise UsageError(f"the architecture has {len(arch.blocks)} blocks but {geometry.model} has {geometry.depth}")
-    if len(arch.embed) != geometry.stages or any(not 1 <= e <= d for e, d in zip(arch.embed, geometry.dims, strict=True)):
+        raise UsageError(
+            f"the architecture has {len(arch.blocks)} blocks but {geometry.model} has {geometry.depth}"
+        )
+    if len(arch.embed) != geometry.stages or any(
+        not 1 <= e <= d for e, d in zip(arch.embed, geometry.dims, strict=True)
+    ):
         raise UsageError(f"embedding widths {arch.embed} do not fit {geometry.model} (dense {geometry.dims})")
     for b, a in zip(geometry.blocks, arch.blocks, strict=True):
         where = f"blocks[{b.index}]"
         if not (1 <= a.heads <= b.heads and 1 <= a.head_dim <= b.head_dim):
-            raise UsageError(f"{where}: {a.heads} heads of {a.head_dim} do not fit {b.heads} heads of {b.head_dim}")
+            raise UsageError(
+                f"{where}: {a.heads} heads of {a.head_dim} do not fit {b.heads} heads of {b.head_dim}"
+            )
         if not 0 <= a.ffn <= b.hidden:
             raise UsageError(f"{where}: FFN width {a.ffn} outside 0..{b.hidden}")
         OPS.get(a.op)  # unknown op: the registry's own error
@@ -84,7 +90,9 @@ def _resize_swin_stages(model: nn.Module, widths: tuple[int, ...]) -> None:
     if model.norm.normalized_shape[0] != widths[-1]:
         model.norm = nn.LayerNorm(widths[-1], eps=model.norm.eps)
         head = model.head
-        model.head = ClassifierHead(widths[-1], model.num_classes, pool_type=model.global_pool, input_fmt="NHWC")
+        model.head = ClassifierHead(
+            widths[-1], model.num_classes, pool_type=model.global_pool, input_fmt="NHWC"
+        )
         model.head.drop = head.drop
         if isinstance(model.head.fc, nn.Linear):
             trunc_normal_(model.head.fc.weight, std=0.02)
@@ -102,10 +110,14 @@ def create_compact(
     """
     check_buildable(geometry, arch)
     with torch.device(device) if device is not None else nullcontext():
-        model = timm.create_model(geometry.model, pretrained=False, **{**_timm_kwargs(geometry, arch), **timm_kwargs})
+        model = timm.create_model(
+            geometry.model, pretrained=False, **{**_timm_kwargs(geometry, arch), **timm_kwargs}
+        )
         if geometry.family == "swin":
             _resize_swin_stages(model, arch.embed)
-        for block, geom, choice in zip(block_modules(model, geometry.family), geometry.blocks, arch.blocks, strict=True):
+        for block, geom, choice in zip(
+            block_modules(model, geometry.family), geometry.blocks, arch.blocks, strict=True
+        ):
             _rebuild_block(block, geom, choice, arch.embed[geom.stage], geometry.family)
     fuse_window_attention(model)
     model.spvit_geometry = geometry
@@ -164,18 +176,26 @@ def _rebuild_block(block: nn.Module, geom: BlockGeom, choice: BlockArch, dim: in
     elif choice.op == "msa":
         if family == "swin":
             block.attn = CompactWindowAttention(
-                dim, choice.heads, choice.head_dim, geom.window, scale=scale, qkv_bias=qkv_bias, proj_drop=drop
+                dim,
+                choice.heads,
+                choice.head_dim,
+                geom.window,
+                scale=scale,
+                qkv_bias=qkv_bias,
+                proj_drop=drop,
             )
         else:
-            block.attn = CompactAttention(dim, choice.heads, choice.head_dim, scale=scale, qkv_bias=qkv_bias,
-                                          proj_drop=drop)
+            block.attn = CompactAttention(
+                dim, choice.heads, choice.head_dim, scale=scale, qkv_bias=qkv_bias, proj_drop=drop
+            )
     else:
         kernel = OPS.get(choice.op).kernel
         if kernel is None:
             raise UsageError(f"blocks[{geom.index}]: build has no module for op '{choice.op}'")
         layout = "map" if family == "swin" else "tokens"
-        block.attn = ConvBranch(dim, choice.head_dim, kernel, geom.grid, prefix=geom.prefix_tokens, layout=layout,
-                                drop=drop)
+        block.attn = ConvBranch(
+            dim, choice.head_dim, kernel, geom.grid, prefix=geom.prefix_tokens, layout=layout, drop=drop
+        )
     _narrow_mlp(block, dim, choice.ffn)
 
 

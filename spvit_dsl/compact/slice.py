@@ -40,18 +40,29 @@ def _cut(state: dict[str, Tensor], s: Slice, keep: Tensor, units: int) -> None:
 def _structured(net: Supernet, state: dict[str, Tensor], kept: Mapping[str, Tensor]) -> None:
     """Step 1: cut every structured group, residual widths first, then heads, per-head channels, FFN neurons."""
     g = net.geometry
-    heads = {b.index: b.heads for b in g.blocks}
-    dims = {b.index: b.head_dim for b in g.blocks}
+    heads = {r.index: r.attn.num_heads for r in net.rows}  # current counts: a search may have shrunk them
+    dims = {r.index: r.attn.head_dim for r in net.rows}
     for kind in ("embed", "heads", "head_dim", "ffn"):
         for path, group in net.groups.items():
             if group.kind != kind or path not in kept:
                 continue
             if kept[path].dim() != 1:
-                raise NotImplementedError(f"{path}: regrouped heads (kept indices per new head) cannot be built yet")
+                raise NotImplementedError(
+                    f"{path}: regrouped heads (kept indices per new head) cannot be built yet"
+                )
             keep = kept[path].cpu()
             i = group.block
-            units = group.size if i is None else {"heads": heads, "head_dim": dims}.get(kind, {i: group.size})[i]
-            for s in slices(g, group, heads=heads.get(i) if i is not None else None, head_dim=dims.get(i) if i is not None else None):
+            units = (
+                {"heads": heads, "head_dim": dims}[kind][i]
+                if kind in ("heads", "head_dim")
+                else net.size(path)
+            )
+            for s in slices(
+                g,
+                group,
+                heads=heads.get(i) if i is not None else None,
+                head_dim=dims.get(i) if i is not None else None,
+            ):
                 _cut(state, s, keep, units)
             if kind == "heads" and i is not None:
                 heads[i] = keep.numel()

@@ -60,20 +60,30 @@ def evaluate(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    loader = make_loader(dataset, batch_size, train=False, seed=0, rank=rank, world=world, workers=workers,
-                         pin=device.type == "cuda")
+    loader = make_loader(
+        dataset,
+        batch_size,
+        train=False,
+        seed=0,
+        rank=rank,
+        world=world,
+        workers=workers,
+        pin=device.type == "cuda",
+    )
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
     with autocast(device):
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             logits = model(x).float()
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            sums += torch.stack([
-                F.cross_entropy(logits, y, reduction="sum").double(),
-                (top[:, 0] == y).sum().double(),
-                (top == y[:, None]).any(dim=-1).sum().double(),
-                torch.tensor(float(len(y)), dtype=torch.float64, device=device),
-            ])
+            sums += torch.stack(
+                [
+                    F.cross_entropy(logits, y, reduction="sum").double(),
+                    (top[:, 0] == y).sum().double(),
+                    (top == y[:, None]).any(dim=-1).sum().double(),
+                    torch.tensor(float(len(y)), dtype=torch.float64, device=device),
+                ]
+            )
     if world > 1:
         dist.all_reduce(sums)
     model.train(was_training)

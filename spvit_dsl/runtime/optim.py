@@ -13,7 +13,9 @@ from torch import nn
 __all__ = ["param_groups"]
 
 
-def param_groups(module: nn.Module, weight_decay: float, exclude: set[int] | None = None) -> list[dict[str, Any]]:
+def param_groups(
+    module: nn.Module, weight_decay: float, exclude: set[int] | None = None
+) -> list[dict[str, Any]]:
     """Two AdamW groups of ``module``'s trainable parameters: with ``weight_decay`` and without.
 
     ``exclude``: ids of parameters to leave out (e.g. trained by another optimizer). The timm model may be the

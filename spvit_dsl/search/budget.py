@@ -124,9 +124,13 @@ class GroupSteps:
 
     def __post_init__(self) -> None:
         if len(self.scores) != len(self.values) - 1:
-            raise ValueError(f"{self.group.path}: {len(self.values)} levels need {len(self.values) - 1} step scores")
+            raise ValueError(
+                f"{self.group.path}: {len(self.values)} levels need {len(self.values) - 1} step scores"
+            )
         if not self.floor <= self.level < len(self.values):
-            raise ValueError(f"{self.group.path}: level {self.level} outside {self.floor}..{len(self.values) - 1}")
+            raise ValueError(
+                f"{self.group.path}: level {self.level} outside {self.floor}..{len(self.values) - 1}"
+            )
 
 
 @dataclass
@@ -186,7 +190,9 @@ class Projection:
     def cost(self) -> dict[str, float]:
         return {m: self._stem[m] + sum(b[m] for b in self._blocks) for m in ("flops", "params")}
 
-    def _move(self, path: str, level: int) -> tuple[FrozenArch, dict[int, dict[str, float]], dict[str, float]]:
+    def _move(
+        self, path: str, level: int
+    ) -> tuple[FrozenArch, dict[int, dict[str, float]], dict[str, float]]:
         """The point, the changed blocks' costs and the stem cost if ``path`` moved to ``level``."""
         s = self.steps[path]
         arch = with_value(self.arch, s.group, s.values[level])
@@ -251,10 +257,14 @@ class Projection:
         """Step down until every budget holds (never the groups in ``protect``); ValueError when nothing is left."""
         removed = 0
         while over := self.over():
-            keys = [(k, p) for p in self.steps if p not in protect and (k := self._down_key(p, over)) is not None]
+            keys = [
+                (k, p) for p in self.steps if p not in protect and (k := self._down_key(p, over)) is not None
+            ]
             if not keys:
                 names = ", ".join(f"{t.metric} <= {t.text or t.limit}" for t in over)
-                raise ValueError(f"the budget projection cannot meet {names}: no group left that lowers the cost")
+                raise ValueError(
+                    f"the budget projection cannot meet {names}: no group left that lowers the cost"
+                )
             heap = list(keys)
             heapq.heapify(heap)
             while heap and self.over() == over:
@@ -326,10 +336,21 @@ class Projection:
         delta = self.delta(path, s.level - 1)
         return any(abs(delta[t.metric]) > tolerance * t.limit for t in self.targets)
 
-    def _snapshot(self) -> tuple[FrozenArch, dict[str, int], list[dict[str, float]], dict[str, float], int, int]:
-        return self.arch, {p: s.level for p, s in self.steps.items()}, list(self._blocks), dict(self._stem), self.removed, self.added
+    def _snapshot(
+        self,
+    ) -> tuple[FrozenArch, dict[str, int], list[dict[str, float]], dict[str, float], int, int]:
+        return (
+            self.arch,
+            {p: s.level for p, s in self.steps.items()},
+            list(self._blocks),
+            dict(self._stem),
+            self.removed,
+            self.added,
+        )
 
-    def _restore(self, snap: tuple[FrozenArch, dict[str, int], list[dict[str, float]], dict[str, float], int, int]) -> None:
+    def _restore(
+        self, snap: tuple[FrozenArch, dict[str, int], list[dict[str, float]], dict[str, float], int, int]
+    ) -> None:
         self.arch, levels, self._blocks, self._stem, self.removed, self.added = snap
         for p, level in levels.items():
             self.steps[p].level = level
@@ -337,7 +358,11 @@ class Projection:
     def result(self) -> ProjectionResult:
         """The projected point (canonical: no sparsity on layers it does not run; the cost is unchanged)."""
         return ProjectionResult(
-            self.arch.canonical(), {p: s.level for p, s in self.steps.items()}, self.cost, self.removed, self.added
+            self.arch.canonical(),
+            {p: s.level for p, s in self.steps.items()},
+            self.cost,
+            self.removed,
+            self.added,
         )
 
 

@@ -159,7 +159,10 @@ def numpy_rng_extra() -> list[Any]:
 
 
 def restore_rng(
-    gen: torch.Generator | None, rng: dict[str, Tensor], device: torch.device, numpy_extra: list[Any] | None = None
+    gen: torch.Generator | None,
+    rng: dict[str, Tensor],
+    device: torch.device,
+    numpy_extra: list[Any] | None = None,
 ) -> None:
     if "torch" in rng:
         torch.set_rng_state(rng["torch"])

@@ -142,7 +142,17 @@ def _setup(
     rep = reporter if reporter is not None else (Reporter() if quiet or rank != 0 else RichReporter())
     trainee = Trainee(ctx, strategy)
     loss_fn = data.loss() if data is not None else None
-    run = Run(ctx, strategy, trainee, trainee, loss_fn, paths, settings, rep, MetricsLog(paths["metrics"], enabled=rank == 0))
+    run = Run(
+        ctx,
+        strategy,
+        trainee,
+        trainee,
+        loss_fn,
+        paths,
+        settings,
+        rep,
+        MetricsLog(paths["metrics"], enabled=rank == 0),
+    )
     if resume:
         restore(run)
     run.model = wrap(trainee, dev, world)
@@ -160,7 +170,7 @@ def _search(run: Run, callback: Callable[[StepInfo], None] | None) -> SearchResu
                 train(run, ctx.data, callback, flag)
             elif kind == "score":
                 assert ctx.data is not None
-                score(run, ctx.data, flag)
+                score(run, ctx.data, callback, flag)
     except KeyboardInterrupt:
         save(run)
         run.reporter.stop()
@@ -172,7 +182,8 @@ def _search(run: Run, callback: Callable[[StepInfo], None] | None) -> SearchResu
         run.reporter.stop()
         rates = ", ".join(f"{k} {run.settings[k]:g}" for k in ("lr", "gate_lr") if k in run.settings)
         raise UsageError(
-            f"the loss became {e.value} at step {run.step + 1} (learning rate too high? {rates}); " + _kept_text(run)
+            f"the loss became {e.value} at step {run.step + 1} (learning rate too high? {rates}); "
+            + _kept_text(run)
         ) from None
     except torch.OutOfMemoryError:
         run.reporter.stop()
@@ -207,6 +218,7 @@ def _finish(run: Run) -> SearchResult:
     ctx = run.ctx
     with torch.no_grad():
         decisions: Decisions = run.strategy.finalize()
+    decisions.kept = ctx.net.to_original(decisions.kept)  # checkpoints index the dense backbone's units
     arch = decisions.arch
     _check_ranks_agree(ctx, arch)
     facts = {
@@ -219,12 +231,24 @@ def _finish(run: Run) -> SearchResult:
     verify_frozen(text, run.paths["frozen"], ctx.targets, ctx.convention)
     analytic = ctx.price(arch)
     budgets = [
-        {"metric": t.metric, "limit": t.limit, "text": t.text, "achieved": analytic[t.metric],
-         "ratio": analytic[t.metric] / t.limit}
+        {
+            "metric": t.metric,
+            "limit": t.limit,
+            "text": t.text,
+            "achieved": analytic[t.metric],
+            "ratio": analytic[t.metric] / t.limit,
+        }
         for t in ctx.targets
     ]
     if run.strategy.kind == "data_free":
-        run.metrics.add({"kind": "result", "step": 0, "cost": analytic, "ratio": {b["metric"]: b["ratio"] for b in budgets}})
+        run.metrics.add(
+            {
+                "kind": "result",
+                "step": 0,
+                "cost": analytic,
+                "ratio": {b["metric"]: b["ratio"] for b in budgets},
+            }
+        )
     val = run.history[-1]["val_acc"] if run.history else None
     if ctx.rank == 0:
         write_text(run.paths["frozen"], text)

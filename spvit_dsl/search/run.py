@@ -55,7 +55,9 @@ def wrap(trainee: Trainee, device: torch.device, world: int) -> nn.Module:
         return trainee
     from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
 
-    return DDP(trainee, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    return DDP(
+        trainee, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+    )
 
 
 @dataclass
@@ -140,7 +142,9 @@ def restore(run: Run) -> None:
             "resume with the same --budget or start again"
         )
     if int(state["settings"].get("seed", -1)) != run.settings["seed"]:
-        raise UsageError(f"--resume: the checkpoint used seed {state['settings']['seed']}, not {run.settings['seed']}")
+        raise UsageError(
+            f"--resume: the checkpoint used seed {state['settings']['seed']}, not {run.settings['seed']}"
+        )
     restore_shrunk(ctx.net, state.get("shrunk", {}), list(run.strategy.optimizers().values()))
     try:
         ctx.net.load_state_dict({k: v.to(ctx.device) for k, v in ckpt.net.items()}, strict=True)

@@ -72,7 +72,9 @@ def check_searchable(program: Program) -> str:
             f"strategy '{name}' has no search implementation yet (available: {', '.join(IMPLEMENTATIONS.names())})"
         )
     if not program.budgets:
-        raise UsageError("no budget to search for: add e.g. `budget { flops <= 50% }` to the spec or pass --budget 50%")
+        raise UsageError(
+            "no budget to search for: add e.g. `budget { flops <= 50% }` to the spec or pass --budget 50%"
+        )
     if not program.graph.decisions():
         raise UsageError(f"{program.path} has no decisions left: nothing to search")
     return str(name)

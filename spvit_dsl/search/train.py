@@ -144,15 +144,18 @@ def _epoch_end(run: Run, data: Data) -> None:
     """Validate, log the epoch, advance the counters."""
     ctx, sums = run.ctx, run.sums
     loss, acc = _reduce_mean(run, [sums[0] / max(1, sums[2]), sums[1] / max(1, sums[2])])
-    val = evaluate(
-        run.trainee,
-        data.val,
-        batch_size=int(run.settings["batch_size"]),
-        device=ctx.device,
-        rank=ctx.rank,
-        world=ctx.world,
-        workers=int(run.settings.get("workers", 0)),
-    ).top1 / 100.0
+    val = (
+        evaluate(
+            run.trainee,
+            data.val,
+            batch_size=int(run.settings["batch_size"]),
+            device=ctx.device,
+            rank=ctx.rank,
+            world=ctx.world,
+            workers=int(run.settings.get("workers", 0)),
+        ).top1
+        / 100.0
+    )
     arch = run.strategy.derived()
     costs = ctx.price(arch)
     record = {
@@ -216,20 +219,36 @@ def _log_step(run: Run, loss: float, acc: float, costs: dict[str, float]) -> Non
     mult = run.strategy.metrics().get("multiplier", 0.0)
     ratio = {t.metric: costs[t.metric] / t.limit for t in ctx.targets}
     run.metrics.add(
-        {"kind": "step", "epoch": run.epoch, "step": run.step, "loss": loss, "acc": acc, "cost": costs,
-         "ratio": ratio, "multiplier": mult}
+        {
+            "kind": "step",
+            "epoch": run.epoch,
+            "step": run.step,
+            "loss": loss,
+            "acc": acc,
+            "cost": costs,
+            "ratio": ratio,
+            "multiplier": mult,
+        }
     )
     run.reporter.step(
-        {"epoch": run.epoch + 1, "loss": loss, "acc": acc, "cost": cost_text(costs, ctx.targets), "multiplier": mult}
+        {
+            "epoch": run.epoch + 1,
+            "loss": loss,
+            "acc": acc,
+            "cost": cost_text(costs, ctx.targets),
+            "multiplier": mult,
+        }
     )
 
 
 # --------------------------------------------------------------------------------------------- scoring
-def score(run: Run, data: Data, flag: SigintFlag) -> None:
+def score(run: Run, data: Data, callback: Callable[[StepInfo], None] | None, flag: SigintFlag) -> None:
     """Feed the strategy its proxy batches (fixed order, no gradients), checkpointing every ``steps_per_epoch``."""
     ctx, s = run.ctx, run.settings
     total = run.strategy.score_batches()
-    loader = make_loader(data.train, s["batch_size"], train=False, seed=s["seed"], workers=int(s.get("workers", 0)))
+    loader = make_loader(
+        data.train, s["batch_size"], train=False, seed=s["seed"], workers=int(s.get("workers", 0))
+    )
     run.trainee.eval()
     with torch.no_grad():
         for index, (x, y) in enumerate(batches(loader)):
@@ -241,6 +260,8 @@ def score(run: Run, data: Data, flag: SigintFlag) -> None:
             run.batch = index + 1
             run.step = run.batch
             run.reporter.step({"epoch": 1, "loss": 0.0, "acc": 0.0, "cost": "", "multiplier": 0.0})
+            if callback is not None:
+                callback(StepInfo(run.epoch, run.step, 0.0, ctx.net, run.strategy))
             if flag.hit:
                 raise KeyboardInterrupt
             if run.batch % max(1, ctx.steps_per_epoch) == 0:

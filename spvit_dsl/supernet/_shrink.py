@@ -27,8 +27,14 @@ def _positions(c: _Coupled, keep: Tensor, units: int) -> Tensor:
     return torch.tensor(slc.positions(keep.tolist(), units), dtype=torch.long, device=c.tensor.device)
 
 
-def _replace_parameter(owner: nn.Module, name: str, new: Tensor, optimizers: list[torch.optim.Optimizer],
-                       axis: int, positions: Tensor) -> None:
+def _replace_parameter(
+    owner: nn.Module,
+    name: str,
+    new: Tensor,
+    optimizers: list[torch.optim.Optimizer],
+    axis: int,
+    positions: Tensor,
+) -> None:
     old = owner._parameters[name]
     assert old is not None
     param = nn.Parameter(new, requires_grad=old.requires_grad)
@@ -38,7 +44,9 @@ def _replace_parameter(owner: nn.Module, name: str, new: Tensor, optimizers: lis
         state = opt.state.pop(old, None)
         if state is not None:
             opt.state[param] = {
-                k: v.index_select(axis, positions.to(v.device)) if isinstance(v, Tensor) and v.shape == old.shape else v
+                k: v.index_select(axis, positions.to(v.device))
+                if isinstance(v, Tensor) and v.shape == old.shape
+                else v
                 for k, v in state.items()
             }
     owner._parameters[name] = param
@@ -64,7 +72,12 @@ def shrink_group(net: Supernet, path: str, keep: Tensor, optimizers: list[torch.
         raise ValueError(f"'{path}' is not a structured unit group that can shrink")
     units = net.size(path)
     keep = keep.to(torch.long).flatten().cpu()
-    if keep.numel() == 0 or int(keep.min()) < 0 or int(keep.max()) >= units or len(set(keep.tolist())) != keep.numel():
+    if (
+        keep.numel() == 0
+        or int(keep.min()) < 0
+        or int(keep.max()) >= units
+        or len(set(keep.tolist())) != keep.numel()
+    ):
         raise ValueError(f"{path}: keep must list distinct units of 0..{units - 1}")
     layer_paths = net.layer_paths()
     for c in net.coupled(path):
@@ -89,7 +102,9 @@ def shrink_group(net: Supernet, path: str, keep: Tensor, optimizers: list[torch.
             masks.set(path, mask.index_select(mask.dim() - 1, keep.to(mask.device)))
     if group.kind in ("heads", "head_dim") and group.block is not None:
         attn = net.rows[group.block].attn
-        attn.num_heads, attn.head_dim = (keep.numel(), attn.head_dim) if group.kind == "heads" else (attn.num_heads, keep.numel())
+        attn.num_heads, attn.head_dim = (
+            (keep.numel(), attn.head_dim) if group.kind == "heads" else (attn.num_heads, keep.numel())
+        )
     original = net.kept_index.get(path, torch.arange(group.size))
     net.kept_index[path] = original[keep]
 

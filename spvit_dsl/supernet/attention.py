@@ -254,12 +254,16 @@ class UnifiedAttention(nn.Module):
 
     # --- the candidates --------------------------------------------------------------------------------------
 
-    def _attention(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, window_mask: Tensor | None) -> Tensor:
+    def _attention(
+        self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, window_mask: Tensor | None
+    ) -> Tensor:
         """Multi-head self-attention over (rows, N, C): all tokens (ViT) or one window (Swin, with its bias)."""
         rows, N, _ = x.shape
         h = self.num_heads
         weight, bias = self.qkv_params()
-        q, k, v = F.linear(x, weight, bias).reshape(rows, N, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (
+            F.linear(x, weight, bias).reshape(rows, N, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        )
         md = self.board.get(self.groups.head_dim)
         if per_sample(md):
             q = q * _batch_view(md, rows, 4, q.dtype)  # type: ignore[arg-type]
@@ -267,9 +271,9 @@ class UnifiedAttention(nn.Module):
             attn_mask = self._rel_pos_bias()
             if window_mask is not None:
                 nw = window_mask.shape[0]
-                attn_mask = attn_mask + window_mask.view(1, nw, 1, N, N).expand(rows // nw, -1, h, -1, -1).reshape(
-                    -1, h, N, N
-                )
+                attn_mask = attn_mask + window_mask.view(1, nw, 1, N, N).expand(
+                    rows // nw, -1, h, -1, -1
+                ).reshape(-1, h, N, N)
             is_causal = False
         else:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -292,15 +296,24 @@ class UnifiedAttention(nn.Module):
         return bias.view(self.window_area, self.window_area, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
 
     def head_mix(self, k: int) -> Tensor:
-        """``A`` restricted to the centre k × k positions, times the heads mask: (heads, k²)."""
+        """``A`` restricted to the centre k × k positions: (heads, k²), a softmax over the heads the heads mask keeps
+        (a mask weights each head's share: ``A[h] ∝ m_h · exp(mix[h] / alpha)``), so masking heads out is removing
+        them — the compact conv and a shrunk supernet compute the same ``A``."""
         K = self.max_kernel
-        A = torch.softmax(self.mix / self.alpha, dim=0).view(self.num_heads, K, K)
+        logits = (self.mix / self.alpha).view(self.num_heads, K, K)
         o = (K - k) // 2
-        A = A[:, o : o + k, o : o + k].reshape(self.num_heads, k * k)
+        logits = logits[:, o : o + k, o : o + k].reshape(self.num_heads, k * k)
         mh = self.board.get(self.groups.heads)
+        if mh is None:
+            return torch.softmax(logits, dim=0)
         if per_sample(mh):
             raise NotImplementedError(f"{self.decision}: per-sample head masks do not apply to conv ops")
-        return A if mh is None else A * mh.to(A.dtype)[:, None]
+        m = mh.to(logits.dtype)[:, None]
+        ref = torch.where(m > 0, logits, torch.full_like(logits, -torch.inf)).amax(dim=0, keepdim=True)
+        e = (
+            torch.exp((logits - ref).clamp(max=0)) * m
+        )  # the largest kept head's logit as reference: no overflow
+        return e / e.sum(dim=0, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
 
     def conv_weights(self, k: int) -> tuple[Tensor, Tensor | None, Tensor]:
         """(kernel (d, C, k, k), kernel bias (d,) or None, expansion (C, d)) of the k × k bottleneck conv, before the

@@ -93,6 +93,6 @@ def _check_mlp(mlp: nn.Module, decision: str) -> None:
             f"{decision}: only timm's Mlp (fc1 → act → fc2 with nn.Linear) can be gated, found {type(mlp).__name__}"
         )
     if not isinstance(mlp.norm, nn.Identity):
-        raise NotImplementedError(f"{decision}: an FFN with a hidden-layer norm (scale_mlp_norm) cannot be gated")
-
-
+        raise NotImplementedError(
+            f"{decision}: an FFN with a hidden-layer norm (scale_mlp_norm) cannot be gated"
+        )

@@ -130,9 +130,7 @@ def load_supernet(
     compiler's parse + check); without it the stored space JSON is used."""
     meta = read_metadata(path)
     space = (
-        space_factory(meta["spvit_dsl.spec"])
-        if space_factory
-        else space_from_json(meta["spvit_dsl.space"])
+        space_factory(meta["spvit_dsl.spec"]) if space_factory else space_from_json(meta["spvit_dsl.space"])
     )
     opts = json.loads(meta["spvit_dsl.lowering"])
     net = lower(space, convention=opts["convention"], alpha=opts["alpha"], seed=opts["seed"], device=device)

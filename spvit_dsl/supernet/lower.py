@@ -64,7 +64,9 @@ def lower(
     board = MaskBoard()
     active = _active(space)
     rows = [
-        _lower_block(block, plan, geometry.family, alpha, board, active, embed_path(geometry, plan.geom.stage))
+        _lower_block(
+            block, plan, geometry.family, alpha, board, active, embed_path(geometry, plan.geom.stage)
+        )
         for block, plan in zip(blocks, space.plans, strict=True)
     ]
     _mask_stream(model, space, board, active)
@@ -96,7 +98,13 @@ def _active(space: Space) -> set[str]:
 
 
 def _lower_block(
-    block: nn.Module, plan: BlockPlan, family: str, alpha: float, board: MaskBoard, active: set[str], embed: str
+    block: nn.Module,
+    plan: BlockPlan,
+    family: str,
+    alpha: float,
+    board: MaskBoard,
+    active: set[str],
+    embed: str,
 ) -> BlockRow:
     """Swap in the unified attention and the masked MLP (and masked norms when the stream's width may change)."""
     b = plan.geom
@@ -118,7 +126,12 @@ def _lower_block(
     )
     _check_geometry(attn, block, plan)
     _check_maskable(attn, plan, path("heads") or path("head_dim"))
-    mlp = GatedMlp(block.mlp, block_path(i, "ffn"), board, FfnGroups(path("ffn"), path("embed"), path("fc1"), path("fc2")))
+    mlp = GatedMlp(
+        block.mlp,
+        block_path(i, "ffn"),
+        board,
+        FfnGroups(path("ffn"), path("embed"), path("fc1"), path("fc2")),
+    )
     block.attn, block.mlp = attn, mlp
     if embed in active:
         block.norm1 = MaskedLayerNorm(block.norm1, board, embed)
@@ -134,8 +147,12 @@ def _mask_stream(model: nn.Module, space: Space, board: MaskBoard, active: set[s
     if g.family == "vit":
         if "embed" not in active:
             return
-        if not isinstance(model.norm_pre, nn.Identity) or not isinstance(getattr(model, "fc_norm", None), nn.Identity | None):
-            raise NotImplementedError(f"{g.model}: embedding widths of a pre-norm or pooled-norm ViT cannot be masked")
+        if not isinstance(model.norm_pre, nn.Identity) or not isinstance(
+            getattr(model, "fc_norm", None), nn.Identity | None
+        ):
+            raise NotImplementedError(
+                f"{g.model}: embedding widths of a pre-norm or pooled-norm ViT cannot be masked"
+            )
         model.norm_pre = EmbedMask(board, "embed")
         model.norm = MaskedLayerNorm(model.norm, board, "embed")
         return

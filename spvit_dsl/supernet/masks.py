@@ -149,7 +149,11 @@ class MaskedLayerNorm(nn.LayerNorm):
         return masked_layer_norm(x, self.weight, self.bias, mask, self.eps)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group={self.group}" + (f", repeat={self.repeat}" if self.repeat > 1 else "")
+        return (
+            super().extra_repr()
+            + f", group={self.group}"
+            + (f", repeat={self.repeat}" if self.repeat > 1 else "")
+        )
 
 
 class EmbedMask(nn.Module):

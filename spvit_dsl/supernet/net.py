@@ -84,7 +84,9 @@ class Supernet(nn.Module):
         self.__dict__["_rows"] = rows  # modules already registered inside `model`
         self.__dict__["board"] = board
         self.groups: dict[str, UnitGroup] = {g.path: g for g in groups(space)}
-        self.fixed = FixedMasks()  # masks of groups fixed below their dense size (restored by reset; in state dicts)
+        self.fixed = (
+            FixedMasks()
+        )  # masks of groups fixed below their dense size (restored by reset; in state dicts)
         self.kept_index: dict[str, Tensor] = {}  # original indices still present per shrunk group
 
     @property
@@ -100,7 +102,20 @@ class Supernet(nn.Module):
         return self.space.geometry
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)  # type: ignore[no-any-return]
+        try:
+            return self.model(x)  # type: ignore[no-any-return]
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """After a forward, keep the masks' values but not their autograd graph (the graph of the forward keeps
+        what backward needs), so the modules hold no graph between steps and stay deep-copyable."""
+        for path, mask in self.board.items():
+            if mask is not None and mask.requires_grad:
+                self.board.set(path, mask.detach())
+        for r in self.rows:
+            if r.attn._weight is not None:
+                r.attn._weight = r.attn._weight.detach()
 
     # --- choices for the next forward ----------------------------------------------------------------------
 
@@ -108,7 +123,9 @@ class Supernet(nn.Module):
         """Set group masks by path (``None``: every unit kept). Unknown paths are a ValueError."""
         for path in masks:
             if path not in self.groups:
-                raise ValueError(f"unknown unit group '{path}' (groups: {', '.join(sorted(self.groups))[:200]} ...)")
+                raise ValueError(
+                    f"unknown unit group '{path}' (groups: {', '.join(sorted(self.groups))[:200]} ...)"
+                )
         self.board.update(masks)
 
     def mask(self, path: str) -> Tensor | None:
@@ -137,7 +154,9 @@ class Supernet(nn.Module):
         self.board.update({path: self.mask_of(path, index) for path, index in full.items()})
         for r, b in zip(self.rows, arch.blocks, strict=True):
             if b.op not in r.plan.attention:
-                raise ValueError(f"blocks.{r.index}.attention: '{b.op}' is not a candidate {r.plan.attention}")
+                raise ValueError(
+                    f"blocks.{r.index}.attention: '{b.op}' is not a candidate {r.plan.attention}"
+                )
             r.attn.choose(r.plan.attention.index(b.op))
         return full
 
@@ -274,7 +293,9 @@ class Supernet(nn.Module):
     def layer_paths(self) -> dict[int, str]:
         """``id(linear)`` → the path of its weights group (``blocks.3.attn.qkv``)."""
         return {
-            id(module): block_path(r.index, layer) for r in self.rows for layer, module in self.layers(r.index).items()
+            id(module): block_path(r.index, layer)
+            for r in self.rows
+            for layer, module in self.layers(r.index).items()
         }
 
     def _layer_weight(self, group: UnitGroup) -> Tensor:
@@ -329,9 +350,72 @@ class Supernet(nn.Module):
     def _embed_path(self, stage: int) -> str:
         return "embed" if self.geometry.family != "swin" else f"stages.{stage}.embed"
 
+    # --- original and current unit indices (after shrinks) ---------------------------------------------------
+
+    def _layer_axes(self, group: UnitGroup) -> tuple[Tensor, Tensor]:
+        """For a weights group: the original row and column index of every current row and column of its layer."""
+        assert group.block is not None and group.layer is not None
+        i, b = group.block, self.geometry.blocks[group.block]
+
+        def orig(path: str, size: int) -> Tensor:
+            return self.kept_index.get(path, torch.arange(size))
+
+        embed = orig(self._embed_path(b.stage), b.dim)
+        heads, dims = orig(f"blocks.{i}.heads", b.heads), orig(f"blocks.{i}.head_dim", b.head_dim)
+        inner = (heads[:, None] * b.head_dim + dims[None, :]).flatten()
+        ffn = orig(f"blocks.{i}.ffn", b.hidden)
+        D = b.heads * b.head_dim
+        return {
+            "qkv": (torch.cat([inner + t * D for t in range(3)]), embed),
+            "proj": (embed, inner),
+            "fc1": (ffn, embed),
+            "fc2": (embed, ffn),
+        }[group.layer]
+
+    def to_original(self, kept: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Kept units given in the current (possibly shrunk) indexing → the dense backbone's indexing, which
+        checkpoints store (a weights mask is scattered into the dense weight's shape)."""
+        out = {}
+        for path, index in kept.items():
+            group = self.groups[path]
+            if group.kind == "weights":
+                rows, cols = self._layer_axes(group)
+                full = torch.zeros(_dense_shape(self.geometry, group), dtype=torch.bool)
+                full[rows[:, None], cols[None, :]] = index.cpu().to(torch.bool)
+                out[path] = full
+            elif path in self.kept_index:
+                out[path] = torch.sort(self.kept_index[path][index.cpu()]).values
+            else:
+                out[path] = index
+        for path, index in self.kept_index.items():  # a shrunk group kept whole: its remaining units
+            out.setdefault(path, torch.sort(index).values)
+        return out
+
+    def to_current(self, kept: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Inverse of :meth:`to_original`; a unit that a shrink removed is a ValueError."""
+        out = {}
+        for path, index in kept.items():
+            group = self.groups[path]
+            if group.kind == "weights":
+                rows, cols = self._layer_axes(group)
+                out[path] = index.cpu()[rows[:, None], cols[None, :]]
+            elif path in self.kept_index:
+                where = {int(u): k for k, u in enumerate(self.kept_index[path].tolist())}
+                missing = [int(u) for u in index.tolist() if int(u) not in where]
+                if missing:
+                    raise ValueError(
+                        f"{path}: units {missing[:5]} were removed by a shrink during the search"
+                    )
+                out[path] = torch.tensor(sorted(where[int(u)] for u in index.tolist()), dtype=torch.long)
+            else:
+                out[path] = index
+        return out
+
     # --- cost ----------------------------------------------------------------------------------------------
 
-    def cost(self, counts: cost_model.Counts, convention: Convention | None = None, metric: str = "macs") -> Tensor:
+    def cost(
+        self, counts: cost_model.Counts, convention: Convention | None = None, metric: str = "macs"
+    ) -> Tensor:
         """The analytic cost of an assignment of (expected) counts as a differentiable float64 tensor: ``macs``
         (multiply-adds) or ``params``. Products of counts are exact; at integer counts this is
         :func:`spvit_dsl.space.cost.arch_cost`."""
@@ -370,6 +454,15 @@ class Supernet(nn.Module):
         )
 
 
+def _dense_shape(geometry, group: UnitGroup) -> tuple[int, int]:  # noqa: ANN001
+    assert group.block is not None
+    b = geometry.blocks[group.block]
+    D = b.heads * b.head_dim
+    return {"qkv": (3 * D, b.dim), "proj": (b.dim, D), "fc1": (b.hidden, b.dim), "fc2": (b.dim, b.hidden)}[
+        group.layer or ""
+    ]
+
+
 def _bool(index: Tensor | None, size: int, device: torch.device) -> Tensor:
     out = torch.ones(size, dtype=torch.bool, device=device)
     if index is not None:
@@ -389,4 +482,3 @@ def _kernel_of(op: str) -> int:
 def kept_sizes(kept: Mapping[str, Tensor]) -> dict[str, int]:
     """Number of kept units per structured group."""
     return {p: int(v.numel()) for p, v in kept.items() if v.dtype != torch.bool}
-

@@ -106,7 +106,9 @@ class RandomStrategy(Strategy):
         seed = int(ctx.settings["seed"])
         groups = [g for g in net.groups.values() if g.decision]
         start = largest_point(ctx.program.space, groups)
-        steps = [GroupSteps(g, list(g.choices), len(g.choices) - 1, [0.0] * (len(g.choices) - 1)) for g in groups]
+        steps = [
+            GroupSteps(g, list(g.choices), len(g.choices) - 1, [0.0] * (len(g.choices) - 1)) for g in groups
+        ]
         result = project(net.geometry, start, steps, ctx.targets, ctx.convention, order="random", seed=seed)
         gen = torch.Generator().manual_seed(seed)
         kept: dict[str, Tensor] = {}
@@ -123,7 +125,9 @@ class RandomStrategy(Strategy):
         return Decisions(result.arch, {k: v.cpu() for k, v in kept.items()}, _info(ctx, start, result))
 
 
-def _random_weights(net: Supernet, group: UnitGroup, density: float, kept: dict[str, Tensor], gen: torch.Generator) -> Tensor:
+def _random_weights(
+    net: Supernet, group: UnitGroup, density: float, kept: dict[str, Tensor], gen: torch.Generator
+) -> Tensor:
     """A uniformly random ``round(density · n)`` of the ``n`` weights in the layer's kept rows and columns."""
     allowed = net.structured_support(group, kept).cpu()
     positions = torch.nonzero(allowed.flatten()).flatten()

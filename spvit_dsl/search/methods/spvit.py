@@ -39,7 +39,9 @@ class SpvitStrategy(Strategy):
         self.gates = SpvitGates(net, float(s.get("gate_init", 1.5)), int(s["seed"]))
         self.opt_w = torch.optim.AdamW(param_groups(net, float(s["weight_decay"])), lr=float(s["lr"]))
         gate_params = list(self.gates.parameters())
-        self.opt_g = torch.optim.AdamW(gate_params, lr=float(s["gate_lr"]), weight_decay=0.0) if gate_params else None
+        self.opt_g = (
+            torch.optim.AdamW(gate_params, lr=float(s["gate_lr"]), weight_decay=0.0) if gate_params else None
+        )
         self.dual = DualAscent(ctx.targets, float(s["dual_lr"]))
         self.warmup = float(s.get("warmup_epochs", 0.0))
         self._gates_on = True
@@ -158,4 +160,3 @@ class SpvitStrategy(Strategy):
             "added": result.added,
         }
         return Decisions(result.arch, {k: v.cpu() for k, v in kept.items()}, info)
-

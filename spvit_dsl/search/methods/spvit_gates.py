@@ -259,7 +259,9 @@ class SpvitGates(nn.Module):
         for r in net.rows:
             p, i = r.plan, r.index
             if len(p.attention) > 1:
-                self.gates[block_path(i, "attention")] = OpGate(block_path(i, "attention"), p.attention, gate_init).to(device)
+                self.gates[block_path(i, "attention")] = OpGate(
+                    block_path(i, "attention"), p.attention, gate_init
+                ).to(device)
             if len(p.ffn.candidates(p.geom.hidden)) > 1:
                 importance = None if p.ffn.granular else r.mlp.importance()
                 gate = FfnGate(block_path(i, "ffn"), p.geom.hidden, p.ffn, importance, gate_init)
@@ -302,7 +304,9 @@ class SpvitGates(nn.Module):
         flat = torch.cat([g.logits for g in gates])
         if training:
             if noise is None:
-                noise = torch.rand(flat.shape, generator=self.sample_generator, device=flat.device, dtype=flat.dtype)
+                noise = torch.rand(
+                    flat.shape, generator=self.sample_generator, device=flat.device, dtype=flat.dtype
+                )
             values, hard = binary_concrete(flat, noise)
         else:
             values = hard = (flat.detach() > 0).to(flat.dtype)
@@ -315,7 +319,9 @@ class SpvitGates(nn.Module):
             block = int(g.decision.split(".")[1])
             if isinstance(g, OpGate):
                 level = leading_ones(hard_ops[offset : offset + n])
-                net.set_op(block, level, level_weight(values[offset : offset + n], level) if training else None)
+                net.set_op(
+                    block, level, level_weight(values[offset : offset + n], level) if training else None
+                )
             else:
                 net.set_masks({g.decision: g.neuron_mask(values[offset : offset + n]) if not meta else None})
             offset += n
@@ -341,7 +347,11 @@ class SpvitGates(nn.Module):
             widths = p.ffn.candidates(p.geom.hidden)
             width = int(ffn_mask.sum()) if ffn_mask is not None else widths[-1]
             d = p.density
-            blocks.append(BlockArch(op, width, p.heads[0], p.head_dim[0], Density(d.qkv[0], d.proj[0], d.fc1[0], d.fc2[0])))
+            blocks.append(
+                BlockArch(
+                    op, width, p.heads[0], p.head_dim[0], Density(d.qkv[0], d.proj[0], d.fc1[0], d.fc2[0])
+                )
+            )
         return FrozenArch(tuple(blocks), tuple(w[0] for w in net.space.embed))
 
     def counts(self, net: Supernet) -> Counts:
@@ -352,7 +362,9 @@ class SpvitGates(nn.Module):
         blocks = []
         for r, a in zip(net.rows, arch.blocks, strict=True):
             i = r.index
-            op_gate = self.gates[block_path(i, "attention")] if block_path(i, "attention") in self.gates else None
+            op_gate = (
+                self.gates[block_path(i, "attention")] if block_path(i, "attention") in self.gates else None
+            )
             ffn_gate = self.gates[block_path(i, "ffn")] if block_path(i, "ffn") in self.gates else None
             ops: dict[str, object] = {a.op: 1}
             if isinstance(op_gate, OpGate):
