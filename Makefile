@@ -27,6 +27,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check spvit_dsl tests bench examples
 	$(BIN)/ruff format --check spvit_dsl tests bench examples
+	$(BIN)/mypy
 
 fmt: $(STAMP)
 	$(BIN)/ruff format spvit_dsl tests bench examples

@@ -47,7 +47,10 @@ def finalize_by_magnitude(ctx: SearchContext) -> Decisions:
         cum = torch.cat([scores.new_zeros(1), torch.cumsum(scores, 0)])
         steps.append(
             GroupSteps(
-                group, values, len(values) - 1, [float(cum[b] - cum[a]) for a, b in zip(values, values[1:])]
+                group,
+                values,
+                len(values) - 1,
+                [float(cum[b] - cum[a]) for a, b in zip(values, values[1:], strict=False)],
             )
         )
     result = project(net.geometry, start, steps, ctx.targets, ctx.convention)

@@ -354,7 +354,9 @@ def test_swin_stage_widths_need_not_be_proportional(tmp_path):
 
 
 def _ckpt(program, net, kept, path):
+    """A finished search.ckpt: kept units in the dense backbone's indexing, the shrinks and the spec recorded."""
     state = {"settings": {"alpha": 0.0, "seed": 0}, "spec_hash": spec_hash(program.source), "finished": True}
+    state["shrunk"] = {p: v.tolist() for p, v in net.kept_index.items()}
     ckpt = Checkpoint(net.state_dict(), {}, {}, state, kept, spec=program.source, spec_path=program.path)
     save_checkpoint(str(path), ckpt)
 
@@ -404,6 +406,7 @@ def test_real_random_search_then_cli_build(tmp_path, monkeypatch):
     the point and the compact network is the supernet under them."""
     from spvit_dsl.compact.build import _load_search, frozen_program
     from spvit_dsl.compile.freeze import arch_of
+    from spvit_dsl.space.groups import value_of
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "every.vit").write_text(
@@ -428,9 +431,21 @@ def test_real_random_search_then_cli_build(tmp_path, monkeypatch):
         and info["exact"]["flops"] == arch_cost(g, arch, "exact").macs
     )
     net, kept = _load_search("run/search.ckpt", program, "cpu")
-    assert {p for p, grp in net.groups.items() if grp.kind != "attention" and p in kept} <= set(kept)
+    canonical, cut = arch.canonical(), set()
+    for (
+        path,
+        group,
+    ) in net.groups.items():  # the checkpoint holds the kept units of every group the point cuts
+        value = value_of(canonical, group)
+        if group.structured and value < group.size:
+            assert kept[path].numel() == value, path
+            cut.add(group.kind)
+        elif group.kind == "weights" and value < 1:
+            assert kept[path].shape == net.layers(group.block)[group.layer].weight.shape, path
+            cut.add(group.kind)
+    assert cut == {"embed", "heads", "head_dim", "ffn", "weights"}  # this search cuts every kind of group
     model = load(str(out))
-    _check_equal(net.eval(), model, arch, kept, images(g))
+    _check_equal(net.eval(), model, arch, net.to_current(kept), images(g))
     _check_sparse(model, g, arch.canonical())
 
 
@@ -448,9 +463,10 @@ def test_real_random_search_then_cli_build(tmp_path, monkeypatch):
         ("swin", "blocks.3.head_dim", 9),
     ],
 )
-def test_fold_of_a_shrunk_supernet(name, path, size, tmp_path):
-    """A supernet with a group physically shrunk (Supernet.shrink; saved and rebuilt with its shrinks) folds to the
-    network it computes under the point's masks."""
+def test_build_of_a_shrunk_supernet(name, path, size, tmp_path):
+    """A supernet with a group physically shrunk (Supernet.shrink) folds to the network it computes under the
+    point's masks; so does its saved file or search checkpoint (shrinks re-applied, kept units stored in the dense
+    backbone's indexing). A kept unit that the shrink removed is refused."""
     program = _program(name)
     g = program.space.geometry
     net = lower(program.space)
@@ -461,8 +477,18 @@ def test_fold_of_a_shrunk_supernet(name, path, size, tmp_path):
         tuple(d // 2 for d in g.dims),
     )
     _check_equal(net, fold(net, arch).eval(), arch, None, images(g))
+    frozen = str(write_frozen(program, arch, tmp_path / "f.vit"))
     save_supernet(net, tmp_path / "shrunk.safetensors", program.source)
-    model = build(
-        str(write_frozen(program, arch, tmp_path / "f.vit")), weights=str(tmp_path / "shrunk.safetensors")
+    _check_equal(
+        net, build(frozen, weights=str(tmp_path / "shrunk.safetensors")).eval(), arch, None, images(g)
     )
-    _check_equal(net, model.eval(), arch, None, images(g))
+    kept = net.kept_for(arch, _random_kept(net, arch, seed=1))
+    original = net.to_original(kept)
+    assert torch.equal(original[path], net.kept_index[path][kept[path]].sort().values)
+    _ckpt(program, net, original, tmp_path / "search.ckpt")
+    _check_equal(net, build(frozen, weights=str(tmp_path / "search.ckpt")).eval(), arch, kept, images(g))
+    removed = [u for u in range(net.groups[path].size) if u not in net.kept_index[path]]
+    original[path] = torch.cat([original[path][1:], torch.tensor(removed[:1])]).sort().values
+    _ckpt(program, net, original, tmp_path / "bad.ckpt")
+    with pytest.raises(UsageError, match="removed by a shrink"):
+        build(frozen, weights=str(tmp_path / "bad.ckpt"))

@@ -37,3 +37,22 @@ def test_language_reference_lists_every_op_and_setting() -> None:
         assert f"`{name}`" in doc
     for name in [*COMMON, *STRATEGIES.get("spvit").params]:
         assert f"`{name}`" in doc, name
+
+
+PYTHON = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def _python_examples() -> list[tuple[str, str]]:
+    out = []
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        for i, m in enumerate(PYTHON.finditer(doc.read_text())):
+            out.append((f"{doc.name}#py{i}", m.group(1)))
+    return out
+
+
+@pytest.mark.parametrize(("name", "code"), _python_examples(), ids=[n for n, _ in _python_examples()])
+def test_doc_python_example_runs(
+    name: str, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # examples that write files write them here
+    exec(compile(code, name, "exec"), {"__name__": "__doc_example__"})

@@ -72,9 +72,11 @@ def group_of(net: Supernet, family: str, kind: str) -> str:
 @pytest.mark.parametrize("family", GEOMETRIES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_per_sample_mask_equals_the_batch_mask_of_each_sample(family, kind):
-    net = cached(family)
+    # float64: the two paths (masks on activations vs on weights) sum in different orders, and a LayerNorm over a
+    # few soft-masked channels amplifies float32 rounding far beyond any tolerance that would still catch a bug
+    net = fresh(family).eval().double()
     paths = [p for p, g in net.groups.items() if g.kind == kind]
-    x = images()
+    x = images().double()
 
     @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(data=st.data())
@@ -93,7 +95,9 @@ def test_a_per_sample_mask_equals_the_batch_mask_of_each_sample(family, kind):
         hard[0] = False
         hard[0, 0] = True  # sample 0 keeps a single unit
         soft = data.draw(st.booleans(), label="soft")
-        mask = hard.float() * (torch.rand(len(x), units, generator=gen) * 0.9 + 0.1 if soft else 1.0)
+        mask = (
+            hard.float() * (torch.rand(len(x), units, generator=gen) * 0.9 + 0.1 if soft else 1.0)
+        ).double()
         with torch.no_grad():
             unmasked = net.model.forward_features(x)  # every token (ViT) / the whole map (Swin)
             net.set_masks({path: mask})
@@ -101,7 +105,7 @@ def test_a_per_sample_mask_equals_the_batch_mask_of_each_sample(family, kind):
             for b in range(len(x)):
                 net.set_masks({path: mask[b]})
                 batch_wide = net.model.forward_features(x)
-                torch.testing.assert_close(per_sample[b], batch_wide[b], rtol=0, atol=1e-5)
+                torch.testing.assert_close(per_sample[b], batch_wide[b], rtol=0, atol=1e-9)
         block = net.groups[path].block
         runs = kind in ("embed", "ffn") or net.rows[block].attn.op != "skip"
         if units > 1 and runs:

@@ -43,7 +43,7 @@ from ..supernet.io import FORMAT as SUPERNET_FORMAT
 from ..supernet.io import load_supernet
 from ..supernet.lower import lower
 from .io import FORMAT, load_file, read_metadata, safetensors_metadata, save
-from .skeleton import check_buildable, create_compact
+from .skeleton import check_buildable, create_compact, sparsify_
 from .slice import compact_state
 
 __all__ = [
@@ -295,7 +295,9 @@ def _build_weights(
     if weights in ("none", ""):
         if masks is not None:
             raise UsageError("--masks needs dense weights to cut from (--weights pretrained or a checkpoint)")
-        return create_compact(geometry, arch, device=device, **timm_kwargs)
+        model = create_compact(geometry, arch, device=device, **timm_kwargs)
+        sparsify_(model)
+        return model
     if _search_format(weights):
         if masks is not None:
             raise UsageError(

@@ -42,7 +42,15 @@ from .modules import (
     SkipBranch,
 )
 
-__all__ = ["block_modules", "check_buildable", "create_compact", "create_dense", "fuse_window_attention"]
+__all__ = [
+    "block_modules",
+    "check_buildable",
+    "create_compact",
+    "create_dense",
+    "fuse_window_attention",
+    "sparse_layers",
+    "sparsify_",
+]
 
 
 def check_buildable(geometry: Geometry, arch: FrozenArch) -> None:
@@ -208,3 +216,35 @@ def _narrow_mlp(block: nn.Module, dim: int, width: int) -> None:
         return
     mlp.fc1 = nn.Linear(dim, width, bias=mlp.fc1.bias is not None)
     mlp.fc2 = nn.Linear(width, dim, bias=mlp.fc2.bias is not None)
+
+
+def sparse_layers(model: nn.Module) -> dict[str, tuple[nn.Linear, float]]:
+    """The layers of a compact network that its point keeps sparse: module path → (layer, density)."""
+    geometry, arch = model.spvit_geometry, model.spvit_arch
+    out = {}
+    for b, a in zip(geometry.blocks, arch.canonical().blocks, strict=True):
+        for layer, suffix in (
+            ("qkv", "attn.qkv"),
+            ("proj", "attn.proj"),
+            ("fc1", "mlp.fc1"),
+            ("fc2", "mlp.fc2"),
+        ):
+            density = a.density.of(layer)
+            if density < 1:
+                module = model.get_submodule(f"{b.module}.{suffix}")
+                assert isinstance(module, nn.Linear)
+                out[f"{b.module}.{suffix}"] = (module, density)
+    return out
+
+
+@torch.no_grad()
+def sparsify_(model: nn.Module) -> None:
+    """Zero all but the ``round(density · n)`` largest-magnitude weights of every sparse layer, in place (a freshly
+    initialised sparse network: its non-zero count is the cost model's)."""
+    for layer, density in sparse_layers(model).values():
+        w = layer.weight
+        keep = round(density * w.numel())
+        order = torch.sort(w.abs().flatten(), descending=True, stable=True).indices
+        mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+        mask[order[:keep]] = True
+        w.mul_(mask.view_as(w).to(w.dtype))

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..space.geometry import BlockGeom
 from ..space.ops import OPS
+from ._masked_ops import masked_linear
 from .masks import MaskBoard, per_sample, scale_axis
 
 __all__ = ["AttentionGroups", "UnifiedAttention", "gated_linear"]
@@ -171,17 +172,30 @@ class UnifiedAttention(nn.Module):
         g = self.groups
         return self.board.get(g.heads), self.board.get(g.head_dim), self.board.get(g.embed)
 
+    def _q_rows(self) -> Tensor | None:
+        """The batch-wide per-head-channel mask on qkv's query rows (ones on the key and value rows), or None."""
+        md = self.board.get(self.groups.head_dim)
+        if md is None or per_sample(md):
+            return None
+        ref = self.qkv.weight
+        return torch.cat([md.to(ref.dtype).repeat(self.num_heads), ref.new_ones(2 * self.attn_dim)])
+
+    def qkv_linear(self, x: Tensor) -> Tensor:
+        """qkv with its weights mask and the query-row mask (see :func:`~._masked_ops.masked_linear`)."""
+        return masked_linear(
+            x, self.qkv.weight, self.qkv.bias, row=self._q_rows(), elem=self.board.get(self.groups.qkv)
+        )
+
     def qkv_params(self) -> tuple[Tensor, Tensor | None]:
-        """qkv's weight and bias with its weights mask and a batch-wide per-head-channel mask on the query rows."""
+        """qkv's weight and bias with its weights mask and the query-row mask applied (for folding a conv op)."""
         weight, bias = self.qkv.weight, self.qkv.bias
         w_mask = self.board.get(self.groups.qkv)
         if w_mask is not None:
             weight = weight * w_mask.to(weight.dtype)
-        md = self.board.get(self.groups.head_dim)
-        if md is not None and not per_sample(md):
-            q = torch.cat([md.to(weight.dtype).repeat(self.num_heads), weight.new_ones(2 * self.attn_dim)])
-            weight = weight * q[:, None]
-            bias = bias * q if bias is not None else None
+        rows = self._q_rows()
+        if rows is not None:
+            weight = weight * rows[:, None]
+            bias = bias * rows if bias is not None else None
         return weight, bias
 
     def _inner_mask(self, mh: Tensor | None, md: Tensor | None) -> Tensor | None:
@@ -194,20 +208,19 @@ class UnifiedAttention(nn.Module):
         return (h[:, None] * d[None, :]).flatten()
 
     def _output(self, z: Tensor, weight: Tensor, bias: Tensor | None, *, msa: bool) -> Tensor:
-        """The branch's final projection with the residual mask on its rows: ``proj`` for msa (``z``: (rows, N, D);
-        its weights mask and the inner mask on its columns applied here), a conv's expansion (``z``: (B, H, W, d);
-        masked by :meth:`expansion` and :meth:`head_mix`)."""
+        """The branch's final projection with the residual mask on its rows and the level's straight-through weight:
+        ``proj`` for msa (``z``: (rows, N, D); its weights mask and the inner mask on its columns), a conv's
+        expansion (``z``: (B, H, W, d); masked by :meth:`expansion` and :meth:`head_mix`)."""
         mh, md, me = self._masks()
+        row = None if per_sample(me) else me
+        if self._weight is not None:  # SPViT's level weight scales the whole branch (forward value 1)
+            w = self._weight.to(weight.dtype)
+            row = w.expand(weight.shape[0]) if row is None else row.to(weight.dtype) * w
+        col = elem = None
         if msa:
-            w_mask = self.board.get(self.groups.proj)
-            if w_mask is not None:
-                weight = weight * w_mask.to(weight.dtype)
-            inner = self._inner_mask(None if per_sample(mh) else mh, None if per_sample(md) else md)
-            weight = scale_axis(weight, inner, 1)
-        if me is not None and not per_sample(me):
-            weight = scale_axis(weight, me, 0)
-            bias = bias * me.to(bias.dtype) if bias is not None else None
-        out = gated_linear(z, weight, bias, self._weight)
+            col = self._inner_mask(None if per_sample(mh) else mh, None if per_sample(md) else md)
+            elem = self.board.get(self.groups.proj)
+        out = masked_linear(z, weight, bias, row=row, col=col, elem=elem)
         if per_sample(me):
             out = out * _batch_view(me, out.shape[0], out.dim(), out.dtype)  # type: ignore[arg-type]
         return self.proj_drop(out)

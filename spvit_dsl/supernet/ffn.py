@@ -7,18 +7,18 @@ Output: ``fc2(m_ffn · act(fc1(x)))`` with the residual mask on fc2's output row
 the activations after GELU, before fc2).
 
 A batch-wide mask scales *weights* instead of activations — ``(h ⊙ m) W₂ᵀ = h (W₂ diag m)ᵀ``, the same values and
-gradients — so it costs one weight-sized multiply and no extra activation memory; a per-sample mask ``(B, units)``
-scales the activations. The straight-through FFN mask of a SPViT search is a batch-wide mask like any other.
+gradients — through :func:`~._masked_ops.masked_linear`, which keeps no masked weight for the backward; a per-sample
+mask ``(B, units)`` scales the activations. The straight-through FFN mask of a SPViT search is a batch-wide mask like any other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .masks import MaskBoard, per_sample, scale_axis
+from ._masked_ops import masked_linear
+from .masks import MaskBoard, per_sample
 
 __all__ = ["FfnGroups", "GatedMlp"]
 
@@ -62,21 +62,13 @@ class GatedMlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         board, g = self.board, self.groups
         m_ffn, m_embed = board.get(g.ffn), board.get(g.embed)
-        w1, w2 = self.fc1.weight, self.fc2.weight
-        if (mask := board.get(g.fc1)) is not None:
-            w1 = w1 * mask.to(w1.dtype)
-        if (mask := board.get(g.fc2)) is not None:
-            w2 = w2 * mask.to(w2.dtype)
-        h = self.norm(self.drop1(self.act(F.linear(x, w1, self.fc1.bias))))
+        h = masked_linear(x, self.fc1.weight, self.fc1.bias, elem=board.get(g.fc1))
+        h = self.norm(self.drop1(self.act(h)))
         if per_sample(m_ffn):
             h = h * m_ffn.to(h.dtype).view(m_ffn.shape[0], *([1] * (h.dim() - 2)), -1)  # type: ignore[union-attr]
-        else:
-            w2 = scale_axis(w2, m_ffn, 1)
-        bias = self.fc2.bias
-        if m_embed is not None and not per_sample(m_embed):
-            w2 = scale_axis(w2, m_embed, 0)
-            bias = bias * m_embed.to(bias.dtype) if bias is not None else None
-        out = F.linear(h, w2, bias)
+            m_ffn = None
+        row = None if per_sample(m_embed) else m_embed
+        out = masked_linear(h, self.fc2.weight, self.fc2.bias, row=row, col=m_ffn, elem=board.get(g.fc2))
         if per_sample(m_embed):
             out = out * m_embed.to(out.dtype).view(m_embed.shape[0], *([1] * (out.dim() - 2)), -1)  # type: ignore[union-attr]
         return self.drop2(out)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..space.groups import UnitGroup, block_path, embed_path, groups, with_value
+from ..space.groups import UnitGroup, block_path, embed_path, groups
 from ..space.ops import by_level
 from ..space.plan import BlockPlan, Convention, Space
 from ._timm import backbone_blocks, create_backbone, patch_swin_block
@@ -175,15 +175,16 @@ def _fix_reduced(net: Supernet) -> None:
     """Groups with one candidate below the dense size keep their largest units, as constant masks."""
     if next(net.model.parameters()).device.type == "meta":
         return
-    dense = net.space.dense()
-    point = dense
-    for group in net.groups.values():
-        if len(group.choices) == 1 and group.choices[0] != _dense_value(group):
-            point = with_value(point, group, group.choices[0])
-    if point == dense:
+    fixed = {
+        path
+        for path, g in net.groups.items()
+        if g.kind != "attention" and len(g.choices) == 1 and g.choices[0] != _dense_value(g)
+    }
+    if not fixed:
         return
-    for path, index in net.kept_for(point).items():
-        net.fixed.set(path, net.mask_of(path, index))
+    for path, index in net.kept_for(net.space.largest()).items():  # canonical: no masks on layers not run
+        if path in fixed:
+            net.fixed.set(path, net.mask_of(path, index))
     net.reset()
 
 

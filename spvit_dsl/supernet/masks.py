@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._masked_ops import masked_linear, weighted_layer_norm
 
 __all__ = [
     "EmbedMask",
@@ -105,28 +106,12 @@ def masked_layer_norm(
 
     ``mask``: ``None`` (plain ``F.layer_norm``), ``(C,)`` or ``(B, C)`` for ``x`` of shape ``(B, ..., C)``. The
     statistics are mask-weighted: ``μ = Σ m·x / Σ m``, ``σ² = Σ m·(x − μ)² / Σ m``; with a 0/1 mask they are those
-    of the kept channels, so the result equals a LayerNorm of the compact network on the kept channels.
+    of the kept channels, so the result equals a LayerNorm of the compact network on the kept channels. Saves only
+    what ``F.layer_norm`` saves for the backward (see :mod:`._masked_ops`).
     """
     if mask is None:
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-    m = mask.to(x.dtype)
-    if m.dim() == 2:  # (B, C) → (B, 1, ..., 1, C)
-        m = m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1])
-        count = m.sum(-1, keepdim=True)
-        mean = (x * m).sum(-1, keepdim=True) / count
-        xc = x - mean
-        var = (xc * xc * m).sum(-1, keepdim=True) / count
-    else:  # one mask for the batch: weighted sums as matrix-vector products
-        count = m.sum()
-        mean = (x @ m).unsqueeze(-1) / count
-        xc = x - mean
-        var = ((xc * xc) @ m).unsqueeze(-1) / count
-    y = xc * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y * m
+    return weighted_layer_norm(x, mask, weight, bias, eps)
 
 
 class MaskedLayerNorm(nn.LayerNorm):
@@ -192,8 +177,7 @@ class MaskedLinear(nn.Linear):
         if mask is None or per_sample(mask):
             y = F.linear(x, self.weight, self.bias)
             return y if mask is None else y * mask.to(y.dtype).view(mask.shape[0], *([1] * (y.dim() - 2)), -1)
-        bias = self.bias * mask.to(self.bias.dtype) if self.bias is not None else None
-        return F.linear(x, scale_axis(self.weight, mask, 0), bias)
+        return masked_linear(x, self.weight, self.bias, row=mask)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", out_group={self.out_group}"

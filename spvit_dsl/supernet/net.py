@@ -193,14 +193,14 @@ class Supernet(nn.Module):
         for path, group in self.groups.items():
             if group.kind == "weights":
                 density = float(value_of(arch, group))
+                if density >= 1:
+                    continue  # dense, or a layer the point does not run (canonical)
                 mask = kept.get(path)
-                fixed = self.fixed.get(path)
-                if mask is None and fixed is not None:
-                    mask = fixed > 0
-                if mask is None and density < 1:
+                if (
+                    mask is None
+                ):  # recomputed for this point: a fixed density's count depends on the kept rows/columns
                     mask = self.top_weights(path, density, out)
-                if mask is not None:
-                    out[path] = mask.to(torch.bool)
+                out[path] = mask.to(torch.bool)
         return out
 
     def mask_of(self, path: str, kept: Tensor) -> Tensor:

@@ -5,6 +5,8 @@ cosine learning rate with linear warm-up, optional distillation from a teacher (
 second label, weight 0.5; soft: KL at temperature τ). Every epoch is validated; ``finetune.ckpt`` (the whole state,
 safetensors, no pickle) is written atomically each epoch so ``--resume`` continues, and ``best.safetensors`` holds
 the best-by-validation model in :func:`spvit_dsl.compact.build.save`'s format (loadable with ``spvit_dsl.load``).
+A sparse network stays sparse: the zeros of its sparse layers are put back after every optimizer step, so the
+fine-tuned network has the non-zero count its frozen spec prices.
 """
 
 from __future__ import annotations
@@ -105,6 +107,21 @@ def load_teacher(spec: str, device: torch.device | str, num_classes: int) -> nn.
     return teacher.eval()
 
 
+def _zero_masks(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """(weight, keep mask) of every sparse layer: fine-tuning trains the kept weights only."""
+    if not hasattr(model, "spvit_arch"):
+        return []
+    from ..compact.skeleton import sparse_layers
+
+    return [(layer.weight, layer.weight.detach() != 0) for layer, _d in sparse_layers(model).values()]
+
+
+@torch.no_grad()
+def _keep_zeros(zeros: list[tuple[Tensor, Tensor]]) -> None:
+    for weight, keep in zeros:
+        weight.mul_(keep.to(weight.dtype))
+
+
 # ---------------------------------------------------------------- checkpoints
 def _save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     from ..search.checkpoint import Checkpoint, save_checkpoint
@@ -162,6 +179,7 @@ def finetune(
     elif os.path.exists(metrics_path):
         os.unlink(metrics_path)
     loss_fn = data.loss()
+    zeros = _zero_masks(model)
     last = None
     while state["epoch"] < s.epochs and (not s.steps or state["step"] < s.steps):
         model.train()
@@ -189,6 +207,7 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            _keep_zeros(zeros)
             state["step"] += 1
             seen += len(y)
             running += loss.item() * len(y)
