@@ -25,12 +25,15 @@ sys.path.insert(0, ROOT)
 
 from bench._machine import machine, result_path  # noqa: E402
 from spvit_dsl.compile.program import compile_file  # noqa: E402
-from spvit_dsl.search import loop  # noqa: E402
+from spvit_dsl.runtime.evaluate import autocast  # noqa: E402
+from spvit_dsl.runtime.optim import adamw  # noqa: E402
 from spvit_dsl.search.budget import targets_of  # noqa: E402
 from spvit_dsl.search.methods.spvit import SpvitStrategy  # noqa: E402
 from spvit_dsl.search.outputs import MetricsLog  # noqa: E402
 from spvit_dsl.search.progress import Reporter  # noqa: E402
 from spvit_dsl.search.protocol import SearchContext  # noqa: E402
+from spvit_dsl.search.run import Run, Trainee  # noqa: E402
+from spvit_dsl.search.train import train_step  # noqa: E402
 from spvit_dsl.supernet._timm import create_backbone  # noqa: E402
 from spvit_dsl.supernet.lower import lower  # noqa: E402
 
@@ -61,13 +64,13 @@ def _batch(program: Any, batch: int, device: torch.device) -> tuple[torch.Tensor
 
 def dense_step(program: Any, batch: int, device: torch.device) -> Any:
     model = create_backbone(program.space.geometry, "none", device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    opt = adamw(model.parameters(), lr=1e-4, weight_decay=0.05)
     x, y = _batch(program, batch, device)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with loop._autocast(device):
+        with autocast(device):
             loss = loss_fn(model(x).float(), y)
         loss.backward()
         opt.step()
@@ -80,18 +83,11 @@ def search_step(program: Any, batch: int, device: torch.device) -> Any:
     net = lower(program.space, weights="none", convention=program.convention, seed=0, device=device)
     ctx = SearchContext(program, net, targets_of(program.budgets), settings, device, None, 1, 1)
     strategy = SpvitStrategy(ctx)
-    run = loop._Run(
-        ctx,
-        strategy,
-        net,
-        torch.nn.CrossEntropyLoss(),
-        {},
-        settings,
-        Reporter(),
-        MetricsLog("", enabled=False),
-    )
+    trainee = Trainee(ctx, strategy)
+    loss = torch.nn.CrossEntropyLoss()
+    run = Run(ctx, strategy, trainee, trainee, loss, {}, settings, Reporter(), MetricsLog("", enabled=False))
     x, y = _batch(program, batch, device)
-    return lambda: loop._train_step(run, x, y, None)
+    return lambda: train_step(run, x, y, None)
 
 
 def bench_one(

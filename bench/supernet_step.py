@@ -1,11 +1,19 @@
-"""One search training step of the SPViT supernet against the same step of the dense timm model.
+"""One search training step of the supernet against the same step of the dense timm model.
 
-A step is forward + cross-entropy (+ the supernet's cost term) + backward + AdamW, on the same batch and device,
-the two models interleaved step by step. Modes of the supernet:
+A step is forward + cross-entropy (+ a cost term) + backward + AdamW, on the same batch and device, the two models
+interleaved step by step. Modes of the supernet:
 
-* ``all_on``   — every gate logit at +8: the sampled ops are msa, the FFNs full, gates still straight-through;
-* ``sampled``  — every gate logit at 0: each block samples skip/conv1x1/conv3x3/msa (P = 1/2, 1/4, 1/8, 1/8),
-  each FFN neuron is kept with P = 1/2 (all neurons are still computed, as SPViT's search does).
+* ``all_on``   — SPViT's space, every gate logit at +8: the sampled ops are msa, the FFNs full, gates still
+  straight-through;
+* ``sampled``  — SPViT's space, every gate logit at 0: each block samples skip/conv1x1/conv3x3/msa (P = 1/2, 1/4,
+  1/8, 1/8), each FFN neuron is kept with P = 1/2 (all neurons are still computed, as SPViT's search does);
+* ``every_mask`` — a space declaring every dimension, with every group's mask active: learned soft masks (values in
+  [0.1, 1], gradients flowing to them, as a bi-mask strategy trains them) on the embedding channels, the heads, the
+  per-head channels and the FFN neurons of every block, and a 0/1 sparsity mask on every qkv, proj, fc1 and fc2; the
+  ops stay msa, so the dense work is the same and the ratio is the price of masking; the cost term is the
+  differentiable cost of the masks' expected counts;
+* ``every_mask_fixed`` — the same masks held constant (no gradient to them): what evaluating or fine-tuning a
+  masked point costs.
 
 Reported per model and mode: median step time of both and their ratio (also the ratio of the fastest steps and of
 process CPU time, which a busy shared machine disturbs less), peak memory of both and their ratio.
@@ -37,18 +45,76 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench._machine import machine, result_path  # noqa: E402
+from spvit_dsl.runtime.optim import adamw  # noqa: E402
+from spvit_dsl.search.methods.spvit_gates import SpvitGates  # noqa: E402
 from spvit_dsl.space.backbones import resolve  # noqa: E402
-from spvit_dsl.space.plan import BlockPlan, FfnChoice, Space  # noqa: E402
+from spvit_dsl.space.cost import BlockCounts, Counts  # noqa: E402
+from spvit_dsl.space.plan import BlockPlan, DensityChoice, FfnChoice, Space  # noqa: E402
+from spvit_dsl.supernet import Supernet  # noqa: E402
 from spvit_dsl.supernet.lower import lower  # noqa: E402
 
 OPS = ("skip", "conv1x1", "conv3x3", "msa")  # SPViT's official candidates
-MODES = {"all_on": 8.0, "sampled": 0.0}
+MODES = {"all_on": 8.0, "sampled": 0.0, "every_mask": None, "every_mask_fixed": None}
 
 
 def spvit_space(model: str) -> Space:
     g = resolve(model)
     plans = tuple(BlockPlan(b, OPS, FfnChoice(group=1), (b.heads,), (b.head_dim,)) for b in g.blocks)
-    return Space(g, plans, (g.embed_dim,))
+    return Space(g, plans, tuple((d,) for d in g.dims))
+
+
+def every_dimension_space(model: str) -> Space:
+    g = resolve(model)
+    d = (0.5, 1.0)
+    plans = tuple(
+        BlockPlan(b, ("msa",), FfnChoice(group=1), (1, b.heads), (1, b.head_dim), DensityChoice(d, d, d, d))
+        for b in g.blocks
+    )
+    return Space(g, plans, tuple((1, w) for w in g.dims))
+
+
+class EveryMask(torch.nn.Module):
+    """Learned soft masks for every structured group and fixed 0/1 sparsity masks, set before each forward."""
+
+    def __init__(self, net: Supernet) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.net_ref = [net]
+        self.logits = torch.nn.ParameterDict()
+        self.paths: dict[str, str] = {}  # ParameterDict keys may not contain '.'
+        self.sparse: dict[str, torch.Tensor] = {}
+        dev = next(net.parameters()).device
+        for path, g in net.groups.items():
+            if g.structured:
+                key = f"g{len(self.paths)}"
+                self.paths[key] = path
+                self.logits[key] = torch.nn.Parameter((torch.rand(g.size, generator=gen) * 4 - 1).to(dev))
+            elif g.kind == "weights":
+                w = net._layer_weight(g)
+                self.sparse[path] = (torch.rand(w.shape, generator=gen) > 0.5).to(dev, w.dtype)
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        soft = {self.paths[k]: 0.1 + 0.9 * torch.sigmoid(v) for k, v in self.logits.items()}
+        return soft | self.sparse
+
+    def counts(self, masks: dict[str, torch.Tensor]) -> Counts:
+        """Expected kept counts: the sum of each structured group's mask (its size when unmasked)."""
+        net = self.net_ref[0]
+
+        def count(path: str) -> torch.Tensor | int:
+            return masks[path].sum() if path in masks else net.size(path)
+
+        embed = [count(g.path) for g in net.groups.values() if g.kind == "embed"]
+        blocks = [
+            BlockCounts(
+                {"msa": 1},
+                count(f"blocks.{r.index}.heads"),
+                count(f"blocks.{r.index}.head_dim"),
+                count(f"blocks.{r.index}.ffn"),
+            )
+            for r in net.rows
+        ]
+        return Counts(embed, blocks)
 
 
 def make_step(
@@ -128,23 +194,63 @@ def peak_bytes(
 def build(model_name: str, mode: str | None, device: torch.device, x: torch.Tensor, y: torch.Tensor):
     """(step, model, optimizer) for the dense timm model (mode None) or the supernet in ``mode``."""
     torch.manual_seed(0)
-    space = spvit_space(model_name)
+    space = (
+        every_dimension_space(model_name)
+        if mode and mode.startswith("every_mask")
+        else spvit_space(model_name)
+    )
     if mode is None:
         model = timm.create_model(model_name, pretrained=False, **space.geometry.kwargs()).to(device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        opt = adamw(model.parameters(), lr=1e-4, weight_decay=0.05)
         return make_step(model, opt, x, y, None), model, opt
     net = lower(space, device=device).train()
-    with torch.no_grad():
-        for p in net.gate_parameters():
-            p.fill_(MODES[mode])
-    opt = torch.optim.AdamW(
+    if mode in ("every_mask", "every_mask_fixed"):
+        masker = EveryMask(net)
+        masker.requires_grad_(mode == "every_mask")
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            masks = masker.masks()
+            net.set_masks(masks)
+            forward.cost = net.cost(masker.counts(masks), "exact", "macs")  # type: ignore[attr-defined]
+            return net(images)
+
+        groups = [{"params": net.parameters(), "weight_decay": 0.05}]
+        if mode == "every_mask":
+            groups.append({"params": masker.parameters(), "lr": 1e-3})
+        opt = adamw(groups, lr=1e-4)
+        model = _Forward(net, masker, forward)
+        return make_step(model, opt, x, y, lambda: forward.cost), model, opt  # type: ignore[attr-defined]
+    gates = SpvitGates(net, gate_init=MODES[mode], seed=0)
+
+    def forward_gated(images: torch.Tensor) -> torch.Tensor:
+        gates.draw(net, training=True)
+        return net(images)
+
+    opt = adamw(
         [
-            {"params": net.weight_parameters(), "weight_decay": 0.05},
-            {"params": net.gate_parameters(), "lr": 1e-3, "weight_decay": 0.0},
+            {"params": net.parameters(), "weight_decay": 0.05},
+            {"params": gates.parameters(), "lr": 1e-3, "weight_decay": 0.0},
         ],
         lr=1e-4,
     )
-    return make_step(net, opt, x, y, net.expected_cost), net, opt
+    model = _Forward(net, gates, forward_gated)
+    return make_step(model, opt, x, y, lambda: net.cost(gates.counts(net), "exact", "macs")), model, opt
+
+
+class _Forward(torch.nn.Module):
+    """The supernet and the strategy's tensors as one module whose forward draws the masks first."""
+
+    def __init__(self, net: Supernet, extra: torch.nn.Module, fn) -> None:
+        super().__init__()
+        self.net, self.extra = net, extra
+        self.__dict__["fn"] = fn
+
+    @property
+    def rows(self):
+        return self.net.rows
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fn(images)
 
 
 def run_pair(model_name: str, mode: str, device: torch.device, batch: int, steps: int) -> dict[str, object]:
@@ -212,7 +318,12 @@ def main() -> None:
         "benchmark": "supernet_step",
         "machine": machine(),
         "results": rows,
-        "targets": {"time_ratio_all_on": 1.15, "memory_ratio_all_on": 1.2},
+        "targets": {
+            "time_ratio_all_on": 1.15,
+            "memory_ratio_all_on": 1.2,
+            "time_ratio_every_mask": 1.10,
+            "memory_ratio_every_mask": 1.10,
+        },
     }
     path = result_path("supernet_step")
     with open(path, "w") as fh:

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from spvit_dsl.compile.strategies import STRATEGIES, StrategyInfo, register_strategy
-from spvit_dsl.runtime.optim import param_groups
+from spvit_dsl.runtime.optim import adamw, param_groups
 from spvit_dsl.search.budget import GroupSteps, project
 from spvit_dsl.search.protocol import (
     IMPLEMENTATIONS,
@@ -66,7 +66,7 @@ class ToyShrink(Strategy):
 
     def __init__(self, ctx: SearchContext) -> None:
         super().__init__(ctx)
-        self.opt = torch.optim.AdamW(param_groups(ctx.net, 0.05), lr=float(ctx.settings["lr"]))
+        self.opt = adamw(param_groups(ctx.net, 0.05), lr=float(ctx.settings["lr"]))
         self.steps = 0
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:

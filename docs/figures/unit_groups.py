@@ -76,18 +76,39 @@ def draw(ax, g, group, unit: int, units: int, color: str, title: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "unit-groups.png"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "unit-groups.png")
+    )
     args = ap.parse_args()
     space = compile_text(SPEC, "figure.vit").space
     g = space.geometry
     by_path = {grp.path: grp for grp in groups(space)}
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6.5))
-    draw(top, g, by_path["embed"], CHANNEL, g.embed_dim, "#fb8500",
-         f"group 'embed', unit {CHANNEL}: one residual channel — its row or column in every tensor of the stream")
-    draw(bottom, g, by_path["blocks.0.heads"], HEAD, g.blocks[0].heads, "#219ebc",
-         f"group 'blocks.0.heads', unit {HEAD}: one head — its rows of q, k and v, its columns of proj")
-    fig.text(0.5, 0.01, "weights of the dense model drawn to scale (rows x columns; patch_embed shown 1/8 wide)",
-             ha="center", fontsize=7)
+    draw(
+        top,
+        g,
+        by_path["embed"],
+        CHANNEL,
+        g.embed_dim,
+        "#fb8500",
+        f"group 'embed', unit {CHANNEL}: one residual channel — its row or column in every tensor of the stream",
+    )
+    draw(
+        bottom,
+        g,
+        by_path["blocks.0.heads"],
+        HEAD,
+        g.blocks[0].heads,
+        "#219ebc",
+        f"group 'blocks.0.heads', unit {HEAD}: one head — its rows of q, k and v, its columns of proj",
+    )
+    fig.text(
+        0.5,
+        0.01,
+        "weights of the dense model drawn to scale (rows x columns; patch_embed shown 1/8 wide)",
+        ha="center",
+        fontsize=7,
+    )
     fig.tight_layout()
     fig.savefig(args.out, dpi=130)
     print(f"wrote {args.out}")

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["param_groups"]
+__all__ = ["adamw", "param_groups"]
 
 
 def param_groups(
@@ -31,3 +32,18 @@ def param_groups(
             continue
         (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(params: Any, *, lr: float, weight_decay: float = 0.0, **kwargs: Any) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with the fused kernel where torch has one for the parameters' device (CPU and CUDA).
+
+    The fused kernel computes the same update in one pass over each tensor; on CPU it is ~3x faster than the default
+    loop, and unlike it does not slow down ~10x on tensors whose second moment holds exact zeros (the weights a
+    sparsity mask removes get exactly zero gradients).
+    """
+    groups = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(tensors) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in tensors
+    )
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None, **kwargs)

@@ -30,7 +30,7 @@ from .protocol import Batch, Strategy
 from .run import Run, save, wrap
 from .setup import cost_text
 
-__all__ = ["NonFinite", "SigintFlag", "StepInfo", "score", "train"]
+__all__ = ["NonFinite", "SigintFlag", "StepInfo", "score", "train", "train_step"]
 
 
 @dataclass
@@ -98,7 +98,8 @@ def _last_line(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- training
-def _train_step(run: Run, x: Tensor, y: Tensor, mixup: Any) -> tuple[float, float, dict[str, float]]:
+def train_step(run: Run, x: Tensor, y: Tensor, mixup: Any) -> tuple[float, float, dict[str, float]]:
+    """One optimizer step of the run's strategy on a batch: (task loss, accuracy, derived costs)."""
     ctx, strategy = run.ctx, run.strategy
     x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
     if mixup is not None:
@@ -198,7 +199,7 @@ def train(run: Run, data: Data, callback: Callable[[StepInfo], None] | None, fla
             pin=ctx.device.type == "cuda",
         )
         for x, y in batches(loader):
-            loss, acc, costs = _train_step(run, x, y, data.mixup)
+            loss, acc, costs = train_step(run, x, y, data.mixup)
             run.step += 1
             run.batch += 1
             run.sums = [run.sums[0] + loss, run.sums[1] + acc, run.sums[2] + 1]

@@ -26,62 +26,62 @@ from torch import Tensor
 __all__ = ["masked_linear", "weighted_layer_norm"]
 
 
-def _multiplier(row: Tensor | None, col: Tensor | None, elem: Tensor | None, like: Tensor) -> Tensor | None:
-    """``(r ⊗ c) ⊙ E`` in ``like``'s dtype (None when no mask is given)."""
-    out = None
+def _masked(weight: Tensor, row: Tensor | None, col: Tensor | None, elem: Tensor | None) -> Tensor:
+    """``weight ⊙ (row ⊗ col) ⊙ elem`` in one allocation (the row and column masks applied in place)."""
+    w = weight * elem.to(weight.dtype) if elem is not None else weight.clone()
     if row is not None:
-        out = row.to(like.dtype)[:, None]
+        w.mul_(row.to(w.dtype)[:, None])
     if col is not None:
-        c = col.to(like.dtype)[None, :]
-        out = c if out is None else out * c
-    if elem is not None:
-        e = elem.to(like.dtype)
-        out = e if out is None else out * e
-    return out
+        w.mul_(col.to(w.dtype))
+    return w
 
 
 class _MaskedLinear(torch.autograd.Function):
+    """``y = x (W ⊙ (r ⊗ c) ⊙ E)ᵀ + b ⊙ r``; saves ``x``, ``W`` and the masks, recomputes the masked weight.
+
+    Gradients with ``G = ∂y-weighted outer product gᵀx`` (the gradient of the masked weight): ``∂W = G ⊙ (r ⊗ c) ⊙ E``,
+    ``∂r = (G ⊙ W ⊙ E) c + b ⊙ Σ g``, ``∂c = rᵀ (G ⊙ W ⊙ E)``, ``∂E = G ⊙ W ⊙ (r ⊗ c)``, ``∂b = r ⊙ Σ g``.
+    """
+
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, row: Tensor | None, col: Tensor | None,
                 elem: Tensor | None) -> Tensor:  # fmt: skip
-        mult = _multiplier(row, col, elem, weight)
-        w = weight if mult is None else weight * mult
         b = bias * row.to(bias.dtype) if bias is not None and row is not None else bias
         ctx.save_for_backward(x, weight, bias, row, col, elem)
-        return F.linear(x, w, b)
+        return F.linear(x, _masked(weight, row, col, elem), b)
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, bias, row, col, elem = ctx.saved_tensors
         need_x, need_w, need_b, need_r, need_c, need_e = ctx.needs_input_grad
-        mult = _multiplier(row, col, elem, weight)
         dtype = gy.dtype  # autocast: the matmuls ran in the output's dtype
         g2 = gy.reshape(-1, gy.shape[-1])
         grad_x = grad_w = grad_b = grad_r = grad_c = grad_e = None
         if need_x:
-            w = weight if mult is None else weight * mult
+            w = _masked(weight, row, col, elem)
             grad_x = (g2 @ w.to(dtype)).reshape(*gy.shape[:-1], weight.shape[1]).to(x.dtype)
+            del w
         if need_w or need_r or need_c or need_e:
-            gw = (g2.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).to(
-                weight.dtype
-            )  # d loss / d (masked weight)
+            G = (g2.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).to(weight.dtype)  # ∂ loss / ∂ (masked weight)
+            if need_e:
+                grad_e = _masked(G * weight, row, col, None).to(elem.dtype)
+            q = G * elem.to(G.dtype) if elem is not None else G  # G ⊙ E
+            if need_r or need_c:
+                p = q * weight  # G ⊙ W ⊙ E
+                if need_r:
+                    grad_r = p @ col.to(p.dtype) if col is not None else p.sum(1)
+                    if bias is not None:
+                        grad_r = grad_r + bias * g2.sum(0).to(bias.dtype)
+                    grad_r = grad_r.to(row.dtype)
+                if need_c:
+                    grad_c = (row.to(p.dtype) @ p if row is not None else p.sum(0)).to(col.dtype)
+                del p
             if need_w:
-                grad_w = gw if mult is None else gw * mult
-            if need_r or need_c or need_e:
-                gww = gw * weight  # d loss / d multiplier
-                if need_e:
-                    rc = _multiplier(row, col, None, weight)
-                    grad_e = (gww if rc is None else gww * rc).to(elem.dtype)
-                if need_r or need_c:
-                    if elem is not None:
-                        gww = gww * elem.to(gww.dtype)
-                    if need_r:
-                        grad_r = gww @ col.to(gww.dtype) if col is not None else gww.sum(1)
-                        if bias is not None:
-                            grad_r = grad_r + bias * g2.sum(0).to(bias.dtype)
-                        grad_r = grad_r.to(row.dtype)
-                    if need_c:
-                        grad_c = (row.to(gww.dtype) @ gww if row is not None else gww.sum(0)).to(col.dtype)
+                grad_w = q if q is not G or (row is None and col is None) else G.clone()
+                if row is not None:
+                    grad_w.mul_(row.to(grad_w.dtype)[:, None])
+                if col is not None:
+                    grad_w.mul_(col.to(grad_w.dtype))
         if need_b:
             s = g2.sum(0).to(bias.dtype)
             grad_b = s * row.to(bias.dtype) if row is not None else s
@@ -107,56 +107,78 @@ def masked_linear(
 
 
 class _WeightedLayerNorm(torch.autograd.Function):
+    """Rows of ``x`` are tokens (R, C) or, for one mask per sample, (B, T, C); ``m`` broadcasts as (C,) / (B, 1, C).
+
+    Saves the normalised ``x̂`` (in place of the input ``F.layer_norm`` saves: the same memory) and the per-row
+    ``1/σ``; the backward needs nothing else. Gradients, with ``a = m / Σm``, ``s = m ⊙ w`` and ``g`` the incoming
+    gradient: ``∂x = r ⊙ (g ⊙ s − a·Σ(g ⊙ s) − a ⊙ x̂·Σ(g ⊙ s ⊙ x̂))``; ``∂w = Σ_t g ⊙ x̂ ⊙ m``; ``∂b = Σ_t g ⊙ m``;
+    ``∂m = Σ_t g ⊙ (x̂ ⊙ w + b) − (x̂·Σ(g ⊙ s) + ½(x̂² − v/(v+eps))·Σ(g ⊙ s ⊙ x̂)) / Σm`` (the mask moves the mean and
+    the variance too).
+    """
+
     @staticmethod
     def forward(
         ctx: Any, x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> Tensor:
         shape = x.shape
-        x3 = x.reshape(mask.shape[0] if mask.dim() == 2 else 1, -1, shape[-1])  # (B or 1, T, C)
-        m = mask.to(x.dtype).reshape(-1, 1, shape[-1])  # (B or 1, 1, C)
-        count = m.sum(-1, keepdim=True)  # (·, 1, 1)
-        mean = (x3 * m).sum(-1, keepdim=True) / count
-        xc = x3 - mean
-        rstd = torch.rsqrt((xc * xc * m).sum(-1, keepdim=True) / count + eps)
-        y = xc * rstd
-        if weight is not None:
-            y = y * weight
-        if bias is not None:
-            y = y + bias
-        ctx.save_for_backward(x, mask, weight, bias, mean, rstd)
-        ctx.eps = eps
-        return (y * m).reshape(shape)
+        per_sample = mask.dim() == 2
+        xr = x.reshape(mask.shape[0], -1, shape[-1]) if per_sample else x.reshape(-1, shape[-1])
+        m = mask.to(x.dtype)
+        mb = m[:, None, :] if per_sample else m  # broadcast against xr
+        count = m.sum(-1)  # (B,) or ()
+        mcol = m[:, :, None] if per_sample else m  # for matrix-vector products over channels
+        cnt = count[:, None] if per_sample else count
+        mean = (xr @ mcol).squeeze(-1) / cnt if per_sample else (xr @ m) / count
+        xhat = xr - mean[..., None]
+        var = ((xhat * xhat) @ mcol).squeeze(-1) / cnt if per_sample else ((xhat * xhat) @ m) / count
+        rstd = torch.rsqrt(var + eps)
+        xhat.mul_(rstd[..., None])
+        scale = mb * weight if weight is not None else mb  # m ⊙ w
+        y = torch.addcmul(mb * bias, xhat, scale) if bias is not None else xhat * scale
+        ctx.save_for_backward(xhat, mask, weight, bias, rstd)
+        ctx.eps, ctx.shape = eps, shape
+        return y.reshape(shape)
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
-        x, mask, weight, bias, mean, rstd = ctx.saved_tensors
+        xhat, mask, weight, bias, rstd = ctx.saved_tensors
         need_x, need_m, need_w, need_b, _ = ctx.needs_input_grad
-        shape = x.shape
-        x3 = x.reshape(mask.shape[0] if mask.dim() == 2 else 1, -1, shape[-1])
-        g = gy.reshape(x3.shape).to(x.dtype)
-        m = mask.to(x.dtype).reshape(-1, 1, shape[-1])
-        count = m.sum(-1, keepdim=True)
-        xhat = (x3 - mean) * rstd
-        gm = g * m  # gradient reaching (x̂ ⊙ w + b)
-        gxhat = gm * weight if weight is not None else gm
+        shape = ctx.shape
+        per_sample = mask.dim() == 2
+        g = gy.reshape(xhat.shape).to(xhat.dtype)
+        m = mask.to(xhat.dtype)
+        mb = m[:, None, :] if per_sample else m
+        count = m.sum(-1)
+        scale = mb * weight if weight is not None else mb.expand(xhat.shape[-1]) if not per_sample else mb
+        scol = scale.transpose(-1, -2) if per_sample else scale  # (B, C, 1) for per-sample products
+        tokens = 1 if per_sample else 0
+        gxh = g * xhat  # the one product of full size every gradient shares
+        s1 = (g @ scol).squeeze(-1) if per_sample else g @ scale  # Σ_c g ⊙ s, per row
+        s2 = (gxh @ scol).squeeze(-1) if per_sample else gxh @ scale  # Σ_c g ⊙ s ⊙ x̂, per row
         grad_x = grad_m = grad_w = grad_b = None
-        s1 = gxhat.sum(-1, keepdim=True)  # Σ_c g
-        s2 = (gxhat * xhat).sum(-1, keepdim=True)  # Σ_c g x̂
-        if need_x:
-            a = m / count
-            grad_x = (rstd * (gxhat - a * s1 - a * xhat * s2)).reshape(shape)
-        if need_m:
-            affine = xhat * weight if weight is not None else xhat
-            if bias is not None:
-                affine = affine + bias
-            var_ratio = 1.0 - ctx.eps * rstd * rstd  # v / (v + eps)
-            stats = -(xhat * s1 + 0.5 * (xhat * xhat - var_ratio) * s2) / count
-            per_token = g * affine + stats
-            grad_m = per_token.sum(1).reshape(mask.shape).to(mask.dtype)
+        gx = gxh.sum(tokens) if (need_w or need_m) else None  # Σ_t g ⊙ x̂
+        gs = g.sum(tokens) if (need_b or need_m) else None  # Σ_t g
         if need_w:
-            grad_w = (gm * xhat).reshape(-1, shape[-1]).sum(0)
+            grad_w = (gx * m).sum(0) if per_sample else gx * m
         if need_b:
-            grad_b = gm.reshape(-1, shape[-1]).sum(0)
+            grad_b = (gs * m).sum(0) if per_sample else gs * m
+        if need_m:
+            direct = (gx * weight if weight is not None else gx) + (gs * bias if bias is not None else 0.0)
+            var_ratio = 1.0 - ctx.eps * rstd * rstd  # v / (v + eps), per row
+            sq = xhat * xhat
+            if per_sample:
+                stats = (s1[:, None, :] @ xhat).squeeze(1) + 0.5 * (s2[:, None, :] @ sq).squeeze(1)
+                stats = (stats - 0.5 * (var_ratio * s2).sum(1, keepdim=True)) / count[:, None]
+            else:
+                stats = (s1 @ xhat + 0.5 * (s2 @ sq) - 0.5 * (var_ratio * s2).sum()) / count
+            grad_m = (direct - stats).reshape(mask.shape).to(mask.dtype)
+        if need_x:
+            a = mb / (count[:, None, None] if per_sample else count)  # m / Σm
+            grad = g * scale
+            grad.mul_(rstd[..., None])
+            grad.addcmul_(xhat, (-(rstd * s2))[..., None] * a)  # − r · s2 · a ⊙ x̂
+            grad.sub_((rstd * s1)[..., None] * a)  # − r · s1 · a
+            grad_x = grad.reshape(shape)
         return grad_x, grad_m, grad_w, grad_b, None
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .._io import write_text
 from ..lang.errors import UsageError
 from ..runtime.evaluate import Metrics, evaluate
-from ..runtime.optim import param_groups
+from ..runtime.optim import adamw, param_groups
 
 FORMAT = "finetune-ckpt/1"
 
@@ -167,7 +167,7 @@ def finetune(
         raise UsageError(f"--distill {s.distill} needs --teacher")
     torch.manual_seed(s.seed)
     model.to(device)
-    opt = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr)
+    opt = adamw(param_groups(model, s.weight_decay), lr=s.lr)
     per_epoch = max(1, batches_per_epoch(data.train, s.batch_size))
     total = per_epoch * s.epochs if not s.steps else min(s.steps, per_epoch * s.epochs)
     warmup = int(s.warmup_epochs * per_epoch)

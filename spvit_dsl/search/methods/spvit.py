@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ...runtime.optim import param_groups
+from ...runtime.optim import adamw, param_groups
 from ..budget import DualAscent, GroupSteps, project
 from ..protocol import JSON, Batch, Decisions, SearchContext, Strategy, register_implementation
 from .spvit_gates import FfnGate, OpGate, SpvitGates, leading_ones
@@ -37,11 +37,9 @@ class SpvitStrategy(Strategy):
         s = ctx.settings
         net = ctx.net
         self.gates = SpvitGates(net, float(s.get("gate_init", 1.5)), int(s["seed"]))
-        self.opt_w = torch.optim.AdamW(param_groups(net, float(s["weight_decay"])), lr=float(s["lr"]))
+        self.opt_w = adamw(param_groups(net, float(s["weight_decay"])), lr=float(s["lr"]))
         gate_params = list(self.gates.parameters())
-        self.opt_g = (
-            torch.optim.AdamW(gate_params, lr=float(s["gate_lr"]), weight_decay=0.0) if gate_params else None
-        )
+        self.opt_g = adamw(gate_params, lr=float(s["gate_lr"]), weight_decay=0.0) if gate_params else None
         self.dual = DualAscent(ctx.targets, float(s["dual_lr"]))
         self.warmup = float(s.get("warmup_epochs", 0.0))
         self._gates_on = True
