@@ -74,7 +74,7 @@ def test_fold_equals_the_masked_supernet(program):
     with torch.no_grad():
         dense_features = net.model.forward_features(x)
         compact = fold(net, arch, kept).eval()
-        net.apply(arch, kept)
+        net.set_arch(arch, kept)
         want_features, want = net.model.forward_features(x), net(x)
         got_features, got = compact.forward_features(x), compact(x)
     assert (want_features - dense_features).abs().max() > 1e-2  # the frozen choices change the network
@@ -169,7 +169,7 @@ def test_build_from_a_saved_supernet_equals_the_supernet(tmp_path):
     frozen = write_frozen(program, arch, tmp_path / "frozen.vit")
     model = build(str(frozen), weights=str(ckpt)).eval()
     x = images(program)
-    net.apply(arch)  # no kept units stored: the largest by L1, as the supernet picks them
+    net.set_arch(arch)  # no kept units stored: the largest by L1, as the supernet picks them
     with torch.no_grad():
         torch.testing.assert_close(model(x), net(x), rtol=0, atol=1e-5)
     assert model.spvit_arch == arch and model.spvit_weights == str(ckpt)
@@ -198,7 +198,7 @@ def test_build_from_a_search_ckpt_uses_its_kept_units(tmp_path, embed_spec):
     if embed_spec:
         (tmp_path / "s.vit").unlink()  # the checkpoint carries its spec: no lookup needed
     model = build(str(frozen), weights=str(run / "search.ckpt")).eval()
-    net.apply(arch, kept)
+    net.set_arch(arch, kept)
     x = images(program)
     with torch.no_grad():
         torch.testing.assert_close(model(x), net(x), rtol=0, atol=1e-5)
@@ -245,7 +245,7 @@ def test_real_search_then_build(tmp_path, monkeypatch):
     assert all(
         kept[path].dtype == torch.int64 and torch.equal(kept[path], kept[path].sort().values) for path in cut
     )
-    net.eval().apply(arch, net.to_current(kept))  # checkpoints index the dense backbone's units
+    net.eval().set_arch(arch, net.to_current(kept))  # checkpoints index the dense backbone's units
     x = images(program)
     with torch.no_grad():
         torch.testing.assert_close(load(str(out))(x), net(x), rtol=0, atol=1e-5)
@@ -390,7 +390,7 @@ def test_rounded_build_from_a_search_ckpt_grows_the_kept_units(tmp_path):
         small, large = (index, base) if index.numel() < base.numel() else (base, index)
         assert torch.isin(small, large).all()  # grown or shrunk around the checkpoint's units
         torch.testing.assert_close(model.blocks[i].mlp.fc1.weight, net.rows[i].mlp.fc1.weight[index])
-    net.apply(rounded, adjusted)
+    net.set_arch(rounded, adjusted)
     x = images(program)
     with torch.no_grad():
         torch.testing.assert_close(model(x), net(x), rtol=0, atol=1e-5)

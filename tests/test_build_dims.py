@@ -146,7 +146,7 @@ def _check_equal(net, model, arch, kept, x):
     """Logits and final features (the supernet's at the kept channels of the last stage) agree to 1e-5."""
     g = net.geometry
     with torch.no_grad():
-        full = net.apply(arch, kept)
+        full = net.set_arch(arch, kept)
         want_features, want = net.model.forward_features(x), net(x)
         net.reset()
         got_features, got = model.forward_features(x), model(x)

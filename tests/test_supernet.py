@@ -179,7 +179,7 @@ def test_apply_forces_ops_and_top_units_in_every_mode_and_reset_releases():
         tuple(BlockArch("conv1x1", pl.geom.hidden // 4, pl.heads[0], pl.head_dim[0]) for pl in p),
         tuple(w[0] for w in net.space.embed),
     )
-    kept = net.apply(arch)
+    kept = net.set_arch(arch)
     assert set(kept) == {f"blocks.{i}.ffn" for i in range(len(p))}  # only groups below their dense size
     for path, index in kept.items():
         scores = net.unit_scores(path)
@@ -196,17 +196,17 @@ def test_apply_forces_ops_and_top_units_in_every_mode_and_reset_releases():
     chosen = torch.randperm(128, generator=torch.Generator().manual_seed(0))[
         :32
     ]  # explicit units: used, sorted
-    kept = net.apply(arch, {"blocks.0.ffn": chosen})
+    kept = net.set_arch(arch, {"blocks.0.ffn": chosen})
     assert torch.equal(kept["blocks.0.ffn"], chosen.sort().values)
     assert torch.equal(net.mask("blocks.0.ffn").nonzero().flatten(), chosen.sort().values)
     with pytest.raises(ValueError, match="do not fit"):
-        net.apply(arch, {"blocks.0.ffn": torch.arange(31)})
+        net.set_arch(arch, {"blocks.0.ffn": torch.arange(31)})
     with pytest.raises(ValueError, match="do not fit"):
-        net.apply(arch, {"blocks.0.ffn": torch.arange(100, 132)})
+        net.set_arch(arch, {"blocks.0.ffn": torch.arange(100, 132)})
     with pytest.raises(ValueError, match="not a candidate"):
-        net.apply(FrozenArch(tuple(BlockArch("conv7x7", 8, 2, 16) for _ in p), (32,)))
+        net.set_arch(FrozenArch(tuple(BlockArch("conv7x7", 8, 2, 16) for _ in p), (32,)))
     with pytest.raises(ValueError, match="blocks"):
-        net.apply(FrozenArch(arch.blocks[:2], arch.embed))
+        net.set_arch(FrozenArch(arch.blocks[:2], arch.embed))
     net.reset()
     net.eval()(x_batch())
     assert all(r.attn.op == "msa" and net.mask(f"blocks.{r.index}.ffn") is None for r in net.rows)
@@ -219,7 +219,7 @@ def test_fixed_width_zero_outputs_the_fc2_bias():
         tuple(BlockArch("skip", 0, pl.heads[0], pl.head_dim[0]) for pl in space.plans),
         tuple(w[0] for w in space.embed),
     )
-    net.apply(arch)
+    net.set_arch(arch)
     r = net.rows[0]
     y = r.mlp(torch.randn(2, 5, r.plan.geom.dim))
     assert torch.equal(y, r.mlp.fc2.bias.detach().expand(2, 5, -1))
@@ -295,12 +295,12 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(compiled(x), eager)
 
 
-@pytest.mark.skip(reason="docs/supernet.md is being rewritten (its example still uses the removed gate API)")
-def test_the_documented_example_runs(tmp_path):
+def test_the_documented_example_runs(tmp_path, monkeypatch):
+    """docs/supernet.md's example (tests/test_docs.py runs every example; this one also checks its output file)."""
     from pathlib import Path  # noqa: PLC0415
 
     text = (Path(__file__).parents[1] / "docs" / "supernet.md").read_text()
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
-    code = code.replace("/tmp/supernet.safetensors", str(tmp_path / "supernet.safetensors"))
+    monkeypatch.chdir(tmp_path)
     exec(compile(code, "docs/supernet.md", "exec"), {})
     assert load_supernet(tmp_path / "supernet.safetensors").space.geometry.model == "deit_tiny_patch16_224"

@@ -136,7 +136,7 @@ def test_compact_network_equals_the_masked_supernet_and_the_cost_model(name: str
     kept = random_kept(net, arch, rng)
     x = images(net)
     with torch.no_grad():
-        net.apply(arch, kept)
+        net.set_arch(arch, kept)
         expected = net(x)
         compact = fold(net, arch, kept).eval()
         got = compact(x)

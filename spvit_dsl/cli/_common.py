@@ -5,13 +5,16 @@ Every command module imports from here (never from another command module), so t
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 from rich.console import Console
 
 from ..lang.errors import UsageError
 from ..space.units import Limit, UnitError, parse_budget_flag
+
+if TYPE_CHECKING:
+    from ..space.geometry import Convention
 
 __all__ = ["BudgetOpt", "ConventionOpt", "err", "limits", "load_program", "out", "parse_convention", "warn"]
 
@@ -33,10 +36,10 @@ def limits(budgets: list[str] | None) -> list[Limit]:
         raise UsageError(f"--budget: {exc}" + (f" ({exc.hint})" if exc.hint else "")) from None
 
 
-def parse_convention(value: str | None) -> str | None:
+def parse_convention(value: str | None) -> Convention | None:
     if value not in (None, "paper", "exact"):
         raise UsageError(f"--convention: expected 'paper' or 'exact', found '{value}'")
-    return value
+    return cast("Convention | None", value)  # checked just above
 
 
 def warn(program: Any) -> None:

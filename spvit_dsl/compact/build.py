@@ -117,7 +117,7 @@ def fold(
 ) -> nn.Module:
     """The compact network of ``arch`` carrying ``net``'s weights (``net``'s masks are reset afterwards).
 
-    Equals ``net`` under :meth:`Supernet.apply` ``(arch, kept)`` in eval mode. ``kept``: kept units by group path
+    Equals ``net`` under :meth:`Supernet.set_arch` ``(arch, kept)`` in eval mode. ``kept``: kept units by group path
     (default: what :meth:`Supernet.kept_for` picks), resized to ``arch`` by :func:`adjust_kept`. ``timm_kwargs``:
     see :func:`~spvit_dsl.compact.create_compact`.
     """
@@ -125,7 +125,7 @@ def fold(
     check_buildable(geometry, arch)
     device = next(net.model.parameters()).device
     try:
-        full = net.apply(arch, adjust_kept(net, arch, kept or {}))
+        full = net.set_arch(arch, adjust_kept(net, arch, kept or {}))
     except ValueError as e:
         raise UsageError(str(e)) from None
     model = create_compact(geometry, arch, device=device, **timm_kwargs)
@@ -278,8 +278,9 @@ def build(
     check_buildable(geometry, arch)
     weights = program.checked.weights if weights is None else weights
     model = _build_weights(program, arch, weights, masks, device, timm_kwargs or {})
-    model.spvit_spec = frozen_text(program, arch, round_to) if arch != original else program.source
-    model.spvit_weights = weights if masks is None else f"{weights} (units kept by {masks})"
+    # nn.Module.__setattr__ takes any value; its stub only allows Tensor | Module
+    model.spvit_spec = frozen_text(program, arch, round_to) if arch != original else program.source  # type: ignore[assignment]
+    model.spvit_weights = weights if masks is None else f"{weights} (units kept by {masks})"  # type: ignore[assignment]
     return model
 
 

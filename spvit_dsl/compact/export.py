@@ -15,6 +15,7 @@ from torch import nn
 
 from .._io import write_atomic
 from ..lang.errors import UsageError
+from ..space.geometry import Geometry
 
 __all__ = ["export_onnx", "export_torchscript", "onnx_max_error", "sample_input"]
 
@@ -22,6 +23,7 @@ __all__ = ["export_onnx", "export_torchscript", "onnx_max_error", "sample_input"
 def sample_input(model: nn.Module, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
     """A random image batch of the model's input shape (from ``spvit_geometry``)."""
     g = model.spvit_geometry
+    assert isinstance(g, Geometry)  # set by create_compact
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, g.in_chans, g.img_size, g.img_size, generator=gen)
     return x.to(next(model.parameters()).device)
@@ -48,7 +50,7 @@ def export_onnx(model: nn.Module, path: str, *, opset: int = 17) -> None:
 
     try:
         write_atomic(path, write)
-    except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:  # type: ignore[attr-defined]
+    except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
         raise UsageError(f"ONNX export failed: {' '.join(str(e).split())[:300]}") from e
 
 

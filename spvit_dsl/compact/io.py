@@ -47,12 +47,14 @@ def save(model: nn.Module, path: str) -> None:
         raise ValueError(
             "the model carries no frozen spec (spvit_spec); build it with spvit_dsl.compact.build.build"
         )
+    arch = model.spvit_arch
+    assert isinstance(arch, FrozenArch)  # set by create_compact, like spvit_spec
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {
         "spvit_dsl.format": FORMAT,
         "spvit_dsl.spec": spec,
         "spvit_dsl.weights": str(getattr(model, "spvit_weights", "")),
-        "spvit_dsl.arch": json.dumps(_arch_json(model.spvit_arch)),
+        "spvit_dsl.arch": json.dumps(_arch_json(arch)),
     }
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -102,5 +104,6 @@ def load_file(
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise UsageError(f"{path} does not match its embedded spec: {' '.join(str(e).split())[:300]}") from e
-    model.spvit_spec, model.spvit_weights = meta["spvit_dsl.spec"], meta.get("spvit_dsl.weights", "")
+    # nn.Module.__setattr__ takes any value; its stub only allows Tensor | Module
+    model.spvit_spec, model.spvit_weights = meta["spvit_dsl.spec"], meta.get("spvit_dsl.weights", "")  # type: ignore[assignment]
     return model.eval()

@@ -20,10 +20,12 @@ a dense point (for a sparse one, counted over non-zero weights once the weights 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Any
 
 import timm
 import torch
-from timm.layers import use_fused_attn
+from timm.layers import Mlp, use_fused_attn
+from timm.layers.attention import Attention
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block as VitBlock
 from torch import nn
@@ -74,7 +76,7 @@ def check_buildable(geometry: Geometry, arch: FrozenArch) -> None:
         OPS.get(a.op)  # unknown op: the registry's own error
 
 
-def _timm_kwargs(geometry: Geometry, arch: FrozenArch) -> dict[str, object]:
+def _timm_kwargs(geometry: Geometry, arch: FrozenArch) -> dict[str, Any]:
     """The backbone's constructor arguments at the point's residual widths (blocks are rebuilt afterwards; Swin
     stages whose width is not stage 0's times 2^s are resized by :func:`_resize_swin_stages`, since timm 1.0.31
     cannot take per-stage widths)."""
@@ -88,13 +90,17 @@ def _timm_kwargs(geometry: Geometry, arch: FrozenArch) -> dict[str, object]:
 def _resize_swin_stages(model: nn.Module, widths: tuple[int, ...]) -> None:
     """Patch merging, the final norm and the head at per-stage widths (blocks are rebuilt by :func:`_rebuild_block`)."""
     from timm.layers import ClassifierHead, trunc_normal_  # noqa: PLC0415
-    from timm.models.swin_transformer import PatchMerging  # noqa: PLC0415
+    from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerStage  # noqa: PLC0415
 
+    assert isinstance(model, SwinTransformer)  # every supported Swin name is timm's Swin v1
     for s in range(1, len(widths)):
-        down = model.layers[s].downsample
+        stage = model.layers[s]
+        assert isinstance(stage, SwinTransformerStage)
+        down = stage.downsample  # a PatchMerging in every stage after the first
         if down.reduction.out_features != widths[s] or down.reduction.in_features != 4 * widths[s - 1]:
-            model.layers[s].downsample = PatchMerging(widths[s - 1], widths[s], norm_layer=type(down.norm))
-            trunc_normal_(model.layers[s].downsample.reduction.weight, std=0.02)
+            stage.downsample = PatchMerging(widths[s - 1], widths[s], norm_layer=type(down.norm))
+            trunc_normal_(stage.downsample.reduction.weight, std=0.02)
+    assert isinstance(model.norm, nn.LayerNorm)
     if model.norm.normalized_shape[0] != widths[-1]:
         model.norm = nn.LayerNorm(widths[-1], eps=model.norm.eps)
         head = model.head
@@ -109,7 +115,7 @@ def _resize_swin_stages(model: nn.Module, widths: tuple[int, ...]) -> None:
 
 
 def create_compact(
-    geometry: Geometry, arch: FrozenArch, device: torch.device | str | None = None, **timm_kwargs: object
+    geometry: Geometry, arch: FrozenArch, device: torch.device | str | None = None, **timm_kwargs: Any
 ) -> nn.Module:
     """The compact timm model of ``arch`` (random init); ``device="meta"`` builds it without memory.
 
@@ -128,8 +134,9 @@ def create_compact(
         ):
             _rebuild_block(block, geom, choice, arch.embed[geom.stage], geometry.family)
     fuse_window_attention(model)
-    model.spvit_geometry = geometry
-    model.spvit_arch = arch
+    # nn.Module.__setattr__ takes any value; its stub only allows Tensor | Module
+    model.spvit_geometry = geometry  # type: ignore[assignment]
+    model.spvit_arch = arch  # type: ignore[assignment]
     return model
 
 
@@ -150,7 +157,7 @@ def fuse_window_attention(model: nn.Module) -> nn.Module:
     enabled = use_fused_attn()
     for m in model.modules():
         if isinstance(m, WindowAttention):
-            m.fused_attn = enabled
+            m.fused_attn = enabled  # type: ignore[misc]  # Final for TorchScript only; timm's own switch
     return model
 
 
@@ -175,6 +182,7 @@ def _rebuild_block(block: nn.Module, geom: BlockGeom, choice: BlockArch, dim: in
         if isinstance(norm, nn.LayerNorm) and norm.normalized_shape[0] != dim:
             setattr(block, name, nn.LayerNorm(dim, eps=norm.eps))
     old = block.attn
+    assert isinstance(old, Attention | WindowAttention)  # the blocks block_modules accepts
     drop = float(getattr(old.proj_drop, "p", 0.0))
     qkv_bias = old.qkv.bias is not None
     scale = geom.head_dim**-0.5  # the dense network's, whatever the kept per-head width
@@ -212,15 +220,19 @@ def _narrow_mlp(block: nn.Module, dim: int, width: int) -> None:
     if width == 0:
         block.mlp = FfnBias(dim)
         return
-    if (mlp.fc1.in_features, mlp.fc1.out_features) == (dim, width):
+    assert isinstance(mlp, Mlp)  # the FFN of the blocks block_modules accepts
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    assert isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)  # timm's Mlp without use_conv
+    if (fc1.in_features, fc1.out_features) == (dim, width):
         return
-    mlp.fc1 = nn.Linear(dim, width, bias=mlp.fc1.bias is not None)
-    mlp.fc2 = nn.Linear(width, dim, bias=mlp.fc2.bias is not None)
+    mlp.fc1 = nn.Linear(dim, width, bias=fc1.bias is not None)
+    mlp.fc2 = nn.Linear(width, dim, bias=fc2.bias is not None)
 
 
 def sparse_layers(model: nn.Module) -> dict[str, tuple[nn.Linear, float]]:
     """The layers of a compact network that its point keeps sparse: module path → (layer, density)."""
     geometry, arch = model.spvit_geometry, model.spvit_arch
+    assert isinstance(geometry, Geometry) and isinstance(arch, FrozenArch)  # set by create_compact
     out = {}
     for b, a in zip(geometry.blocks, arch.canonical().blocks, strict=True):
         for layer, suffix in (

@@ -52,11 +52,11 @@ def _structured(net: Supernet, state: dict[str, Tensor], kept: Mapping[str, Tens
                 )
             keep = kept[path].cpu()
             i = group.block
-            units = (
-                {"heads": heads, "head_dim": dims}[kind][i]
-                if kind in ("heads", "head_dim")
-                else net.size(path)
-            )
+            if kind in ("heads", "head_dim"):
+                assert i is not None  # heads and per-head channels are groups of one block
+                units = {"heads": heads, "head_dim": dims}[kind][i]
+            else:
+                units = net.size(path)
             for s in slices(
                 g,
                 group,
@@ -71,7 +71,7 @@ def _structured(net: Supernet, state: dict[str, Tensor], kept: Mapping[str, Tens
 
 
 def _conv_state(net: Supernet, block: int, op: str, kept: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Step 2: the folded conv of one block (under the masks :meth:`Supernet.apply` set), cut to the kept units."""
+    """Step 2: the folded conv of one block (under the masks :meth:`Supernet.set_arch` set), cut to the kept units."""
     attn = net.rows[block].attn
     k = OPS.get(op).kernel
     assert k is not None
@@ -104,7 +104,7 @@ def _conv_state(net: Supernet, block: int, op: str, kept: Mapping[str, Tensor]) 
 def compact_state(net: Supernet, arch: FrozenArch, kept: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The compact network's tensors (timm names) for ``arch`` with ``kept`` units (see the module docstring).
 
-    ``net`` must have the point's masks set (:meth:`Supernet.apply`), which folding a conv op reads.
+    ``net`` must have the point's masks set (:meth:`Supernet.set_arch`), which folding a conv op reads.
     """
     g = net.geometry
     state = {k: v.detach() for k, v in net.model.state_dict().items()}

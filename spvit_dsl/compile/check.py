@@ -23,7 +23,7 @@ from ..space.groups import block_path, embed_path, groups
 from ..space.ops import OPS, by_level
 from ..space.plan import LAYERS, BlockPlan, DensityChoice, FfnChoice, Geometry, Space
 from ..space.units import METRICS, Limit, UnitError, to_limit
-from .strategies import SETTINGS, STRATEGIES, StrategyInfo
+from .strategies import SETTINGS, STRATEGIES, SettingValue, StrategyInfo
 
 FIELDS = ("attention", "ffn", "heads", "head_dim", "sparsity", "embed")
 WEIGHTS_WORDS = ("pretrained", "none")
@@ -39,7 +39,7 @@ class BudgetItem:
 @dataclass(frozen=True)
 class SearchSettings:
     strategy: str
-    values: dict[str, object]  # common and strategy settings, defaults filled in
+    values: dict[str, SettingValue]  # common and strategy settings, defaults filled in
     spans: dict[str, Span] = field(default_factory=dict, compare=False)
 
 
@@ -603,7 +603,7 @@ def _search(spec: ast.Spec, items: list[Any]) -> SearchSettings:
     return SearchSettings(strategy, values, spans)
 
 
-def _setting_value(st: ast.Setting, info: StrategyInfo) -> object:
+def _setting_value(st: ast.Setting, info: StrategyInfo) -> SettingValue:
     table = info.settings()
     if st.key not in table:
         what = {"data_free": "reads no data and trains nothing", "score": "scores units and trains nothing"}
@@ -623,7 +623,8 @@ def _setting_value(st: ast.Setting, info: StrategyInfo) -> object:
             st.value.span,
             hint=param.doc,
         )
-    if param.type in (int, float) and value < 0:  # type: ignore[operator]
+    assert isinstance(value, int | float | str | bool)  # param.type is one of these
+    if param.type in (int, float) and isinstance(value, int | float) and value < 0:
         raise SpecError(f"'{st.key}' must not be negative", st.value.span)
     return value
 

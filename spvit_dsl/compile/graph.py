@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import networkx as nx
@@ -159,7 +160,7 @@ def _attention_node(p: BlockPlan) -> dict[str, Any]:
     )
     for op in p.attention:
         arch = BlockArch(op, 0, b.heads, b.head_dim)
-        attrs |= _costs(lambda conv, a=arch: _branch(b, a, conv), prefix=f"{op}_")
+        attrs |= _costs(partial(_branch, b, arch), prefix=f"{op}_")
     return attrs
 
 

@@ -19,12 +19,13 @@ from typing import Literal
 from .._registry import Registry
 
 StrategyKind = Literal["train", "score", "data_free"]
+SettingValue = int | float | str | bool  # the value of a search setting
 
 
 @dataclass(frozen=True)
 class Param:
     type: type  # int, float, str or bool
-    default: object
+    default: SettingValue
     doc: str
 
 

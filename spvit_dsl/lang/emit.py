@@ -8,6 +8,8 @@ comments inside, at most 100 characters).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from . import ast
 
 INDENT = "  "
@@ -53,7 +55,9 @@ def _item(item: ast.Commented) -> str:
     if isinstance(item, ast.Frozen):
         return "\n".join(head + _block("frozen", item, [(s, _setting(s)) for s in item.settings]))
     if isinstance(item, ast.Budget):
-        entries = [(c, f"{c.metric} <= {c.limit.text}") for c in item.constraints]
+        entries: list[tuple[ast.Commented, str]] = [
+            (c, f"{c.metric} <= {c.limit.text}") for c in item.constraints
+        ]
         entries += [(s, _setting(s)) for s in item.settings]
         return "\n".join(head + _block("budget", item, entries))
     assert isinstance(item, ast.Scope)
@@ -62,7 +66,10 @@ def _item(item: ast.Commented) -> str:
 
 
 def _block(
-    opener: str, node: ast.Commented, entries: list[tuple[ast.Commented, str]], max_inline: int = MAX_INLINE
+    opener: str,
+    node: ast.Commented,
+    entries: Sequence[tuple[ast.Commented, str]],
+    max_inline: int = MAX_INLINE,
 ) -> list[str]:
     inner_comments = any(e.comments or e.trailing for e, _ in entries)
     inline = f"{opener} {{ {'; '.join(t for _, t in entries)} }}" if entries else f"{opener} {{ }}"

@@ -69,6 +69,7 @@ def _span(path: str, meta: Any) -> Span:
 
 
 def _tok_span(path: str, tok: Token) -> Span:
+    assert tok.line is not None and tok.column is not None  # lexer tokens always carry a position
     return Span(
         path=path,
         line=tok.line,
@@ -294,6 +295,7 @@ def _attach_comments(spec: ast.Spec, comments: list[Token], text: str) -> ast.Sp
     for tok in comments:
         body = str(tok)[2:].strip()
         line = tok.line
+        assert line is not None and tok.column is not None  # _scan_comments gives each a position
         inline = bool(lines[line - 1][: tok.column - 1].strip())
         if inline:
             owner = _inline_owner(nodes, line)

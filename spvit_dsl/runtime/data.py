@@ -133,7 +133,7 @@ def _strict_dataset_class() -> type:
     from PIL import Image
     from timm.data import ImageDataset
 
-    class StrictImageDataset(ImageDataset):  # type: ignore[misc]
+    class StrictImageDataset(ImageDataset):
         """timm's ImageDataset, but an unreadable image is an error naming the file instead of a silent skip."""
 
         def __getitem__(self, index: int) -> tuple[Any, int]:
@@ -141,7 +141,7 @@ def _strict_dataset_class() -> type:
             fh, target = self.reader[index][:2]
             try:
                 with fh:
-                    img = Image.open(fh)
+                    img: Image.Image = Image.open(fh)
                     img = img.convert("RGB")
             except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for broken files
                 raise UnreadableImage(
@@ -288,7 +288,7 @@ def make_loader(
             num_workers=workers,
             pin_memory=pin,
         )
-    shard = DistributedSampler(
+    shard: DistributedSampler[int] = DistributedSampler(
         dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train and world > 1
     )
     shard.set_epoch(epoch)

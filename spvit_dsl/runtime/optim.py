@@ -23,10 +23,11 @@ def param_groups(
     module itself or its ``model`` attribute (a supernet).
     """
     exclude = exclude or set()
-    model = getattr(module, "model", module)
+    model: Any = getattr(module, "model", module)  # a timm model: no_weight_decay() is not on nn.Module
     prefix = "model." if model is not module else ""
     skip = {prefix + n for n in model.no_weight_decay()} if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in module.named_parameters():
         if id(p) in exclude or not p.requires_grad:
             continue

@@ -311,7 +311,7 @@ class Projection:
             options = [p for p in self.steps if self.steps[p].level < len(self.steps[p].values) - 1]
             options = [p for p in options if not self.fits(self.delta(p, self.steps[p].level + 1))]
             keys = {p: self._up_key(p) for p in options}
-            options.sort(key=lambda p: keys[p] if keys[p] is not None else math.inf)
+            options.sort(key=lambda p: math.inf if (k := keys[p]) is None else k)
             coarse = frozenset(p for p in self.steps if self._coarse(p, tolerance))
             for path in options[:tries]:
                 saved = self._snapshot()

@@ -146,9 +146,9 @@ def rng_state(gen: torch.Generator | None, device: torch.device) -> dict[str, Te
         out["gates"] = gen.get_state()
     if device.type == "cuda":
         out["cuda"] = torch.cuda.get_rng_state(device)
-    out["numpy"] = torch.from_numpy(
-        np.random.get_state()[1].astype(np.int64)
-    )  # timm's Mixup draws from numpy
+    np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy form: the global generator is an MT19937
+    out["numpy"] = torch.from_numpy(np_state[1].astype(np.int64))  # timm's Mixup draws from numpy
     return out
 
 

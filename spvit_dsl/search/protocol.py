@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .._registry import Registry
 from ..compile.program import Program
+from ..compile.strategies import SettingValue
 from ..runtime.data import Data
 from ..space.plan import Convention, FrozenArch
 from ..supernet import Supernet
@@ -47,7 +48,6 @@ __all__ = [
 
 StrategyKind = Literal["train", "score", "data_free"]
 JSON = None | bool | int | float | str | list["JSON"] | dict[str, "JSON"]
-SettingValue = int | float | str | bool
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ class Trainee(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self.__dict__["strategy"].draw(self.training)
-        return self.net(x)  # type: ignore[no-any-return]
+        return self.net(x)
 
 
 def wrap(trainee: Trainee, device: torch.device, world: int) -> nn.Module:

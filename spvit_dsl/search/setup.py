@@ -6,6 +6,7 @@ Helpers of :mod:`spvit_dsl.search.loop` (steps 1–2 of its procedure), kept apa
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import torch
 
@@ -29,7 +30,9 @@ __all__ = [
 ]
 
 
-def resolve_settings(program: Program, overrides: dict[str, SettingValue | None]) -> dict[str, SettingValue]:
+def resolve_settings(
+    program: Program, overrides: Mapping[str, SettingValue | None]
+) -> dict[str, SettingValue]:
     """The spec's search settings with command-line ``overrides`` applied (None: not given); a flag the strategy's
     kind does not use is a :class:`UsageError` (e.g. ``--epochs`` for a data-free strategy)."""
     info = STRATEGIES.get(program.checked.search.strategy)

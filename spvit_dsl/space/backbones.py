@@ -385,7 +385,8 @@ def _swin_blocks(cfg: _Config, overrides: dict[str, object]) -> tuple[BlockGeom,
             f"depth has {len(cfg.depths)} stages but heads has {len(cfg.num_heads)}",
             hint="give one head count per stage",
         )
-    grids, blocks = _stage_grids(cfg, overrides), []
+    grids = _stage_grids(cfg, overrides)
+    blocks: list[BlockGeom] = []
     for s, (depth, heads, grid) in enumerate(zip(cfg.depths, cfg.num_heads, grids, strict=True)):
         dim = cfg.embed_dim * 2**s
         _check_heads(dim, heads, overrides, f" of stage {s}")

@@ -97,7 +97,7 @@ class Tally:
         return self.params if metric == "params" else self.macs
 
     def cost(self) -> Cost:
-        return Cost(self.macs, self.params, self.sparse)  # type: ignore[arg-type]
+        return Cost(self.macs, self.params, self.sparse)
 
 
 @dataclass

@@ -7,7 +7,7 @@ later stage. Nothing here changes with a search: a point of the space (:mod:`.pl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["CONVENTIONS", "BlockGeom", "Convention", "Family", "Geometry"]
 
@@ -89,5 +89,6 @@ class Geometry:
     def num_features(self) -> int:
         return self.stage_dim(self.stages - 1)
 
-    def kwargs(self) -> dict[str, object]:
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``timm.create_model`` (which takes ``**kwargs: Any``)."""
         return dict(self.timm_kwargs)

@@ -70,7 +70,7 @@ class DensityChoice:
     fc2: tuple[float, ...] = (1.0,)
 
     def of(self, layer: str) -> tuple[float, ...]:
-        return getattr(self, layer)  # type: ignore[no-any-return]
+        return getattr(self, layer)
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class Density:
     fc2: float = 1.0
 
     def of(self, layer: str) -> float:
-        return getattr(self, layer)  # type: ignore[no-any-return]
+        return getattr(self, layer)
 
     @property
     def dense(self) -> bool:

@@ -103,7 +103,7 @@ def masked_linear(
     """
     if row is None and col is None and elem is None:
         return F.linear(x, weight, bias)
-    return _MaskedLinear.apply(x, weight, bias, row, col, elem)  # type: ignore[no-any-return]
+    return _MaskedLinear.apply(x, weight, bias, row, col, elem)
 
 
 class _WeightedLayerNorm(torch.autograd.Function):
@@ -163,6 +163,7 @@ class _WeightedLayerNorm(torch.autograd.Function):
         if need_b:
             grad_b = (gs * m).sum(0) if per_sample else gs * m
         if need_m:
+            assert gx is not None and gs is not None  # computed above whenever need_m
             direct = (gx * weight if weight is not None else gx) + (gs * bias if bias is not None else 0.0)
             var_ratio = 1.0 - ctx.eps * rstd * rstd  # v / (v + eps), per row
             sq = xhat * xhat
@@ -187,4 +188,4 @@ def weighted_layer_norm(
 ) -> Tensor:
     """LayerNorm of ``x`` (B, ..., C) over the channels ``mask`` keeps (``(C,)`` or ``(B, C)``), zero elsewhere:
     ``μ = Σ m·x / Σ m``, ``σ² = Σ m·(x − μ)² / Σ m``, ``y = m ⊙ ((x − μ)/√(σ² + eps) ⊙ weight + bias)``."""
-    return _WeightedLayerNorm.apply(x, mask, weight, bias, eps)  # type: ignore[no-any-return]
+    return _WeightedLayerNorm.apply(x, mask, weight, bias, eps)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from typing import TypeVar
 
 import timm
 import torch
@@ -23,17 +24,22 @@ from torch import Tensor, nn
 
 from ..lang.errors import UsageError
 from ..space.plan import Geometry
+from .attention import UnifiedAttention
 
-__all__ = ["GatedSwinBlock", "backbone_blocks", "create_backbone"]
+__all__ = ["GatedSwinBlock", "backbone_blocks", "create_backbone", "submodule"]
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 class GatedSwinBlock(SwinTransformerBlock):
     """A timm Swin block whose conv/skip levels see the full unshifted map (MSA level unchanged)."""
 
     def _attn(self, x: Tensor) -> Tensor:
-        if self.attn.op == "msa":
+        attn = self.attn  # lowering swaps the unified op in before the class (see patch_swin_block)
+        assert isinstance(attn, UnifiedAttention)
+        if attn.op == "msa":
             return super()._attn(x)
-        return self.attn.forward_map(x)
+        return attn.forward_map(x)
 
 
 def create_backbone(
@@ -90,6 +96,16 @@ def backbone_blocks(model: nn.Module, family: str) -> list[nn.Module]:
     if bad:
         raise NotImplementedError(f"cannot lower {type(model).__name__}: unsupported block type {bad[0]}")
     return blocks
+
+
+def submodule(owner: nn.Module, path: str, kind: type[_M]) -> _M:
+    """``owner.get_submodule(path)``, which lowering needs to be a ``kind``; NotImplementedError if it is not."""
+    module = owner.get_submodule(path)
+    if not isinstance(module, kind):
+        raise NotImplementedError(
+            f"cannot lower {type(owner).__name__}.{path}: a {type(module).__name__}, not a {kind.__name__}"
+        )
+    return module
 
 
 def patch_swin_block(block: nn.Module) -> None:

@@ -86,6 +86,8 @@ class AttentionGroups:
 class UnifiedAttention(nn.Module):
     """One block's attention candidates over shared weights; ``candidates`` are sorted along the single path."""
 
+    relative_position_index: Tensor  # Swin: the buffer adopted from WindowAttention
+
     def __init__(
         self,
         attn: nn.Module,
@@ -99,21 +101,21 @@ class UnifiedAttention(nn.Module):
         groups: AttentionGroups = AttentionGroups(),
     ) -> None:
         super().__init__()
-        _check_attn(attn, decision)
+        qkv, proj = _check_attn(attn, decision)
         self.decision = decision
         self.candidates = tuple(candidates)
         self.window = window  # Swin WindowAttention layout
         self.grid = geom.grid
         self.prefix = geom.prefix_tokens
         self.alpha = float(alpha)
-        self.num_heads: int = attn.num_heads
-        self.qkv: nn.Linear = attn.qkv
-        self.proj: nn.Linear = attn.proj
+        self.num_heads: int = attn.num_heads  # type: ignore[assignment]  # timm's attention: a plain int
+        self.qkv: nn.Linear = qkv
+        self.proj: nn.Linear = proj
         self.head_dim = self.qkv.out_features // (3 * self.num_heads)
         self.scale = self.head_dim**-0.5  # the original scale, kept when per-head channels are pruned
         self.fused_attn: bool = bool(getattr(attn, "fused_attn", True))
-        self.attn_drop: nn.Module = attn.attn_drop
-        self.proj_drop: nn.Module = attn.proj_drop
+        self.attn_drop: nn.Module = attn.get_submodule("attn_drop")
+        self.proj_drop: nn.Module = attn.get_submodule("proj_drop")
         self.board = board if board is not None else MaskBoard()
         self.groups = groups
         self._adopt_msa_extras(attn)
@@ -129,14 +131,16 @@ class UnifiedAttention(nn.Module):
 
     def _adopt_msa_extras(self, attn: nn.Module) -> None:
         if self.window:
-            self.window_size: tuple[int, int] = tuple(attn.window_size)  # type: ignore[assignment]
+            self.window_size: tuple[int, int] = tuple(attn.window_size)  # type: ignore[arg-type]
             self.window_area = self.window_size[0] * self.window_size[1]
-            self.relative_position_bias_table = attn.relative_position_bias_table
-            self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+            self.relative_position_bias_table = attn.get_parameter("relative_position_bias_table")
+            self.register_buffer(
+                "relative_position_index", attn.get_buffer("relative_position_index"), persistent=False
+            )
         else:
-            self.q_norm: nn.Module = attn.q_norm
-            self.k_norm: nn.Module = attn.k_norm
-            self.norm: nn.Module = attn.norm
+            self.q_norm: nn.Module = attn.get_submodule("q_norm")
+            self.k_norm: nn.Module = attn.get_submodule("k_norm")
+            self.norm: nn.Module = attn.get_submodule("norm")
 
     def _build_convs(self) -> None:
         kernels = [_kernel(op) for op in self.candidates if op not in ("skip", "msa")]
@@ -188,7 +192,8 @@ class UnifiedAttention(nn.Module):
 
     def qkv_params(self) -> tuple[Tensor, Tensor | None]:
         """qkv's weight and bias with its weights mask and the query-row mask applied (for folding a conv op)."""
-        weight, bias = self.qkv.weight, self.qkv.bias
+        weight: Tensor = self.qkv.weight
+        bias: Tensor | None = self.qkv.bias
         w_mask = self.board.get(self.groups.qkv)
         if w_mask is not None:
             weight = weight * w_mask.to(weight.dtype)
@@ -291,7 +296,7 @@ class UnifiedAttention(nn.Module):
         else:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn:
-            dropout = self.attn_drop.p if self.training else 0.0  # type: ignore[attr-defined]
+            dropout: float = self.attn_drop.p if self.training else 0.0  # type: ignore[assignment]  # nn.Dropout.p
             z = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale
             )
@@ -377,12 +382,13 @@ class UnifiedAttention(nn.Module):
         return s + (", window" if self.window else "") + (f", groups: {', '.join(masked)}" if masked else "")
 
 
-def _check_attn(attn: nn.Module, decision: str) -> None:
-    if not isinstance(getattr(attn, "qkv", None), nn.Linear) or not isinstance(
-        getattr(attn, "proj", None), nn.Linear
-    ):
+def _check_attn(attn: nn.Module, decision: str) -> tuple[nn.Linear, nn.Linear]:
+    """``attn``'s ``qkv`` and ``proj`` layers; NotImplementedError for an attention the unified op cannot adopt."""
+    qkv, proj = getattr(attn, "qkv", None), getattr(attn, "proj", None)
+    if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear):
         raise NotImplementedError(
             f"{decision}: unsupported attention {type(attn).__name__} (needs a fused qkv Linear)"
         )
     if getattr(attn, "gate", None) is not None:
         raise NotImplementedError(f"{decision}: gated attention (timm 'gated=True') cannot be lowered")
+    return qkv, proj

@@ -40,14 +40,14 @@ class GatedMlp(nn.Module):
         self, mlp: nn.Module, decision: str, board: MaskBoard | None = None, groups: FfnGroups = FfnGroups()
     ) -> None:
         super().__init__()
-        _check_mlp(mlp, decision)
+        fc1, fc2 = _check_mlp(mlp, decision)
         self.decision = decision
-        self.fc1: nn.Linear = mlp.fc1
-        self.act: nn.Module = mlp.act
-        self.drop1: nn.Module = mlp.drop1
-        self.norm: nn.Module = mlp.norm
-        self.fc2: nn.Linear = mlp.fc2
-        self.drop2: nn.Module = mlp.drop2
+        self.fc1: nn.Linear = fc1
+        self.act: nn.Module = mlp.get_submodule("act")
+        self.drop1: nn.Module = mlp.get_submodule("drop1")
+        self.norm: nn.Module = mlp.get_submodule("norm")
+        self.fc2: nn.Linear = fc2
+        self.drop2: nn.Module = mlp.get_submodule("drop2")
         self.board = board if board is not None else MaskBoard()
         self.groups = groups
 
@@ -78,9 +78,15 @@ class GatedMlp(nn.Module):
         return f"{self.decision}: hidden={self.hidden}" + (f", groups: {', '.join(masked)}" if masked else "")
 
 
-def _check_mlp(mlp: nn.Module, decision: str) -> None:
+def _check_mlp(mlp: nn.Module, decision: str) -> tuple[nn.Linear, nn.Linear]:
+    """``mlp``'s ``fc1`` and ``fc2``; NotImplementedError for an FFN that cannot be gated."""
     names = ("fc1", "act", "drop1", "norm", "fc2", "drop2")
-    if not all(hasattr(mlp, n) for n in names) or not isinstance(getattr(mlp, "fc1", None), nn.Linear):
+    fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+    if (
+        not all(hasattr(mlp, n) for n in names)
+        or not isinstance(fc1, nn.Linear)
+        or not isinstance(fc2, nn.Linear)
+    ):
         raise NotImplementedError(
             f"{decision}: only timm's Mlp (fc1 → act → fc2 with nn.Linear) can be gated, found {type(mlp).__name__}"
         )
@@ -88,3 +94,4 @@ def _check_mlp(mlp: nn.Module, decision: str) -> None:
         raise NotImplementedError(
             f"{decision}: an FFN with a hidden-layer norm (scale_mlp_norm) cannot be gated"
         )
+    return fc1, fc2

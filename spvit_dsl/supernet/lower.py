@@ -25,7 +25,7 @@ from torch import nn
 from ..space.groups import UnitGroup, block_path, embed_path, groups
 from ..space.ops import by_level
 from ..space.plan import BlockPlan, Convention, Space
-from ._timm import backbone_blocks, create_backbone, patch_swin_block
+from ._timm import backbone_blocks, create_backbone, patch_swin_block, submodule
 from .attention import AttentionGroups, UnifiedAttention
 from .ffn import FfnGroups, GatedMlp
 from .masks import EmbedMask, MaskBoard, MaskedLayerNorm, MaskedLinear
@@ -115,7 +115,7 @@ def _lower_block(
         return p if p in active else None
 
     attn = UnifiedAttention(
-        block.attn,
+        block.get_submodule("attn"),
         b,
         tuple(plan.attention),
         block_path(i, "attention"),
@@ -127,15 +127,15 @@ def _lower_block(
     _check_geometry(attn, block, plan)
     _check_maskable(attn, plan, path("heads") or path("head_dim"))
     mlp = GatedMlp(
-        block.mlp,
+        block.get_submodule("mlp"),
         block_path(i, "ffn"),
         board,
         FfnGroups(path("ffn"), path("embed"), path("fc1"), path("fc2")),
     )
     block.attn, block.mlp = attn, mlp
     if embed in active:
-        block.norm1 = MaskedLayerNorm(block.norm1, board, embed)
-        block.norm2 = MaskedLayerNorm(block.norm2, board, embed)
+        block.norm1 = MaskedLayerNorm(submodule(block, "norm1", nn.LayerNorm), board, embed)
+        block.norm2 = MaskedLayerNorm(submodule(block, "norm2", nn.LayerNorm), board, embed)
     if family == "swin":
         patch_swin_block(block)
     return BlockRow(plan, attn, mlp)
@@ -154,21 +154,22 @@ def _mask_stream(model: nn.Module, space: Space, board: MaskBoard, active: set[s
                 f"{g.model}: embedding widths of a pre-norm or pooled-norm ViT cannot be masked"
             )
         model.norm_pre = EmbedMask(board, "embed")
-        model.norm = MaskedLayerNorm(model.norm, board, "embed")
+        model.norm = MaskedLayerNorm(submodule(model, "norm", nn.LayerNorm), board, "embed")
         return
     for s in range(g.stages):
         path = embed_path(g, s)
         if path in active:
             if s == 0:
-                model.patch_embed.norm = MaskedLayerNorm(model.patch_embed.norm, board, path)
+                patch_embed = model.get_submodule("patch_embed")
+                patch_embed.norm = MaskedLayerNorm(submodule(patch_embed, "norm", nn.LayerNorm), board, path)
             else:
-                down = model.layers[s].downsample
-                down.reduction = MaskedLinear(down.reduction, board, path)
+                down = model.get_submodule(f"layers.{s}.downsample")
+                down.reduction = MaskedLinear(submodule(down, "reduction", nn.Linear), board, path)
             if s + 1 < g.stages:
-                down = model.layers[s + 1].downsample
-                down.norm = MaskedLayerNorm(down.norm, board, path, repeat=4)
+                down = model.get_submodule(f"layers.{s + 1}.downsample")
+                down.norm = MaskedLayerNorm(submodule(down, "norm", nn.LayerNorm), board, path, repeat=4)
             else:
-                model.norm = MaskedLayerNorm(model.norm, board, path)
+                model.norm = MaskedLayerNorm(submodule(model, "norm", nn.LayerNorm), board, path)
 
 
 def _fix_reduced(net: Supernet) -> None:
@@ -190,7 +191,12 @@ def _fix_reduced(net: Supernet) -> None:
 
 def _check_geometry(attn: UnifiedAttention, block: nn.Module, plan: BlockPlan) -> None:
     b = plan.geom
-    found = (attn.qkv.in_features, attn.num_heads, attn.head_dim, block.mlp.fc1.out_features)
+    found = (
+        attn.qkv.in_features,
+        attn.num_heads,
+        attn.head_dim,
+        submodule(block, "mlp.fc1", nn.Linear).out_features,
+    )
     if found != (b.dim, b.heads, b.head_dim, b.hidden):
         raise ValueError(
             f"blocks.{b.index}: timm block has (dim, heads, head_dim, hidden) = {found}, "

@@ -7,7 +7,7 @@ assignment of kept counts differentiably (:meth:`Supernet.cost`), reads unit mag
 and may physically shrink a group (:meth:`Supernet.shrink`). Method-agnostic: SPViT's gates, OFB's bi-masks or
 UP-ViT's ablations live in their strategies (:mod:`spvit_dsl.search.methods`) and only write masks here.
 
-A point with its kept units (:meth:`Supernet.apply`) sets hard 0/1 masks: the supernet then computes what the
+A point with its kept units (:meth:`Supernet.set_arch`) sets hard 0/1 masks: the supernet then computes what the
 compact network of that point computes (:mod:`spvit_dsl.compact`).
 """
 
@@ -58,7 +58,7 @@ class _Coupled:
 
     @property
     def tensor(self) -> Tensor:
-        return getattr(self.owner, self.name)  # type: ignore[no-any-return]
+        return getattr(self.owner, self.name)
 
 
 class Supernet(nn.Module):
@@ -91,11 +91,11 @@ class Supernet(nn.Module):
 
     @property
     def rows(self) -> list[BlockRow]:
-        return self.__dict__["_rows"]  # type: ignore[no-any-return]
+        return self.__dict__["_rows"]
 
     @property
     def board(self) -> MaskBoard:
-        return self.__dict__["board"]  # type: ignore[no-any-return]
+        return self.__dict__["board"]
 
     @property
     def geometry(self):  # noqa: ANN201 (Geometry; avoids a circular annotation import in docs)
@@ -103,7 +103,7 @@ class Supernet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         try:
-            return self.model(x)  # type: ignore[no-any-return]
+            return self.model(x)
         finally:
             self._release()
 
@@ -144,7 +144,7 @@ class Supernet(nn.Module):
 
     # --- points --------------------------------------------------------------------------------------------
 
-    def apply(self, arch: FrozenArch, kept: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def set_arch(self, arch: FrozenArch, kept: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Hard 0/1 masks and ops for ``arch``; ``kept``: kept indices by group path (missing groups: the largest
         units by :meth:`unit_scores`). Returns the kept indices used, for every group below its dense size."""
         if len(arch.blocks) != len(self.rows):

@@ -69,8 +69,8 @@ def _normalised(net: Supernet, groups: list[UnitGroup]) -> dict[str, Tensor]:
 
 def _info(ctx: SearchContext, start: FrozenArch, result: ProjectionResult) -> dict[str, JSON]:
     return {
-        "derived_cost": ctx.price(start),
-        "projected_cost": result.cost,
+        "derived_cost": dict(ctx.price(start)),
+        "projected_cost": dict(result.cost),
         "removed": result.removed,
         "added": result.added,
     }

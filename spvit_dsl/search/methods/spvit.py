@@ -152,8 +152,8 @@ class SpvitStrategy(Strategy):
         }
         kept = net.kept_for(result.arch, kept)
         info: dict[str, JSON] = {
-            "derived_cost": ctx.price(derived),
-            "projected_cost": result.cost,
+            "derived_cost": dict(ctx.price(derived)),
+            "projected_cost": dict(result.cost),
             "removed": result.removed,
             "added": result.added,
         }

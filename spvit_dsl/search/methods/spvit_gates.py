@@ -128,6 +128,8 @@ class FfnGate(nn.Module):
     kept when the first ``k`` cumulative gates are on, and neurons ranked beyond ``w_n`` (group n + 1) never are.
     """
 
+    group_of: Tensor  # the buffer registered in __init__
+
     def __init__(
         self,
         decision: str,
@@ -228,7 +230,7 @@ class GateDict(nn.ModuleDict):
     def _key(name: str) -> str:
         return name.replace(".", "_")
 
-    def __getitem__(self, name: str) -> nn.Module:  # type: ignore[override]
+    def __getitem__(self, name: str) -> nn.Module:
         return super().__getitem__(self._key(name))
 
     def __setitem__(self, name: str, module: nn.Module) -> None:
@@ -282,12 +284,12 @@ class SpvitGates(nn.Module):
             gen = torch.Generator(device=device)
             gen.manual_seed(self.seed)
             self.__dict__["_generator"] = gen
-        return gen  # type: ignore[no-any-return]
+        return gen
 
     def ordered(self) -> list[OpGate | FfnGate]:
         """Op gates by block, then FFN gates by block: the order of one training draw's noise."""
         gates = list(self.gates.values())
-        return [g for g in gates if isinstance(g, OpGate)] + [g for g in gates if isinstance(g, FfnGate)]  # type: ignore[misc]
+        return [g for g in gates if isinstance(g, OpGate)] + [g for g in gates if isinstance(g, FfnGate)]
 
     def num_gates(self) -> int:
         return sum(g.num_gates for g in self.ordered())
