@@ -195,6 +195,34 @@ def test_unit_scores_are_the_l1_of_the_coupled_slices():
     torch.testing.assert_close(net.unit_scores("blocks.1.head_dim")[c], want, rtol=1e-6, atol=0)
 
 
+def test_unit_weights_count_the_weights_each_unit_owns():
+    net = cached("vit")
+    attn, mlp = net.rows[1].attn, net.rows[1].mlp
+    E, D, d, h = mlp.fc1.in_features, attn.attn_dim, attn.head_dim, attn.num_heads
+    ffn = net.unit_weights("blocks.1.ffn")
+    assert ffn.shape == (mlp.hidden,) and bool((ffn == 2 * E + 1).all())  # fc1 row and bias, fc2 column
+
+    heads = net.unit_weights(
+        "blocks.1.heads"
+    )  # q, k, v rows and biases, proj's columns, the mixing matrix's row
+    mix = attn.mix[0].numel() if attn.max_kernel else 0
+    assert bool((heads == 3 * d * (E + 1) + E * d + mix).all())
+
+    qkv = net.unit_weights("blocks.1.attn.qkv")
+    assert qkv.shape == attn.qkv.weight.shape and bool((qkv == 1).all())
+
+    # one entry per step down skip < conv1x1 < conv3x3 < conv5x5 < msa: the weights the step stops using
+    assert attn.candidates == ("skip", "conv1x1", "conv3x3", "conv5x5", "msa")
+    v_proj = D * E + E * D  # the value rows of qkv and proj
+    want = [
+        v_proj + h * 1,
+        h * (9 - 1),
+        h * (25 - 9),
+        2 * D * E - h * 25,
+    ]  # msa: q and k rows, no mixing matrix
+    assert net.unit_weights("blocks.1.attention").tolist() == want
+
+
 def test_swin_head_scores_include_the_relative_position_bias():
     net = cached("swin")
     attn = net.rows[2].attn

@@ -129,3 +129,22 @@ def test_data_free_strategies_refuse_training_flags(
     assert err.strip() == (
         "error: --epochs does not apply to strategy 'magnitude' (data-free: its settings are seed)"
     )
+
+
+def test_magnitude_prices_a_unit_by_the_weights_it_owns_when_all_weights_are_alike() -> None:
+    """With every |w| equal, a unit's normalised score is its weight count, whatever its kind: an op step is
+    worth the weights it stops using, not one unit's worth (which would cut attention ops before anything else)."""
+    from spvit_dsl.search.methods.magnitude import _normalised
+    from spvit_dsl.supernet.lower import lower
+
+    program = compile_text(SPACE.format(strategy="magnitude", budget=BUDGETS[0]), "m.vit")
+    net = lower(program.space)
+    with torch.no_grad():
+        for t in [*net.parameters(), *net.buffers()]:
+            if t.is_floating_point():
+                t.copy_(torch.where(torch.rand(t.shape) < 0.5, -0.3, 0.3))
+    groups = [g for g in net.groups.values() if g.decision]
+    assert {g.kind for g in groups} >= {"embed", "attention", "heads", "head_dim", "ffn", "weights"}
+    scores = _normalised(net, groups)
+    for g in groups:
+        torch.testing.assert_close(scores[g.path], net.unit_weights(g.path), rtol=1e-9, atol=1e-6)

@@ -13,7 +13,7 @@ compact network of that point computes (:mod:`spvit_dsl.compact`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -246,39 +246,51 @@ class Supernet(nn.Module):
     def unit_scores(self, path: str) -> Tensor:
         """L1 magnitude of every unit of a group: the sum of |value| over the tensor slices it owns (float64).
 
-        ``weights`` groups: |w| of each weight (the weight's shape). ``attention`` groups: one score per op step —
-        the L1 of the weights a step down stops using (msa → conv: the query and key rows; conv → the next smaller
-        conv: the mixing matrix's outer ring; the smallest conv → skip: the value and output projections).
+        Shape: ``(units,)`` for structured groups; the weight's shape ``(out, in)`` for ``weights`` groups (|w| of
+        each weight); ``(steps,)`` for ``attention`` groups, one score per op step down the block's single path —
+        the L1 of the weights the step stops using (msa → conv: the query and key rows; conv → the next smaller
+        conv: the mixing matrix's outer ring; the smallest conv → skip: the value and output projections). Entries
+        line up with :meth:`unit_weights`.
         """
+        return self._per_unit(path, lambda t: t.detach().abs().double())
+
+    def unit_weights(self, path: str) -> Tensor:
+        """How many weights each unit of :meth:`unit_scores` owns (same shape, float64): the L1 of an all-ones model.
+
+        Divide a kind's summed scores by its summed weights for its mean |w| per weight, the scale on which units
+        of different kinds (a channel of thousands of weights, one weight, an op step) compare.
+        """
+        return self._per_unit(path, lambda t: torch.ones_like(t, dtype=torch.float64))
+
+    def _per_unit(self, path: str, value: Callable[[Tensor], Tensor]) -> Tensor:
         group = self.groups[path]
         if group.kind == "weights":
-            return self._layer_weight(group).detach().abs().double()
+            return value(self._layer_weight(group))
         if group.kind == "attention":
-            return self._op_scores(group)
+            return self._op_steps(group, value)
         total = torch.zeros(self.size(path), dtype=torch.float64, device=self._device())
         for c in self.coupled(path):
-            t = c.tensor.detach().abs().double()
-            view = t.movedim(c.axis, 0).reshape(c.outer, self.size(path), c.inner, -1)
+            view = value(c.tensor).movedim(c.axis, 0).reshape(c.outer, self.size(path), c.inner, -1)
             total += view.sum(dim=(0, 2, 3))
         return total
 
-    def _op_scores(self, group: UnitGroup) -> Tensor:
-        """One score per step down the block's single path (see :meth:`unit_scores`), lowest step first."""
+    def _op_steps(self, group: UnitGroup, value: Callable[[Tensor], Tensor]) -> Tensor:
+        """One entry per step down the block's single path (see :meth:`unit_scores`), lowest step first."""
         assert group.block is not None
         attn = self.rows[group.block].attn
         D = attn.attn_dim
-        qkv = attn.qkv.weight.detach().abs().double()
-        qk, v_proj = qkv[: 2 * D].sum(), qkv[2 * D :].sum() + attn.proj.weight.detach().abs().double().sum()
+        qkv = value(attn.qkv.weight)
+        qk, v_proj = qkv[: 2 * D].sum(), qkv[2 * D :].sum() + value(attn.proj.weight).sum()
 
         def used(op: str) -> Tensor:
-            """L1 of what ``op`` computes with: msa the q, k, v rows and proj; a conv v, proj and its mix window."""
+            """What ``op`` computes with: msa the q, k, v rows and proj; a conv v, proj and its mixing window."""
             if op == "skip":
                 return qk * 0
             if op == "msa":
                 return qk + v_proj
             k, K = _kernel_of(op), attn.max_kernel
             o = (K - k) // 2
-            mix = attn.mix.detach().abs().double().view(attn.num_heads, K, K)[:, o : o + k, o : o + k]
+            mix = value(attn.mix).view(attn.num_heads, K, K)[:, o : o + k, o : o + k]
             return v_proj + mix.sum()
 
         ops = attn.candidates

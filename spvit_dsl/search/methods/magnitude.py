@@ -2,9 +2,10 @@
 
 * ``magnitude`` — each unit's score is its L1 magnitude (the sum of |w| over the tensor slices it owns; one weight's
   |w| for sparsity; for an op step, the L1 of the weights the step stops using: :meth:`Supernet.unit_scores`).
-  Scores are divided by their mean within each group kind, so channels, heads, neurons, op steps and weights compare
-  on one scale; a group's step down loses the normalised scores of the units it drops (for sparsity: measured on the
-  dense layer's magnitude distribution). :func:`~..budget.project` then cuts, from the largest network of the space,
+  Scores are divided by the mean |w| per weight of their group kind (:meth:`Supernet.unit_weights`), so a unit
+  counts as the weights it owns, scaled by how large they are for their kind: channels, heads, neurons, op steps
+  and single weights compare on one scale; a group's step down loses the normalised scores of the units it drops
+  (for sparsity: measured on the dense layer's magnitude distribution). :func:`~..budget.project` then cuts, from the largest network of the space,
   the least score per unit of cost until every budget holds (within 1% of the binding one). Kept units are the
   largest ones. A standard baseline of the structured-pruning literature, not a paper's method.
 * ``random`` — the control every pruning result should be compared with: the projection picks uniformly among
@@ -56,13 +57,19 @@ def _steps_from_scores(group: UnitGroup, net: Supernet, scores: Tensor) -> Group
 
 
 def _normalised(net: Supernet, groups: list[UnitGroup]) -> dict[str, Tensor]:
-    """Unit scores divided by the mean unit score of their group kind."""
+    """Unit scores divided by the mean |w| per weight of their group kind.
+
+    A unit then scores about the number of weights it owns, times how large they are for their kind: a head of
+    ``3·d·D`` typical weights outweighs a single weight, and an op step is worth the weights it stops using. (A
+    mean *per unit* instead would price a whole op step like one FFN neuron.)
+    """
     raw = {g.path: net.unit_scores(g.path) for g in groups}
     out = {}
     for kind in {g.kind for g in groups}:
         paths = [g.path for g in groups if g.kind == kind]
-        mean = torch.cat([raw[p].flatten() for p in paths]).mean()
-        scale = float(mean) if float(mean) > 0 else 1.0
+        total = sum(float(raw[p].sum()) for p in paths)
+        weights = sum(float(net.unit_weights(p).sum()) for p in paths)
+        scale = total / weights if total > 0 and weights > 0 else 1.0
         out.update({p: raw[p] / scale for p in paths})
     return out
 
