@@ -141,14 +141,20 @@ def test_kept_units_follow_the_gates_and_adjust_to_the_width(tmp_path):
     scores = net.unit_scores(path)
     every = torch.arange(hidden)
     grown = adjust_kept(net, arch.with_block(0, ffn=base.numel() + 5), kept)[path]
-    assert grown.numel() == base.numel() + 5 and torch.equal(grown, grown.sort().values)
-    assert torch.isin(base, grown).all()  # a superset of the kept ones
+    assert grown.numel() == base.numel() + 5
+    assert torch.equal(grown[: base.numel()], base)  # the kept ones first, in their order
+    assert torch.equal(grown[base.numel() :], grown[base.numel() :].sort().values)
     added, unkept = grown[~torch.isin(grown, base)], every[~torch.isin(every, grown)]
     assert scores[added].min() >= scores[unkept].max()  # the largest unkept units were added
     shrunk = adjust_kept(net, arch.with_block(0, ffn=base.numel() - 5), kept)[path]
     assert shrunk.numel() == base.numel() - 5 and torch.isin(shrunk, base).all()
     dropped = base[~torch.isin(base, shrunk)]
     assert scores[shrunk].min() >= scores[dropped].max()  # the smallest kept units were dropped
+    assert torch.equal(shrunk, base[torch.isin(base, shrunk)])  # the others keep their order
+    backwards = {path: base.flip(0)}  # an ordered list stays ordered
+    assert torch.equal(
+        adjust_kept(net, arch.with_block(0, ffn=base.numel() - 5), backwards)[path], shrunk.flip(0)
+    )
     mask = torch.ones(96, 32, dtype=torch.bool)
     assert (
         adjust_kept(net, arch, {"blocks.0.attn.qkv": mask})["blocks.0.attn.qkv"] is mask

@@ -193,14 +193,14 @@ def test_apply_forces_ops_and_top_units_in_every_mode_and_reset_releases():
         net.train(mode)
         net(x_batch())
         assert all(r.attn.op == "conv1x1" for r in net.rows)
-    chosen = torch.randperm(128, generator=torch.Generator().manual_seed(0))[
-        :32
-    ]  # explicit units: used, sorted
+    chosen = torch.randperm(128, generator=torch.Generator().manual_seed(0))[:32]  # explicit units, in order
     kept = net.set_arch(arch, {"blocks.0.ffn": chosen})
-    assert torch.equal(kept["blocks.0.ffn"], chosen.sort().values)
+    assert torch.equal(kept["blocks.0.ffn"], chosen)  # the order is the compact network's order
     assert torch.equal(net.mask("blocks.0.ffn").nonzero().flatten(), chosen.sort().values)
     with pytest.raises(ValueError, match="do not fit"):
         net.set_arch(arch, {"blocks.0.ffn": torch.arange(31)})
+    with pytest.raises(ValueError, match="repeat a unit"):
+        net.set_arch(arch, {"blocks.0.ffn": torch.cat([torch.arange(31), torch.tensor([0])])})
     with pytest.raises(ValueError, match="do not fit"):
         net.set_arch(arch, {"blocks.0.ffn": torch.arange(100, 132)})
     with pytest.raises(ValueError, match="not a candidate"):

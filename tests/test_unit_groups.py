@@ -74,13 +74,14 @@ def random_point(space: Space, rng: random.Random) -> FrozenArch:
 
 
 def random_kept(net: Supernet, arch: FrozenArch, rng: random.Random) -> dict[str, torch.Tensor]:
-    """Any kept units (not the largest ones): a random subset of the right size per structured group."""
+    """Any kept units (not the largest ones), in any order: a random ordered subset of the right size per
+    structured group (the compact network's unit k is the group's unit ``kept[k]``)."""
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     kept = {}
     for path, group in net.groups.items():
         if group.structured:
             count = int(value_of(arch, group))
-            kept[path] = torch.sort(torch.randperm(group.size, generator=gen)[:count]).values
+            kept[path] = torch.randperm(group.size, generator=gen)[:count]
     return kept
 
 

@@ -88,9 +88,10 @@ def round_widths(geometry: Geometry, arch: FrozenArch, multiple: int) -> FrozenA
 
 
 def adjust_kept(net: Supernet, arch: FrozenArch, kept: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``kept`` with every structured group resized to ``arch``'s count: grown by the largest unkept units, shrunk
-    by dropping the smallest kept ones (L1 magnitude; needed after ``--round`` or a hand edit of the frozen spec).
-    Groups ``kept`` does not mention are left out (the supernet picks them)."""
+    """``kept`` with every structured group resized to ``arch``'s count: grown by appending the largest unkept
+    units, shrunk by dropping the smallest kept ones (L1 magnitude; needed after ``--round`` or a hand edit of the
+    frozen spec); the kept units stay in their order. Groups ``kept`` does not mention are left out (the supernet
+    picks them)."""
     out = {}
     for path, index in kept.items():
         group = net.groups.get(path)
@@ -100,14 +101,15 @@ def adjust_kept(net: Supernet, arch: FrozenArch, kept: Mapping[str, Tensor]) -> 
             out[path] = index
             continue
         count = int(value_of(arch, group))
-        if index.numel() != count:
+        if index.numel() > count:  # drop the smallest kept units; the others keep their order
+            scores = net.unit_scores(path).to(index.device)[index]
+            drop = torch.sort(scores, stable=True).indices[: index.numel() - count]
+            index = index[~torch.isin(torch.arange(index.numel(), device=index.device), drop)]
+        elif index.numel() < count:  # append the largest unkept units, ascending
             scores = net.unit_scores(path)
             order = torch.sort(scores, descending=True, stable=True).indices.to(index.device)
-            inside = torch.isin(order, index)
-            order = torch.cat(
-                [order[inside], order[~inside]]
-            )  # kept units first, best first within each part
-            index = torch.sort(order[:count]).values
+            extra = order[~torch.isin(order, index)][: count - index.numel()]
+            index = torch.cat([index, torch.sort(extra).values])
         out[path] = index
     return out
 

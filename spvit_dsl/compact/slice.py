@@ -1,8 +1,9 @@
 """Slicing the kept units out of a supernet (build stage, torch): supernet + point + kept units → compact tensors.
 
 Input: a :class:`~spvit_dsl.supernet.Supernet` (timm-named tensors), a :class:`~spvit_dsl.space.plan.FrozenArch` and
-the kept units of every group below its size (ascending indices; a bool mask per sparse layer). Output: the state
-dict of the compact network (:func:`~.skeleton.create_compact`), checked by a strict ``load_state_dict``:
+the kept units of every group below its size (ordered indices: unit ``kept[k]`` becomes unit ``k``; a bool mask per
+sparse layer). Output: the state dict of the compact network (:func:`~.skeleton.create_compact`), checked by a strict
+``load_state_dict``:
 
 1. every structured group's coupled slices (:func:`spvit_dsl.space.groups.slices`) are cut with ``index_select``,
    residual channels first, then heads, per-head channels and FFN neurons — the same declared slices the supernet's

@@ -86,7 +86,8 @@ class SearchContext:
 @dataclass
 class Decisions:
     """What a strategy returns: the point, and the kept units of every group it keeps below its size (group path →
-    ascending indices for channels, heads and neurons; a bool mask of the weight's shape for ``weights`` groups)."""
+    ordered indices for channels, heads and neurons, where unit ``kept[k]`` becomes the compact unit ``k``; a bool
+    mask of the weight's shape for ``weights`` groups)."""
 
     arch: FrozenArch
     kept: dict[str, Tensor]

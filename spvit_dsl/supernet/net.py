@@ -164,8 +164,10 @@ class Supernet(nn.Module):
         """Kept indices of every group that ``arch`` keeps below its current size: ``kept`` where given (checked:
         as many units as ``arch`` says, all in range), else the top units by :meth:`unit_scores`.
 
-        Structured groups get a 1-D index tensor (ascending, the compact network's order); ``weights`` groups a
-        bool mask of the weight's shape, selected among the weights of the kept rows and columns.
+        Structured groups get a 1-D index tensor, in the compact network's order: ``kept``'s order where given
+        (an ordered list: unit ``index[k]`` becomes the compact network's unit ``k``), ascending where chosen here.
+        ``weights`` groups get a bool mask of the weight's shape, among the weights of the kept rows and columns.
+        ValueError: a wrong count, an index out of range or a repeated index.
         """
         from ..space.groups import value_of  # noqa: PLC0415
 
@@ -179,6 +181,7 @@ class Supernet(nn.Module):
             if count > size or count < 0:
                 raise ValueError(f"{path}: {count} units asked, the group has {size}")
             index = kept.get(path)
+            given = index is not None
             fixed = self.fixed.get(path)
             if index is None and fixed is not None and int((fixed > 0).sum()) == count:
                 index = torch.nonzero(fixed > 0).flatten()  # the units the search kept fixed
@@ -189,7 +192,9 @@ class Supernet(nn.Module):
             index = index.to(torch.long).flatten()
             if index.numel() != count or (count and (int(index.min()) < 0 or int(index.max()) >= size)):
                 raise ValueError(f"{path}: the kept indices do not fit {count} of {size} units")
-            out[path] = torch.sort(index).values
+            if torch.unique(index).numel() != index.numel():
+                raise ValueError(f"{path}: the kept indices repeat a unit")
+            out[path] = index if given else torch.sort(index).values
         for path, group in self.groups.items():
             if group.kind == "weights":
                 density = float(value_of(arch, group))
@@ -396,7 +401,7 @@ class Supernet(nn.Module):
                 full[rows[:, None], cols[None, :]] = index.cpu().to(torch.bool)
                 out[path] = full
             elif path in self.kept_index:
-                out[path] = torch.sort(self.kept_index[path][index.cpu()]).values
+                out[path] = self.kept_index[path][index.cpu()]  # in the given order
             else:
                 out[path] = index
         for path, index in self.kept_index.items():  # a shrunk group kept whole: its remaining units
@@ -418,7 +423,7 @@ class Supernet(nn.Module):
                     raise ValueError(
                         f"{path}: units {missing[:5]} were removed by a shrink during the search"
                     )
-                out[path] = torch.tensor(sorted(where[int(u)] for u in index.tolist()), dtype=torch.long)
+                out[path] = torch.tensor([where[int(u)] for u in index.tolist()], dtype=torch.long)
             else:
                 out[path] = index
         return out
