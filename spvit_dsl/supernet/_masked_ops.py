@@ -26,14 +26,18 @@ from torch import Tensor
 __all__ = ["masked_linear", "weighted_layer_norm"]
 
 
+def _scale_(t: Tensor, row: Tensor | None, col: Tensor | None) -> Tensor:
+    """``t ⊙ (row ⊗ col)`` in place."""
+    if row is not None:
+        t.mul_(row.to(t.dtype)[:, None])
+    if col is not None:
+        t.mul_(col.to(t.dtype))
+    return t
+
+
 def _masked(weight: Tensor, row: Tensor | None, col: Tensor | None, elem: Tensor | None) -> Tensor:
     """``weight ⊙ (row ⊗ col) ⊙ elem`` in one allocation (the row and column masks applied in place)."""
-    w = weight * elem.to(weight.dtype) if elem is not None else weight.clone()
-    if row is not None:
-        w.mul_(row.to(w.dtype)[:, None])
-    if col is not None:
-        w.mul_(col.to(w.dtype))
-    return w
+    return _scale_(weight * elem.to(weight.dtype) if elem is not None else weight.clone(), row, col)
 
 
 class _MaskedLinear(torch.autograd.Function):
@@ -63,25 +67,25 @@ class _MaskedLinear(torch.autograd.Function):
             del w
         if need_w or need_r or need_c or need_e:
             G = (g2.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).to(weight.dtype)  # ∂ loss / ∂ (masked weight)
-            if need_e:
-                grad_e = _masked(G * weight, row, col, None).to(elem.dtype)
-            q = G * elem.to(G.dtype) if elem is not None else G  # G ⊙ E
-            if need_r or need_c:
-                p = q * weight  # G ⊙ W ⊙ E
-                if need_r:
-                    grad_r = p @ col.to(p.dtype) if col is not None else p.sum(1)
-                    if bias is not None:
-                        grad_r = grad_r + bias * g2.sum(0).to(bias.dtype)
-                    grad_r = grad_r.to(row.dtype)
-                if need_c:
-                    grad_c = (row.to(p.dtype) @ p if row is not None else p.sum(0)).to(col.dtype)
-                del p
-            if need_w:
-                grad_w = q if q is not G or (row is None and col is None) else G.clone()
-                if row is not None:
-                    grad_w.mul_(row.to(grad_w.dtype)[:, None])
-                if col is not None:
-                    grad_w.mul_(col.to(grad_w.dtype))
+            if need_r or need_c or need_e:
+                gw = G * weight  # G ⊙ W
+                if need_r or need_c:
+                    p = gw * elem.to(gw.dtype) if elem is not None else gw  # G ⊙ W ⊙ E
+                    if need_r:
+                        grad_r = p @ col.to(p.dtype) if col is not None else p.sum(1)
+                        if bias is not None:
+                            grad_r = grad_r + bias * g2.sum(0).to(bias.dtype)
+                        grad_r = grad_r.to(row.dtype)
+                    if need_c:
+                        grad_c = (row.to(p.dtype) @ p if row is not None else p.sum(0)).to(col.dtype)
+                    del p
+                if need_e:  # elem is given, so p was a new tensor and gw is free to overwrite
+                    grad_e = _scale_(gw, row, col).to(elem.dtype)
+                del gw
+            if need_w:  # G is not needed any more: the weight's gradient overwrites it
+                if elem is not None:
+                    G.mul_(elem.to(G.dtype))
+                grad_w = _scale_(G, row, col)
         if need_b:
             s = g2.sum(0).to(bias.dtype)
             grad_b = s * row.to(bias.dtype) if row is not None else s
@@ -175,10 +179,10 @@ class _WeightedLayerNorm(torch.autograd.Function):
             grad_m = (direct - stats).reshape(mask.shape).to(mask.dtype)
         if need_x:
             a = mb / (count[:, None, None] if per_sample else count)  # m / Σm
+            t = torch.addcmul(s1[..., None], xhat, s2[..., None])  # s1 + s2·x̂, per row
             grad = g * scale
+            grad.addcmul_(t, a, value=-1.0)  # g ⊙ s − a ⊙ (s1 + s2·x̂)
             grad.mul_(rstd[..., None])
-            grad.addcmul_(xhat, (-(rstd * s2))[..., None] * a)  # − r · s2 · a ⊙ x̂
-            grad.sub_((rstd * s1)[..., None] * a)  # − r · s1 · a
             grad_x = grad.reshape(shape)
         return grad_x, grad_m, grad_w, grad_b, None
 
