@@ -18,6 +18,9 @@ def machine(device: str | None = None) -> dict[str, object]:
 
 
 def result_path(name: str) -> str:
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    """``bench/results/<name>-<host>.json``; the folder is ``$SPVIT_BENCH_RESULTS`` when set (the smoke tests)."""
+    here = os.environ.get("SPVIT_BENCH_RESULTS") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results"
+    )
     os.makedirs(here, exist_ok=True)
     return os.path.join(here, f"{name}-{socket.gethostname()}.json")

@@ -62,7 +62,7 @@ def spvit_like(g: Geometry, target: float) -> FrozenArch:
             )
             for op, b in zip(ops, g.blocks, strict=True)
         )
-        return FrozenArch(blocks, g.embed_dim)
+        return FrozenArch(blocks, g.dims)
 
     lo, hi = 0.0, 2.5
     for _ in range(40):

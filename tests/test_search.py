@@ -65,6 +65,17 @@ def test_kept_units_match_the_frozen_widths(searched, budget):
         assert kept.numel() == 0 or int(kept.max()) < p.geom.hidden
 
 
+def test_the_user_is_told_when_the_projection_did_the_work(searched, capsys):
+    """3 steps cannot bring the gates to 40% of the FLOPs: the projection cuts the rest, and says so in one line
+    with what to do (even with quiet=True: the note goes to stderr; here it is also kept in ``info``)."""
+    _, result = searched["40%"]
+    notice = result.info.get("notice")
+    assert notice is not None and "\n" not in notice
+    assert "of the flops budget" in notice and "budget projection removed" in notice and "--epochs" in notice
+    derived = result.info["derived_cost"]["flops"] / result.budgets[0]["limit"]
+    assert f"{derived:.0%}" in notice and derived > 1.02
+
+
 def test_outputs(searched):
     program, result = searched["60%"]
     files = sorted(os.listdir(result.out_dir))

@@ -74,7 +74,8 @@ class DualAscent:
     when many gates cross zero together, and the integral restarts from 0 whenever the cost crosses the budget
     (anti-windup: with Adam the gates move at a bounded speed, so an accumulated λ would keep pushing long after
     the crossing). A negative multiplier pulls gates back up when the network fell under the
-    budget (unused budget is lost accuracy); repair guarantees the "at or under" part.
+    budget (unused budget is lost accuracy); the projection guarantees the "at or
+    under" part.
     """
 
     targets: list[Target]

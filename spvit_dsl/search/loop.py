@@ -18,7 +18,7 @@ Steps:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +68,9 @@ class SearchResult:
     epochs: int  # completed epochs
     steps: int  # optimizer steps (or proxy batches scored)
     val_accuracy: float | None = None
-    repair: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(
+        default_factory=dict
+    )  # the strategy's finalize() info; "notice" when the projection did the work
 
 
 def run_search(
@@ -214,6 +216,33 @@ def _kept_text(run: Run) -> str:
     return "no checkpoint was written yet"
 
 
+def _projection_notice(run: Run, info: Mapping[str, Any]) -> str | None:
+    """One line when the budget projection, a safety net for a trained or scoring strategy, did real work: the point
+    the strategy derived missed the binding budget by more than 2% over or 5% under (data-free strategies are
+    defined by the projection: no line)."""
+    derived = info.get("derived_cost")
+    if run.strategy.kind == "data_free" or not isinstance(derived, Mapping) or not run.ctx.targets:
+        return None
+    ratios = {t.metric: float(derived[t.metric]) / t.limit for t in run.ctx.targets if t.metric in derived}
+    if not ratios:
+        return None
+    metric = max(ratios, key=lambda m: ratios[m])
+    ratio = ratios[metric]
+    if ratio > 1.02:
+        hint = "train longer (--epochs)" + (" or raise dual_lr" if "dual_lr" in run.settings else "")
+        return (
+            f"note: the searched network was at {ratio:.0%} of the {metric} budget; the budget projection removed "
+            f"{info.get('removed', '?')} step(s) to fit it. To have the search meet the budget itself: {hint}."
+        )
+    if ratio < 0.95:
+        hint = "lower dual_lr" if "dual_lr" in run.settings else "train longer (--epochs)"
+        return (
+            f"note: the searched network used only {ratio:.0%} of the {metric} budget; the budget projection added "
+            f"{info.get('added', '?')} step(s) back. To have the search meet the budget itself: {hint}."
+        )
+    return None
+
+
 def _finish(run: Run) -> SearchResult:
     ctx = run.ctx
     with torch.no_grad():
@@ -229,6 +258,11 @@ def _finish(run: Run) -> SearchResult:
     }
     text = frozen_text(ctx.program, arch, facts)
     verify_frozen(text, run.paths["frozen"], ctx.targets, ctx.convention)
+    notice = _projection_notice(run, decisions.info)
+    if notice:
+        decisions.info["notice"] = notice
+        if ctx.rank == 0:
+            run.reporter.note(notice)
     analytic = ctx.price(arch)
     budgets = [
         {

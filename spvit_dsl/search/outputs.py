@@ -1,6 +1,6 @@
 """Search stage — outputs: the frozen spec with its provenance header, and the metrics log.
 
-Input: the program, the repaired :class:`~spvit_dsl.space.plan.FrozenArch` and the run's facts. Output:
+Input: the program, the projected :class:`~spvit_dsl.space.plan.FrozenArch` and the run's facts. Output:
 ``<name>.frozen.vit`` (via :func:`spvit_dsl.compile.freeze.freeze` and :func:`spvit_dsl.lang.emit.emit`, checked to compile with
 zero decisions and to meet every budget) and ``metrics.jsonl`` (one JSON object per step and per epoch).
 """

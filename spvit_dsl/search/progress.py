@@ -1,11 +1,13 @@
 """Search stage — progress display: a rich progress bar with loss, accuracy, derived cost and budget.
 
 The loop reports to a :class:`Reporter`; :class:`RichReporter` draws the bar (on stderr, so stdout stays clean for
-piping), :class:`Reporter` itself is silent (``quiet=True`` and every rank but 0 under torchrun).
+piping), :class:`Reporter` itself draws nothing (``quiet=True`` and every rank but 0 under torchrun) but still
+writes notes — one-line notices the user must see, such as a safety net doing the work — to stderr.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 __all__ = ["Reporter", "RichReporter"]
@@ -24,7 +26,8 @@ class Reporter:
         """An epoch finished (its metrics record)."""
 
     def note(self, text: str) -> None:
-        """A one-line remark (resume, repair, warnings)."""
+        """A one-line notice the user must see even when quiet (a safety net did the work), on stderr."""
+        print(text, file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         """The search ended (normally or not)."""

@@ -87,7 +87,7 @@ def _cost_panel(
                 "*",
                 ms=14,
                 color="green",
-                label=f"{t.metric} after repair",
+                label=f"{t.metric} after projection",
             )
     ax.axhline(1.0, color="red", ls="--", lw=1, label="budget")
     ax.set_xlabel("optimizer step")

@@ -1,0 +1,70 @@
+"""Every benchmark script under ``bench/`` runs end to end in its cheapest configuration and writes a JSON report
+naming the machine (so an API change cannot silently break a benchmark). Timings are not checked: benchmarks measure
+speed, tests never do. ``bench/quality.py`` trains for minutes: the slow test ``tests/test_quality.py`` covers it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {
+    "compile": ["bench/compile.py", "--repeats", "1"],
+    "search_step": [
+        "bench/search_step.py",
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "4",
+    ],
+    "supernet_step": [
+        "bench/supernet_step.py",
+        "--device",
+        "cpu",
+        "--models",
+        "deit_tiny_patch16_224",
+        "--batch",
+        "1",
+        "--steps",
+        "1",
+    ],  # fmt: skip
+    "frozen_speed": [
+        "bench/frozen_speed.py",
+        "--models",
+        "deit_s",
+        "--batch-size",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+    ],  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bench_script_runs_and_writes_its_report(name: str, tmp_path: Path) -> None:
+    env = {**os.environ, "SPVIT_BENCH_RESULTS": str(tmp_path)}
+    args = [*CASES[name]]
+    if name == "search_step":
+        args += ["--out", str(tmp_path / "search_step-test.json")]
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = list(tmp_path.glob(f"{name}-*.json"))
+    assert len(reports) == 1, sorted(p.name for p in tmp_path.iterdir())
+    report = json.loads(reports[0].read_text())
+    assert report["machine"]["cores"] >= 1 and report["machine"]["torch"]
+    assert report["results"], report
