@@ -1,12 +1,14 @@
-"""Atomic file output shared by every stage that writes (specs, graphs, checkpoints, reports).
+"""File input and output shared by every stage (specs, graphs, checkpoints, reports).
 
-A file is written to a temporary sibling and renamed over the target, so an interrupted run never leaves a
-half-written output behind.
+Outputs are written to a temporary sibling and renamed over the target, so an interrupted run never leaves a
+half-written output behind. Inputs are checked to be regular files before anything opens them
+(:func:`input_problem`): opening a FIFO blocks, reading a device may never end.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 
@@ -47,3 +49,19 @@ def write_bytes(path: str, data: bytes) -> None:
             fh.write(data)
 
     write_atomic(path, _write)
+
+
+def input_problem(path: str) -> str | None:
+    """Why ``path`` cannot be read as an input file (one phrase: "file not found: …", "… is a folder", "… is not a
+    regular file"), or None when it is a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"file not found: {path}"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    if stat.S_ISDIR(mode):
+        return f"{path} is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file"
+    return None

@@ -11,6 +11,7 @@ import torch
 from spvit_dsl.space.backbones import resolve
 from spvit_dsl.space.plan import BlockPlan, DensityChoice, FfnChoice, Geometry, Space
 from spvit_dsl.supernet import Supernet
+from spvit_dsl.supernet.lower import lower
 
 ALL_OPS = ("skip", "conv1x1", "conv3x3", "conv5x5", "msa")
 PER_NEURON = FfnChoice(group=1)  # SPViT's own FFN gates
@@ -84,3 +85,47 @@ def all_on(gates: torch.nn.Module) -> None:
     with torch.no_grad():
         for p in gates.parameters():
             p.fill_(30.0)
+
+
+def assert_grads_match(net: Supernet, dense: torch.nn.Module) -> None:
+    """Every parameter of ``dense`` has the gradient of the supernet parameter of the same timm name."""
+    dense_params = dict(dense.named_parameters())
+    compared = 0
+    for k, p in net.model.named_parameters():
+        if k in dense_params:
+            torch.testing.assert_close(p.grad, dense_params[k].grad, atol=1e-6, rtol=1e-5)
+            compared += 1
+    assert compared == len(dense_params)
+
+
+# --- lowered spaces shared by the supernet and gate tests (one per process; reset before each use) ---------------
+
+SPACES = {
+    "deit": lambda: tiny_vit_space(),
+    "deit_distilled_nested": lambda: tiny_distilled_space(ffn=nested_ffn),
+    "swin": lambda: tiny_swin_space(),
+    "swin_groups": lambda: tiny_swin_space(ffn=FfnChoice(group=8)),
+}
+_NETS: dict[str, Supernet] = {}
+
+
+def net_for(name: str) -> Supernet:
+    """One lowered supernet per space for the whole module, reset to every unit kept and the top ops."""
+    if name not in _NETS:
+        torch.manual_seed(0)
+        _NETS[name] = lower(SPACES[name]())
+    net = _NETS[name]
+    net.reset()
+    return net
+
+
+def x_batch(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+def random_logits(gates: torch.nn.Module, seed: int) -> None:
+    """Gate logits of both signs (any module whose parameters are logits)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 2)

@@ -9,7 +9,13 @@ import math
 
 import pytest
 import torch
-from _spaces import nested_ffn, tiny_distilled_space, tiny_swin_space, tiny_vit_space
+from _spaces import (
+    SPACES,
+    net_for,
+    random_logits,
+    tiny_vit_space,
+    x_batch,
+)
 
 from spvit_dsl.search.methods.spvit_gates import (
     FfnGate,
@@ -22,7 +28,6 @@ from spvit_dsl.search.methods.spvit_gates import (
 )
 from spvit_dsl.space import cost
 from spvit_dsl.space.plan import FfnChoice
-from spvit_dsl.supernet import Supernet
 from spvit_dsl.supernet.lower import lower
 
 
@@ -141,34 +146,6 @@ def test_ffn_gate_straight_through_mask_reaches_every_logit():
 
 
 # --- the gate set of a supernet ----------------------------------------------------------------------------------
-
-SPACES = {
-    "deit": lambda: tiny_vit_space(),
-    "deit_distilled_nested": lambda: tiny_distilled_space(ffn=nested_ffn),
-    "swin": lambda: tiny_swin_space(),
-    "swin_groups": lambda: tiny_swin_space(ffn=FfnChoice(group=8)),
-}
-_NETS: dict[str, Supernet] = {}
-
-
-def net_for(name: str) -> Supernet:
-    if name not in _NETS:
-        torch.manual_seed(0)
-        _NETS[name] = lower(SPACES[name]())
-    net = _NETS[name]
-    net.reset()
-    return net
-
-
-def x_batch(n: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-
-
-def random_logits(gates: SpvitGates, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in gates.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 2)
 
 
 def test_gates_exist_for_decisions_only_and_derive_the_declared_singletons():

@@ -14,6 +14,7 @@ from _spaces import (
     TINY_SWIN,
     TINY_VIT,
     all_on,
+    assert_grads_match,
     dense_twin,
     every_dimension,
     make_space,
@@ -76,13 +77,7 @@ def test_every_dimension_masked_with_no_masks_equals_timm_with_gradients(name):
     assert (y - want).abs().max() <= 1e-5
     y.square().mean().backward()
     want.square().mean().backward()
-    dense_params = dict(dense.named_parameters())
-    compared = 0
-    for k, p in net.model.named_parameters():
-        if k in dense_params:
-            torch.testing.assert_close(p.grad, dense_params[k].grad, atol=1e-6, rtol=1e-5)
-            compared += 1
-    assert compared == len(dense_params)
+    assert_grads_match(net, dense)
 
 
 def test_lowering_replaces_modules_in_place_and_names_groups():

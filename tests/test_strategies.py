@@ -149,3 +149,47 @@ def test_magnitude_prices_a_unit_by_the_weights_it_owns_when_all_weights_are_ali
     scores = _normalised(net, groups)
     for g in groups:
         torch.testing.assert_close(scores[g.path], net.unit_weights(g.path), rtol=1e-9, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["none", "round", "edit_density"])
+def test_sparse_layers_keep_their_density_when_widths_or_densities_change(
+    tmp_path: Path, change: str
+) -> None:
+    """``build --round`` resizes kept units, a hand edit may change a density: a sparse layer whose rows, columns
+    or density changed gets a new mask with ``round(density · weights)`` non-zeros for its new shape, the others
+    keep the searched mask."""
+    import re
+
+    from spvit_dsl.compact.build import build
+
+    program = compile_file(str(write(tmp_path, "magnitude", BUDGETS[1])))
+    result = run_search(program, out=str(tmp_path / "run"), quiet=True, device="cpu")
+    frozen = result.frozen_path
+    if change == "edit_density":
+        text = Path(frozen).read_text()
+        edited, n = re.subn(r"fc1: 0\.5", "fc1: 0.25", text, count=1)
+        assert n == 1, text
+        edited = re.sub(r"\nbudget \{[^}]*\}", "", edited)  # the edit may cost more than the budget
+        frozen = str(tmp_path / "edited.vit")
+        Path(frozen).write_text(edited)
+    model = build(frozen, weights=result.checkpoint_path, round_to=8 if change == "round" else None)
+    arch = model.spvit_arch
+    sparse = 0
+    for i, b in enumerate(arch.blocks):
+        for layer, module in (
+            ("qkv", "attn.qkv"),
+            ("proj", "attn.proj"),
+            ("fc1", "mlp.fc1"),
+            ("fc2", "mlp.fc2"),
+        ):
+            density = b.density.of(layer)
+            if (
+                density >= 1
+                or (layer in ("qkv", "proj") and b.op != "msa")
+                or (layer[:2] == "fc" and not b.ffn)
+            ):
+                continue
+            weight = model.get_submodule(f"blocks.{i}.{module}").weight
+            assert int((weight != 0).sum()) == round(density * weight.numel()), (i, layer)
+            sparse += 1
+    assert sparse > 0

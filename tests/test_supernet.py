@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _spaces import dense_twin, nested_ffn, tiny_distilled_space, tiny_swin_space, tiny_vit_space
+from _spaces import (
+    SPACES,
+    assert_grads_match,
+    dense_twin,
+    nested_ffn,
+    net_for,
+    random_logits,
+    tiny_swin_space,
+    tiny_vit_space,
+    x_batch,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -13,37 +23,8 @@ from spvit_dsl.lang.errors import UsageError
 from spvit_dsl.search.methods.spvit_gates import SpvitGates
 from spvit_dsl.space import cost
 from spvit_dsl.space.plan import BlockArch, FfnChoice, FrozenArch
-from spvit_dsl.supernet import Supernet, count_macs, load_supernet, read_metadata, save_supernet
+from spvit_dsl.supernet import count_macs, load_supernet, read_metadata, save_supernet
 from spvit_dsl.supernet.lower import lower
-
-SPACES = {
-    "deit": lambda: tiny_vit_space(),
-    "deit_distilled_nested": lambda: tiny_distilled_space(ffn=nested_ffn),
-    "swin": lambda: tiny_swin_space(),
-    "swin_groups": lambda: tiny_swin_space(ffn=FfnChoice(group=8)),
-}
-_NETS: dict[str, Supernet] = {}
-
-
-def net_for(name: str) -> Supernet:
-    """One lowered supernet per space for the whole module, reset to every unit kept and the top ops."""
-    if name not in _NETS:
-        torch.manual_seed(0)
-        _NETS[name] = lower(SPACES[name]())
-    net = _NETS[name]
-    net.reset()
-    return net
-
-
-def x_batch(n: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-
-
-def random_logits(gates: SpvitGates, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in gates.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 2)
 
 
 def every_gate_on(gates: SpvitGates) -> torch.Tensor:
@@ -73,13 +54,7 @@ def test_all_on_gradients_reach_every_logit_and_match_dense_weight_gradients(nam
     dense(x).square().mean().backward()
     for p in gates.parameters():
         assert p.grad is not None and torch.all(p.grad != 0), "a gate logit got no gradient"
-    dense_params = dict(dense.named_parameters())
-    compared = 0
-    for k, p in net.model.named_parameters():
-        if k in dense_params:
-            torch.testing.assert_close(p.grad, dense_params[k].grad, atol=1e-6, rtol=1e-5)
-            compared += 1
-    assert compared == len(dense_params)
+    assert_grads_match(net, dense)
 
 
 @pytest.mark.parametrize("name", ["deit", "swin"])

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from .._io import input_problem
 from ..lang.errors import UsageError
 from ..space.units import fmt_macs, fmt_params
 from ._common import out
@@ -48,8 +49,9 @@ def _model(frozen: str, weights: str | None, round_to: int | None, masks: str | 
     """A compact model from a frozen .vit (built) or a built .safetensors (loaded)."""
     from ..compact.build import build, load
 
-    if not os.path.isfile(frozen):
-        raise UsageError(f"file not found: {frozen}")
+    problem = input_problem(frozen)
+    if problem:
+        raise UsageError(problem)
     if frozen.endswith(".safetensors"):
         if round_to is not None or masks is not None:
             raise UsageError(

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._io import input_problem
 from ..compile.freeze import arch_of, freeze
 from ..compile.program import Program, compile_file, compile_text
 from ..lang.emit import emit
@@ -35,7 +36,7 @@ from ..lang.errors import UsageError
 from ..search.checkpoint import FORMAT as SEARCH_FORMAT
 from ..search.checkpoint import spec_hash
 from ..space.geometry import Geometry
-from ..space.groups import value_of
+from ..space.groups import UnitGroup, embed_path, value_of
 from ..space.plan import FrozenArch
 from ..supernet import Supernet
 from ..supernet._shrink import restore_shrunk
@@ -90,15 +91,17 @@ def round_widths(geometry: Geometry, arch: FrozenArch, multiple: int) -> FrozenA
 def adjust_kept(net: Supernet, arch: FrozenArch, kept: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``kept`` with every structured group resized to ``arch``'s count: grown by appending the largest unkept
     units, shrunk by dropping the smallest kept ones (L1 magnitude; needed after ``--round`` or a hand edit of the
-    frozen spec); the kept units stay in their order. Groups ``kept`` does not mention are left out (the supernet
-    picks them)."""
+    frozen spec); the kept units stay in their order. A weights mask is kept unless its layer's rows or columns were
+    resized or its density changed (the supernet then picks the largest weights again). Groups ``kept`` does
+    not mention are left out (the supernet picks them)."""
     out = {}
-    for path, index in kept.items():
-        group = net.groups.get(path)
-        if group is None:
+    resized: set[str] = set()
+    for path in kept:
+        if path not in net.groups:
             raise UsageError(f"the checkpoint keeps units of '{path}', which the space does not have")
+    for path, index in kept.items():
+        group = net.groups[path]
         if group.kind in ("weights", "attention"):
-            out[path] = index
             continue
         count = int(value_of(arch, group))
         if index.numel() > count:  # drop the smallest kept units; the others keep their order
@@ -110,8 +113,32 @@ def adjust_kept(net: Supernet, arch: FrozenArch, kept: Mapping[str, Tensor]) -> 
             order = torch.sort(scores, descending=True, stable=True).indices.to(index.device)
             extra = order[~torch.isin(order, index)][: count - index.numel()]
             index = torch.cat([index, torch.sort(extra).values])
+        if index.numel() != kept[path].numel():
+            resized.add(path)
         out[path] = index
+    for path, mask in kept.items():
+        group = net.groups[path]
+        if group.kind == "attention":
+            out[path] = mask
+        elif group.kind == "weights" and not (_layer_groups(net, group) & resized):
+            try:  # still the layer's shape and the frozen density's count (the spec may have been edited)?
+                net.check_weights_mask(group, mask.to(torch.bool), float(value_of(arch, group)), out)
+            except ValueError:
+                continue  # the supernet picks the largest weights for the new density
+            out[path] = mask
     return out
+
+
+def _layer_groups(net: Supernet, group: UnitGroup) -> set[str]:
+    """The structured groups that own rows or columns of a weights group's layer."""
+    assert group.block is not None
+    i = group.block
+    return {
+        embed_path(net.geometry, net.geometry.blocks[i].stage),
+        f"blocks.{i}.heads",
+        f"blocks.{i}.head_dim",
+        f"blocks.{i}.ffn",
+    }
 
 
 def fold(
@@ -355,8 +382,9 @@ def load(
     """A compact model from a built ``.safetensors`` file (rebuilt from its embedded spec, no pickle; eval mode)
     or a frozen ``.vit`` (built with ``weights``, see :func:`build`)."""
     if not path.endswith(".safetensors"):
-        if not os.path.isfile(path):
-            raise UsageError(f"file not found: {path}")
+        problem = input_problem(path)
+        if problem:
+            raise UsageError(problem)
         return build(path, weights=weights, device=device, timm_kwargs=timm_kwargs)
     if weights is not None:
         raise UsageError(f"{path} already holds its weights; 'weights' applies to a frozen .vit only")

@@ -8,7 +8,9 @@ Pure Python: no torch.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -65,9 +67,29 @@ class Checked:
 Loader = Callable[[str], str]
 
 
+MAX_SPEC_BYTES = 8 * 2**20  # a spec is a page of text; anything larger is the wrong file
+
+
 def read_file(path: str) -> str:
-    with open(path, encoding="utf-8") as fh:
-        return fh.read()
+    """The text of a spec file. OSError (with a readable ``strerror``) for a file that is missing, not a regular
+    file (a folder, a FIFO, a device: reading them could block or never end), larger than ``MAX_SPEC_BYTES``, or
+    not UTF-8 text (e.g. a checkpoint or model passed where a spec is expected)."""
+    st = os.stat(path)  # before opening: opening a FIFO blocks until a writer appears
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file")
+    if st.st_size > MAX_SPEC_BYTES:
+        raise OSError(
+            errno.EFBIG, f"{st.st_size / 2**20:.0f} MB is far too large for a .vit spec (a model file?)"
+        )
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_SPEC_BYTES + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OSError(
+            errno.EILSEQ,
+            f"not UTF-8 text (byte {exc.start}); a .vit spec is text: a checkpoint or model file?",
+        ) from None
 
 
 # ---------------------------------------------------------------- extends

@@ -179,11 +179,18 @@ def _resolve_budgets(
         fmt = fmt_macs if limit.metric == "flops" else fmt_params
         unit = f" ({conv} convention)" if limit.metric == "flops" else ""
         if absolute < rng.min * (1 - 1e-12):
-            msg = (
-                f"budget {limit.metric} <= {limit.text} cannot be met: the cheapest network in this space "
-                f"costs {fmt(rng.min)}{unit}"
+            over = (
+                f"{(rng.min / absolute - 1) * 100:.3g}% over {fmt(absolute)}" if absolute > 0 else "over it"
             )
-            hint = "widen the search space (add skip or smaller FFN widths) or relax the budget"
+            if rng.min == rng.max:  # one network: a frozen spec (perhaps edited by hand)
+                msg = f"budget {limit.metric} <= {limit.text} is not met: this network costs {fmt(rng.min)}{unit}, {over}"
+                hint = "relax or remove the budget (a hand edit of a frozen spec may cost more than it was searched for)"
+            else:
+                msg = (
+                    f"budget {limit.metric} <= {limit.text} cannot be met: the cheapest network in this space "
+                    f"costs {fmt(rng.min)}{unit}, {over}"
+                )
+                hint = "widen the search space (add skip or smaller FFN widths) or relax the budget"
             if span is None:
                 raise UsageError(msg + "; " + hint)
             raise SpecError(msg, span, hint=hint)

@@ -6,9 +6,9 @@ the budget) is registered under the same name in :mod:`spvit_dsl.search.methods`
 
 Three kinds of strategy, each with the settings that make sense for it:
 
-* ``train`` — trains a masked supernet (spvit; ofb): data, batches and optimisation settings;
-* ``score`` — scores units with data but trains nothing (upvit): data and batch settings;
-* ``data_free`` — needs no data at all (magnitude, random; dimap): only the seed.
+* ``train`` — trains a masked supernet (spvit; ofb planned): data, batches and optimisation settings;
+* ``score`` — scores units with data but trains nothing (upvit planned): data and batch settings;
+* ``data_free`` — needs no data at all (magnitude, random; dimap planned): only the seed.
 """
 
 from __future__ import annotations

@@ -31,9 +31,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..compile.program import Budget
 from ..space import cost as cost_model
 from ..space.geometry import Convention, Geometry
-from ..space.groups import UnitGroup, value_of, with_value
+from ..space.groups import UnitGroup, with_value
 from ..space.plan import FrozenArch
 
 __all__ = ["DualAscent", "GroupSteps", "Projection", "Target", "project", "targets_of"]
@@ -54,7 +55,7 @@ class Target:
         return METRIC_FIELD[self.metric]
 
 
-def targets_of(budgets: Iterable[Any]) -> list[Target]:
+def targets_of(budgets: Iterable[Budget]) -> list[Target]:
     """Targets from :class:`spvit_dsl.compile.program.Budget` objects (the tightest per metric)."""
     best: dict[str, Target] = {}
     for b in budgets:
@@ -118,7 +119,7 @@ class GroupSteps:
     """
 
     group: UnitGroup
-    values: list[Any]
+    values: Sequence[int | float | str]
     level: int
     scores: list[float]
     floor: int = 0
@@ -391,8 +392,3 @@ def project(
         proj.add(tolerance)
         proj.swap(tolerance)
     return proj.result()
-
-
-def value_levels(arch: FrozenArch, steps: Sequence[GroupSteps]) -> dict[str, Any]:
-    """Each group's value in ``arch`` (for reports)."""
-    return {s.group.path: value_of(arch, s.group) for s in steps}

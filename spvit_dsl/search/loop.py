@@ -245,8 +245,11 @@ def _projection_notice(run: Run, info: Mapping[str, Any]) -> str | None:
 
 def _finish(run: Run) -> SearchResult:
     ctx = run.ctx
-    with torch.no_grad():
-        decisions: Decisions = run.strategy.finalize()
+    try:
+        with torch.no_grad():
+            decisions: Decisions = run.strategy.finalize()
+    except ValueError as e:  # e.g. no point of the decided groups meets the budget
+        raise UsageError(f"the search could not finish: {e}; {_kept_text(run)}") from None
     decisions.kept = ctx.net.to_original(decisions.kept)  # checkpoints index the dense backbone's units
     arch = decisions.arch
     _check_ranks_agree(ctx, arch)

@@ -3,13 +3,13 @@
 A strategy is a plug-in registered under a name of :data:`spvit_dsl.compile.strategies.STRATEGIES`. Its kind says
 how the loop drives it:
 
-* ``train`` (spvit; ofb) — trains a masked supernet: per step :meth:`Strategy.before_step`, then the forward of the
+* ``train`` (spvit; ofb planned) — trains a masked supernet: per step :meth:`Strategy.before_step`, then the forward of the
   supernet (inside which :meth:`Strategy.draw` sets the masks and ops), the task loss plus
   :meth:`Strategy.extra_loss`, one backward, :meth:`Strategy.step`, :meth:`Strategy.after_step`, and
   :meth:`Strategy.shrinks` (groups to cut physically now: the loop slices the tensors and optimizer states);
-* ``score`` (upvit) — scores units with data and trains nothing: :meth:`Strategy.score` on proxy batches, no
+* ``score`` (upvit planned) — scores units with data and trains nothing: :meth:`Strategy.score` on proxy batches, no
   gradients;
-* ``data_free`` (magnitude, random; dimap) — reads no data at all.
+* ``data_free`` (magnitude, random; dimap planned) — reads no data at all.
 
 Every kind ends with :meth:`Strategy.finalize`, which returns :class:`Decisions` at or under every budget (the
 projection in :mod:`.budget` is the shared tool). The loop owns everything that is not the method: data, DDP, mixed
@@ -19,7 +19,6 @@ precision, checkpoints (the strategy's :meth:`Strategy.module` tensors, its opti
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -187,7 +186,7 @@ class Strategy:
         raise NotImplementedError(f"strategy '{self.name}' does not implement finalize()")
 
 
-IMPLEMENTATIONS: Registry[Callable[[SearchContext], Strategy]] = Registry("strategy implementation")
+IMPLEMENTATIONS: Registry[type[Strategy]] = Registry("strategy implementation")
 
 
 def register_implementation(cls: type[Strategy]) -> type[Strategy]:

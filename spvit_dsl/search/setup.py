@@ -74,6 +74,11 @@ def check_searchable(program: Program) -> str:
         raise UsageError(
             f"strategy '{name}' has no search implementation yet (available: {', '.join(IMPLEMENTATIONS.names())})"
         )
+    declared, implemented = STRATEGIES.get(name).kind, IMPLEMENTATIONS.get(name).kind
+    if declared != implemented:  # a plug-in bug, not a user mistake: the two registrations disagree
+        raise TypeError(
+            f"strategy '{name}' is declared as {declared} (compile.strategies) but implemented as {implemented}"
+        )
     if not program.budgets:
         raise UsageError(
             "no budget to search for: add e.g. `budget { flops <= 50% }` to the spec or pass --budget 50%"

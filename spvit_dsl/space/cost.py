@@ -93,8 +93,12 @@ class Tally:
         return self.matmul + self.norm + self.pool
 
     def of(self, metric: str) -> Num:
-        """``flops``/``macs`` (multiply-adds) or ``params``."""
-        return self.params if metric == "params" else self.macs
+        """``flops``/``macs`` (multiply-adds) or ``params``; ValueError for anything else."""
+        if metric == "params":
+            return self.params
+        if metric in ("flops", "macs"):
+            return self.macs
+        raise ValueError(f"unknown cost metric '{metric}' (flops, macs or params)")
 
     def cost(self) -> Cost:
         return Cost(self.macs, self.params, self.sparse)

@@ -7,7 +7,7 @@ writes to (:mod:`.masks`). Strategies set masks; :meth:`Supernet.cost` prices ex
 
 from __future__ import annotations
 
-from .attention import AttentionGroups, UnifiedAttention, gated_linear
+from .attention import AttentionGroups, UnifiedAttention
 from .ffn import FfnGroups, GatedMlp
 from .flops import count_macs
 from .io import load_supernet, read_metadata, save_supernet, space_from_json, space_to_json
@@ -24,7 +24,6 @@ __all__ = [
     "Supernet",
     "UnifiedAttention",
     "count_macs",
-    "gated_linear",
     "load_supernet",
     "masked_layer_norm",
     "read_metadata",

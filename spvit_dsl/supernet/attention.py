@@ -42,19 +42,7 @@ from ..space.ops import OPS
 from ._masked_ops import masked_linear
 from .masks import MaskBoard, per_sample, scale_axis
 
-__all__ = ["AttentionGroups", "UnifiedAttention", "gated_linear"]
-
-
-def gated_linear(z: Tensor, weight: Tensor, bias: Tensor | None, w: Tensor | None) -> Tensor:
-    """``w · F.linear(z, weight, bias)`` for a scalar straight-through gate ``w`` (plain ``F.linear`` when None).
-
-    The gate scales the weight and bias, not the output: the same values and gradients, but no extra activation is
-    stored for the backward and no extra pass over the activations is made.
-    """
-    if w is None:
-        return F.linear(z, weight, bias)
-    w = w.to(weight.dtype)
-    return F.linear(z, weight * w, bias * w if bias is not None else None)
+__all__ = ["AttentionGroups", "UnifiedAttention"]
 
 
 def _kernel(op: str) -> int:

@@ -1,12 +1,14 @@
 """Saving and loading supernets (lowering stage, torch): one safetensors file, no pickle.
 
-The file holds the supernet's full state dict (the timm model's parameters under their timm names, mixing matrices,
-BatchNorms, gate logits and gate buffers) and, in its string metadata:
+The file holds the supernet's full state dict (the timm model's parameters under their timm names, the conv ops'
+mixing matrices and BatchNorms, the masks of groups fixed below their dense size; a strategy's own tensors, such as
+SPViT's gate logits, live in the search checkpoint) and, in its string metadata:
 
 * ``spvit_dsl.format`` — ``supernet/1``;
 * ``spvit_dsl.spec`` — the spec text the supernet was compiled from (may be empty);
 * ``spvit_dsl.space`` — the :class:`~spvit_dsl.space.plan.Space` as JSON (so loading needs no parser);
-* ``spvit_dsl.lowering`` — JSON of the lowering options (convention, alpha, seed).
+* ``spvit_dsl.lowering`` — JSON of the lowering options (convention, alpha, seed) and ``shrunk``: the original
+  indices of the units left in every group a search physically shrank.
 
 :func:`load_supernet` rebuilds the supernet with :func:`spvit_dsl.supernet.lower.lower` (random init) and loads the tensors
 strictly, so outputs reproduce exactly.
@@ -24,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .._io import write_atomic
 from ..lang.errors import UsageError
 from ..space.plan import BlockGeom, BlockPlan, DensityChoice, FfnChoice, Geometry, Space
 from ._shrink import restore_shrunk
@@ -103,7 +106,7 @@ def save_supernet(supernet: Supernet, path: str | Path, spec_text: str = "") -> 
         "spvit_dsl.space": space_to_json(supernet.space),
         "spvit_dsl.lowering": json.dumps(lowering),
     }
-    save_file(tensors, str(path), metadata=metadata)
+    write_atomic(str(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

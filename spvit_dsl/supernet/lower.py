@@ -70,7 +70,9 @@ def lower(
         for block, plan in zip(blocks, space.plans, strict=True)
     ]
     _mask_stream(model, space, board, active)
-    net = Supernet(space, model, rows, board, convention=convention, seed=seed, alpha=alpha)
+    net = Supernet(
+        space, model, rows, board, convention=convention, seed=seed, alpha=alpha, masked=frozenset(active)
+    )
     _fix_reduced(net)
     return net
 

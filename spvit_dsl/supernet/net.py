@@ -4,8 +4,8 @@ Input (from :func:`spvit_dsl.supernet.lower.lower`): the :class:`~spvit_dsl.spac
 one :class:`BlockRow` per block and the shared :class:`~.masks.MaskBoard`. Output: a module a search strategy drives
 — it sets masks (:meth:`Supernet.set_masks`) and ops (:meth:`Supernet.set_op`) before a forward, prices any
 assignment of kept counts differentiably (:meth:`Supernet.cost`), reads unit magnitudes (:meth:`Supernet.unit_scores`)
-and may physically shrink a group (:meth:`Supernet.shrink`). Method-agnostic: SPViT's gates, OFB's bi-masks or
-UP-ViT's ablations live in their strategies (:mod:`spvit_dsl.search.methods`) and only write masks here.
+and may physically shrink a group (:meth:`Supernet.shrink`). Method-agnostic: SPViT's gates (and, planned, OFB's
+bi-masks or UP-ViT's ablations) live in their strategies (:mod:`spvit_dsl.search.methods`) and only write masks here.
 
 A point with its kept units (:meth:`Supernet.set_arch`) sets hard 0/1 masks: the supernet then computes what the
 compact network of that point computes (:mod:`spvit_dsl.compact`).
@@ -74,6 +74,7 @@ class Supernet(nn.Module):
         convention: Convention = "exact",
         seed: int = 0,
         alpha: float = 0.0,
+        masked: frozenset[str] | None = None,
     ) -> None:
         super().__init__()
         self.space = space
@@ -84,6 +85,12 @@ class Supernet(nn.Module):
         self.__dict__["_rows"] = rows  # modules already registered inside `model`
         self.__dict__["board"] = board
         self.groups: dict[str, UnitGroup] = {g.path: g for g in groups(space)}
+        # the groups some module reads a mask of (lowering wires only those that may keep less than all units)
+        self.masked: frozenset[str] = (
+            masked
+            if masked is not None
+            else frozenset(p for p, g in self.groups.items() if g.kind != "attention")
+        )
         self.fixed = (
             FixedMasks()
         )  # masks of groups fixed below their dense size (restored by reset; in state dicts)
@@ -120,12 +127,29 @@ class Supernet(nn.Module):
     # --- choices for the next forward ----------------------------------------------------------------------
 
     def set_masks(self, masks: Mapping[str, Tensor | None]) -> None:
-        """Set group masks by path (``None``: every unit kept). Unknown paths are a ValueError."""
-        for path in masks:
+        """Set group masks by path (``None``: every unit kept).
+
+        Shapes: ``(units,)`` for the batch or ``(B, units)`` per sample for a structured group (``units``: its
+        current :meth:`size`); the weight's current shape ``(out, in)`` for a ``weights`` group. ValueError: an
+        unknown path, a group no module reads a mask of (``attention``: use :meth:`set_op`; a group the space fixes
+        at its dense size), or a wrong shape.
+        """
+        for path, mask in masks.items():
             if path not in self.groups:
                 raise ValueError(
                     f"unknown unit group '{path}' (groups: {', '.join(sorted(self.groups))[:200]} ...)"
                 )
+            if mask is None:
+                continue
+            group = self.groups[path]
+            if group.kind == "attention":
+                raise ValueError(f"{path}: an attention group has no mask (choose its op with set_op)")
+            if path not in self.masked:
+                raise ValueError(f"{path}: the space keeps this group whole, so no module reads its mask")
+            want = tuple(self._layer_weight(group).shape) if group.kind == "weights" else (self.size(path),)
+            shape = tuple(mask.shape)
+            if shape != want and not (group.structured and len(shape) == 2 and shape[1:] == want):
+                raise ValueError(f"{path}: a mask of shape {shape}, expected {want}")
         self.board.update(masks)
 
     def mask(self, path: str) -> Tensor | None:
@@ -201,10 +225,10 @@ class Supernet(nn.Module):
                 if density >= 1:
                     continue  # dense, or a layer the point does not run (canonical)
                 mask = kept.get(path)
-                if (
-                    mask is None
-                ):  # recomputed for this point: a fixed density's count depends on the kept rows/columns
+                if mask is None:  # recomputed for this point: the count depends on the kept rows and columns
                     mask = self.top_weights(path, density, out)
+                else:
+                    self.check_weights_mask(group, mask.to(torch.bool), density, out)
                 out[path] = mask.to(torch.bool)
         return out
 
@@ -249,7 +273,8 @@ class Supernet(nn.Module):
 
     @torch.no_grad()
     def unit_scores(self, path: str) -> Tensor:
-        """L1 magnitude of every unit of a group: the sum of |value| over the tensor slices it owns (float64).
+        """L1 magnitude of every unit of a group: the sum of |value| over the parameter slices it owns (float64;
+        buffers such as BatchNorm statistics are not weights and do not count).
 
         Shape: ``(units,)`` for structured groups; the weight's shape ``(out, in)`` for ``weights`` groups (|w| of
         each weight); ``(steps,)`` for ``attention`` groups, one score per op step down the block's single path —
@@ -275,6 +300,8 @@ class Supernet(nn.Module):
             return self._op_steps(group, value)
         total = torch.zeros(self.size(path), dtype=torch.float64, device=self._device())
         for c in self.coupled(path):
+            if not isinstance(c.tensor, nn.Parameter):
+                continue  # BatchNorm statistics: shrunk with their channel, but not weights to score
             view = value(c.tensor).movedim(c.axis, 0).reshape(c.outer, self.size(path), c.inner, -1)
             total += view.sum(dim=(0, 2, 3))
         return total
@@ -337,6 +364,25 @@ class Supernet(nn.Module):
         out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
         out[order] = True
         return out.view_as(scores)
+
+    def check_weights_mask(
+        self, group: UnitGroup, mask: Tensor, density: float, kept: Mapping[str, Tensor]
+    ) -> None:
+        """A given weights mask must have the layer's shape, lie in the kept rows and columns, and keep
+        ``round(density · n)`` of their ``n`` weights (ValueError otherwise: e.g. widths changed after the search)."""
+        weight = self._layer_weight(group)
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(
+                f"{group.path}: a weights mask of shape {tuple(mask.shape)}, the layer has {tuple(weight.shape)}"
+            )
+        support = self.structured_support(group, kept).to(mask.device)
+        n = int(support.sum())
+        if bool((mask & ~support).any()) or int(mask.sum()) != round(density * n):
+            raise ValueError(
+                f"{group.path}: the weights mask keeps {int((mask & support).sum())} of the kept rows' and columns' "
+                f"{n} weights (and {int((mask & ~support).sum())} outside them); density {density:g} needs "
+                f"{round(density * n)}"
+            )
 
     def structured_support(self, group: UnitGroup, kept: Mapping[str, Tensor]) -> Tensor:
         """Bool mask over a layer's weight: the rows and columns its structured groups keep."""
@@ -494,8 +540,3 @@ def _kernel_of(op: str) -> int:
     k = OPS.get(op).kernel
     assert k is not None
     return k
-
-
-def kept_sizes(kept: Mapping[str, Tensor]) -> dict[str, int]:
-    """Number of kept units per structured group."""
-    return {p: int(v.numel()) for p, v in kept.items() if v.dtype != torch.bool}

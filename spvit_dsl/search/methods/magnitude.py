@@ -18,21 +18,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...space.groups import UnitGroup, value_of, with_value
-from ...space.plan import FrozenArch, Space
+from ...space.groups import UnitGroup, value_of
+from ...space.plan import FrozenArch
 from ...supernet import Supernet
 from ..budget import GroupSteps, ProjectionResult, project
 from ..protocol import JSON, Decisions, SearchContext, Strategy, register_implementation
 
-__all__ = ["MagnitudeStrategy", "RandomStrategy", "largest_point"]
-
-
-def largest_point(space: Space, groups: list[UnitGroup]) -> FrozenArch:
-    """The point with every decided group at its largest candidate (every other dimension at its single value)."""
-    arch = space.largest()
-    for g in groups:
-        arch = with_value(arch, g, g.choices[-1])
-    return arch
+__all__ = ["MagnitudeStrategy", "RandomStrategy"]
 
 
 def _counts(group: UnitGroup, net: Supernet) -> list[int]:
@@ -93,7 +85,7 @@ class MagnitudeStrategy(Strategy):
     def finalize(self) -> Decisions:
         ctx, net = self.ctx, self.ctx.net
         groups = [g for g in net.groups.values() if g.decision]
-        start = largest_point(ctx.program.space, groups)
+        start = ctx.program.space.largest()
         scores = _normalised(net, groups)
         steps = [_steps_from_scores(g, net, scores[g.path]) for g in groups]
         result = project(net.geometry, start, steps, ctx.targets, ctx.convention)
@@ -112,7 +104,7 @@ class RandomStrategy(Strategy):
         ctx, net = self.ctx, self.ctx.net
         seed = int(ctx.settings["seed"])
         groups = [g for g in net.groups.values() if g.decision]
-        start = largest_point(ctx.program.space, groups)
+        start = ctx.program.space.largest()
         steps = [
             GroupSteps(g, list(g.choices), len(g.choices) - 1, [0.0] * (len(g.choices) - 1)) for g in groups
         ]

@@ -36,12 +36,12 @@ class SpvitStrategy(Strategy):
         super().__init__(ctx)
         s = ctx.settings
         net = ctx.net
-        self.gates = SpvitGates(net, float(s.get("gate_init", 1.5)), int(s["seed"]))
+        self.gates = SpvitGates(net, float(s["gate_init"]), int(s["seed"]))
         self.opt_w = adamw(param_groups(net, float(s["weight_decay"])), lr=float(s["lr"]))
         gate_params = list(self.gates.parameters())
         self.opt_g = adamw(gate_params, lr=float(s["gate_lr"]), weight_decay=0.0) if gate_params else None
         self.dual = DualAscent(ctx.targets, float(s["dual_lr"]))
-        self.warmup = float(s.get("warmup_epochs", 0.0))
+        self.warmup = float(s["warmup_epochs"])
         self._gates_on = True
         self._costs: dict[str, float] = {}
 
