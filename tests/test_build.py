@@ -4,6 +4,7 @@ round, save/load without pickle, CLI. (Every dimension and the cost model: test_
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -510,3 +511,23 @@ def test_cli_build_failures(tmp_path, capsys):
     assert code == 1 and "not found" in err
     code, err = _exit(["build", str(frozen), "--weights", "none", "--out", str(tmp_path / "m.pt")], capsys)
     assert code == 1 and "--out: expected a .safetensors path" in err
+
+
+def test_cli_build_round_warns_when_rounding_breaks_a_budget(tmp_path, capsys):
+    """Rounding widths up may cost more than the frozen spec's budget: the build still runs (the user asked for
+    it) and says so in one line."""
+    program = search_program(VIT_BACKBONE, tmp_path / "s.vit")
+    arch = pattern_arch(program, [("conv3x3", 0.3), ("skip", 0.1), ("msa", 0.55)])
+    g = program.space.geometry
+    params = arch_cost(g, arch, "paper").params
+    step = next(n for n in (8, 16, 32, 64) if arch_cost(g, round_widths(g, arch, n), "paper").params > params)
+    text = write_frozen(program, arch, tmp_path / "f.vit").read_text()
+    frozen = tmp_path / "budgeted.vit"
+    frozen.write_text(re.sub(r"\nbudget \{[^}]*\}", "", text) + f"\nbudget {{ params <= {params} }}\n")
+    out = str(tmp_path / "m.safetensors")
+    main(["build", str(frozen), "--weights", "none", "--out", out])  # at its budget: no warning
+    assert "warning" not in capsys.readouterr().err
+    main(["build", str(frozen), "--weights", "none", "--round", str(step), "--out", out])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: --round {step} puts params at 10")
+    assert "of the budget params <= " in err[0]

@@ -185,3 +185,28 @@ def test_init_checkpoint_starts_from_dense_weights(tmp_path):
             quiet=True,
             init_checkpoint=str(tmp_path / "missing.pth"),
         )
+
+
+@pytest.mark.parametrize(
+    ("flag", "want"),
+    [
+        ("50%", ("flops", 0.5, True)),
+        ("70%params", ("params", 0.7, True)),
+        ("3.3G", ("flops", 3.3e9, False)),
+        ("3.3GFLOPs", ("flops", 3.3e9, False)),
+        ("16Mparams", ("params", 16e6, False)),
+    ],
+)
+def test_budget_flags_read_their_unit(flag, want):
+    limit = parse_budget_flag(flag)
+    assert (limit.metric, limit.value, limit.relative) == pytest.approx(want)
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"), [("50", "has no unit; write e.g. 50%"), ("fifty%", "cannot read")]
+)
+def test_budget_flags_without_a_readable_unit_are_refused(flag, message):
+    from spvit_dsl.space.units import UnitError
+
+    with pytest.raises(UnitError, match=message):
+        parse_budget_flag(flag)

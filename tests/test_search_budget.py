@@ -12,6 +12,7 @@ from spvit_dsl.compile.program import compile_text
 from spvit_dsl.search.budget import DualAscent, GroupSteps, Target, project
 from spvit_dsl.space.cost import arch_cost
 from spvit_dsl.space.groups import decisions, value_of
+from spvit_dsl.space.plan import reads_image
 
 SPACE = """backbone vit_tiny_patch16_224 { weights = none; image = 32; patch = 8; classes = 10; embed_dim = 48; depth = 3; heads = 3 }
 embed: 16..48 step 4
@@ -58,6 +59,33 @@ def test_projection_meets_the_budget_within_one_percent(scores, levels, ratio, m
     assert value >= 0.99 * target.limit
     for s in steps:  # every group ends on one of its candidates, at the level the result reports
         assert value_of(res.arch, s.group) in s.group.choices or s.group.kind == "weights"
+    assert reads_image(GEOMETRY, res.arch)  # whatever the start and the scores, one block keeps msa
+
+
+@pytest.mark.parametrize("order", ["score", "random"])
+def test_projection_keeps_the_class_token_reading_the_image(order):
+    """A ViT point without msa gives every image the same logits: a start point with none gets its most valuable
+    msa back, and no move removes the last one, even when the op steps are the cheapest moves by far."""
+    all_conv = [
+        0 if g.kind != "attention" else 1 for g in GROUPS
+    ]  # every block at conv1x1, other groups smallest
+    levels = [
+        lv if g.kind == "attention" else len(g.choices) - 1 for lv, g in zip(all_conv, GROUPS, strict=True)
+    ]
+    msa_worth = {g.path: 10.0 * k for k, g in enumerate(GROUPS) if g.kind == "attention"}
+    steps = _steps(
+        lambda k, j: msa_worth.get(GROUPS[k].path, 0.0) if GROUPS[k].kind == "attention" else 5.0, levels
+    )
+    start = SPACE_.largest()
+    assert not reads_image(
+        GEOMETRY, replace(start, blocks=tuple(replace(b, op="conv1x1") for b in start.blocks))
+    )
+    target = Target("flops", 0.3 * _dense_costs()["flops"], "30%")
+    res = project(GEOMETRY, start, steps, [target], "paper", order=order, seed=3)
+    ops = [b.op for b in res.arch.blocks]
+    assert ops.count("msa") >= 1, ops
+    if order == "score":  # the block whose msa step scores highest is the one raised
+        assert ops[-1] == "msa"
 
 
 def test_projection_drops_the_least_score_per_cost_first():

@@ -20,7 +20,7 @@ from rich.table import Table
 from .._io import input_problem
 from ..lang.errors import UsageError
 from ..space.units import fmt_macs, fmt_params
-from ._common import out
+from ._common import err, out
 
 __all__ = ["register"]
 
@@ -105,7 +105,8 @@ def build_cmd(
     masks: Annotated[
         str | None,
         typer.Option(
-            "--masks", help="with dense --weights: take the kept FFN neurons from this search checkpoint"
+            "--masks",
+            help="with dense --weights: take the kept units of every group from this search checkpoint",
         ),
     ] = None,
     round_to: RoundOpt = None,
@@ -136,10 +137,30 @@ def build_cmd(
             for b in model.spvit_arch.blocks
         ],
     }
+    if round_to:
+        _warn_rounding_over_budget(frozen, model, round_to)
     if json_out:
         print(json.dumps(info))
         return
     _print_build(info, _rounding_rows(frozen, model) if round_to else None)
+
+
+def _warn_rounding_over_budget(frozen: str, model: Any, round_to: int) -> None:
+    """One line on stderr per budget of the frozen spec that rounding the widths up pushed the network over."""
+    from ..compact.build import frozen_program
+    from ..space import cost
+
+    program = frozen_program(frozen)
+    c = cost.arch_cost(program.space.geometry, model.spvit_arch, program.convention)
+    for b in program.budgets:
+        value = c.macs if b.limit.metric == "flops" else c.params
+        if value > b.absolute:
+            err.print(
+                f"warning: --round {round_to} puts {b.limit.metric} at {value / b.absolute:.1%} of the budget "
+                f"{b.limit.metric} <= {b.limit.text}; build without --round, or round a search run with a "
+                "tighter budget",
+                markup=False,
+            )
 
 
 def _print_build(info: dict[str, Any], rounding: list[tuple[str, str, str]] | None) -> None:
@@ -157,12 +178,20 @@ def _print_build(info: dict[str, Any], rounding: list[tuple[str, str, str]] | No
             fmt_macs(c["dense_flops"]),
             f"{c['flops'] / c['dense_flops']:.1%}",
         )
+    sparse = info["params_counted"] != info["params"]
     table.add_row(
-        "params",
-        fmt_params(info["params_counted"]),
+        "params (non-zero)" if sparse else "params",
+        fmt_params(info["params"]),
         fmt_params(info["dense_params"]),
-        f"{info['params_counted'] / info['dense_params']:.1%}",
+        f"{info['params'] / info['dense_params']:.1%}",
     )
+    if sparse:  # sparse layers are stored dense with their zeros in place
+        table.add_row(
+            "params (stored)",
+            fmt_params(info["params_counted"]),
+            fmt_params(info["dense_params"]),
+            f"{info['params_counted'] / info['dense_params']:.1%}",
+        )
     out.print(table)
     if rounding:
         t = Table(
@@ -200,10 +229,10 @@ def export_cmd(
         export_onnx(model, onnx, opset=opset)
         out.print(f"ONNX written to {onnx}")
         if check:
-            err = onnx_max_error(model, onnx)
+            max_err = onnx_max_error(model, onnx)
             out.print(
-                f"onnxruntime vs PyTorch: max |difference| {err:.2e}"
-                if err is not None
+                f"onnxruntime vs PyTorch: max |difference| {max_err:.2e}"
+                if max_err is not None
                 else "onnxruntime is not installed: output not checked"
             )
     if torchscript:
@@ -353,7 +382,7 @@ def finetune_cmd(
     weights: WeightsOpt = None,
     masks: Annotated[
         str | None,
-        typer.Option("--masks", help="search.ckpt whose kept FFN neurons --init pretrained gathers"),
+        typer.Option("--masks", help="search.ckpt whose kept units (every group) --init pretrained gathers"),
     ] = None,
     teacher: Annotated[
         str | None, typer.Option("--teacher", help="a timm model name or a built .safetensors")
@@ -429,10 +458,12 @@ def eval_cmd(
     dev = _device(device)
     model = _model(frozen, weights, None).to(dev)
     program = _program_of(frozen, model)
-    dataset = load_data(data or str(program.checked.search.values["data"]), model.spvit_geometry)
+    source = data or str(program.checked.search.values["data"])
+    dataset = load_data(source, model.spvit_geometry)
     metrics = evaluate(model, dataset.val, batch_size=batch_size, device=dev)
     costs = _costs(model)
     result = metrics.as_dict() | {
+        "data": source,
         "flops_paper": costs["paper"]["flops"] / 1e9,
         "flops_exact": costs["exact"]["flops"] / 1e9,
         "params": costs["params"] / 1e6,
@@ -441,7 +472,8 @@ def eval_cmd(
         print(json.dumps(result, sort_keys=True))
         return
     out.print(
-        f"top-1 {metrics.top1:.2f}%  top-5 {metrics.top5:.2f}%  loss {metrics.loss:.4f}  on {metrics.images} images"
+        f"top-1 {metrics.top1:.2f}%  top-5 {metrics.top5:.2f}%  loss {metrics.loss:.4f}  on {metrics.images} "
+        f"validation images of '{source}'" + ("" if data else " (the spec's data; --data to change)")
     )
     out.print(
         f"cost {fmt_macs(costs['paper']['flops'])} (paper) / {fmt_macs(costs['exact']['flops'])} (exact), "

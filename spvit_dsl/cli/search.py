@@ -17,18 +17,44 @@ __all__ = ["register", "summary_tables"]
 
 
 def summary_tables(result: Any, program: Any) -> list[Any]:
-    """The final summary: per-block choices, then achieved cost against every budget."""
+    """The final summary: per-block choices (a column for every dimension the space decides), then the achieved
+    cost against every budget."""
     from rich.table import Table
 
+    from ..space.plan import LAYERS
     from ..space.units import fmt_macs, fmt_params
 
-    blocks = Table(title="searched architecture", title_justify="left")
-    for col in ("block", "attention", "ffn kept", "of"):
-        blocks.add_column(col, justify="right" if col != "attention" else "left")
-    for p, b in zip(program.space.plans, result.arch.blocks, strict=True):
-        blocks.add_row(str(p.geom.index), b.op, str(b.ffn), str(p.geom.hidden))
+    space, arch = program.space, result.arch
+    decided = {d.kind for d in program.graph.decisions()}
+    g = space.geometry
+    widths = ", ".join(
+        f"{w}/{d}" if g.stages == 1 else f"stage {s}: {w}/{d}"
+        for s, (w, d) in enumerate(zip(arch.embed, g.dims, strict=True))
+    )
+    blocks = Table(title=f"searched architecture (embedding width {widths})", title_justify="left")
+    columns = ["block", "attention"]
+    columns += [k for k in ("heads", "head_dim") if k in decided]
+    columns += ["ffn kept", "of"] + (["sparsity"] if "weights" in decided else [])
+    for col in columns:
+        blocks.add_column(col, justify="left" if col in ("attention", "sparsity") else "right")
+    for p, b in zip(space.plans, arch.blocks, strict=True):
+        row = {
+            "block": str(p.geom.index),
+            "attention": b.op,
+            "ffn kept": str(b.ffn),
+            "of": str(p.geom.hidden),
+        }
+        row["heads"] = f"{b.heads}/{p.geom.heads}"
+        row["head_dim"] = f"{b.head_dim}/{p.geom.head_dim}"
+        by_value: dict[float, list[str]] = {}  # layers with the same sparsity share one entry
+        for layer in LAYERS:
+            if b.density.of(layer) < 1:
+                by_value.setdefault(round(1 - b.density.of(layer), 6), []).append(layer)
+        row["sparsity"] = " ".join(f"{','.join(ls)} {v:g}" for v, ls in by_value.items()) or "-"
+        blocks.add_row(*(row[c] for c in columns))
     costs = Table(
-        title=f"cost ({program.convention} convention for budgets; FLOPs are multiply-adds)",
+        title=f"cost ({program.convention} convention for budgets; FLOPs are multiply-adds"
+        + ("; sparse layers count non-zero weights)" if arch.sparse else ")"),
         title_justify="left",
     )
     for col in ("metric", "achieved", "budget", "ratio"):
@@ -38,9 +64,16 @@ def summary_tables(result: Any, program: Any) -> list[Any]:
         costs.add_row(
             b["metric"], fmt(b["achieved"]), f"{fmt(b['limit'])} ({b['text']})", f"{b['ratio']:.2%}"
         )
-    costs.add_row("flops (paper)", fmt_macs(result.costs["flops_paper"]), "", "")
-    costs.add_row("flops (exact)", fmt_macs(result.costs["flops_exact"]), "", "")
-    costs.add_row("params", fmt_params(result.costs["params"]), "", "")
+    budgeted = {b["metric"] for b in result.budgets}
+    for key, label, fmt in (
+        ("flops_paper", "flops (paper)", fmt_macs),
+        ("flops_exact", "flops (exact)", fmt_macs),
+        ("params", "params", fmt_params),
+    ):
+        metric = "flops" if key.startswith("flops") else "params"
+        if metric in budgeted and (metric == "params" or key == f"flops_{program.convention}"):
+            continue  # already in a budget row
+        costs.add_row(label, fmt(result.costs[key]), "", "")
     return [blocks, costs]
 
 

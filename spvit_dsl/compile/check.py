@@ -373,7 +373,7 @@ def _ffn_width(x: float, form: str, dim: int, hidden: int, span: Span) -> int:
     return int(x)
 
 
-def _ints(choice: ast.Choice, lo: int, hi: int, what: str) -> tuple[int, ...]:
+def _ints(choice: ast.Choice, lo: int, hi: int, what: str, where: str = "") -> tuple[int, ...]:
     v = choice.value
     if not isinstance(v, ast.NumSet):
         raise SpecError(
@@ -384,7 +384,8 @@ def _ints(choice: ast.Choice, lo: int, hi: int, what: str) -> tuple[int, ...]:
     values, span = expand(v, what=what, integer=True)
     for x in values:
         if not lo <= x <= hi:
-            raise SpecError(f"{what} {int(x)} is outside {lo}..{hi}", span)
+            dense = f" (the dense count of {where})" if where else ""
+            raise SpecError(f"{what} {int(x)} is outside {lo}..{hi}{dense}", span)
     return tuple(sorted({int(x) for x in values}))
 
 
@@ -420,6 +421,11 @@ def _sparsity(choice: ast.Choice) -> dict[str, tuple[float, ...]]:
     return out
 
 
+def _where(geo: Geometry, block: int) -> str:
+    b = geo.blocks[block]
+    return f"block {block}, stage {b.stage}" if geo.family == "swin" else f"block {block}"
+
+
 def _apply(choice: ast.Choice, draft: _Draft, geo: Geometry, block: int) -> list[str]:
     """Apply one choice to one block; return the group paths it set."""
     b = geo.blocks[block]
@@ -429,9 +435,9 @@ def _apply(choice: ast.Choice, draft: _Draft, geo: Geometry, block: int) -> list
     elif field == "ffn":
         draft.ffn = _ffn(choice, b.hidden, b.dim)
     elif field == "heads":
-        draft.heads = _ints(choice, 1, b.heads, "heads")
+        draft.heads = _ints(choice, 1, b.heads, "heads", _where(geo, block))
     elif field == "head_dim":
-        draft.head_dim = _ints(choice, 1, b.head_dim, "head_dim")
+        draft.head_dim = _ints(choice, 1, b.head_dim, "head_dim", _where(geo, block))
     elif field == "sparsity":
         layers = _sparsity(choice)
         draft.density.update(layers)

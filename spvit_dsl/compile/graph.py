@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -21,7 +21,17 @@ import networkx as nx
 from ..space import cost
 from ..space.groups import UnitGroup, groups
 from ..space.groups import decisions as space_decisions
-from ..space.plan import CONVENTIONS, BlockArch, BlockPlan, Convention, Cost, Density, FrozenArch, Space
+from ..space.plan import (
+    CONVENTIONS,
+    BlockArch,
+    BlockPlan,
+    Convention,
+    Cost,
+    Density,
+    FrozenArch,
+    Space,
+    reads_image,
+)
 
 
 @dataclass(frozen=True)
@@ -112,7 +122,20 @@ def _extreme(space: Space, convention: Convention, metric: str, pick: Any) -> Fr
         options = [BlockArch(op, base.ffn, base.heads, base.head_dim, density) for op in p.attention]
         dim = embed[p.geom.stage]
         blocks.append(pick(options, key=lambda a: cost.block_cost(p.geom, a, convention, dim).of(metric)))
-    return FrozenArch(tuple(blocks), embed)
+    arch = FrozenArch(tuple(blocks), embed)
+    if pick is min and not reads_image(space.geometry, arch):
+        # the cheapest network that still reads the image: the one block where msa costs least extra runs it
+        def extra(i: int) -> float:
+            p, b = space.plans[i], arch.blocks[i]
+            dim = embed[p.geom.stage]
+            msa = cost.block_cost(p.geom, replace(b, op="msa"), convention, dim).of(metric)
+            return msa - cost.block_cost(p.geom, b, convention, dim).of(metric)
+
+        candidates = [i for i, p in enumerate(space.plans) if "msa" in p.attention]
+        if candidates:
+            i = min(candidates, key=extra)
+            arch = arch.with_block(i, op="msa")
+    return arch
 
 
 def _bounds(space: Space, convention: Convention) -> Bounds:

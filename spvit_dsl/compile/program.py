@@ -129,8 +129,24 @@ def compile_text(
         resolved, warnings = _resolve_budgets(items, graph.bounds(conv), conv)
     except SpecError as exc:
         raise exc.with_source(text) if exc.span is None or exc.span.path == path else exc from None
-    warnings += _unsupported(checked, graph)
+    warnings += _unsupported(checked, graph) + _blind(checked)
     return Program(checked, graph, conv, tuple(resolved), text, checked.warnings + warnings)
+
+
+def _blind(checked: Checked) -> list[SpecWarning]:
+    """A ViT space where no block can run msa: its class token never reads the image (see ``reads_image``)."""
+    space = checked.space
+    g = space.geometry
+    if g.family == "swin" or g.prefix_tokens == 0 or any("msa" in p.attention for p in space.plans):
+        return []
+    return [
+        SpecWarning(
+            "no block can run msa: the class token reads the image only through attention, so every image gets "
+            "the same logits",
+            checked.origins.get("blocks.0.attention"),
+            hint="allow msa in at least one block, e.g. attention: one of {conv3x3, msa}",
+        )
+    ]
 
 
 def _unsupported(checked: Checked, graph: SearchGraph) -> list[SpecWarning]:

@@ -35,7 +35,7 @@ from ..compile.program import Budget
 from ..space import cost as cost_model
 from ..space.geometry import Convention, Geometry
 from ..space.groups import UnitGroup, with_value
-from ..space.plan import FrozenArch
+from ..space.plan import FrozenArch, reads_image
 
 __all__ = ["DualAscent", "GroupSteps", "Projection", "Target", "project", "targets_of"]
 
@@ -176,6 +176,23 @@ class Projection:
         self._blocks = [self._block_cost(i) for i in range(geometry.depth)]
         self._stem = self._stem_cost(self.arch)
         self.removed = self.added = 0
+        self._read_image()
+
+    def _read_image(self) -> None:
+        """A ViT point with no msa block classifies every image alike (:func:`reads_image`): if the start point is
+        one, raise the attention group whose msa step is worth the most (any, in random order) to msa; the budget
+        phases then make room for it, and no move ever drops the last msa block."""
+        if reads_image(self.geometry, self.arch):
+            return
+        options = [s for s in self.steps.values() if s.group.kind == "attention" and "msa" in s.values]
+        if not options:
+            return  # the space fixes every block's op: nothing to choose here
+        if self.order == "random":
+            pick = self.rng.choice(options)
+        else:
+            pick = max(options, key=lambda s: s.scores[s.values.index("msa") - 1])
+        self.apply(pick.group.path, pick.values.index("msa"))
+        self.added += 1
 
     # -- costs
     def _block_cost(self, i: int, arch: FrozenArch | None = None) -> dict[str, float]:
@@ -240,10 +257,18 @@ class Projection:
         s = self.steps[path]
         if s.level <= s.floor:
             return None
+        if s.group.kind == "attention" and s.values[s.level] == "msa" and self._last_msa():
+            return None  # the class token's only way to read the image (reads_image)
         w = self.weight(self.delta(path, s.level - 1), over)
         if w <= 0:
             return None
         return self.rng.random() if self.order == "random" else s.scores[s.level - 1] / w
+
+    def _last_msa(self) -> bool:
+        """Whether dropping any msa block would leave a point that does not read the image."""
+        if self.geometry.family == "swin" or self.geometry.prefix_tokens == 0:
+            return False
+        return sum(b.op == "msa" for b in self.arch.blocks) <= 1
 
     def _up_key(self, path: str) -> float | None:
         s = self.steps[path]
@@ -264,8 +289,10 @@ class Projection:
             ]
             if not keys:
                 names = ", ".join(f"{t.metric} <= {t.text or t.limit}" for t in over)
+                kept_msa = " but the last msa block (without one a ViT's class token never reads the image)"
                 raise ValueError(
                     f"the budget projection cannot meet {names}: no group left that lowers the cost"
+                    + (kept_msa if self._last_msa() and any(b.op == "msa" for b in self.arch.blocks) else "")
                 )
             heap = list(keys)
             heapq.heapify(heap)

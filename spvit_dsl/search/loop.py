@@ -164,7 +164,8 @@ def _setup(
 
 def _search(run: Run, callback: Callable[[StepInfo], None] | None) -> SearchResult:
     ctx, kind = run.ctx, run.strategy.kind
-    run.reporter.start(ctx.total_steps, min(run.step, ctx.total_steps), budget_text(ctx.targets))
+    if kind != "data_free":  # a data-free strategy takes no steps: no progress bar to draw
+        run.reporter.start(ctx.total_steps, min(run.step, ctx.total_steps), budget_text(ctx.targets))
     try:
         with SigintFlag() as flag:
             if kind == "train":

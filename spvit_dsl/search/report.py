@@ -62,6 +62,19 @@ def _cost_panel(
 ) -> None:
     steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
+    if not steps and not epochs and final is not None:  # a data-free search: no trajectory, only the result
+        ratios = [final[t.metric] / t.limit for t in targets]
+        bars = ax.bar(
+            [f"{t.metric} <= {t.text}" for t in targets], ratios, color="#8ecae6", edgecolor="black"
+        )
+        for bar, r in zip(bars, ratios, strict=True):
+            ax.text(bar.get_x() + bar.get_width() / 2, r + 0.02, f"{r:.1%}", ha="center", fontsize=8)
+        ax.axhline(1.0, color="red", ls="--", lw=1, label="budget")
+        ax.set_ylim(0, max(1.2, max(ratios) + 0.15))
+        ax.set_ylabel("cost / budget")
+        ax.set_title("cost of the searched network against each budget (data-free: no training trajectory)")
+        ax.legend(fontsize=7)
+        return
     for t in targets:
         if steps:
             ax.plot(
@@ -80,13 +93,13 @@ def _cost_panel(
             )
     if final is not None:
         last = max((r["step"] for r in records), default=0)
-        for t in targets:
+        for t, color in zip(targets, ("green", "purple", "brown"), strict=False):
             ax.plot(
                 [last],
                 [final[t.metric] / t.limit],
                 "*",
                 ms=14,
-                color="green",
+                color=color,
                 label=f"{t.metric} after projection",
             )
     ax.axhline(1.0, color="red", ls="--", lw=1, label="budget")

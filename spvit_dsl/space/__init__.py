@@ -19,6 +19,7 @@ from .plan import (
     FrozenArch,
     Space,
     dense_arch,
+    reads_image,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "Geometry",
     "Space",
     "dense_arch",
+    "reads_image",
 ]

@@ -31,6 +31,7 @@ __all__ = [
     "Geometry",
     "Space",
     "dense_arch",
+    "reads_image",
 ]
 
 # The weight matrices of a block that unstructured sparsity applies to (timm names: attn.qkv, attn.proj,
@@ -171,6 +172,19 @@ def dense_arch(geometry: Geometry) -> FrozenArch:
     """The dense backbone as a point: every block msa with its dense heads, head width and FFN; dense widths."""
     blocks = tuple(BlockArch("msa", b.hidden, b.heads, b.head_dim) for b in geometry.blocks)
     return FrozenArch(blocks, geometry.dims)
+
+
+def reads_image(geometry: Geometry, arch: FrozenArch) -> bool:
+    """Whether the classifier's input depends on the image at all.
+
+    ViT/DeiT classify from the class (and distillation) token, and only attention (``msa``) mixes the patch tokens
+    into it: SPViT's conv ops pass the prefix tokens through unchanged (SPViT §4; our compact modules do the same),
+    ``skip`` runs nothing and the FFN works token by token. A ViT point with no ``msa`` block therefore gives every
+    image the same logits. Swin pools every token of the last stage: always True.
+    """
+    if geometry.family == "swin" or geometry.prefix_tokens == 0:
+        return True
+    return any(b.op == "msa" for b in arch.blocks)
 
 
 @dataclass(frozen=True)

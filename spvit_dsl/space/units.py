@@ -72,6 +72,10 @@ def parse_budget_flag(text: str) -> Limit:
     if not m:
         raise UnitError(f"cannot read budget '{text}'; expected e.g. 3.3GFLOPs, 16Mparams or 70%")
     number, unit = float(m.group(1)), m.group(2)
+    if not unit:  # "--budget 50": 50% or 50 G? A bare count of 50 multiply-adds is never what was meant
+        raise UnitError(
+            f"budget '{text}' has no unit; write e.g. {text}% (of the dense FLOPs), {text}GFLOPs or {text}Mparams"
+        )
     if unit.endswith("params"):
         return to_limit("params", number, "%" if unit == "%params" else unit, text)
     return to_limit("flops", number, unit, text)
