@@ -50,6 +50,7 @@ CASES = {
         "--threads",
         "1",
     ],  # fmt: skip
+    "dimap": ["bench/dimap.py", "--parts", "quality", "--seeds", "0", "--epochs", "1"],
 }
 
 
@@ -59,6 +60,8 @@ def test_bench_script_runs_and_writes_its_report(name: str, tmp_path: Path) -> N
     args = [*CASES[name]]
     if name == "search_step":
         args += ["--out", str(tmp_path / "search_step-test.json")]
+    if name == "dimap":
+        args += ["--out", str(tmp_path / "runs")]
     done = subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )

@@ -148,15 +148,18 @@ def _search_ckpt(frozen: Path, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _same_weights(model: torch.nn.Module, other: torch.nn.Module) -> None:
-    """Equal parameters (BatchNorm running statistics move in training mode even at learning rate 0)."""
+    """Equal parameters up to the 1e-30 steps of a learning rate of 1e-30 (Adam's steps are about the rate: they
+    vanish next to any non-zero float32 value and leave exact zeros at most 1e-29 away). BatchNorm running
+    statistics are buffers, not compared: they move in training mode at any rate."""
     theirs = dict(other.named_parameters())
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p, theirs[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(p, theirs[name], rtol=0, atol=1e-25, msg=name)
 
 
 def test_cli_finetune_starts_from_the_built_network(frozen: Path, tmp_path: Path) -> None:
     """--init search starts from the folded search checkpoint, --init pretrained --masks from the dense weights of the
-    units the search kept (at learning rate 0 the best model is the start, parameter for parameter)."""
+    units the search kept (at a learning rate of 1e-30 the best model is the start, parameter for parameter; a rate
+    of 0 is refused)."""
     import timm
     from safetensors.torch import save_file
 
@@ -169,7 +172,7 @@ def test_cli_finetune_starts_from_the_built_network(frozen: Path, tmp_path: Path
     dense = timm.create_model(g.model, pretrained=False, **g.kwargs())
     dense_path = tmp_path / "dense.safetensors"
     save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(dense_path))
-    fast = ["--steps", "2", "--epochs", "1", "--lr", "0", "--device", "cpu"]
+    fast = ["--steps", "2", "--epochs", "1", "--lr", "1e-30", "--min-lr", "1e-30", "--device", "cpu"]
     for args, start in (
         (["--init", "search", "--weights", str(ckpt)], build(str(frozen), weights=str(ckpt))),
         (
@@ -280,6 +283,15 @@ def test_cli_finetune_with_a_teacher(frozen: Path, tmp_path: Path) -> None:
         (["--init", "none", "--data", "/no/such/folder"], "/no/such/folder"),
         (["--init", "none", "--device", "cuda"], "--device cuda: CUDA is not available"),
         (["--init", "none", "--device", "tpu"], "--device: expected auto, cpu, cuda or cuda:N, found 'tpu'"),
+        (["--init", "none", "--recipe", "dimapp"], "--recipe: expected one of spvit, dimap, found 'dimapp'"),
+        (["--init", "none", "--lr", "nan"], "--lr must be a positive finite number, found nan"),
+        (["--init", "none", "--lr", "0"], "--lr must be a positive finite number"),
+        (["--init", "none", "--min-lr", "-1"], "--min-lr must be a positive finite number"),
+        (["--init", "none", "--weight-decay", "inf"], "--weight-decay must be a finite number of at least 0"),
+        (
+            ["--init", "none", "--warmup-epochs", "-2"],
+            "--warmup-epochs must be a finite number of at least 0",
+        ),
     ],
 )
 def test_cli_finetune_errors_are_one_line(
@@ -293,3 +305,53 @@ def test_cli_finetune_errors_are_one_line(
         main(["finetune", str(frozen), "--epochs", "1", "--out", str(tmp_path / "x"), *args])
     err = capsys.readouterr().err
     assert info.value.code == 1 and message in err and "Traceback" not in err
+
+
+def test_recipes_are_presets_that_flags_override() -> None:
+    from spvit_dsl.lang.errors import UsageError
+    from spvit_dsl.train.finetune import RECIPES, recipe_settings
+
+    dimap = recipe_settings("dimap")
+    # DIMAP's schedule (arXiv 2404.13648): lr 2e-5 cosine to 2e-7, 15 warm-up epochs, weight decay 1e-8, 30 epochs
+    assert (dimap.lr, dimap.min_lr, dimap.warmup_epochs, dimap.weight_decay, dimap.epochs) == (
+        2e-5,
+        2e-7,
+        15.0,
+        1e-8,
+        30,
+    )
+    tuned = recipe_settings("dimap", epochs=3, lr=None, seed=4)
+    assert (tuned.epochs, tuned.lr, tuned.seed) == (3, 2e-5, 4)  # None leaves the preset's value
+    assert recipe_settings("spvit").lr == RECIPES["spvit"]["lr"] != dimap.lr
+    with pytest.raises(UsageError, match="expected one of"):
+        recipe_settings("ofb")
+
+
+def test_cli_finetune_recipe_sets_the_schedule(frozen: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    result = runner.invoke(
+        app,
+        ["finetune", str(frozen), "--init", "none", "--recipe", "dimap", "--epochs", "2", "--steps", "3"]
+        + ["--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # warm-up of 15 epochs: after a few steps the rate is still a small fraction of the peak 2e-5
+    assert 0 < rows[-1]["lr"] < 2e-5 * 0.2
+
+
+def test_recipe_warmup_scales_with_the_epochs_given() -> None:
+    from spvit_dsl.train.finetune import recipe_settings
+
+    assert recipe_settings("dimap", epochs=6).warmup_epochs == 3.0  # DIMAP warms up for half of its schedule
+    assert recipe_settings("dimap", epochs=6, warmup_epochs=1).warmup_epochs == 1.0  # given: kept
+
+
+def test_cli_finetune_starts_a_built_model_from_its_own_weights(frozen: Path, tmp_path: Path) -> None:
+    built = tmp_path / "net.safetensors"
+    assert runner.invoke(app, ["build", str(frozen), "--weights", "none", "--out", str(built)]).exit_code == 0
+    result = runner.invoke(app, ["finetune", str(built), "--steps", "2", "--out", str(tmp_path / "ft")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ft" / "best.safetensors").exists()
+    refused = runner.invoke(app, ["finetune", str(built), "--init", "none", "--out", str(tmp_path / "x")])
+    assert refused.exit_code != 0 and "starts from its own weights" in str(refused.exception)

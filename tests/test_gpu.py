@@ -77,3 +77,30 @@ def test_compact_model_on_cuda_equals_cpu(tmp_path: Path) -> None:
         cpu = model(x)
         gpu = model.cuda()(x.cuda()).cpu()
     assert (cpu - gpu).abs().max().item() <= 1e-3
+
+
+def test_two_of_four_layers_run_on_sparse_kernels(tmp_path: Path) -> None:
+    """DIMAP's 2:4 extension: the searched layers convert to semi-structured sparse tensors and give the same output."""
+    from spvit_dsl.compact.build import build
+    from spvit_dsl.compact.semi import semi_structured_layers, to_semi_structured
+    from spvit_dsl.compile.program import compile_text
+    from spvit_dsl.search import run_search
+
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("2:4 sparse kernels need an Ampere or newer GPU")
+    text = """backbone vit_tiny_patch16_224 { weights = none; image = 64; patch = 8; classes = 10
+      embed_dim = 128; depth = 2; heads = 2 }
+    blocks all { sparsity: {0, 0.5} }
+    budget { flops <= 80% }
+    search dimap { semi_structured = true }
+    """
+    res = run_search(compile_text(text, "semi.vit"), out=str(tmp_path / "run"), quiet=True)
+    model = build(res.frozen_path, weights=res.checkpoint_path).cuda().half().eval()
+    assert semi_structured_layers(model)
+    x = torch.randn(8, 3, 64, 64, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        before = model(x).float()
+        report = to_semi_structured(model)
+        after = model(x).float()
+    assert "converted" in report.values(), report
+    assert (before - after).abs().max().item() <= 2e-2 * before.abs().max().item()

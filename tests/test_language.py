@@ -187,3 +187,19 @@ def test_token_soup_raises_only_spec_errors(tokens: list[str]) -> None:
 @given(st.text(max_size=80))
 def test_random_text_raises_only_spec_errors(text: str) -> None:
     _compile_or_spec_error(text)
+
+
+@pytest.mark.parametrize(
+    ("choice", "hint"),
+    [("sparsity: 0..0.9", "0..0.9 step 0.1"), ("ffn: ratios 1..3.5", "1..3.5 step 0.1")],
+)
+def test_a_fractional_range_without_a_step_is_refused_not_truncated(choice: str, hint: str) -> None:
+    """With the default step 1, `0..0.9` would mean {0}: a located error with a step to use instead."""
+    from spvit_dsl.compile.program import compile_text
+    from spvit_dsl.lang.errors import SpecError
+
+    text = f"backbone deit_tiny_patch16_224 {{ }}\nblocks all {{ {choice} }}\n"
+    with pytest.raises(SpecError, match="needs a step") as info:
+        compile_text(text, "r.vit")
+    assert info.value.span is not None and info.value.span.line == 2 and hint in (info.value.hint or "")
+    assert compile_text(text.replace("}\n", "}\n", 1).replace(choice, choice + " step 0.5"), "ok.vit")

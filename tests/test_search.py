@@ -200,6 +200,13 @@ def test_init_checkpoint_starts_from_dense_weights(tmp_path):
 def test_budget_flags_read_their_unit(flag, want):
     limit = parse_budget_flag(flag)
     assert (limit.metric, limit.value, limit.relative) == pytest.approx(want)
+    # the text is what a spec would write after `metric <=`, so a frozen spec can quote it and compile again
+    program = compile_text(
+        f"backbone deit_tiny_patch16_224 {{ }}\nblocks all {{ ffn: per neuron }}\n"
+        f"budget {{ {limit.metric} <= {limit.text} }}\n",
+        "flag.vit",
+    )
+    assert program.budgets[0].metric == limit.metric
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ evaluation) belong here too: one section each, their work in library modules.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -170,15 +171,15 @@ def _print_build(info: dict[str, Any], rounding: list[tuple[str, str, str]] | No
     table = Table(title="cost (FLOPs are multiply-adds)", title_justify="left")
     for col in ("", "compact", "dense", "ratio"):
         table.add_column(col, justify="right")
+    sparse = info["params_counted"] != info["params"]
     for conv in ("paper", "exact"):
         c = info[conv]
         table.add_row(
-            f"FLOPs ({conv})",
+            f"FLOPs ({conv}{', non-zero weights' if sparse else ''})",
             fmt_macs(c["flops"]),
             fmt_macs(c["dense_flops"]),
             f"{c['flops'] / c['dense_flops']:.1%}",
         )
-    sparse = info["params_counted"] != info["params"]
     table.add_row(
         "params (non-zero)" if sparse else "params",
         fmt_params(info["params"]),
@@ -372,10 +373,31 @@ def finetune_cmd(
     data: Annotated[
         str | None, typer.Option("--data", help="digits | synthetic | an image folder (default: the spec's)")
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="passes over the training data")] = 30,
+    recipe: Annotated[
+        str, typer.Option("--recipe", help="spvit | dimap: preset schedule; the flags below override it")
+    ] = "spvit",
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", min=1, help="passes over the training data (spvit, dimap: 30)")
+    ] = None,
     steps: Annotated[int, typer.Option("--steps", min=0, help="stop after N steps (0: no limit)")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
-    lr: Annotated[float, typer.Option("--lr", help="peak AdamW learning rate (cosine schedule)")] = 5e-4,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help="peak AdamW learning rate (cosine schedule) (spvit: 5e-4, dimap: 2e-5)"),
+    ] = None,
+    min_lr: Annotated[
+        float | None, typer.Option("--min-lr", help="end of the cosine (spvit: 1e-5, dimap: 2e-7)")
+    ] = None,
+    warmup_epochs: Annotated[
+        float | None,
+        typer.Option(
+            "--warmup-epochs",
+            help="linear warm-up epochs (spvit: 1, dimap: 15; scaled with --epochs when not given)",
+        ),
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option("--weight-decay", help="AdamW weight decay (spvit: 0.05, dimap: 1e-8)")
+    ] = None,
     init: Annotated[
         str, typer.Option("--init", help="search | pretrained | none: where the weights start")
     ] = "search",
@@ -397,23 +419,47 @@ def finetune_cmd(
 ) -> None:
     """Fine-tune a frozen network; keeps the best-by-validation model as OUT/best.safetensors."""
     from ..runtime.data import load_data
-    from ..train.finetune import FinetuneSettings, finetune, load_teacher
+    from ..train.finetune import finetune, load_teacher, recipe_settings
 
     if distill not in ("hard", "soft", "none"):
         raise UsageError(f"--distill: expected hard, soft or none, found '{distill}'")
+    for flag, value in (("--lr", lr), ("--min-lr", min_lr)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} must be a positive finite number, found {value}")
+    for flag, value in (("--warmup-epochs", warmup_epochs), ("--weight-decay", weight_decay)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{flag} must be a finite number of at least 0, found {value}")
+    settings = recipe_settings(
+        recipe,
+        epochs=epochs,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_epochs=warmup_epochs,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        seed=seed,
+        steps=steps,
+        distill=distill,
+    )
     if init not in ("search", "pretrained", "none"):
         raise UsageError(f"--init: expected search, pretrained or none, found '{init}'")
-    if init == "search" and weights is None:
+    built = frozen.endswith(".safetensors")  # a built model holds its own weights: it starts from them
+    if init == "search" and weights is None and not built:
         raise UsageError("--init search needs --weights search.ckpt (or use --init pretrained / none)")
-    source = {"search": weights, "pretrained": weights or "pretrained", "none": "none"}[init]
+    if built and (weights is not None or init != "search"):
+        raise UsageError(
+            f"{frozen} is a built model and starts from its own weights: drop --weights and --init"
+        )
+    source = (
+        None if built else {"search": weights, "pretrained": weights or "pretrained", "none": "none"}[init]
+    )
     dev = _device(device)
     model = _model(frozen, source, None, masks if init == "pretrained" else None).to(dev)
     program = _program_of(frozen, model)
-    dataset = load_data(data or str(program.checked.search.values["data"]), model.spvit_geometry)
-    teacher_model = load_teacher(teacher, dev, model.spvit_geometry.num_classes) if teacher else None
-    settings = FinetuneSettings(
-        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, steps=steps, distill=distill
+    dataset = load_data(
+        data or str(program.checked.search.values.get("data", "digits")), model.spvit_geometry
     )
+    teacher_model = load_teacher(teacher, dev, model.spvit_geometry.num_classes) if teacher else None
     out_dir = out_dir or os.path.join("runs", os.path.basename(frozen).split(".")[0] + "-finetune")
     with _progress(f"fine-tune {os.path.basename(frozen)}") as progress:
         result = finetune(
@@ -458,7 +504,7 @@ def eval_cmd(
     dev = _device(device)
     model = _model(frozen, weights, None).to(dev)
     program = _program_of(frozen, model)
-    source = data or str(program.checked.search.values["data"])
+    source = data or str(program.checked.search.values.get("data", "digits"))
     dataset = load_data(source, model.spvit_geometry)
     metrics = evaluate(model, dataset.val, batch_size=batch_size, device=dev)
     costs = _costs(model)
@@ -476,8 +522,8 @@ def eval_cmd(
         f"validation images of '{source}'" + ("" if data else " (the spec's data; --data to change)")
     )
     out.print(
-        f"cost {fmt_macs(costs['paper']['flops'])} (paper) / {fmt_macs(costs['exact']['flops'])} (exact), "
-        f"{fmt_params(costs['params'])}"
+        f"cost: FLOPs (multiply-adds) {fmt_macs(costs['paper']['flops'])} (paper) / "
+        f"{fmt_macs(costs['exact']['flops'])} (exact), params {fmt_params(costs['params'])}"
     )
 
 

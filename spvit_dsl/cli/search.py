@@ -34,9 +34,9 @@ def summary_tables(result: Any, program: Any) -> list[Any]:
     blocks = Table(title=f"searched architecture (embedding width {widths})", title_justify="left")
     columns = ["block", "attention"]
     columns += [k for k in ("heads", "head_dim") if k in decided]
-    columns += ["ffn kept", "of"] + (["sparsity"] if "weights" in decided else [])
+    columns += ["ffn kept", "of"] + (["sparsity (zeros)"] if "weights" in decided else [])
     for col in columns:
-        blocks.add_column(col, justify="left" if col in ("attention", "sparsity") else "right")
+        blocks.add_column(col, justify="left" if col in ("attention", "sparsity (zeros)") else "right")
     for p, b in zip(space.plans, arch.blocks, strict=True):
         row = {
             "block": str(p.geom.index),
@@ -46,11 +46,11 @@ def summary_tables(result: Any, program: Any) -> list[Any]:
         }
         row["heads"] = f"{b.heads}/{p.geom.heads}"
         row["head_dim"] = f"{b.head_dim}/{p.geom.head_dim}"
-        by_value: dict[float, list[str]] = {}  # layers with the same sparsity share one entry
+        by_value: dict[str, list[str]] = {}  # layers with the same sparsity (to 0.1%) share one entry
         for layer in LAYERS:
             if b.density.of(layer) < 1:
-                by_value.setdefault(round(1 - b.density.of(layer), 6), []).append(layer)
-        row["sparsity"] = " ".join(f"{','.join(ls)} {v:g}" for v, ls in by_value.items()) or "-"
+                by_value.setdefault(f"{1 - b.density.of(layer):.1%}", []).append(layer)
+        row["sparsity (zeros)"] = " ".join(f"{','.join(ls)} {v}" for v, ls in by_value.items()) or "-"
         blocks.add_row(*(row[c] for c in columns))
     costs = Table(
         title=f"cost ({program.convention} convention for budgets; FLOPs are multiply-adds"
@@ -141,6 +141,14 @@ def register(app: typer.Typer) -> None:
             return
         for table in summary_tables(result, program):
             console.print(table)
+        thresholds = result.info.get("thresholds")
+        if isinstance(thresholds, dict) and thresholds:  # dimap: what the bisection ended at
+            shown = ", ".join(f"{k} {v:.3g}" for k, v in thresholds.items() if isinstance(v, float))
+            console.print(
+                f"every module keeps {float(result.info.get('kept_fraction', 0)):.1%} of its weights; "
+                f"LAMP thresholds: {shown}",
+                markup=False,
+            )
         console.print(f"frozen spec: {result.frozen_path}")
         console.print(
             f"checkpoint: {result.checkpoint_path}; metrics: {result.metrics_path}; report: {result.report_path}"

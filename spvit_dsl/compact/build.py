@@ -103,6 +103,15 @@ def adjust_kept(net: Supernet, arch: FrozenArch, kept: Mapping[str, Tensor]) -> 
         group = net.groups[path]
         if group.kind in ("weights", "attention"):
             continue
+        if index.dim() == 2:  # regrouped heads: (heads, head_dim) of the point, or not buildable
+            b = arch.blocks[group.block or 0]
+            if tuple(index.shape) != (b.heads, b.head_dim):
+                raise UsageError(
+                    f"{path}: the search regrouped heads into {index.shape[0]} of {index.shape[1]}, the frozen spec "
+                    f"says {b.heads} of {b.head_dim}; regrouped heads cannot be resized: search again"
+                )
+            out[path] = index
+            continue
         count = int(value_of(arch, group))
         if index.numel() > count:  # drop the smallest kept units; the others keep their order
             scores = net.unit_scores(path).to(index.device)[index]

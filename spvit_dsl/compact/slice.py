@@ -7,7 +7,8 @@ sparse layer). Output: the state dict of the compact network (:func:`~.skeleton.
 
 1. every structured group's coupled slices (:func:`spvit_dsl.space.groups.slices`) are cut with ``index_select``,
    residual channels first, then heads, per-head channels and FFN neurons — the same declared slices the supernet's
-   masks and :meth:`Supernet.shrink` use;
+   masks and :meth:`Supernet.shrink` use; regrouped heads (UP-ViT: a ``(heads, head_dim)`` index of attention
+   channels) cut q, k, v rows and proj columns by channel;
 2. a conv op is folded from the supernet's shared weights under the point's masks into
    ``Conv2d → BN → ReLU → Conv2d`` (SPViT §4), then cut the same way;
 3. a sparse layer keeps its dense shape with zeros in place: the weight times its kept mask, cut like the weight.
@@ -47,12 +48,13 @@ def _structured(net: Supernet, state: dict[str, Tensor], kept: Mapping[str, Tens
         for path, group in net.groups.items():
             if group.kind != kind or path not in kept:
                 continue
-            if kept[path].dim() != 1:
-                raise NotImplementedError(
-                    f"{path}: regrouped heads (kept indices per new head) cannot be built yet"
-                )
             keep = kept[path].cpu()
             i = group.block
+            if keep.dim() == 2:  # regrouped heads (UP-ViT): new head h = the channels keep[h] of q, k, v
+                assert i is not None and kind == "head_dim"
+                _regroup(state, g.blocks[i].module, keep, heads[i] * dims[i])
+                heads[i], dims[i] = keep.shape
+                continue
             if kind in ("heads", "head_dim"):
                 assert i is not None  # heads and per-head channels are groups of one block
                 units = {"heads": heads, "head_dim": dims}[kind][i]
@@ -69,6 +71,17 @@ def _structured(net: Supernet, state: dict[str, Tensor], kept: Mapping[str, Tens
                 heads[i] = keep.numel()
             elif kind == "head_dim" and i is not None:
                 dims[i] = keep.numel()
+
+
+def _regroup(state: dict[str, Tensor], module: str, keep: Tensor, attn_dim: int) -> None:
+    """Cut a block's q, k, v rows and proj columns to the regrouped channels ``keep`` (new heads × head_dim)."""
+    flat = keep.flatten().to(torch.long)
+    rows = torch.cat([flat + t * attn_dim for t in range(3)])
+    for name, axis, index in (("qkv.weight", 0, rows), ("qkv.bias", 0, rows), ("proj.weight", 1, flat)):
+        for key in (f"{module}.attn.{name}", f"{module}.attn.{name}{_MASK}"):
+            t = state.get(key)
+            if t is not None:
+                state[key] = t.index_select(axis, index.to(t.device))
 
 
 def _conv_state(net: Supernet, block: int, op: str, kept: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -236,11 +236,24 @@ def expand(ns: ast.NumSet, *, what: str, integer: bool) -> tuple[tuple[float, ..
             hint=f"an empty set leaves no candidate for {what}",
         )
     count = int((stop - start) / step) + 1
+    if ns.step is None and start + (count - 1) * step != stop:  # `0..0.9` would silently mean {0}
+        raise SpecError(
+            f"the range {ns.start.text}..{ns.stop.text} needs a step: with the default step 1 it stops at "
+            f"{start + (count - 1) * step}",
+            ns.span,
+            hint=f"e.g. {ns.start.text}..{ns.stop.text} step {_step_hint(start, stop)}",
+        )
     if count > 100_000:
         raise SpecError(
             f"the range {ns.start.text}..{ns.stop.text} has {count} values", ns.span, hint="use a larger step"
         )
     return tuple(float(start + i * step) for i in range(count)), ns.span
+
+
+def _step_hint(start: Decimal, stop: Decimal) -> str:
+    """The step of the ends' last decimal place (``0..0.9`` → 0.1, ``0..0.95`` → 0.01)."""
+    exponent = min(int(start.as_tuple().exponent), int(stop.as_tuple().exponent))
+    return str(Decimal(1).scaleb(exponent))
 
 
 def _nums(ns: ast.NumSet) -> list[ast.Num]:
@@ -614,6 +627,10 @@ def _search(spec: ast.Spec, items: list[Any]) -> SearchSettings:
     settings: dict[str, ast.Setting] = {}
     for s in (i for i in items if i.kind == "search"):
         if s.strategy is not None:
+            if (
+                s.strategy != strategy
+            ):  # a derived spec switching strategy: the base's settings were for the other
+                settings = {}
             strategy, strategy_span = s.strategy, s.strategy_span
         for st in s.settings:
             settings[st.key] = st
@@ -643,11 +660,21 @@ def _setting_value(st: ast.Setting, info: StrategyInfo) -> SettingValue:
     value = _plain(st.value)
     if param.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if param.type is bool and isinstance(st.value, ast.Name) and st.value.value in ("true", "false"):
+        return st.value.value == "true"
     if param.type is str and isinstance(st.value, ast.Name | ast.Str):
+        if param.choices and st.value.value not in param.choices:
+            raise SpecError(
+                f"'{st.key}' takes one of {', '.join(param.choices)}, found '{st.value.value}'",
+                st.value.span,
+                hint=did_you_mean(st.value.value, param.choices) or param.doc,
+            )
         return st.value.value
     if not isinstance(value, param.type) or (param.type is int and isinstance(value, float)):
         raise SpecError(
-            f"'{st.key}' takes {param.type.__name__} values, found {_describe(st.value)}",
+            f"'{st.key}' takes "
+            + ("true or false" if param.type is bool else f"{param.type.__name__} values")
+            + f", found {_describe(st.value)}",
             st.value.span,
             hint=param.doc,
         )

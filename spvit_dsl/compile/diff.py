@@ -67,6 +67,14 @@ def _fields(p: BlockPlan) -> dict[str, tuple[Any, ...]]:
     }
 
 
+def _within(name: str, point: Any, values: tuple[Any, ...]) -> bool:
+    """Whether a frozen value belongs to a space's candidates. A sparsity declaration spans a range: strategies that
+    prune single weights (dimap) pick any density inside it, so a sparsity is a member when within the range."""
+    if name.startswith("sparsity.") and isinstance(point, float):
+        return min(values) - 1e-9 <= point <= max(values) + 1e-9
+    return point in values
+
+
 def _show(values: tuple[Any, ...], plan: BlockPlan, name: str) -> str:
     if len(values) == 1:
         return str(values[0])
@@ -76,6 +84,8 @@ def _show(values: tuple[Any, ...], plan: BlockPlan, name: str) -> str:
             if plan.ffn.group > 1
             else f"0..{plan.geom.hidden} per neuron"
         )
+    if name.startswith("sparsity.") and len(values) > 3:  # a declared range: dimap may pick any value inside
+        return f"{min(values):g}..{max(values):g}"
     return "{" + ", ".join(map(str, values)) + "}"
 
 
@@ -128,7 +138,7 @@ def diff(a: Program, b: Program, *, convention: Convention | None = None) -> Dif
         note = ""
         if mixed:
             space_vals, point = (va, vb[0]) if kind == "space/frozen" else (vb, va[0])
-            note = "not in space" if point not in space_vals else ""
+            note = "" if _within(name, point, space_vals) else "not in space"
         rows.append(Row(block, stage, name, show(va), show(vb), note))
 
     for s, (ea, eb) in enumerate(zip(a.space.embed, b.space.embed, strict=False)):

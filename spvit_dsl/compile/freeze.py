@@ -36,7 +36,7 @@ def _setting(key: str, value: Any) -> ast.Setting:
 
 
 def _numset(x: float | int) -> ast.NumSet:
-    return ast.NumSet(form="one", items=(_num(f"{x:g}" if isinstance(x, float) else str(x)),))
+    return ast.NumSet(form="one", items=(_num(f"{x:.12g}" if isinstance(x, float) else str(x)),))
 
 
 def _sparsity(density: Density) -> ast.ChoiceValue:

@@ -206,7 +206,7 @@ def _resolve_budgets(
                     f"budget {limit.metric} <= {limit.text} cannot be met: the cheapest network in this space "
                     f"costs {fmt(rng.min)}{unit}, {over}"
                 )
-                hint = "widen the search space (add skip or smaller FFN widths) or relax the budget"
+                hint = "widen the search space (smaller widths, a skip op, more sparsity) or relax the budget"
             if span is None:
                 raise UsageError(msg + "; " + hint)
             raise SpecError(msg, span, hint=hint)

@@ -7,8 +7,8 @@ the budget) is registered under the same name in :mod:`spvit_dsl.search.methods`
 Three kinds of strategy, each with the settings that make sense for it:
 
 * ``train`` — trains a masked supernet (spvit; ofb planned): data, batches and optimisation settings;
-* ``score`` — scores units with data but trains nothing (upvit planned): data and batch settings;
-* ``data_free`` — needs no data at all (magnitude, random; dimap planned): only the seed.
+* ``score`` — scores units with data but trains nothing (upvit): data and batch settings;
+* ``data_free`` — needs no data at all (magnitude, random, dimap): only the seed.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class Param:
     type: type  # int, float, str or bool
     default: SettingValue
     doc: str
+    choices: tuple[str, ...] = ()  # the accepted values of a str setting (empty: any)
 
 
 @dataclass(frozen=True)
@@ -100,5 +101,48 @@ register_strategy(
         doc="control: kept units drawn uniformly at random under the budget (seeded)",
         decisions=ALL_KINDS,
         kind="data_free",
+    )
+)
+
+register_strategy(
+    StrategyInfo(
+        name="dimap",
+        doc="DIMAP: data-free LAMP scores of single weights, one threshold per module (qkv, proj, mlp), bisected to "
+        "the budget (arXiv 2404.13648); on ffn / heads / head_dim: the same scores summed per row (our extension)",
+        decisions=frozenset({"weights", "ffn", "heads", "head_dim"}),
+        params={
+            "scope": Param(
+                str,
+                "module",
+                "module: one threshold per module, QKV-M, PRJ-M, MLP-M (the paper); global: one for all layers",
+                choices=("module", "global"),
+            ),
+            "semi_structured": Param(
+                bool,
+                False,
+                "2:4 sparsity (our extension): a layer stays dense or keeps the 2 largest of every 4 consecutive "
+                "weights of a row, for GPU sparse kernels; needs 0.5 among the layer's sparsity values",
+            ),
+        },
+        kind="data_free",
+    )
+)
+
+register_strategy(
+    StrategyInfo(
+        name="upvit",
+        doc="UP-ViT: leave-one-out KL importance of embedding channels, attention channels and FFN neurons on a "
+        "proxy set, regrouped heads (Yu & Wu, arXiv 2111.15127); ranges under a budget: our extension",
+        decisions=frozenset({"embed", "heads", "head_dim", "ffn"}),
+        params={
+            "proxy_per_class": Param(
+                int, 5, "proxy images per class taken from the training data (labels unused)"
+            ),
+            "units_per_pass": Param(
+                int, 32, "units ablated per forward pass (the proxy batch repeated per unit)"
+            ),
+            "groups": Param(str, "all", "what to score: all, or a comma list of embed, attention, ffn"),
+        },
+        kind="score",
     )
 )

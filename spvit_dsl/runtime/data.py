@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, TensorDataset
 
 from ..lang.errors import UsageError
 from ..space.plan import Geometry
@@ -49,6 +49,13 @@ class Data:
     source: str  # "digits", "synthetic" or the folder
     mixup: Any = None  # timm Mixup (image folders) or None
     train_loss: nn.Module | None = None  # None: plain cross-entropy
+    train_eval: Dataset | None = (
+        None  # the training images with evaluation transforms (None: ``train`` has none)
+    )
+
+    def train_plain(self) -> Dataset:
+        """The training images without augmentation (proxy sets, teachers' inputs)."""
+        return self.train_eval if self.train_eval is not None else self.train
 
     def loss(self) -> nn.Module:
         return self.train_loss if self.train_loss is not None else nn.CrossEntropyLoss()
@@ -117,6 +124,11 @@ class SyntheticImages(Dataset):
         gen = torch.Generator().manual_seed(1_000_003 * (index + self.offset) + 17)
         label = int(torch.randint(self.classes, (1,), generator=gen))
         return self.templates[label] + 0.5 * torch.randn(self.shape, generator=gen), label
+
+    def label(self, index: int) -> int:
+        """The label of sample ``index`` without drawing its image."""
+        gen = torch.Generator().manual_seed(1_000_003 * (index + self.offset) + 17)
+        return int(torch.randint(self.classes, (1,), generator=gen))
 
 
 def _synthetic(geometry: Geometry) -> Data:
@@ -234,7 +246,8 @@ def _folder(path: str, geometry: Geometry, augment: bool = True) -> Data:
         else None
     )
     loss = SoftTargetCrossEntropy() if mixup is not None else nn.CrossEntropyLoss(label_smoothing=0.1)
-    return Data(train, val, classes, path, mixup, loss)
+    plain = cls(train_dir, transform=tf_val, class_map=_class_map(train))
+    return Data(train, val, classes, path, mixup, loss, plain)
 
 
 def _class_map(train: Any) -> dict[str, int]:
@@ -248,6 +261,37 @@ def load_data(value: str, geometry: Geometry) -> Data:
     if value == "synthetic":
         return _synthetic(geometry)
     return _folder(os.path.expanduser(value), geometry)
+
+
+def labels_of(dataset: Dataset) -> list[int]:
+    """The label of every sample, without decoding images where the dataset knows them (tensors, timm image
+    folders, synthetic images); otherwise by reading each sample."""
+    if isinstance(dataset, TensorDataset):
+        return [int(v) for v in dataset.tensors[1].tolist()]
+    if isinstance(dataset, Subset):
+        inner = labels_of(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    reader = getattr(dataset, "reader", None)
+    samples = getattr(reader, "samples", None)
+    if samples is not None:
+        return [int(t) for _, t in samples]
+    if isinstance(dataset, SyntheticImages):
+        return [dataset.label(i) for i in range(len(dataset))]
+    return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+
+
+def per_class(labels: list[int], k: int, seed: int = 0) -> list[int]:
+    """Indices of ``k`` samples of every class (fewer where a class has fewer), drawn with ``seed``, ascending."""
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    gen = torch.Generator().manual_seed(seed)
+    out: list[int] = []
+    for y in sorted(by_class):
+        members = by_class[y]
+        pick = torch.randperm(len(members), generator=gen)[:k].tolist()
+        out += [members[j] for j in pick]
+    return sorted(out)
 
 
 # --------------------------------------------------------------------------------------------- loaders

@@ -243,7 +243,7 @@ class Projection:
 
     def binding_ratio(self) -> float:
         cost = self.cost
-        return max(cost[t.metric] / t.limit for t in self.targets)
+        return max((cost[t.metric] / t.limit for t in self.targets), default=0.0)  # no budget: a fixed shape
 
     def fits(self, delta: dict[str, float]) -> bool:
         cost = self.cost

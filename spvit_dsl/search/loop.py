@@ -218,11 +218,11 @@ def _kept_text(run: Run) -> str:
 
 
 def _projection_notice(run: Run, info: Mapping[str, Any]) -> str | None:
-    """One line when the budget projection, a safety net for a trained or scoring strategy, did real work: the point
-    the strategy derived missed the binding budget by more than 2% over or 5% under (data-free strategies are
-    defined by the projection: no line)."""
+    """One line when the budget projection, a safety net for a training strategy, did real work: the point the
+    strategy derived missed the binding budget by more than 2% over or 5% under (data-free and scoring strategies
+    allocate with the projection by design: no line)."""
     derived = info.get("derived_cost")
-    if run.strategy.kind == "data_free" or not isinstance(derived, Mapping) or not run.ctx.targets:
+    if run.strategy.kind != "train" or not isinstance(derived, Mapping) or not run.ctx.targets:
         return None
     ratios = {t.metric: float(derived[t.metric]) / t.limit for t in run.ctx.targets if t.metric in derived}
     if not ratios:
@@ -262,11 +262,14 @@ def _finish(run: Run) -> SearchResult:
     }
     text = frozen_text(ctx.program, arch, facts)
     verify_frozen(text, run.paths["frozen"], ctx.targets, ctx.convention)
+    own = decisions.info.get("notice")  # the strategy's own one-line notice (a fallback it had to take)
     notice = _projection_notice(run, decisions.info)
-    if notice:
-        decisions.info["notice"] = notice
+    lines = [str(n) for n in (own, notice) if n]
+    if lines:
+        decisions.info["notice"] = " ".join(lines)
         if ctx.rank == 0:
-            run.reporter.note(notice)
+            for line in lines:
+                run.reporter.note(line)
     analytic = ctx.price(arch)
     budgets = [
         {

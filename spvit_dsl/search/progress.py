@@ -20,7 +20,8 @@ class Reporter:
         """A search of ``total`` steps begins (``done`` already completed, when resuming)."""
 
     def step(self, fields: dict[str, Any]) -> None:
-        """One optimizer step finished: ``loss``, ``acc``, ``cost`` (text), ``epoch``."""
+        """One optimizer step finished: ``loss``, ``acc``, ``cost`` (text), ``epoch``, ``multiplier``; or one proxy
+        batch scored: ``epoch`` and ``text`` (shown as is)."""
 
     def epoch(self, record: dict[str, Any]) -> None:
         """An epoch finished (its metrics record)."""
@@ -52,13 +53,10 @@ class RichReporter(Reporter):
         )
 
         self.progress = Progress(
-            TextColumn("[bold]search[/] ep {task.fields[epoch]}"),
+            TextColumn("[bold]search[/] {task.fields[epoch]}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn(
-                "loss {task.fields[loss]}  acc {task.fields[acc]}  cost {task.fields[cost]} / budget {task.fields[budget]}"
-                "  λ {task.fields[multiplier]}"
-            ),
+            TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=self.console,
@@ -69,26 +67,22 @@ class RichReporter(Reporter):
             "search",
             total=total,
             completed=done,
-            epoch="-",
-            loss="-",
-            acc="-",
-            cost="-",
-            budget=budget,
-            multiplier="-",
+            epoch="",
+            info="",
         )
+        self.budget = budget
 
     def step(self, fields: dict[str, Any]) -> None:
         if self.progress is None:
             return
-        self.progress.update(
-            self.task,
-            advance=1,
-            epoch=fields["epoch"],
-            loss=f"{fields['loss']:.3f}",
-            acc=f"{fields['acc']:.1%}",
-            cost=fields["cost"],
-            multiplier=f"{fields['multiplier']:.3g}",
-        )
+        if "text" in fields:  # a scoring strategy: its own line (units scored per second, ...)
+            info = str(fields["text"])
+        else:
+            info = (
+                f"loss {fields['loss']:.3f}  acc {fields['acc']:.1%}  cost {fields['cost']} / budget {self.budget}"
+                f"  λ {fields['multiplier']:.3g}"
+            )
+        self.progress.update(self.task, advance=1, epoch=f"ep {fields['epoch']}", info=info)
 
     def epoch(self, record: dict[str, Any]) -> None:
         if self.progress is None:

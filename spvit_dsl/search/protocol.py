@@ -7,9 +7,9 @@ how the loop drives it:
   supernet (inside which :meth:`Strategy.draw` sets the masks and ops), the task loss plus
   :meth:`Strategy.extra_loss`, one backward, :meth:`Strategy.step`, :meth:`Strategy.after_step`, and
   :meth:`Strategy.shrinks` (groups to cut physically now: the loop slices the tensors and optimizer states);
-* ``score`` (upvit planned) — scores units with data and trains nothing: :meth:`Strategy.score` on proxy batches, no
+* ``score`` (upvit) — scores units with data and trains nothing: :meth:`Strategy.score` on proxy batches, no
   gradients;
-* ``data_free`` (magnitude, random; dimap planned) — reads no data at all.
+* ``data_free`` (magnitude, random, dimap) — reads no data at all.
 
 Every kind ends with :meth:`Strategy.finalize`, which returns :class:`Decisions` at or under every budget (the
 projection in :mod:`.budget` is the shared tool). The loop owns everything that is not the method: data, DDP, mixed
@@ -24,6 +24,7 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from .._registry import Registry
 from ..compile.program import Program
@@ -173,8 +174,12 @@ class Strategy:
 
     # --- score kind ----------------------------------------------------------------------------------------
 
+    def proxy(self, data: Data) -> Dataset:
+        """The images :meth:`score` is fed, in a fixed order (default: the training set)."""
+        return data.train
+
     def score_batches(self) -> int:
-        """How many proxy batches :meth:`score` needs (the loop iterates the training set in a fixed order)."""
+        """How many proxy batches :meth:`score` needs (the loop iterates :meth:`proxy` in a fixed order)."""
         return 0
 
     def score(self, index: int, batch: Batch) -> None:

@@ -62,6 +62,18 @@ def _cost_panel(
 ) -> None:
     steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
+    if not steps and not epochs and final is not None and not targets:  # a target shape, no budget
+        ax.axis("off")
+        ax.set_title("no budget: the space fixes the shape (cost of the searched network)")
+        ax.text(
+            0.5,
+            0.5,
+            f"{final['flops'] / 1e6:.2f} M multiply-adds, {final['params'] / 1e6:.3f} M params",
+            ha="center",
+            va="center",
+            fontsize=10,
+        )
+        return
     if not steps and not epochs and final is not None:  # a data-free search: no trajectory, only the result
         ratios = [final[t.metric] / t.limit for t in targets]
         bars = ax.bar(

@@ -13,6 +13,7 @@ import torch
 from ..compile.program import Program, unsearchable
 from ..compile.strategies import STRATEGIES
 from ..lang.errors import UsageError
+from ..space.groups import groups
 from ..space.units import fmt_macs, fmt_params
 from ..supernet import Supernet
 from ..supernet.lower import lower
@@ -79,12 +80,18 @@ def check_searchable(program: Program) -> str:
         raise TypeError(
             f"strategy '{name}' is declared as {declared} (compile.strategies) but implemented as {implemented}"
         )
-    if not program.budgets:
+    # a space may fix widths below the dense ones (a target shape): which units to keep is then still searched
+    reduced = any(
+        g.kind in ("embed", "heads", "head_dim", "ffn") and max(int(c) for c in g.choices) < g.size
+        for g in groups(program.space)
+    )
+    if not program.graph.decisions():
+        if not reduced:
+            raise UsageError(f"{program.path} has no decisions left: nothing to search")
+    elif not program.budgets:
         raise UsageError(
             "no budget to search for: add e.g. `budget { flops <= 50% }` to the spec or pass --budget 50%"
         )
-    if not program.graph.decisions():
-        raise UsageError(f"{program.path} has no decisions left: nothing to search")
     return str(name)
 
 

@@ -248,7 +248,11 @@ def score(run: Run, data: Data, callback: Callable[[StepInfo], None] | None, fla
     ctx, s = run.ctx, run.settings
     total = run.strategy.score_batches()
     loader = make_loader(
-        data.train, s["batch_size"], train=False, seed=s["seed"], workers=int(s.get("workers", 0))
+        run.strategy.proxy(data),
+        s["batch_size"],
+        train=False,
+        seed=s["seed"],
+        workers=int(s.get("workers", 0)),
     )
     run.trainee.eval()
     with torch.no_grad():
@@ -260,7 +264,8 @@ def score(run: Run, data: Data, callback: Callable[[StepInfo], None] | None, fla
             run.strategy.score(index, Batch(x.to(ctx.device), y.to(ctx.device)))
             run.batch = index + 1
             run.step = run.batch
-            run.reporter.step({"epoch": 1, "loss": 0.0, "acc": 0.0, "cost": "", "multiplier": 0.0})
+            shown = "  ".join(f"{k.replace('_', ' ')} {v:,.1f}" for k, v in run.strategy.metrics().items())
+            run.reporter.step({"epoch": 1, "text": f"proxy batches scored  {shown}"})
             if callback is not None:
                 callback(StepInfo(run.epoch, run.step, 0.0, ctx.net, run.strategy))
             if flag.hit:

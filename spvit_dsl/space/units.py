@@ -76,9 +76,13 @@ def parse_budget_flag(text: str) -> Limit:
         raise UnitError(
             f"budget '{text}' has no unit; write e.g. {text}% (of the dense FLOPs), {text}GFLOPs or {text}Mparams"
         )
+    # the limit keeps its text as a spec writes it (`16Mparams` → `params <= 16M`): frozen specs quote it
     if unit.endswith("params"):
-        return to_limit("params", number, "%" if unit == "%params" else unit, text)
-    return to_limit("flops", number, unit, text)
+        unit = "%" if unit == "%params" else unit
+        limit = to_limit("params", number, unit, text)
+        return Limit(limit.metric, limit.value, limit.relative, m.group(1) + unit.removesuffix("params"))
+    limit = to_limit("flops", number, unit, text)
+    return Limit(limit.metric, limit.value, limit.relative, m.group(1) + re.sub(r"(FLOPs|MACs)$", "", unit))
 
 
 def fmt_macs(macs: float) -> str:

@@ -110,6 +110,10 @@ class UnifiedAttention(nn.Module):
         self._build_convs()
         self._level = len(self.candidates) - 1
         self._weight: Tensor | None = None
+        self.regroup: Tensor | None = (
+            None  # (H', d') attention channels per new head (UP-ViT), see set_regroup
+        )
+        self.probe: Tensor | None = None  # (B, H·d) per-sample attention-channel mask (UP-ViT scoring)
 
     @property
     def attn_dim(self) -> int:
@@ -157,6 +161,59 @@ class UnifiedAttention(nn.Module):
     @property
     def op(self) -> str:
         return self.candidates[self._level]
+
+    # --- UP-ViT: regrouped heads and per-sample channel probes ----------------------------------------------
+
+    def set_regroup(self, index: Tensor | None) -> None:
+        """Compute msa with new heads made of any attention channels (UP-ViT's regrouping): ``index`` (H', d')
+        holds, for new head ``h``, the flat indices ``head · head_dim + channel`` of its channels in q, k and v (and
+        proj's columns), in order. The softmax scale stays the original ``1/√head_dim``. ``None``: the original
+        heads. ValueError: a Swin window attention (its relative position bias is per original head), indices out
+        of range or repeated, or a per-head mask in use."""
+        if index is None:
+            self.regroup = None
+            return
+        if self.window:
+            raise ValueError(
+                f"{self.decision}: Swin heads cannot be regrouped (their position bias is per head)"
+            )
+        if not all(isinstance(m, nn.Identity) for m in (self.q_norm, self.k_norm, self.norm)):
+            raise ValueError(
+                f"{self.decision}: heads with q/k or output norms over head_dim cannot be regrouped"
+            )
+        index = index.to(torch.long)
+        flat = index.flatten()
+        if index.dim() != 2 or int(flat.min()) < 0 or int(flat.max()) >= self.attn_dim:
+            raise ValueError(
+                f"{self.decision}: regrouped channels must be (heads, head_dim) of 0..{self.attn_dim - 1}"
+            )
+        if torch.unique(flat).numel() != flat.numel():
+            raise ValueError(f"{self.decision}: regrouped channels repeat a channel")
+        self.regroup = index.to(self.qkv.weight.device)
+
+    def _regrouped(self, x: Tensor) -> Tensor:
+        """msa over the regrouped heads (ViT; see :meth:`set_regroup`): only the kept channels are computed."""
+        assert self.regroup is not None
+        mh, md, _ = self._masks()
+        if mh is not None or md is not None:
+            raise ValueError(
+                f"{self.decision}: head / per-head-channel masks do not apply to regrouped heads"
+            )
+        rows, N, _ = x.shape
+        hn, dn = self.regroup.shape
+        flat = self.regroup.flatten()
+        weight, bias = self.qkv_params()
+        pick = torch.cat([flat + t * self.attn_dim for t in range(3)])
+        w = weight.index_select(0, pick)
+        b = bias.index_select(0, pick) if bias is not None else None
+        q, k, v = F.linear(x, w, b).reshape(rows, N, 3, hn, dn).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        z = (self.attn_drop(attn.softmax(dim=-1)) @ v).transpose(1, 2).flatten(2)
+        proj_w = self.proj.weight.index_select(1, flat)
+        elem = self.board.get(self.groups.proj)
+        if elem is not None:
+            proj_w = proj_w * elem.to(proj_w.dtype).index_select(1, flat)
+        return self._output(z, proj_w, self.proj.bias, msa=False)
 
     # --- masks -----------------------------------------------------------------------------------------------
 
@@ -219,13 +276,17 @@ class UnifiedAttention(nn.Module):
         return self.proj_drop(out)
 
     def _per_sample_inner(self, z: Tensor) -> Tensor:
-        """Per-sample head / per-head-channel masks on attention outputs (rows, N, H, d) → (rows, N, D)."""
+        """Per-sample head / per-head-channel masks (and the channel probe) on attention outputs (rows, N, H, d) →
+        (rows, N, D)."""
         mh, md, _ = self._masks()
         if per_sample(mh):
             z = z * _batch_view(mh, z.shape[0], 3, z.dtype).unsqueeze(-1)  # type: ignore[arg-type]
         if per_sample(md):
             z = z * _batch_view(md, z.shape[0], 4, z.dtype)  # type: ignore[arg-type]
-        return z.flatten(2)
+        z = z.flatten(2)
+        if self.probe is not None:
+            z = z * _batch_view(self.probe, z.shape[0], 3, z.dtype)
+        return z
 
     # --- forward ---------------------------------------------------------------------------------------------
 
@@ -236,6 +297,8 @@ class UnifiedAttention(nn.Module):
         of a Swin block go through :meth:`forward_map`)."""
         op = self.op
         if op == "msa":
+            if self.regroup is not None:
+                return self._regrouped(x)
             return self._attention(x, attn_mask, is_causal, mask)
         if self.window:
             raise RuntimeError(f"{self.decision}: Swin conv/skip levels run on the full map (forward_map)")
@@ -273,6 +336,8 @@ class UnifiedAttention(nn.Module):
         md = self.board.get(self.groups.head_dim)
         if per_sample(md):
             q = q * _batch_view(md, rows, 4, q.dtype)  # type: ignore[arg-type]
+        if self.probe is not None:  # (B, H·d): removing channel j from q (its logit term) and from the output
+            q = q * _batch_view(self.probe, rows, 3, q.dtype).view(rows, h, 1, self.head_dim)
         if self.window:
             attn_mask = self._rel_pos_bias()
             if window_mask is not None:

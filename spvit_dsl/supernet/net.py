@@ -114,6 +114,34 @@ class Supernet(nn.Module):
         finally:
             self._release()
 
+    @torch.no_grad()
+    def block_inputs(self, x: Tensor) -> list[Tensor] | None:
+        """The tokens entering every block for images ``x`` under the current masks (one forward), so that ablations
+        of a block's units can start there (:meth:`forward_from`). ``None`` for a Swin (stages, not one sequence)."""
+        blocks = getattr(self.model, "blocks", None)
+        if self.geometry.family == "swin" or blocks is None:
+            return None
+        seen: list[Tensor] = []
+        hooks = [b.register_forward_pre_hook(lambda _m, args: seen.append(args[0])) for b in blocks]
+        try:
+            self(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen
+
+    def forward_from(self, block: int, tokens: Tensor) -> Tensor:
+        """Logits from the tokens entering ``block`` (ViT; see :meth:`block_inputs`): the remaining blocks, the final
+        norm and the head, under the current masks."""
+        m = self.model
+        try:
+            h = tokens
+            for b in list(m.blocks)[block:]:  # type: ignore[arg-type]
+                h = b(h)
+            return m.forward_head(m.norm(h))  # type: ignore[operator]
+        finally:
+            self._release()
+
     def _release(self) -> None:
         """After a forward, keep the masks' values but not their autograd graph (the graph of the forward keeps
         what backward needs), so the modules hold no graph between steps and stay deep-copyable."""
@@ -160,11 +188,25 @@ class Supernet(nn.Module):
         self.rows[block].attn.choose(level, weight)
 
     def reset(self) -> None:
-        """Every unit kept (fixed groups at their fixed masks); every block at its top candidate op."""
+        """Every unit kept (fixed groups at their fixed masks); every block at its top candidate op, its original
+        heads and no channel probe."""
         self.board.clear()
         self.board.update(self.fixed.as_dict())
         for r in self.rows:
             r.attn.choose(len(r.plan.attention) - 1)
+            r.attn.set_regroup(None)
+            r.attn.probe = None
+
+    def set_probe(self, block: int, mask: Tensor | None) -> None:
+        """A per-sample mask over the block's ``heads · head_dim`` attention channels (B, H·d), head-major: a 0
+        removes channel j from q, k and v and proj's column j for that sample (UP-ViT's attention units; the
+        batched ablations of its scoring). ``None``: off. ValueError: a wrong shape."""
+        attn = self.rows[block].attn
+        if mask is not None and (mask.dim() != 2 or mask.shape[1] != attn.attn_dim):
+            raise ValueError(
+                f"blocks.{block}: a probe of shape {tuple(mask.shape)}, expected (B, {attn.attn_dim})"
+            )
+        attn.probe = mask
 
     # --- points --------------------------------------------------------------------------------------------
 
@@ -175,13 +217,19 @@ class Supernet(nn.Module):
             raise ValueError(f"the architecture has {len(arch.blocks)} blocks, the supernet {len(self.rows)}")
         full = self.kept_for(arch, kept)
         self.reset()
-        self.board.update({path: self.mask_of(path, index) for path, index in full.items()})
+        self.board.update(
+            {path: self.mask_of(path, index) for path, index in full.items() if not _regrouped(path, index)}
+        )
         for r, b in zip(self.rows, arch.blocks, strict=True):
             if b.op not in r.plan.attention:
                 raise ValueError(
                     f"blocks.{r.index}.attention: '{b.op}' is not a candidate {r.plan.attention}"
                 )
             r.attn.choose(r.plan.attention.index(b.op))
+            index = full.get(f"blocks.{r.index}.head_dim")
+            if index is not None and index.dim() == 2:
+                r.attn.set_regroup(index)  # replaces the block's head and per-head-channel masks
+                self.board.update({f"blocks.{r.index}.heads": None, f"blocks.{r.index}.head_dim": None})
         return full
 
     def kept_for(self, arch: FrozenArch, kept: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -198,9 +246,21 @@ class Supernet(nn.Module):
         kept = dict(kept or {})
         arch = arch.canonical()  # no weights masks on layers the point does not run
         out: dict[str, Tensor] = {}
+        regrouped = self._regrouped_kept(arch, kept)
+        out.update(regrouped)
         for path, group in self.groups.items():
             if group.kind in ("attention", "weights"):
                 continue
+            if (
+                group.block is not None
+                and f"blocks.{group.block}.head_dim" in regrouped
+                and group.kind
+                in (
+                    "heads",
+                    "head_dim",
+                )
+            ):
+                continue  # the block's heads are regrouped: one (heads, head_dim) index for both
             count, size = int(value_of(arch, group)), self.size(path)
             if count > size or count < 0:
                 raise ValueError(f"{path}: {count} units asked, the group has {size}")
@@ -230,6 +290,32 @@ class Supernet(nn.Module):
                 else:
                     self.check_weights_mask(group, mask.to(torch.bool), density, out)
                 out[path] = mask.to(torch.bool)
+        return out
+
+    def _regrouped_kept(self, arch: FrozenArch, kept: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The 2-D ``blocks.{i}.head_dim`` entries of ``kept`` (regrouped heads, UP-ViT), checked against ``arch``:
+        shape (heads, head_dim) of the point, channels in range and not repeated, and no ``blocks.{i}.heads`` entry
+        beside it. ValueError otherwise."""
+        out = {}
+        for path, index in kept.items():
+            if not _regrouped(path, index):
+                continue
+            i = self.groups[path].block
+            assert i is not None
+            b, attn = arch.blocks[i], self.rows[i].attn
+            if tuple(index.shape) != (b.heads, b.head_dim):
+                raise ValueError(
+                    f"{path}: regrouped channels of shape {tuple(index.shape)}, the point has "
+                    f"{b.heads} heads of {b.head_dim}"
+                )
+            if f"blocks.{i}.heads" in kept:
+                raise ValueError(f"{path}: regrouped heads take no separate blocks.{i}.heads indices")
+            flat = index.to(torch.long).flatten()
+            if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= attn.attn_dim):
+                raise ValueError(f"{path}: regrouped channels must lie in 0..{attn.attn_dim - 1}")
+            if torch.unique(flat).numel() != flat.numel():
+                raise ValueError(f"{path}: the regrouped channels repeat a channel")
+            out[path] = index.to(torch.long)
         return out
 
     def mask_of(self, path: str, kept: Tensor) -> Tensor:
@@ -291,6 +377,12 @@ class Supernet(nn.Module):
         of different kinds (a channel of thousands of weights, one weight, an op step) compare.
         """
         return self._per_unit(path, lambda t: torch.ones_like(t, dtype=torch.float64))
+
+    @torch.no_grad()
+    def unit_sums(self, path: str, value: Callable[[Tensor], Tensor]) -> Tensor:
+        """Like :meth:`unit_scores` with any per-weight score: ``value`` maps each parameter the group couples to a
+        float64 tensor of its shape (e.g. LAMP scores; zeros for tensors that should not count), summed per unit."""
+        return self._per_unit(path, value)
 
     def _per_unit(self, path: str, value: Callable[[Tensor], Tensor]) -> Tensor:
         group = self.groups[path]
@@ -446,6 +538,9 @@ class Supernet(nn.Module):
                 full = torch.zeros(_dense_shape(self.geometry, group), dtype=torch.bool)
                 full[rows[:, None], cols[None, :]] = index.cpu().to(torch.bool)
                 out[path] = full
+            elif _regrouped(path, index):
+                self._check_unshrunk(path)
+                out[path] = index
             elif path in self.kept_index:
                 out[path] = self.kept_index[path][index.cpu()]  # in the given order
             else:
@@ -462,6 +557,9 @@ class Supernet(nn.Module):
             if group.kind == "weights":
                 rows, cols = self._layer_axes(group)
                 out[path] = index.cpu()[rows[:, None], cols[None, :]]
+            elif _regrouped(path, index):
+                self._check_unshrunk(path)
+                out[path] = index
             elif path in self.kept_index:
                 where = {int(u): k for k, u in enumerate(self.kept_index[path].tolist())}
                 missing = [int(u) for u in index.tolist() if int(u) not in where]
@@ -473,6 +571,11 @@ class Supernet(nn.Module):
             else:
                 out[path] = index
         return out
+
+    def _check_unshrunk(self, path: str) -> None:
+        i = self.groups[path].block
+        if f"blocks.{i}.heads" in self.kept_index or f"blocks.{i}.head_dim" in self.kept_index:
+            raise ValueError(f"{path}: regrouped heads of a block whose heads were shrunk during the search")
 
     # --- cost ----------------------------------------------------------------------------------------------
 
@@ -540,3 +643,8 @@ def _kernel_of(op: str) -> int:
     k = OPS.get(op).kernel
     assert k is not None
     return k
+
+
+def _regrouped(path: str, index: Tensor) -> bool:
+    """Whether a kept entry is a regrouped-heads index: ``blocks.{i}.head_dim`` as (heads, head_dim)."""
+    return path.endswith(".head_dim") and index.dim() == 2

@@ -45,6 +45,29 @@ class FinetuneSettings:
     tau: float = 1.0
 
 
+RECIPES: dict[str, dict[str, float | int]] = {
+    # SPViT's fine-tuning schedule at digits scale (the CLI's historical defaults)
+    "spvit": {"epochs": 30, "lr": 5e-4, "min_lr": 1e-5, "warmup_epochs": 1.0, "weight_decay": 0.05},
+    # DIMAP (arXiv 2404.13648, §4): 30 epochs, AdamW, lr 2e-5 cosine to 2e-7, 15 warm-up epochs, weight decay 1e-8
+    "dimap": {"epochs": 30, "lr": 2e-5, "min_lr": 2e-7, "warmup_epochs": 15.0, "weight_decay": 1e-8},
+}
+
+
+def recipe_settings(name: str, **overrides: float | int | str | None) -> FinetuneSettings:
+    """A named recipe of :data:`RECIPES` with the given (non-None) settings on top; ``epochs`` without
+    ``warmup_epochs`` scales the warm-up with it (DIMAP warms up for half its schedule). UsageError: unknown name."""
+    if name not in RECIPES:
+        raise UsageError(f"--recipe: expected one of {', '.join(RECIPES)}, found '{name}'")
+    values: dict[str, Any] = dict(RECIPES[name])
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "epochs" in given and "warmup_epochs" not in given:  # keep the recipe's warm-up share of the schedule
+        values["warmup_epochs"] = (
+            float(values["warmup_epochs"]) * int(given["epochs"]) / int(values["epochs"])
+        )
+    values.update(given)
+    return FinetuneSettings(**values)
+
+
 @dataclass
 class FinetuneResult:
     out: str

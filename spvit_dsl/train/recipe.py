@@ -65,7 +65,8 @@ def train_dense(
 
 
 def data_of(program: Program) -> Data:
-    return load_data(str(program.checked.search.values["data"]), program.space.geometry)
+    """The spec's data (a data-free strategy's spec names none: digits, the embedded default)."""
+    return load_data(str(program.checked.search.values.get("data", "digits")), program.space.geometry)
 
 
 def finetune_frozen(

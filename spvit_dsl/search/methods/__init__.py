@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from . import magnitude, spvit
+from . import dimap, magnitude, spvit, upvit
 
-__all__ = ["magnitude", "spvit"]
+__all__ = ["dimap", "magnitude", "spvit", "upvit"]

@@ -36,7 +36,7 @@ def _counts(group: UnitGroup, net: Supernet) -> list[int]:
     return [int(c) for c in group.choices]
 
 
-def _steps_from_scores(group: UnitGroup, net: Supernet, scores: Tensor) -> GroupSteps:
+def steps_from_scores(group: UnitGroup, net: Supernet, scores: Tensor) -> GroupSteps:
     """Levels = the group's candidates; a step down loses the scores of the units ranked between two levels."""
     if group.kind == "attention":
         steps = scores.tolist()
@@ -87,7 +87,7 @@ class MagnitudeStrategy(Strategy):
         groups = [g for g in net.groups.values() if g.decision]
         start = ctx.program.space.largest()
         scores = _normalised(net, groups)
-        steps = [_steps_from_scores(g, net, scores[g.path]) for g in groups]
+        steps = [steps_from_scores(g, net, scores[g.path]) for g in groups]
         result = project(net.geometry, start, steps, ctx.targets, ctx.convention)
         kept = net.kept_for(result.arch)  # the largest units by the same L1 scores
         return Decisions(result.arch, {k: v.cpu() for k, v in kept.items()}, _info(ctx, start, result))
