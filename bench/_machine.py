@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
+import time
+from collections.abc import Callable
+from typing import Any
 
 
 def machine(device: str | None = None) -> dict[str, object]:
@@ -24,3 +28,28 @@ def result_path(name: str) -> str:
     )
     os.makedirs(here, exist_ok=True)
     return os.path.join(here, f"{name}-{socket.gethostname()}.json")
+
+
+def run_parts(name: str, parts: list[str], runners: dict[str, Callable[[], dict[str, Any]]]) -> str:
+    """Run the named ``parts`` of benchmark ``name`` and merge their results into its JSON (parts not re-run keep
+    their last figures), written atomically; returns the path. SystemExit: an unknown part."""
+    unknown = [p for p in parts if p not in runners]
+    if unknown:
+        raise SystemExit(f"unknown part {', '.join(unknown)}: expected {', '.join(runners)}")
+    path = result_path(name)
+    result: dict[str, Any] = {"results": {}}
+    if os.path.exists(path):
+        with open(path) as fh:
+            result = json.load(fh)
+    result |= {"benchmark": name, "machine": machine("cpu")}
+    for part in parts:
+        started = time.time()
+        out = runners[part]()
+        out["seconds"] = round(time.time() - started, 1)
+        result["results"][part] = out
+        print(part, json.dumps(out.get("summary", out), indent=1)[:3000])
+    with open(path + ".tmp", "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(path + ".tmp", path)
+    print("written", path)
+    return path

@@ -22,7 +22,6 @@ Writes bench/results/dimap-<host>.json (``quality`` also read by tests/test_dima
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench._machine import machine, result_path  # noqa: E402
+from bench._machine import run_parts  # noqa: E402
 
 SPEC = os.path.join(ROOT, "examples", "dimap_swin_digits.vit")
 FRACTIONS = (
@@ -271,30 +270,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_dimap"))
     args = ap.parse_args()
-    path = result_path("dimap")
-    result: dict[str, object] = {"results": {}}
-    if os.path.exists(path):
-        with open(path) as fh:
-            result = json.load(fh)  # parts not re-run keep their last figures
-    result |= {"benchmark": "dimap", "machine": machine("cpu")}
-    results = result["results"]
-    assert isinstance(results, dict)
-    for part in args.parts:
-        started = time.time()
-        if part == "quality":
-            results["quality"] = quality(args.seeds, args.epochs, args.out)
-        elif part == "speed":
-            results["speed"] = speed(args.threads, args.batch_size, args.repeats)
-        elif part == "scoring":
-            results["scoring"] = scoring()
-        else:
-            raise SystemExit(f"unknown part '{part}': quality, speed or scoring")
-        results[part]["seconds"] = round(time.time() - started, 1)
-        print(part, json.dumps(results[part].get("summary", results[part]), indent=1)[:3000])
-    with open(path + ".tmp", "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(path + ".tmp", path)
-    print("written", path)
+    run_parts(
+        "dimap",
+        args.parts,
+        {
+            "quality": lambda: quality(args.seeds, args.epochs, args.out),
+            "speed": lambda: speed(args.threads, args.batch_size, args.repeats),
+            "scoring": scoring,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench._machine import machine, result_path  # noqa: E402
+from bench._machine import run_parts  # noqa: E402
 
 BACKBONE = """backbone vit_tiny_patch16_224 {
   weights = none; image = 32; patch = 8; channels = 1; classes = 10
@@ -201,28 +200,14 @@ def main() -> None:
     ap.add_argument("--units-per-pass", type=int, default=64)
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_upvit"))
     args = ap.parse_args()
-    path = result_path("upvit")
-    result: dict[str, object] = {"results": {}}
-    if os.path.exists(path):
-        with open(path) as fh:
-            result = json.load(fh)  # parts not re-run keep their last figures
-    result |= {"benchmark": "upvit", "machine": machine("cpu")}
-    results = result["results"]
-    assert isinstance(results, dict)
-    for part in args.parts:
-        started = time.time()
-        if part == "throughput":
-            results["throughput"] = throughput(args.proxy, args.units_per_pass)
-        elif part == "quality":
-            results["quality"] = quality(args.seeds, args.epochs, args.out)
-        else:
-            raise SystemExit(f"unknown part '{part}': throughput or quality")
-        results[part]["seconds"] = round(time.time() - started, 1)
-        print(part, json.dumps(results[part].get("summary", results[part]), indent=1)[:3000])
-    with open(path + ".tmp", "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(path + ".tmp", path)
-    print("written", path)
+    run_parts(
+        "upvit",
+        args.parts,
+        {
+            "throughput": lambda: throughput(args.proxy, args.units_per_pass),
+            "quality": lambda: quality(args.seeds, args.epochs, args.out),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ CASES = {
         "1",
     ],  # fmt: skip
     "dimap": ["bench/dimap.py", "--parts", "quality", "--seeds", "0", "--epochs", "1"],
+    "upvit": ["bench/upvit.py", "--parts", "throughput", "--proxy", "2", "--units-per-pass", "16"],
 }
 
 

@@ -355,3 +355,21 @@ def test_cli_finetune_starts_a_built_model_from_its_own_weights(frozen: Path, tm
     assert (tmp_path / "ft" / "best.safetensors").exists()
     refused = runner.invoke(app, ["finetune", str(built), "--init", "none", "--out", str(tmp_path / "x")])
     assert refused.exit_code != 0 and "starts from its own weights" in str(refused.exception)
+
+
+def test_cli_finetune_refuses_a_teacher_that_does_not_fit(frozen: Path, tmp_path: Path) -> None:
+    """A teacher of other classes or another image size is one line before any training; a search checkpoint
+    as teacher is named as such; --teacher without --distill is a note."""
+    other = tmp_path / "other.vit"
+    other.write_text(TINY.replace("classes = 10", "classes = 7").split("blocks")[0])
+    teacher = tmp_path / "teacher.safetensors"
+    assert (
+        runner.invoke(app, ["build", str(other), "--weights", "none", "--out", str(teacher)]).exit_code == 0
+    )
+    base = ["finetune", str(frozen), "--init", "none", "--steps", "1", "--out", str(tmp_path / "ft")]
+    result = runner.invoke(app, [*base, "--teacher", str(teacher), "--distill", "soft"])
+    assert result.exit_code != 0 and "predicts 7 classes, the student 10" in str(result.exception)
+    ckpt = tmp_path / "search.ckpt"
+    ckpt.write_bytes(b"x")
+    result = runner.invoke(app, [*base, "--teacher", str(ckpt), "--distill", "soft"])
+    assert result.exit_code != 0 and "expected a built model" in str(result.exception)

@@ -139,3 +139,37 @@ def test_ctrl_c_in_the_cli_exits_130_with_the_checkpoint_named(tmp_path, capsys,
     err = capsys.readouterr().err
     assert exc.value.code == 130
     assert "checkpoint saved to X/search.ckpt" in err and "Traceback" not in err
+
+
+def test_a_search_never_overwrites_another_silently(tmp_path, capsys):
+    """An OUT holding search.ckpt needs --resume or --force; --out naming a file is refused; both flags together too."""
+    spec = write_spec(tmp_path)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "search.ckpt").write_bytes(b"a finished search")
+    line = _one_line_error(*_cli(capsys, spec, "--out", str(out), "--steps", "1"))
+    assert "already holds a search" in line and "--resume" in line and "--force" in line
+    assert (out / "search.ckpt").read_bytes() == b"a finished search"  # untouched
+    line = _one_line_error(*_cli(capsys, spec, "--out", str(out), "--resume", "--force"))
+    assert "pass one of them" in line
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "is a file" in _one_line_error(*_cli(capsys, spec, "--out", str(afile)))
+
+
+def test_version_and_list(capsys):
+    for args, want in (
+        (["--version"], "spvit-dsl 0.1.0 (torch"),
+        (["list", "strategies"], "upvit (score)"),
+        (["list", "ops"], "conv3x3"),
+        (["list", "backbones"], "deit_small_patch16_224"),
+    ):
+        code = 0
+        try:
+            main(args)
+        except SystemExit as exc:  # --version exits; commands return
+            code = exc.code or 0
+        assert code == 0 and want in capsys.readouterr().out, args
+    with pytest.raises(SystemExit) as exc:
+        main(["list", "op"])
+    assert "did you mean 'ops'" in _one_line_error(exc.value.code, capsys.readouterr().err)

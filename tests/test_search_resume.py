@@ -77,3 +77,18 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     program = compile_file(write_spec(tmp_path))
     with pytest.raises(UsageError, match="no checkpoint"):
         run_search(program, device="cpu", out=str(tmp_path / "none"), quiet=True, resume=True)
+
+
+def test_resume_survives_a_torn_metrics_line_and_keeps_every_record(reference, tmp_path):
+    """A kill while metrics.jsonl is written leaves half a line: --resume skips it, and the log then has every
+    step of the search exactly once (metrics are written before the checkpoint that covers them)."""
+    program, ref = reference
+    out = tmp_path / "out"
+    run_search(program, device="cpu", out=str(out), quiet=True, epochs=1)
+    metrics = out / "metrics.jsonl"
+    with open(metrics, "a", encoding="utf-8") as fh:
+        fh.write('{"kind": "step", "step": 99, "loss": 0.')  # torn: no end, no newline
+    resumed = run_search(program, device="cpu", out=str(out), quiet=True, epochs=2, resume=True)
+    _same(ref, resumed)
+    steps = [line for line in open(resumed.metrics_path) if '"kind": "step"' in line]
+    assert len(steps) == ref.steps and all(line.endswith("}\n") for line in steps)

@@ -30,6 +30,57 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from .. import __version__
+
+        def of(name: str) -> str:
+            try:
+                return version(name)
+            except PackageNotFoundError:  # pragma: no cover
+                return "not installed"
+
+        print(f"spvit-dsl {__version__} (torch {of('torch')}, timm {of('timm')}, lark {of('lark')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the versions and exit"
+    ),
+) -> None:
+    """A declarative architecture-search language and compiler for vision transformers."""
+
+
+@app.command("list")
+def list_cmd(what: str = typer.Argument(..., help="ops | strategies | backbones")) -> None:
+    """What the language knows: attention ops, search strategies (with kind and settings), or timm backbones."""
+    from ..compile.strategies import STRATEGIES
+    from ..lang.errors import UsageError, did_you_mean
+    from ..space.ops import OPS
+
+    if what == "ops":
+        for name in OPS.names():
+            print(name)
+    elif what == "strategies":
+        for name in STRATEGIES.names():
+            info = STRATEGIES.get(name)
+            print(f"{name} ({info.kind}): {info.doc}")
+            settings = info.settings()
+            print("  settings: " + ", ".join(f"{k} = {settings[k].default}" for k in sorted(settings)))
+    elif what == "backbones":
+        from ..space.backbones import supported_names
+
+        for name in supported_names():
+            print(name)
+    else:
+        hint = did_you_mean(what, ["ops", "strategies", "backbones"])
+        raise UsageError(f"list: expected ops, strategies or backbones, found '{what}' ({hint})")
+
+
 # ---------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
     """Console entry: run the app, turning user mistakes into rendered errors (exit 1) and flag errors into one line."""

@@ -459,7 +459,14 @@ def finetune_cmd(
     dataset = load_data(
         data or str(program.checked.search.values.get("data", "digits")), model.spvit_geometry
     )
-    teacher_model = load_teacher(teacher, dev, model.spvit_geometry.num_classes) if teacher else None
+    g = model.spvit_geometry
+    image = (g.in_chans, g.img_size, g.img_size)
+    teacher_model = load_teacher(teacher, dev, g.num_classes, image) if teacher else None
+    if teacher and distill == "none":
+        err.print(
+            "note: --teacher is used only with --distill hard or soft; this fine-tune ignores it",
+            markup=False,
+        )
     out_dir = out_dir or os.path.join("runs", os.path.basename(frozen).split(".")[0] + "-finetune")
     with _progress(f"fine-tune {os.path.basename(frozen)}") as progress:
         result = finetune(
@@ -474,7 +481,7 @@ def finetune_cmd(
         )
     out.print(
         f"best top-1 {result.best.top1:.2f}% (top-5 {result.best.top5:.2f}%), last {result.last.top1:.2f}%; "
-        f"{result.epochs} epochs; model {result.best_path}"
+        f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}; model {result.best_path}"
     )
 
 

@@ -33,7 +33,12 @@ def summary_tables(result: Any, program: Any) -> list[Any]:
     )
     blocks = Table(title=f"searched architecture (embedding width {widths})", title_justify="left")
     columns = ["block", "attention"]
-    columns += [k for k in ("heads", "head_dim") if k in decided]
+    cut = {
+        k
+        for k in ("heads", "head_dim")
+        if any(getattr(b, k) < getattr(p.geom, k) for p, b in zip(space.plans, arch.blocks, strict=True))
+    }
+    columns += [k for k in ("heads", "head_dim") if k in decided or k in cut]
     columns += ["ffn kept", "of"] + (["sparsity (zeros)"] if "weights" in decided else [])
     for col in columns:
         blocks.add_column(col, justify="left" if col in ("attention", "sparsity (zeros)") else "right")
@@ -77,6 +82,23 @@ def summary_tables(result: Any, program: Any) -> list[Any]:
     return [blocks, costs]
 
 
+def _check_out(program, out: str | None, resume: bool, force: bool) -> None:  # noqa: ANN001 (Program)
+    """Never overwrite a search silently: an OUT holding ``search.ckpt`` needs --resume or --force."""
+    from ..lang.errors import UsageError
+    from ..search.setup import out_dir_for
+
+    if resume and force:
+        raise UsageError("--resume continues the search in OUT, --force starts it over: pass one of them")
+    folder = out_dir_for(program, out)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"--out {folder} is a file, not a folder")
+    if not resume and not force and os.path.exists(os.path.join(folder, "search.ckpt")):
+        raise UsageError(
+            f"{folder} already holds a search (search.ckpt): pass --resume to continue it, --force to start over, "
+            "or --out elsewhere"
+        )
+
+
 def register(app: typer.Typer) -> None:
     @app.command("search")
     def search_cmd(
@@ -99,6 +121,10 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--out", help="output folder (default runs/<spec-stem>)")
         ] = None,
         resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/search.ckpt")] = False,
+        force: Annotated[
+            bool,
+            typer.Option("--force", help="start over in an OUT that already holds a search (overwrites it)"),
+        ] = False,
         seed: Annotated[
             int | None, typer.Option("--seed", help="seed of data order, gate noise and init")
         ] = None,
@@ -117,6 +143,7 @@ def register(app: typer.Typer) -> None:
         rank0 = int(os.environ.get("RANK", "0")) == 0
         program = _quiet_program(spec, convention, budget)
         check_searchable(program)  # refuse before the compiler's warnings repeat the same point
+        _check_out(program, out, resume, force)
         if rank0:
             warn(program)
         try:

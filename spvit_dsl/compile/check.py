@@ -673,7 +673,13 @@ def _setting_value(st: ast.Setting, info: StrategyInfo) -> SettingValue:
     if not isinstance(value, param.type) or (param.type is int and isinstance(value, float)):
         raise SpecError(
             f"'{st.key}' takes "
-            + ("true or false" if param.type is bool else f"{param.type.__name__} values")
+            + (
+                "true or false"
+                if param.type is bool
+                else f"one of {', '.join(param.choices)}"
+                if param.choices
+                else f"{param.type.__name__} values"
+            )
             + f", found {_describe(st.value)}",
             st.value.span,
             hint=param.doc,

@@ -94,10 +94,21 @@ class MetricsLog:
             return
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in self.pending)
+            fh.flush()
+            os.fsync(fh.fileno())
         self.pending = []
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a line a kill cut short (or any line that is not a JSON object) is skipped."""
         if not os.path.isfile(self.path):
             return []
-        with open(self.path, encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+        out = []
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    out.append(record)
+        return out

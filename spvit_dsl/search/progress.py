@@ -82,7 +82,8 @@ class RichReporter(Reporter):
                 f"loss {fields['loss']:.3f}  acc {fields['acc']:.1%}  cost {fields['cost']} / budget {self.budget}"
                 f"  λ {fields['multiplier']:.3g}"
             )
-        self.progress.update(self.task, advance=1, epoch=f"ep {fields['epoch']}", info=info)
+        label = "score" if "text" in fields else f"ep {fields['epoch']}"
+        self.progress.update(self.task, advance=1, epoch=label, info=info)
 
     def epoch(self, record: dict[str, Any]) -> None:
         if self.progress is None:

@@ -84,7 +84,7 @@ def _cost_panel(
         ax.axhline(1.0, color="red", ls="--", lw=1, label="budget")
         ax.set_ylim(0, max(1.2, max(ratios) + 0.15))
         ax.set_ylabel("cost / budget")
-        ax.set_title("cost of the searched network against each budget (data-free: no training trajectory)")
+        ax.set_title("cost of the searched network against each budget (no training trajectory)")
         ax.legend(fontsize=7)
         return
     for t in targets:

@@ -119,10 +119,12 @@ def checkpoint(run: Run, *, finished: bool = False, kept: dict[str, Tensor] | No
 
 
 def save(run: Run, **kw: Any) -> None:
-    """Checkpoint (rank 0 writes; every rank waits), then flush the metrics of the steps it covers."""
+    """Flush the metrics of the steps the checkpoint covers (synced to disk), then checkpoint (rank 0 writes; every
+    rank waits): a kill between the two leaves records past the last checkpoint, which a resume drops, and never
+    a checkpoint whose records are lost."""
     if run.ctx.rank == 0:
-        save_checkpoint(run.paths["ckpt"], checkpoint(run, **kw))
         run.metrics.flush()
+        save_checkpoint(run.paths["ckpt"], checkpoint(run, **kw))
     run.saved_any = True
     barrier(run.ctx)
 

@@ -6,7 +6,7 @@ optimizers, then any physical shrinks it asks for (tensors and optimizer states 
 Validation and a checkpoint at the end of every epoch; Ctrl-C stops after the current step and saves first.
 
 Scoring: the proxy batches a ``score`` strategy asks for, in a fixed order, without gradients; a checkpoint every
-epoch's worth of batches and at the end, so an interrupted scoring resumes where it stopped.
+5% of the proxy batches, on Ctrl-C and at the end, so an interrupted scoring resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def _log_step(run: Run, loss: float, acc: float, costs: dict[str, float]) -> Non
 
 # --------------------------------------------------------------------------------------------- scoring
 def score(run: Run, data: Data, callback: Callable[[StepInfo], None] | None, flag: SigintFlag) -> None:
-    """Feed the strategy its proxy batches (fixed order, no gradients), checkpointing every ``steps_per_epoch``."""
+    """Feed the strategy its proxy batches (fixed order, no gradients), checkpointing every 5% of the proxy batches."""
     ctx, s = run.ctx, run.settings
     total = run.strategy.score_batches()
     loader = make_loader(
@@ -265,11 +265,11 @@ def score(run: Run, data: Data, callback: Callable[[StepInfo], None] | None, fla
             run.batch = index + 1
             run.step = run.batch
             shown = "  ".join(f"{k.replace('_', ' ')} {v:,.1f}" for k, v in run.strategy.metrics().items())
-            run.reporter.step({"epoch": 1, "text": f"proxy batches scored  {shown}"})
+            run.reporter.step({"epoch": "score", "text": f"proxy batches scored  {shown}"})
             if callback is not None:
                 callback(StepInfo(run.epoch, run.step, 0.0, ctx.net, run.strategy))
             if flag.hit:
                 raise KeyboardInterrupt
-            if run.batch % max(1, ctx.steps_per_epoch) == 0:
+            if run.batch % max(1, math.ceil(total / 20)) == 0:  # every 5% of the proxy set, and at Ctrl-C
                 save(run)
     save(run)

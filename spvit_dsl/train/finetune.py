@@ -107,12 +107,19 @@ def distill_loss(
     return base
 
 
-def load_teacher(spec: str, device: torch.device | str, num_classes: int) -> nn.Module:
+def load_teacher(
+    spec: str, device: torch.device | str, num_classes: int, image: tuple[int, int, int] | None = None
+) -> nn.Module:
     """A teacher from a built model file (``.safetensors`` written by build/finetune) or a timm model name
-    (pretrained weights from timm's hub)."""
+    (pretrained weights from timm's hub). ``image``: the student's (channels, height, width), checked with one
+    forward. UsageError: not a built model, or a teacher whose input or classes differ from the student's."""
     if os.path.exists(spec):
         from ..compact.build import load
 
+        if not spec.endswith(".safetensors"):
+            raise UsageError(
+                f"--teacher {spec}: expected a built model (.safetensors from build or finetune)"
+            )
         teacher = load(spec, device=device)
     else:
         import timm
@@ -127,7 +134,19 @@ def load_teacher(spec: str, device: torch.device | str, num_classes: int) -> nn.
             ) from None
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return teacher.eval()
+    teacher.eval()
+    if image is not None:
+        try:
+            with torch.no_grad():
+                out = teacher(torch.zeros(1, *image, device=device))
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            raise UsageError(
+                f"--teacher {spec} does not take the student's {image[0]}x{image[1]}x{image[2]} images: "
+                f"{' '.join(str(exc).split())[:160]}"
+            ) from None
+        if out.shape[-1] != num_classes:
+            raise UsageError(f"--teacher {spec} predicts {out.shape[-1]} classes, the student {num_classes}")
+    return teacher
 
 
 def _zero_masks(model: nn.Module) -> list[tuple[Tensor, Tensor]]:

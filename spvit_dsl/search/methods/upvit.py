@@ -100,7 +100,7 @@ class UpvitStrategy(Strategy):
         if self.per_pass < 1:
             raise UsageError(f"units_per_pass must be at least 1, found {self.per_pass}")
         if int(s.get("proxy_per_class", 5)) < 1:
-            raise UsageError("proxy_per_class must be at least 1")
+            raise UsageError(f"proxy_per_class must be at least 1, found {s.get('proxy_per_class')}")
         self.kinds = _kinds(str(s.get("groups", "all")))
         self.units: dict[str, tuple[str, int | None]] = {}  # buffer name → (what, block)
         sizes: dict[str, int] = {}
@@ -124,6 +124,12 @@ class UpvitStrategy(Strategy):
                 sizes[f"attn_{group.block}"] = attn.attn_dim
                 self.units[f"attn_{group.block}"] = ("attn", group.block)
         if not self.units:
+            reduced = sorted({_kind(g) for g in net.groups.values() if _reduced(g)})
+            if reduced:
+                raise UsageError(
+                    f"upvit has nothing to score: the space cuts {', '.join(reduced)}, which groups = "
+                    f"'{s.get('groups')}' leaves out; add them to groups (or groups = all)"
+                )
             raise UsageError(
                 "upvit has nothing to score: the space keeps every embedding channel, head and FFN neuron (declare a "
                 "target shape such as `embed: 192` and `heads: 3`, or ranges with a budget)"
