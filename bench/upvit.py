@@ -7,11 +7,11 @@
   proxy images. Units scored per second, side by side in one run (target ≥ 10× on CPU). Both give the same scores
   (checked here, ≤ 1e-6 relative).
 * ``quality`` — per seed: train the dense ViT (digits, 40 epochs), then, from the same dense weights, the uniform
-  target shape at about half the dense FLOPs (embedding 64 of 96, 2 regrouped heads of 4, FFN 192 of 384) chosen by
+  target shape at 34% of the dense FLOPs (embedding 64 of 96, 2 regrouped heads of 4, FFN 192 of 384) chosen by
   ``upvit``, ``magnitude`` and ``random``, plus non-uniform ``upvit`` (ranges, the same FLOPs as a budget: our
   extension); each fine-tuned for the same epochs. Best validation top-1.
 
-    python bench/upvit.py [--parts throughput quality] [--seeds 0 1 2] [--epochs 40]
+    python bench/upvit.py [--parts throughput quality] [--seeds 0 1 2] [--epochs 40] [--resume]
 
 Writes bench/results/upvit-<host>.json (``quality`` also read by tests/test_upvit_quality.py, marked slow).
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
@@ -43,7 +44,7 @@ def _spec(body: str, search: str, budget: str = "") -> str:
     return BACKBONE + body + (f"budget {{ {budget} }}\n" if budget else "") + search + "\n"
 
 
-def throughput(proxy: int, per_pass: int) -> dict[str, object]:
+def throughput(proxy: int, per_pass: int, groups: tuple[str, ...]) -> dict[str, object]:
     import torch
     import torch.nn.functional as F
 
@@ -73,8 +74,7 @@ def throughput(proxy: int, per_pass: int) -> dict[str, object]:
         data,
     )
     strategy = UpvitStrategy(ctx)
-    keep = {"embed", "attn_1", "attn_4", "ffn_1", "ffn_4"}
-    strategy.units = {k: v for k, v in strategy.units.items() if k in keep}
+    strategy.units = {k: v for k, v in strategy.units.items() if k in groups}
     units = sum(strategy.scores.get_buffer(k).numel() for k in strategy.units)
     t0 = time.perf_counter()
     strategy.score(0, Batch(x, torch.zeros(proxy, dtype=torch.long)))
@@ -116,6 +116,7 @@ def throughput(proxy: int, per_pass: int) -> dict[str, object]:
         for k, v in naive.items()
     )
     return {
+        "groups": sorted(strategy.units),
         "units": units,
         "proxy_images": proxy,
         "units_per_pass": per_pass,
@@ -128,7 +129,32 @@ def throughput(proxy: int, per_pass: int) -> dict[str, object]:
     }
 
 
-def quality_seed(seed: int, epochs: int, out: str) -> dict[str, object]:
+def _cell(out: str, name: str) -> dict[str, object] | None:
+    """A finished cell (search and fine-tune) read back from its folders, or None."""
+    from spvit_dsl.compile.freeze import arch_of
+    from spvit_dsl.compile.program import compile_file
+
+    stem = os.path.join(out, name)
+    frozen, tuned = os.path.join(stem, f"{name}.frozen.vit"), os.path.join(f"{stem}-ft", "finetune.json")
+    if not (os.path.exists(frozen) and os.path.exists(tuned)):
+        return None
+    program = compile_file(frozen)
+    arch = arch_of(program.checked)
+    with open(tuned) as fh:
+        top1 = json.load(fh)["best"]["top1"]
+    return {
+        "top1": top1,
+        "flops": program.graph.cost(arch, program.convention).macs,
+        "search_s": None,  # not timed when read back
+        "embed": list(arch.embed),
+        "heads": [b.heads for b in arch.blocks],
+        "head_dim": [b.head_dim for b in arch.blocks],
+        "ffn": [b.ffn for b in arch.blocks],
+    }
+
+
+def quality_seed(seed: int, epochs: int, out: str, resume: bool = False) -> dict[str, object]:
+    """One seed's cells; ``resume``: reuse the dense network and every finished cell found under ``out``."""
     import torch
 
     from spvit_dsl.compile.program import compile_text
@@ -146,7 +172,7 @@ def quality_seed(seed: int, epochs: int, out: str) -> dict[str, object]:
         target,
         os.path.join(out, "dense"),
         FinetuneSettings(epochs=epochs, lr=2e-3, warmup_epochs=2, seed=seed),
-        reuse=False,
+        reuse=resume,
     )
     data = recipe.data_of(target)
     tune = FinetuneSettings(epochs=epochs, lr=1e-3, warmup_epochs=1, seed=seed)
@@ -160,6 +186,10 @@ def quality_seed(seed: int, epochs: int, out: str) -> dict[str, object]:
     }
     rows: dict[str, object] = {"dense": {"top1": dense.metrics.top1, "flops": dense_flops}}
     for name, text in runs.items():
+        done = _cell(out, name) if resume else None
+        if done is not None:
+            rows[name] = done
+            continue
         program = compile_text(text, os.path.join(out, f"{name}.vit"))
         started = time.perf_counter()
         res = run_search(
@@ -181,8 +211,8 @@ def quality_seed(seed: int, epochs: int, out: str) -> dict[str, object]:
     return rows
 
 
-def quality(seeds: list[int], epochs: int, out: str) -> dict[str, object]:
-    per_seed = {s: quality_seed(s, epochs, out) for s in seeds}
+def quality(seeds: list[int], epochs: int, out: str, resume: bool = False) -> dict[str, object]:
+    per_seed = {s: quality_seed(s, epochs, out, resume) for s in seeds}
     names = list(next(iter(per_seed.values())))
     summary = {}
     for name in names:
@@ -198,14 +228,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--proxy", type=int, default=10, help="proxy images of the throughput part")
     ap.add_argument("--units-per-pass", type=int, default=64)
+    ap.add_argument(
+        "--groups",
+        default="embed,attn_1,attn_4,ffn_1,ffn_4",
+        help="the unit sets the throughput part scores (embed, attn_<block>, ffn_<block>)",
+    )
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_upvit"))
+    ap.add_argument(
+        "--resume", action="store_true", help="quality: reuse the finished cells found under --out"
+    )
     args = ap.parse_args()
     run_parts(
         "upvit",
         args.parts,
         {
-            "throughput": lambda: throughput(args.proxy, args.units_per_pass),
-            "quality": lambda: quality(args.seeds, args.epochs, args.out),
+            "throughput": lambda: throughput(args.proxy, args.units_per_pass, tuple(args.groups.split(","))),
+            "quality": lambda: quality(args.seeds, args.epochs, args.out, args.resume),
         },
     )
 

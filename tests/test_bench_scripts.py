@@ -51,7 +51,17 @@ CASES = {
         "1",
     ],  # fmt: skip
     "dimap": ["bench/dimap.py", "--parts", "quality", "--seeds", "0", "--epochs", "1"],
-    "upvit": ["bench/upvit.py", "--parts", "throughput", "--proxy", "2", "--units-per-pass", "16"],
+    "upvit": [
+        "bench/upvit.py",
+        "--parts",
+        "throughput",
+        "--proxy",
+        "2",
+        "--units-per-pass",
+        "16",
+        "--groups",
+        "attn_1",
+    ],
 }
 
 

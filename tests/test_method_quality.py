@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 @pytest.mark.slow
 def test_upvit_beats_random_and_magnitude_at_the_same_shape(tmp_path: Path) -> None:
-    """At about half the dense FLOPs, the uniform target shape chosen by UP-ViT, fine-tuned, beats the same shape
+    """At 34% of the dense FLOPs, the uniform target shape chosen by UP-ViT, fine-tuned, beats the same shape
     chosen by `random` and by `magnitude` in mean top-1 over 3 seeds; every network has the same FLOPs."""
     from bench.upvit import quality
 

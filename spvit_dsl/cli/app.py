@@ -34,15 +34,13 @@ def _version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version
 
-        from .. import __version__
-
         def of(name: str) -> str:
             try:
                 return version(name)
             except PackageNotFoundError:  # pragma: no cover
                 return "not installed"
 
-        print(f"spvit-dsl {__version__} (torch {of('torch')}, timm {of('timm')}, lark {of('lark')})")
+        print(f"spvit-dsl {of('spvit-dsl')} (torch {of('torch')}, timm {of('timm')}, lark {of('lark')})")
         raise typer.Exit()
 
 
