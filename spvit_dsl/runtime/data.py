@@ -219,7 +219,8 @@ def _folder(path: str, geometry: Geometry, augment: bool = True) -> Data:
     tf_train = create_transform(
         size,
         is_training=True,
-        auto_augment="rand-m9-mstd0.5-inc1" if augment else None,
+        # DeiT's RandAugment, magnitude clipped at 9: at 10 timm's posterize keeps 0 bits, which Pillow >= 10 refuses
+        auto_augment="rand-m9-mstd0.5-inc1-mmax9" if augment else None,
         re_prob=0.25 if augment else 0.0,
         interpolation="bicubic",
     )
