@@ -185,7 +185,7 @@ class UpvitStrategy(Strategy):
             size = self.scores.get_buffer(name).numel()
             mine = torch.arange(ctx.rank, size, ctx.world)
             for chunk in torch.split(mine, self.per_pass):
-                kl = self._ablate(what, block, chunk, x, teacher, inputs)
+                kl = self._ablate(what, block, size, chunk, x, teacher, inputs)
                 self.scores.get_buffer(name)[chunk.to(ctx.device)] += kl
                 self.scored += int(chunk.numel())
         net.reset()
@@ -194,20 +194,16 @@ class UpvitStrategy(Strategy):
         self,
         what: str,
         block: int | None,
+        size: int,
         chunk: Tensor,
         x: Tensor,
         teacher: Tensor,
         inputs: list[Tensor] | None,
     ) -> Tensor:
-        """Summed KL over the proxy batch for each unit of ``chunk``, removed one per copy of the batch."""
+        """Summed KL over the proxy batch for each unit of ``chunk`` (of ``size`` units), removed one per copy of the
+        batch."""
         net = self.ctx.net
         n, P = chunk.numel(), x.shape[0]
-        size = {"embed": net.size("embed") if what == "embed" else 0}.get(what, 0)
-        if what == "ffn":
-            size = net.size(f"blocks.{block}.ffn")
-        elif what == "attn":
-            assert block is not None
-            size = net.rows[block].attn.attn_dim
         mask = torch.ones(n, P, size, device=x.device, dtype=x.dtype)
         mask[torch.arange(n), :, chunk.to(x.device)] = 0
         mask = mask.view(n * P, size)
