@@ -149,6 +149,9 @@ TOKENS = [
     ",",
     "all",
     "heads",
+    "head_dim",
+    "x",
+    "×",
     "groups of",
     "frozen",
     "embed",
@@ -203,3 +206,27 @@ def test_a_fractional_range_without_a_step_is_refused_not_truncated(choice: str,
         compile_text(text, "r.vit")
     assert info.value.span is not None and info.value.span.line == 2 and hint in (info.value.hint or "")
     assert compile_text(text.replace("}\n", "}\n", 1).replace(choice, choice + " step 0.5"), "ok.vit")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "stage 1e400 { attention: msa }",
+        "block 1e309 { attention: msa }",
+        "blocks 0.." + "9" * 400 + " { attention: msa }",
+        "blocks all { heads: " + "9" * 400 + " }",
+        "budget { flops <= 1e309G }",
+    ],
+)
+def test_numbers_that_overflow_to_infinity_are_spec_errors(line: str) -> None:
+    """A number too large for a float (400 digits, 1e309) anywhere an integer is expected is a located spec error,
+    not an OverflowError from converting infinity to an integer (found by the mutation fuzzer)."""
+    text = f"backbone vit_tiny_patch16_224 {{ }}\n{line}\n"
+    with pytest.raises(SpecError) as err:
+        compile_text(text, "huge.vit")
+    assert err.value.span is not None and err.value.span.line == 2
+
+
+def test_an_infinite_backbone_setting_is_a_spec_error() -> None:
+    with pytest.raises(SpecError, match="image"):
+        compile_text("backbone vit_tiny_patch16_224 { image = 1e309 }\n", "huge.vit")

@@ -89,3 +89,31 @@ def test_torchrun_upvit_shards_units_and_sums_the_scores(tmp_path):
     text = [ln for ln in (out / "up.frozen.vit").read_text().splitlines() if not ln.strip().startswith(skip)]
     ref = [ln for ln in open(single.frozen_path).read().splitlines() if not ln.strip().startswith(skip)]
     assert [ln for ln in text if "source" not in ln] == [ln for ln in ref if "source" not in ln]
+
+
+OFB = """backbone vit_tiny_patch16_224 { weights = none; image = 32; patch = 8; channels = 1; classes = 10
+  embed_dim = 32; depth = 2; heads = 4 }
+budget { flops <= 50% }
+search ofb { epochs = 2; batch_size = 64; lr = 2e-3; arch_lr = 0.1; warmup_fraction = 0.1 }
+"""
+
+
+def test_torchrun_ofb_shrinks_identically_on_every_rank(tmp_path):
+    """Two gloo processes: α is all-reduced before every shrinking check and the ranks compare their decisions
+    (active candidates and cut units) at each check, failing loudly if they differ; the ranks then derive the same
+    network (checked by the loop)."""
+    from spvit_dsl.search.checkpoint import load_checkpoint
+
+    spec = tmp_path / "ofb.vit"
+    spec.write_text(OFB)
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    cmd += ["spvit_dsl", "search", str(spec), "--device", "cpu", "--out", str(out), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = load_checkpoint(str(out / "search.ckpt"))
+    assert ckpt.state["shrunk"], "no group was shrunk: the test would check nothing"
+    assert ckpt.state["strategy_state"]["checks"] > 0
+    frozen = compile_file(str(out / "ofb.frozen.vit"))
+    assert frozen.decisions == 0

@@ -75,6 +75,12 @@ def print_summary(program) -> None:
         else f"{s['decisions']} decisions, 10^{s['space_size_log10']:.1f} networks"
     )
     out.print(f"search space: {kind}")
+    if any(len(w) > 1 for w in program.space.embed):
+        widths = [fmt_set(w) for w in program.space.embed]
+        out.print(
+            "embedding widths: "
+            + (widths[0] if g.stages == 1 else "; ".join(f"stage {s}: {w}" for s, w in enumerate(widths)))
+        )
     table = Table(title=f"cost ({conv} convention; FLOPs are multiply-adds)", title_justify="left")
     for col in ("", "min", "max", "dense"):
         table.add_column(col, justify="right")
@@ -89,11 +95,31 @@ def print_summary(program) -> None:
     out.print(_blocks_table(program))
 
 
+def fmt_set(values) -> str:
+    """Candidates as the language writes them: ``4``, ``{2, 3}``, ``48..96 step 3`` (an even run of 3 or more)."""
+    v = list(values)
+    if len(v) == 1:
+        return str(v[0])
+    steps = {b - a for a, b in zip(v, v[1:], strict=False)}
+    if len(v) >= 3 and len(steps) == 1:
+        step = steps.pop()
+        return f"{v[0]}..{v[-1]}" + (f" step {step}" if step != 1 else "")
+    return "{" + ", ".join(map(str, v)) + "}"
+
+
 def _blocks_table(program) -> Table:
     table = Table(title="blocks", title_justify="left")
-    for col in ("block", "stage", "dim", "attention", "ffn widths"):
+    plans = program.space.plans
+    # heads and per-head width are listed when some block searches them: `H; D` searched separately, `H × D` jointly
+    attn = any(len(p.heads) > 1 or len(p.head_dim) > 1 for p in plans)
+    for col in ("block", "stage", "dim", "attention", *(["heads; head_dim"] if attn else []), "ffn widths"):
         table.add_column(col)
-    for p in program.space.plans:
+    if attn and any(p.joint for p in plans):
+        table.caption, table.caption_justify = (
+            "H × D: heads and head_dim searched as one joint choice",
+            "left",
+        )
+    for p in plans:
         w = p.ffn.candidates(p.geom.hidden)
         ffn = (
             (
@@ -104,7 +130,10 @@ def _blocks_table(program) -> Table:
             if p.ffn.granular
             else (str(w[0]) if len(w) == 1 else f"{len(w)} widths {w[0]}..{w[-1]}")
         )
-        table.add_row(str(p.geom.index), str(p.geom.stage), str(p.geom.dim), " ".join(p.attention), ffn)
+        shape = [f"{fmt_set(p.heads)}{' ×' if p.joint else ';'} {fmt_set(p.head_dim)}"] if attn else []
+        table.add_row(
+            str(p.geom.index), str(p.geom.stage), str(p.geom.dim), " ".join(p.attention), *shape, ffn
+        )
     return table
 
 

@@ -12,7 +12,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -20,7 +20,7 @@ from .._registry import UnknownName
 from ..lang import ast
 from ..lang.errors import Span, SpecError, SpecWarning, did_you_mean
 from ..lang.parse import parse
-from ..space import backbones
+from ..space import backbones, defaults
 from ..space.groups import block_path, embed_path, groups
 from ..space.ops import OPS, by_level
 from ..space.plan import LAYERS, BlockPlan, DensityChoice, FfnChoice, Geometry, Space
@@ -270,6 +270,8 @@ class _Draft:
     heads: tuple[int, ...]
     head_dim: tuple[int, ...]
     density: dict[str, tuple[float, ...]]
+    # heads x head_dim declared as one choice (a later plain heads: or head_dim: clears it)
+    joint: bool = False
 
 
 def select(sel: ast.Selector, geo: Geometry) -> list[int]:
@@ -386,8 +388,7 @@ def _ffn_width(x: float, form: str, dim: int, hidden: int, span: Span) -> int:
     return int(x)
 
 
-def _ints(choice: ast.Choice, lo: int, hi: int, what: str, where: str = "") -> tuple[int, ...]:
-    v = choice.value
+def _ints(v: ast.ChoiceValue, lo: int, hi: int, what: str, where: str = "") -> tuple[int, ...]:
     if not isinstance(v, ast.NumSet):
         raise SpecError(
             f"{what} takes a number, 'one of {{...}}' or a range",
@@ -443,14 +444,22 @@ def _apply(choice: ast.Choice, draft: _Draft, geo: Geometry, block: int) -> list
     """Apply one choice to one block; return the group paths it set."""
     b = geo.blocks[block]
     field = choice.field
+    if choice.joint is not None:
+        assert isinstance(choice.value, ast.Pair)  # the grammar gives a joint choice a pair of number sets
+        draft.heads = _ints(choice.value.left, 1, b.heads, "heads", _where(geo, block))
+        draft.head_dim = _ints(choice.value.right, 1, b.head_dim, "head_dim", _where(geo, block))
+        draft.joint = True
+        return [block_path(block, "heads"), block_path(block, "head_dim")]
     if field == "attention":
         draft.attention = _attention(choice)
     elif field == "ffn":
         draft.ffn = _ffn(choice, b.hidden, b.dim)
     elif field == "heads":
-        draft.heads = _ints(choice, 1, b.heads, "heads", _where(geo, block))
+        draft.heads = _ints(choice.value, 1, b.heads, "heads", _where(geo, block))
+        draft.joint = False  # a plain declaration replaces its side and ends the joint choice
     elif field == "head_dim":
-        draft.head_dim = _ints(choice, 1, b.head_dim, "head_dim", _where(geo, block))
+        draft.head_dim = _ints(choice.value, 1, b.head_dim, "head_dim", _where(geo, block))
+        draft.joint = False
     elif field == "sparsity":
         layers = _sparsity(choice)
         draft.density.update(layers)
@@ -458,6 +467,41 @@ def _apply(choice: ast.Choice, draft: _Draft, geo: Geometry, block: int) -> list
     else:
         raise SpecError(f"unknown field '{field}'", choice.field_span, hint=did_you_mean(field, FIELDS))
     return [block_path(block, field)]
+
+
+JOINT = ("heads", "head_dim")  # the one pair of fields a joint choice may name, in this order
+
+
+def _joint_names(choice: ast.Choice) -> None:
+    """A joint choice names ``heads x head_dim``; anything else is a located error."""
+    assert choice.joint is not None
+    pair = (choice.field, choice.joint.value)
+    if pair == JOINT:
+        return
+    if set(pair) == set(JOINT):
+        raise SpecError(
+            f"write the joint choice as 'heads x head_dim', not '{choice.label}'",
+            choice.field_span,
+            hint="the left number set is the head counts, the right one the per-head widths",
+        )
+    wrong, span, want = (
+        (choice.field, choice.field_span, "heads")
+        if choice.field != "heads"
+        else (choice.joint.value, choice.joint.span, "head_dim")
+    )
+    close = did_you_mean(wrong, [want])
+    hint = (
+        close
+        if close.startswith("did you mean")
+        else f"declare '{wrong}' on its own line ('{wrong}: ...')"
+        if wrong in FIELDS
+        else "the pair is 'heads x head_dim'"
+    )
+    raise SpecError(
+        f"'{choice.label}' cannot be searched jointly: the one joint choice is 'heads x head_dim'",
+        span,
+        hint=hint,
+    )
 
 
 def _stage_embed(scope: ast.Scope, choice: ast.Choice, geo: Geometry) -> tuple[int, tuple[int, ...]]:
@@ -494,13 +538,15 @@ def _plans(
         blocks = select(scope.selector, geo)
         seen: dict[str, ast.Choice] = {}
         for choice in scope.choices:
-            if choice.field in seen:
-                raise SpecError(
-                    f"'{choice.field}' is set twice in this declaration (first at line "
-                    f"{seen[choice.field].span.line})",
-                    choice.field_span,
-                )
-            seen[choice.field] = choice
+            if choice.joint is not None:
+                _joint_names(choice)
+            for name in JOINT if choice.joint is not None else (choice.field,):
+                if name in seen:
+                    raise SpecError(
+                        f"'{name}' is set twice in this declaration (first at line {seen[name].span.line})",
+                        choice.field_span,
+                    )
+                seen[name] = choice
             if choice.field == "embed":
                 stage, widths = _stage_embed(scope, choice, geo)
                 stage_embed[stage] = widths
@@ -512,7 +558,7 @@ def _plans(
                 origins[key] = choice.span
                 origin_sel[key] = (scope.selector, scope.selector.span.path)
     plans = tuple(
-        BlockPlan(b, d.attention, d.ffn, d.heads, d.head_dim, DensityChoice(**d.density))
+        BlockPlan(b, d.attention, d.ffn, d.heads, d.head_dim, DensityChoice(**d.density), d.joint)
         for b, d in zip(geo.blocks, drafts, strict=True)
     )
     return plans, stage_embed, origins, warnings
@@ -537,14 +583,14 @@ def _conflict(
         sel.stop,
     ):
         raise SpecError(
-            f"'{choice.field}' of these blocks is already declared at line {prev_span.line}",
+            f"'{choice.label}' of these blocks is already declared at line {prev_span.line}",
             choice.field_span,
             hint="merge the two declarations, or derive a variant with 'extends'",
         )
     narrower = prev[0].form in ("block", "stage_block") or (
         prev[0].form.endswith("range") and sel.form in ("all", "stage")
     )
-    msg = f"this '{choice.field}' overrides the more specific declaration at line {prev_span.line}"
+    msg = f"this '{choice.label}' overrides the more specific declaration at line {prev_span.line}"
     if narrower and n_blocks > 1 and not any(w.message == msg for w in warnings):
         warnings.append(
             SpecWarning(msg, choice.field_span, hint="declarations apply in order: put general ones first")
@@ -722,6 +768,50 @@ def _first_open(space: Space, origins: dict[str, Span]) -> tuple[str, Span | Non
     return None
 
 
+# ---------------------------------------------------------------- a strategy's default grids
+def _strategy_span(items: list[Any]) -> Span:
+    """Where the effective strategy is named (``search ofb``; with ``extends``, possibly in a base file)."""
+    named = [i for i in items if i.kind == "search" and i.strategy is not None]
+    return named[-1].strategy_span if named else Span()
+
+
+def _ofb_defaults(space: Space, declared_embed: set[int], origins: dict[str, Span], span: Span) -> Space:
+    """OFB's grids (:mod:`spvit_dsl.space.defaults`) for every dimension the spec leaves undeclared.
+
+    Per stage (embedding width) and per block and field (heads, head_dim, ffn): a declaration, even of a single
+    value, keeps its candidates. Heads and per-head width filled together form one joint choice. The filled groups
+    get ``span`` (the strategy's name) as their origin."""
+    geo = space.geometry
+    embed = list(space.embed)
+    for s in range(geo.stages):
+        if s not in declared_embed:
+            embed[s] = defaults.ofb_embed(geo.stage_dim(s))
+            origins[embed_path(geo, s)] = span
+    plans = []
+    for p in space.plans:
+        b, i = p.geom, p.geom.index
+        open_ = {f for f in ("heads", "head_dim", "ffn") if block_path(i, f) not in origins}
+        changes: dict[str, Any] = {}
+        if "heads" in open_:
+            changes["heads"] = defaults.ofb_heads(b.heads)
+        if "head_dim" in open_:
+            changes["head_dim"] = defaults.ofb_head_dim(b.head_dim)
+        if {"heads", "head_dim"} <= open_:
+            changes["joint"] = True
+        if "ffn" in open_:
+            changes["ffn"] = FfnChoice(widths=defaults.ofb_ffn(b.hidden))
+        for f in open_:
+            origins[block_path(i, f)] = span
+        plans.append(replace(p, **changes))
+    return replace(space, plans=tuple(plans), embed=tuple(embed))
+
+
+# strategy → the function that fills its default grids where a (non-frozen) spec declares nothing
+STRATEGY_DEFAULTS: dict[str, Callable[[Space, set[int], dict[str, Span], Span], Space]] = {
+    "ofb": _ofb_defaults
+}
+
+
 # ---------------------------------------------------------------- the stage
 def check(spec: ast.Spec, *, loader: Loader = read_file, source: str | None = None) -> Checked:
     """Validate a parsed spec and resolve it into a :class:`Checked` space."""
@@ -737,6 +827,9 @@ def check(spec: ast.Spec, *, loader: Loader = read_file, source: str | None = No
     budgets, convention = _budgets(spec, items)
     search = _search(spec, items)
     frozen = _frozen(spec)
+    if search.strategy in STRATEGY_DEFAULTS and frozen is None:  # a frozen spec is exactly its point
+        declared_embed = set(stage_embed) | ({0} if any(i.kind == "embed" for i in items) else set())
+        space = STRATEGY_DEFAULTS[search.strategy](space, declared_embed, origins, _strategy_span(items))
     if frozen is not None:
         open_ = _first_open(space, origins)
         if open_ is not None:

@@ -2,9 +2,10 @@
 
 Nodes follow the data: ``stem`` → per block ``blocks.{i}.attention`` → ``blocks.{i}.ffn`` (Swin adds
 ``stages.{s}.merge`` before stages 1..) → ``head``. Each node carries its candidates with their multiply-adds and
-parameters in both cost conventions; decision nodes are the choices a search makes. The graph answers cost queries
-for any point (:meth:`SearchGraph.cost`) and the min / max / dense over the space (:meth:`SearchGraph.bounds`),
-and exports to JSON, GraphML and Graphviz dot. Pure Python: no torch.
+parameters in both cost conventions; decision nodes are the choices a search makes. An attention node holds both
+the block's ``heads`` and ``head_dim`` candidates; ``joint`` marks them as one choice over their pairs. The graph
+answers cost queries for any point (:meth:`SearchGraph.cost`) and the min / max / dense over the space
+(:meth:`SearchGraph.bounds`), and exports to JSON, GraphML and Graphviz dot. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ def _attention_node(p: BlockPlan) -> dict[str, Any]:
         candidates=list(p.attention),
         heads=list(p.heads),
         head_dim=list(p.head_dim),
+        joint=p.joint,  # heads x head_dim: one decision over the pairs, not two (see BlockPlan.joint)
         density_qkv=list(p.density.qkv),
         density_proj=list(p.density.proj),
         dim=b.dim,
@@ -265,6 +267,8 @@ def to_dot(graph: nx.DiGraph) -> str:
         label = n
         if d.get("kind") == "attention":
             label += "\\n" + " | ".join(d["candidates"])
+            if d.get("joint"):
+                label += f"\\nheads x head_dim: {len(d['heads']) * len(d['head_dim'])} pairs"
         elif d.get("kind") == "ffn":
             label += (
                 f"\\nwidths {d['widths'][0]}..{d['widths'][-1]}"

@@ -6,7 +6,7 @@ the budget) is registered under the same name in :mod:`spvit_dsl.search.methods`
 
 Three kinds of strategy, each with the settings that make sense for it:
 
-* ``train`` — trains a masked supernet (spvit; ofb planned): data, batches and optimisation settings;
+* ``train`` — trains a masked supernet (spvit, ofb): data, batches and optimisation settings;
 * ``score`` — scores units with data but trains nothing (upvit): data and batch settings;
 * ``data_free`` — needs no data at all (magnitude, random, dimap): only the seed.
 """
@@ -144,5 +144,40 @@ register_strategy(
             "groups": Param(str, "all", "what to score: all, or a comma list of embed, attention, ffn"),
         },
         kind="score",
+    )
+)
+
+register_strategy(
+    StrategyInfo(
+        name="ofb",
+        doc="OFB: bi-masks (importance σ(S) and candidate-size logits α) learned in one stage with a FLOPs loss, "
+        "progressive shrinking and masked-image modelling (Ye et al., CVPR 2024, arXiv 2403.15835)",
+        decisions=frozenset({"embed", "heads", "head_dim", "ffn"}),
+        params={
+            "arch_lr": Param(
+                float,
+                0.05,
+                "AdamW learning rate of the candidate logits α (betas 0.5, 0.999; short runs need it high)",
+            ),
+            "decoder_lr": Param(float, 0.0, "AdamW learning rate of the MIM decoder and mask token (0: lr)"),
+            "warmup_fraction": Param(
+                float,
+                0.2,
+                "share of the run over which λ falls 0.99 → 0.1 and the MIM ratio rises (OFB: 20/100)",
+            ),
+            "budget_weight": Param(
+                float,
+                50.0,
+                "weight of the squared budget gap (F(E[k]) − F_target)/F_dense (OFB: 5 over 100 epochs)",
+            ),
+            "onehot_weight": Param(float, 0.5, "weight of each group's adaptive one-hot loss"),
+            "shrink_threshold": Param(
+                float, 0.2, "drop a candidate when p ≤ threshold / K (K: active candidates)"
+            ),
+            "shrinks_per_epoch": Param(int, 3, "progressive-shrinking checks per epoch"),
+            "mim": Param(bool, True, "progressive masked image modelling while groups are searched"),
+            "mim_start": Param(float, 0.05, "share of patch tokens masked at the start of the warm-up"),
+            "mim_end": Param(float, 0.25, "share of patch tokens masked from the end of the warm-up on"),
+        },
     )
 )

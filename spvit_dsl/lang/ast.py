@@ -8,6 +8,7 @@ families are discriminated unions on ``kind``. Comments ride along on the statem
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +40,7 @@ class Num(Node):
     def is_int(self) -> bool:
         return (
             not self.unit
+            and math.isfinite(self.value)  # 1e309 and 400-digit integers overflow to infinity
             and self.value == int(self.value)
             and "." not in self.text
             and "e" not in self.text.lower()
@@ -115,15 +117,31 @@ class LayerMap(Node):
     entries: tuple[LayerValues, ...]
 
 
-ChoiceValue = Annotated[NumSet | Words | FfnSpec | LayerMap, Field(discriminator="kind")]
+class Pair(Node):
+    """The value of a joint choice ``heads x head_dim: L x R``: one number set per field, searched as one choice
+    over their product."""
+
+    kind: Literal["pair"] = "pair"
+    left: NumSet
+    right: NumSet
+
+
+ChoiceValue = Annotated[NumSet | Words | FfnSpec | LayerMap | Pair, Field(discriminator="kind")]
 
 
 class Choice(Commented):
-    """``field: value`` inside a scope (attention, ffn, heads, head_dim, sparsity, embed)."""
+    """``field: value`` inside a scope (attention, ffn, heads, head_dim, sparsity, embed), or a joint choice
+    ``field x joint: left x right`` (``heads x head_dim``), whose value is a :class:`Pair`."""
 
     field: str
     field_span: Span = Field(default_factory=Span)
+    joint: Name | None = None  # the second field of a joint choice (``head_dim``), with its span
     value: ChoiceValue
+
+    @property
+    def label(self) -> str:
+        """The left-hand side as written canonically: ``heads`` or ``heads x head_dim``."""
+        return self.field if self.joint is None else f"{self.field} x {self.joint.value}"
 
 
 class Selector(Node):

@@ -61,7 +61,7 @@ def _item(item: ast.Commented) -> str:
         entries += [(s, _setting(s)) for s in item.settings]
         return "\n".join(head + _block("budget", item, entries))
     assert isinstance(item, ast.Scope)
-    entries = [(c, f"{c.field}: {_cvalue(c.value)}") for c in item.choices]
+    entries = [(c, f"{c.label}: {_cvalue(c.value)}") for c in item.choices]
     return "\n".join(head + _block(_selector(item.selector), item, entries, MAX_INLINE_SCOPE))
 
 
@@ -125,6 +125,8 @@ def _numset(ns: ast.NumSet, *, keyword: bool) -> str:
 def _cvalue(v: ast.ChoiceValue) -> str:
     if isinstance(v, ast.NumSet):
         return _numset(v, keyword=False)
+    if isinstance(v, ast.Pair):  # `{2, 4} x 16..64 step 8`: a list needs no `one of` beside the `x`
+        return f"{_numset(v.left, keyword=True)} x {_numset(v.right, keyword=True)}"
     if isinstance(v, ast.LayerMap):
         return (
             "{" + ", ".join(f"{e.layer.value}: {_numset(e.values, keyword=False)}" for e in v.entries) + "}"

@@ -206,6 +206,16 @@ class _ToAst(Transformer):
             field=str(field), field_span=_tok_span(self.path, field), value=value, span=self._s(meta)
         )
 
+    def joint_choice(self, meta: Any, c: list[Any]) -> ast.Choice:
+        field, joint, left, right = (x for x in c if not (isinstance(x, Token) and x.type == "TIMES"))
+        return ast.Choice(
+            field=str(field),
+            field_span=_tok_span(self.path, field),
+            joint=self._name(joint),
+            value=ast.Pair(left=left, right=right, span=_join(left.span, right.span)),
+            span=self._s(meta),
+        )
+
     # -- choice values
     def c_word(self, meta: Any, c: list[Any]) -> ast.Words:
         return ast.Words(words=(self._name(c[0]),), span=self._s(meta))
@@ -250,6 +260,17 @@ class _ToAst(Transformer):
         nums = [self._num(t) for t in c if t.type == "NUM"]
         step = nums[2] if len(nums) == 3 else None
         return ast.NumSet(form="range", start=nums[0], stop=nums[1], step=step, span=self._s(meta))
+
+
+def _join(first: Span, last: Span) -> Span:
+    """The span from the start of ``first`` to the end of ``last``."""
+    return Span(
+        path=first.path,
+        line=first.line,
+        column=first.column,
+        end_line=last.end_line,
+        end_column=last.end_column,
+    )
 
 
 def _unquote(tok: Token) -> str:
@@ -359,6 +380,19 @@ _TERMINALS = {
     "__ANON_0": "'..'",
     "$END": "end of file",
 }
+JOINT_EXAMPLE = "heads x head_dim: {2, 4, 6} x 16..64 step 8"
+
+
+@lru_cache(maxsize=1)
+def _times_terminals() -> frozenset[str]:
+    """The terminals of the product sign: ``x`` (TIMES) and ``×``."""
+    return frozenset(
+        t.name
+        for t in grammar().terminals
+        if t.name == "TIMES" or getattr(t.pattern, "value", None) == "\u00d7"
+    )
+
+
 _TOP = ["backbone", "block", "blocks", "budget", "embed", "extends", "frozen", "search", "stage"]
 
 
@@ -392,11 +426,25 @@ def _friendly(exc: Exception, text: str, path: str) -> SpecError:
     if tok.type == "$END":
         return _friendly(UnexpectedEOF(exc.expected), text, path)
     expected = set(exc.expected)
-    exp = _describe_expected(expected)
+    times = _times_terminals()
+    # after a field name `:` is what was forgotten; the joint form `heads x head_dim:` is not worth listing there
+    exp = _describe_expected(expected - times if "COLON" in expected else expected)
     span = _tok_span(path, tok)
     what = _TERMINALS.get(tok.type, repr(str(tok)))
     if tok.type in ("NAME", "NUM"):
         what = f"{tok.type.lower()} '{tok}'"
+    if tok.type in times:  # `heads: {2, 4} x 16`: a product of sets outside a joint choice
+        return SpecError(
+            f"unexpected '{tok}': only a joint choice multiplies two number sets",
+            span,
+            hint=f"name both fields: '{JOINT_EXAMPLE}'",
+        )
+    if expected and expected <= times:  # the right-hand side of a joint choice is missing or glued together
+        return SpecError(
+            f"unexpected {what}; a joint choice takes two number sets joined by 'x'",
+            span,
+            hint=f"e.g. '{JOINT_EXAMPLE}' (with spaces around 'x')",
+        )
     words = [e.strip("'") for e in exp if e.startswith("'") and e[1:-1].isalpha()]
     hint = None
     if tok.type == "NAME" and words:

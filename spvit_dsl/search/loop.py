@@ -231,12 +231,14 @@ def _projection_notice(run: Run, info: Mapping[str, Any]) -> str | None:
     ratio = ratios[metric]
     if ratio > 1.02:
         hint = "train longer (--epochs)" + (" or raise dual_lr" if "dual_lr" in run.settings else "")
+        hint += " or raise budget_weight" if "budget_weight" in run.settings else ""
         return (
             f"note: the searched network was at {ratio:.0%} of the {metric} budget; the budget projection removed "
             f"{info.get('removed', '?')} step(s) to fit it. To have the search meet the budget itself: {hint}."
         )
     if ratio < 0.95:
         hint = "lower dual_lr" if "dual_lr" in run.settings else "train longer (--epochs)"
+        hint += " or raise budget_weight" if "budget_weight" in run.settings else ""
         return (
             f"note: the searched network used only {ratio:.0%} of the {metric} budget; the budget projection added "
             f"{info.get('added', '?')} step(s) back. To have the search meet the budget itself: {hint}."

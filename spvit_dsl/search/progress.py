@@ -80,7 +80,7 @@ class RichReporter(Reporter):
         else:
             info = (
                 f"loss {fields['loss']:.3f}  acc {fields['acc']:.1%}  cost {fields['cost']} / budget {self.budget}"
-                f"  λ {fields['multiplier']:.3g}"
+                f"  {fields.get('shown', '')}"
             )
         label = "score" if "text" in fields else f"ep {fields['epoch']}"
         self.progress.update(self.task, advance=1, epoch=label, info=info)
@@ -92,8 +92,8 @@ class RichReporter(Reporter):
         val_text = f", val acc {val:.1%}" if val is not None else ""
         self.progress.console.print(
             f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, "
-            f"train acc {record['train_acc']:.1%}{val_text}, derived cost {record['cost_text']}, "
-            f"λ {record['multiplier']:.3g}",
+            f"train acc {record['train_acc']:.1%}{val_text}, derived cost {record['cost_text']}"
+            + (f", {record['shown']}" if record.get("shown") else ""),
             markup=False,
         )
 

@@ -3,7 +3,7 @@
 A strategy is a plug-in registered under a name of :data:`spvit_dsl.compile.strategies.STRATEGIES`. Its kind says
 how the loop drives it:
 
-* ``train`` (spvit; ofb planned) — trains a masked supernet: per step :meth:`Strategy.before_step`, then the forward of the
+* ``train`` (spvit, ofb) — trains a masked supernet: per step :meth:`Strategy.before_step`, then the forward of the
   supernet (inside which :meth:`Strategy.draw` sets the masks and ops), the task loss plus
   :meth:`Strategy.extra_loss`, one backward, :meth:`Strategy.step`, :meth:`Strategy.after_step`, and
   :meth:`Strategy.shrinks` (groups to cut physically now: the loop slices the tensors and optimizer states);

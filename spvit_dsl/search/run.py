@@ -148,6 +148,7 @@ def restore(run: Run) -> None:
             f"--resume: the checkpoint used seed {state['settings']['seed']}, not {run.settings['seed']}"
         )
     restore_shrunk(ctx.net, state.get("shrunk", {}), list(run.strategy.optimizers().values()))
+    run.strategy.load_state_dict(state.get("strategy_state", {}))  # before its tensors: it may reshape them
     try:
         ctx.net.load_state_dict({k: v.to(ctx.device) for k, v in ckpt.net.items()}, strict=True)
         module = run.strategy.module()
@@ -159,7 +160,6 @@ def restore(run: Run) -> None:
         ) from None
     for name, opt in run.strategy.optimizers().items():
         opt.load_state_dict(ckpt.optimizers[name])
-    run.strategy.load_state_dict(state.get("strategy_state", {}))
     restore_rng(run.strategy.generator(), ckpt.rng, ctx.device, state.get("numpy_rng"))
     run.epoch, run.step, run.batch = int(state["epoch"]), int(state["step"]), int(state["batch"])
     run.sums = [float(v) for v in state.get("sums", [0.0, 0.0, 0.0])]

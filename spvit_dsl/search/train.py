@@ -173,7 +173,7 @@ def _epoch_end(run: Run, data: Data) -> None:
     }
     run.history.append({k: record[k] for k in ("epoch", "step", "val_acc", "cost", "ratio")})
     run.metrics.add(record)
-    run.reporter.epoch(dict(record, cost_text=cost_text(costs, ctx.targets)))
+    run.reporter.epoch(dict(record, cost_text=cost_text(costs, ctx.targets), shown=shown(run.strategy)))
     run.strategy.on_epoch_end(run.epoch)
     run.epoch += 1
     run.batch = 0
@@ -229,6 +229,7 @@ def _log_step(run: Run, loss: float, acc: float, costs: dict[str, float]) -> Non
             "cost": costs,
             "ratio": ratio,
             "multiplier": mult,
+            "strategy": run.strategy.metrics(),
         }
     )
     run.reporter.step(
@@ -238,8 +239,18 @@ def _log_step(run: Run, loss: float, acc: float, costs: dict[str, float]) -> Non
             "acc": acc,
             "cost": cost_text(costs, ctx.targets),
             "multiplier": mult,
+            "shown": shown(run.strategy),
         }
     )
+
+
+def shown(strategy: Strategy) -> str:
+    """The strategy's numbers for the progress line: SPViT's multiplier as ``λ``, any other strategy's metrics by
+    name (OFB: ``lambda`` of its bi-mask, the groups still searching, the MIM ratio)."""
+    m = strategy.metrics()
+    if "multiplier" in m:
+        return f"λ {m['multiplier']:.3g}"
+    return "  ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in m.items())
 
 
 # --------------------------------------------------------------------------------------------- scoring

@@ -76,7 +76,12 @@ class DensityChoice:
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """The choices declared for one block (after override resolution); singletons are fixed."""
+    """The choices declared for one block (after override resolution); singletons are fixed.
+
+    ``joint``: heads × head_dim is searched as one choice over the product of the two candidate sets
+    (``heads x head_dim: H x D``, or OFB's default grids). Strategies that search the two separately ignore it; OFB
+    puts one softmax over the pairs. The unit groups stay two either way.
+    """
 
     geom: BlockGeom
     attention: tuple[str, ...]  # op names sorted by nesting level (see spvit_dsl.space.ops.by_level)
@@ -84,6 +89,7 @@ class BlockPlan:
     heads: tuple[int, ...]  # candidate head counts (default: the dense count)
     head_dim: tuple[int, ...]  # candidate per-head widths (default: the dense width)
     density: DensityChoice = DensityChoice()
+    joint: bool = False  # heads × head_dim as one choice over the pairs (see the class docstring)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -54,6 +55,8 @@ def to_limit(metric: str, number: float, unit: str, text: str) -> Limit:
         )
     if number <= 0:
         raise UnitError(f"a {metric} budget must be positive, found '{text}'")
+    if not math.isfinite(number * table[unit]):
+        raise UnitError(f"a {metric} budget must be a finite number, found '{text}'")
     if unit == "%":
         return Limit(metric, number / 100.0, True, text)
     return Limit(metric, number * table[unit], False, text)

@@ -19,7 +19,7 @@ from ..space.groups import Slice
 if TYPE_CHECKING:
     from .net import Supernet, _Coupled
 
-__all__ = ["restore_shrunk", "shrink_group"]
+__all__ = ["replace_parameter", "restore_shrunk", "shrink_group"]
 
 
 def _positions(c: _Coupled, keep: Tensor, units: int) -> Tensor:
@@ -27,7 +27,7 @@ def _positions(c: _Coupled, keep: Tensor, units: int) -> Tensor:
     return torch.tensor(slc.positions(keep.tolist(), units), dtype=torch.long, device=c.tensor.device)
 
 
-def _replace_parameter(
+def replace_parameter(
     owner: nn.Module,
     name: str,
     new: Tensor,
@@ -35,6 +35,8 @@ def _replace_parameter(
     axis: int,
     positions: Tensor,
 ) -> None:
+    """Replace ``owner.name`` by ``new`` (``old`` sliced by ``positions`` along ``axis``) in the module and in every
+    optimizer's parameter groups, slicing the per-parameter state (Adam's moments) the same way."""
     old = owner._parameters[name]
     assert old is not None
     param = nn.Parameter(new, requires_grad=old.requires_grad)
@@ -85,7 +87,7 @@ def shrink_group(net: Supernet, path: str, keep: Tensor, optimizers: list[torch.
         positions = _positions(c, keep, units)
         new = old.detach().index_select(c.axis, positions).clone()
         if c.name in c.owner._parameters:
-            _replace_parameter(c.owner, c.name, new, optimizers, c.axis, positions)
+            replace_parameter(c.owner, c.name, new, optimizers, c.axis, positions)
         else:
             c.owner._buffers[c.name] = new
         _fix_attributes(c.owner)

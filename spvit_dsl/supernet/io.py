@@ -76,6 +76,7 @@ def _plan(p: dict[str, Any]) -> BlockPlan:
         tuple(p["heads"]),
         tuple(p["head_dim"]),
         DensityChoice(**{k: tuple(v) for k, v in p["density"].items()}),
+        joint=bool(p.get("joint", False)),
     )
 
 

@@ -4,8 +4,8 @@ Input (from :func:`spvit_dsl.supernet.lower.lower`): the :class:`~spvit_dsl.spac
 one :class:`BlockRow` per block and the shared :class:`~.masks.MaskBoard`. Output: a module a search strategy drives
 — it sets masks (:meth:`Supernet.set_masks`) and ops (:meth:`Supernet.set_op`) before a forward, prices any
 assignment of kept counts differentiably (:meth:`Supernet.cost`), reads unit magnitudes (:meth:`Supernet.unit_scores`)
-and may physically shrink a group (:meth:`Supernet.shrink`). Method-agnostic: SPViT's gates (and, planned, OFB's
-bi-masks or UP-ViT's ablations) live in their strategies (:mod:`spvit_dsl.search.methods`) and only write masks here.
+and may physically shrink a group (:meth:`Supernet.shrink`). Method-agnostic: SPViT's gates, OFB's
+bi-masks and UP-ViT's ablations live in their strategies (:mod:`spvit_dsl.search.methods`) and only write masks here.
 
 A point with its kept units (:meth:`Supernet.set_arch`) sets hard 0/1 masks: the supernet then computes what the
 compact network of that point computes (:mod:`spvit_dsl.compact`).

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from . import dimap, magnitude, spvit, upvit
+from . import dimap, magnitude, ofb, spvit, upvit
 
-__all__ = ["dimap", "magnitude", "spvit", "upvit"]
+__all__ = ["dimap", "magnitude", "ofb", "spvit", "upvit"]
