@@ -51,6 +51,7 @@ CASES = {
         "1",
     ],  # fmt: skip
     "dimap": ["bench/dimap.py", "--parts", "quality", "--seeds", "0", "--epochs", "1"],
+    "ofb": ["bench/ofb.py", "--model", "deit_tiny_patch16_224", "--batch", "1", "--steps", "1"],
     "upvit": [
         "bench/upvit.py",
         "--parts",

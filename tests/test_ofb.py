@@ -259,3 +259,53 @@ def test_an_ofb_search_of_heads_in_a_conv_block_is_a_usage_error(tmp_path: Path)
     program = compile_text(text, str(tmp_path / "conv.vit"))
     with pytest.raises(UsageError, match="msa blocks"):
         run_search(program, out=str(tmp_path / "x"), quiet=True, device="cpu", steps=1)
+
+
+SWIN = """backbone swin_tiny_patch4_window7_224 { weights = none; image = 32; patch = 4; channels = 1; classes = 10
+  embed_dim = 16; depth = (2, 2, 2); heads = (1, 2, 4); window = 4 }
+budget { flops <= 50% }
+search ofb { epochs = 1; batch_size = 128; lr = 2e-3; arch_lr = 0.1 }
+"""
+
+
+def test_swin_searches_per_stage_embeddings_and_builds(tmp_path: Path) -> None:
+    """Our extension: Swin with one embedding choice per stage; masked image modelling decodes the last stage (its
+    stride is patch · 2^(stages − 1)); the frozen network is at or under the budget and builds."""
+    from spvit_dsl.compact.build import build
+
+    program = compile_file(_spec(tmp_path, SWIN, "swin"))
+    result = run_search(program, out=str(tmp_path / "out"), quiet=True, device="cpu")
+    embeds = [g.path for g in program.graph.decisions() if g.kind == "embed"]
+    assert embeds == ["stages.0.embed", "stages.1.embed", "stages.2.embed"]
+    (budget,) = program.budgets
+    arch = arch_of(compile_file(result.frozen_path).checked)
+    macs = program.graph.cost(arch, program.convention).macs
+    assert 0.97 * budget.absolute <= macs <= budget.absolute
+    model = build(result.frozen_path, weights=result.checkpoint_path).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    with safe_open(result.checkpoint_path, framework="pt") as f:
+        decoder = tuple(f.get_slice("strategy/decoder.conv.weight").get_shape())
+    assert decoder[0] == 16 * 16 * 1  # stride 4 · 2² = 16, one channel
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ("warmup_fraction = 2", "from 0 to 1"),
+        ("shrink_threshold = -1", "never negative"),
+        ("shrinks_per_epoch = 0", "from 1 to 1000"),
+        ("mim = yes", "true or false"),
+        ("mim_end = 1", "from 0 to 0.9"),
+        ("budget_wieght = 5", "did you mean 'budget_weight'"),
+    ],
+)
+def test_bad_ofb_settings_are_located_spec_errors(setting: str, words: str) -> None:
+    from spvit_dsl.lang.errors import SpecError
+
+    text = BACKBONE + BUDGET + f"search ofb {{\n  {setting}\n}}\n"
+    with pytest.raises(SpecError) as err:
+        compile_text(text, "bad.vit")
+    assert err.value.span is not None and err.value.span.line == 4
+    assert words in err.value.render()

@@ -68,7 +68,11 @@ def list_cmd(what: str = typer.Argument(..., help="ops | strategies | backbones"
             info = STRATEGIES.get(name)
             print(f"{name} ({info.kind}): {info.doc}")
             settings = info.settings()
-            print("  settings: " + ", ".join(f"{k} = {settings[k].default}" for k in sorted(settings)))
+            shown = {
+                k: str(p.default).lower() if isinstance(p.default, bool) else p.default
+                for k, p in settings.items()
+            }
+            print("  settings: " + ", ".join(f"{k} = {shown[k]}" for k in sorted(settings)))
     elif what == "backbones":
         from ..space.backbones import supported_names
 

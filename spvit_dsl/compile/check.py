@@ -9,6 +9,7 @@ Pure Python: no torch.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import stat
 from collections.abc import Callable
@@ -83,16 +84,53 @@ def read_file(path: str) -> str:
         )
     with open(path, "rb") as fh:
         data = fh.read(MAX_SPEC_BYTES + 1)
+    return decode_spec(data)
+
+
+_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
+
+
+def _decodes(data: bytes, encoding: str) -> bool:
     try:
-        return data.decode("utf-8")
+        data.decode(encoding.lower())
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def decode_spec(data: bytes) -> str:
+    """Spec bytes → text: UTF-8, with or without a byte-order mark (dropped). OSError naming the line and column of
+    the first byte that is not UTF-8, or the encoding a UTF-16/32 byte-order mark announces."""
+    for bom, name in _BOMS.items():
+        if data.startswith(bom) and _decodes(data, name):
+            raise OSError(
+                errno.EILSEQ, f"{name} text (it starts with a {name} byte-order mark): save it as UTF-8"
+            )
+    try:
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        start = exc.start
+        line = data.count(b"\n", 0, start) + 1
+        col = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        hint = (
+            "save it as UTF-8" if start > 0 and b"\x00" not in data[:4096] else "a checkpoint or model file?"
+        )
         raise OSError(
             errno.EILSEQ,
-            f"not UTF-8 text (byte {exc.start}); a .vit spec is text: a checkpoint or model file?",
+            f"not UTF-8 text: line {line}, column {col} has the byte 0x{data[start]:02x}; a .vit spec is UTF-8 "
+            f"text ({hint})",
         ) from None
 
 
 # ---------------------------------------------------------------- extends
+MAX_EXTENDS = 32  # files in one extends chain
+
+
 def _flatten(spec: ast.Spec, loader: Loader, sources: dict[str, str], chain: tuple[str, ...]) -> list[Any]:
     """The items of ``spec`` with its bases' items first (recursively)."""
     ext = [i for i in spec.items if i.kind == "extends"]
@@ -103,6 +141,12 @@ def _flatten(spec: ast.Spec, loader: Loader, sources: dict[str, str], chain: tup
         if base_path in chain:
             raise SpecError(
                 f"'{ext[0].path}' extends itself (cycle: {' -> '.join(chain + (base_path,))})", ext[0].span
+            )
+        if len(chain) >= MAX_EXTENDS:
+            raise SpecError(
+                f"'extends' chains more than {MAX_EXTENDS} files deep",
+                ext[0].span,
+                hint="a spec extends a base, which may extend another: a handful of levels, not hundreds",
             )
         try:
             text = loader(base_path)
@@ -694,6 +738,9 @@ def _search(spec: ast.Spec, items: list[Any]) -> SearchSettings:
     return SearchSettings(strategy, values, spans)
 
 
+MAX_SETTING = 1e9  # no count, rate or weight of a search is larger
+
+
 def _setting_value(st: ast.Setting, info: StrategyInfo) -> SettingValue:
     table = info.settings()
     if st.key not in table:
@@ -731,8 +778,24 @@ def _setting_value(st: ast.Setting, info: StrategyInfo) -> SettingValue:
             hint=param.doc,
         )
     assert isinstance(value, int | float | str | bool)  # param.type is one of these
-    if param.type in (int, float) and isinstance(value, int | float) and value < 0:
-        raise SpecError(f"'{st.key}' must not be negative", st.value.span)
+    if param.type in (int, float) and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise SpecError(f"'{st.key}' must be a finite number", st.value.span, hint=param.doc)
+        if value < 0:
+            raise SpecError(f"'{st.key}' must not be negative", st.value.span)
+        if value > MAX_SETTING:
+            raise SpecError(
+                f"'{st.key}' = {value:.3g} is beyond any run (at most {MAX_SETTING:.0e})",
+                st.value.span,
+                hint=param.doc,
+            )
+        if param.bounds is not None and not param.bounds[0] <= value <= param.bounds[1]:
+            lo, hi = param.bounds
+            raise SpecError(
+                f"'{st.key}' takes values from {lo:g} to {hi:g}, found {value:g}",
+                st.value.span,
+                hint=param.doc,
+            )
     return value
 
 

@@ -28,6 +28,7 @@ class Param:
     default: SettingValue
     doc: str
     choices: tuple[str, ...] = ()  # the accepted values of a str setting (empty: any)
+    bounds: tuple[float, float] | None = None  # the accepted range of a number setting (inclusive)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ register_strategy(
                 float,
                 0.2,
                 "share of the run over which λ falls 0.99 → 0.1 and the MIM ratio rises (OFB: 20/100)",
+                bounds=(0.0, 1.0),
             ),
             "budget_weight": Param(
                 float,
@@ -172,12 +174,19 @@ register_strategy(
             ),
             "onehot_weight": Param(float, 0.5, "weight of each group's adaptive one-hot loss"),
             "shrink_threshold": Param(
-                float, 0.2, "drop a candidate when p ≤ threshold / K (K: active candidates)"
+                float,
+                0.2,
+                "drop a candidate when p ≤ threshold / K (K: active candidates)",
+                bounds=(0.0, 1.0),
             ),
-            "shrinks_per_epoch": Param(int, 3, "progressive-shrinking checks per epoch"),
+            "shrinks_per_epoch": Param(int, 3, "progressive-shrinking checks per epoch", bounds=(1, 1000)),
             "mim": Param(bool, True, "progressive masked image modelling while groups are searched"),
-            "mim_start": Param(float, 0.05, "share of patch tokens masked at the start of the warm-up"),
-            "mim_end": Param(float, 0.25, "share of patch tokens masked from the end of the warm-up on"),
+            "mim_start": Param(
+                float, 0.05, "share of patch tokens masked at the start of the warm-up", bounds=(0.0, 0.9)
+            ),
+            "mim_end": Param(
+                float, 0.25, "share of patch tokens masked from the end of the warm-up on", bounds=(0.0, 0.9)
+            ),
         },
     )
 )

@@ -94,6 +94,9 @@ def _read(path: str) -> str | None:
         return None
 
 
+_SHOWN = 100  # characters of a source line shown under an error
+
+
 def render(
     message: str,
     span: Span | None,
@@ -107,16 +110,26 @@ def render(
         out = [f"{severity}: {message}"]
     else:
         out = [f"{span.path}:{span.line}:{span.column}: {severity}: {message}"]
-        lines = source.splitlines() if source is not None else []
+        lines = source.split("\n") if source is not None else []  # lines as the parser counts them: "\n" only
         if 1 <= span.line <= len(lines):
-            text = lines[span.line - 1].expandtabs(1)
-            gutter = f"{span.line:>4} | "
-            out.append(gutter + text)
+            text = "".join(c if c.isprintable() else " " for c in lines[span.line - 1].expandtabs(1))
+            column = span.column
             width = (
                 span.end_column - span.column if span.end_line == span.line else len(text) - span.column + 1
             )
             width = max(1, min(width, max(1, len(text) - span.column + 1)))
-            out.append(" " * (len(gutter) - 2) + "| " + " " * (span.column - 1) + "^" * width)
+            if len(text) > _SHOWN:  # a very long line: the part around the caret
+                start = max(0, min(column - 1 - _SHOWN // 2, len(text) - _SHOWN))
+                text = (
+                    ("…" if start else "")
+                    + text[start : start + _SHOWN]
+                    + ("…" if start + _SHOWN < len(text) else "")
+                )
+                column = column - start + (1 if start else 0)
+                width = max(1, min(width, len(text) - column + 1))
+            gutter = f"{span.line:>4} | "
+            out.append(gutter + text)
+            out.append(" " * (len(gutter) - 2) + "| " + " " * (column - 1) + "^" * width)
     if hint:
         out.append(f"hint: {hint}")
     return "\n".join(out)

@@ -26,8 +26,11 @@ def grammar() -> Lark:
 
 
 def parse(text: str, path: str = "<string>") -> ast.Spec:
-    """Parse spec text; raise :class:`SpecError` (with the source attached) on malformed input."""
+    """Parse spec text; raise :class:`SpecError` (with the source attached) on malformed input. A leading UTF-8
+    byte-order mark is ignored."""
+    text = text.removeprefix("\ufeff")
     comments: list[Token] = []
+    _check_nesting(text, path)
     try:
         tree = _parse_tree(text, comments)
         spec = _ToAst(path).transform(tree)
@@ -51,7 +54,7 @@ _STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\.)*"|//[^\n]*')
 
 def _scan_comments(text: str) -> list[Token]:
     out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         for m in _STRING_OR_COMMENT.finditer(line):
             if m.group(0).startswith("//"):
                 out.append(Token("COMMENT", m.group(0), line=lineno, column=m.start() + 1))
@@ -308,7 +311,7 @@ def _preorder(node: Any, out: list[Any]) -> list[Any]:
 def _attach_comments(spec: ast.Spec, comments: list[Token], text: str) -> ast.Spec:
     if not comments:
         return spec
-    lines = text.splitlines()
+    lines = text.split("\n")
     nodes = _preorder(spec, [])
     leading: dict[int, list[str]] = {}
     trailing: dict[int, str] = {}
@@ -408,9 +411,48 @@ def _describe_expected(expected: set[str]) -> list[str]:
     return sorted(set(out))
 
 
+MAX_NESTING = (
+    32  # a spec nests a block and a tuple; a few more levels are harmless, thousands exhaust the stack
+)
+
+
+def _check_nesting(text: str, path: str) -> None:
+    """SpecError at the first bracket that opens more than :data:`MAX_NESTING` levels deep (outside comments and
+    strings), before the parser recurses that deep."""
+    depth, line, col, i, n = 0, 1, 1, 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "/" and text.startswith("//", i):  # a comment: to the end of the line
+            j = text.find("\n", i)
+            i, col = (n, col) if j < 0 else (j, col + (j - i))
+            continue
+        if ch == '"':  # a string: to the closing quote (escapes skipped) or the end of the line
+            j = i + 1
+            while j < n and text[j] not in '"\n':
+                j += 2 if text[j] == "\\" else 1
+            col += j + 1 - i
+            i = j + 1
+            continue
+        if ch in "({[":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise SpecError(
+                    f"brackets nested more than {MAX_NESTING} levels deep",
+                    Span(path=path, line=line, column=col, end_line=line, end_column=col + 1),
+                    hint="a spec nests a block and a tuple at most",
+                ).with_source(text)
+        elif ch in ")}]":
+            depth = max(0, depth - 1)
+        if ch == "\n":
+            line, col = line + 1, 1
+        else:
+            col += 1
+        i += 1
+
+
 def _friendly(exc: Exception, text: str, path: str) -> SpecError:
     if isinstance(exc, UnexpectedEOF):
-        lines = text.rstrip().splitlines() or [""]
+        lines = text.rstrip().split("\n") or [""]
         line, col = len(lines), len(lines[-1]) + 1  # just after the last character of the file
         exp = _describe_expected(set(exc.expected))
         return SpecError(
@@ -465,4 +507,6 @@ def _char_hint(char: str) -> str | None:
         return "a string must close on the same line with '\"'"
     if char in "<>=!":
         return "budgets are written 'flops <= 3.3G' or 'params <= 16M'"
+    if char in "-−":
+        return "numbers in a spec are never negative: settings, widths, indices and budgets are 0 or more"
     return None

@@ -81,6 +81,27 @@ _SCALAR_KEYS: dict[str, tuple[str, str]] = {
 }
 
 
+# Bounds on overrides, checked before anything is built: beyond them the compiler would build millions of graph
+# nodes or price tensors no machine holds, so it says so instead of hanging or running out of memory.
+LIMITS: dict[str, tuple[int, str]] = {
+    "depth": (1024, "every block becomes part of the search graph"),
+    "heads": (4096, "every head is a unit of the search"),
+    "embed_dim": (65536, "every channel is a unit of the search"),
+    "image": (16384, "the token grid of a larger image does not fit in memory"),
+    "patch": (16384, "a patch cannot be larger than the largest image"),
+    "channels": (4096, "input channels beyond this are not images"),
+    "classes": (1_000_000, "a classifier head this large is not a vision transformer's"),
+    "window": (16384, "a window cannot be larger than the largest image"),
+}
+
+
+def _bounded(key: str, value: int) -> int:
+    limit, why = LIMITS[key]
+    if value > limit:
+        raise BadOverride(key, f"{key} {value} is beyond what spvit-dsl compiles (at most {limit:,}: {why})")
+    return value
+
+
 # --- errors --------------------------------------------------------------------------------------------------
 
 
@@ -238,7 +259,10 @@ def _int_tuple(key: str, value: object, example: str) -> tuple[int, ...]:
         )
     if not isinstance(value, (tuple, list)) or not value:
         raise BadOverride(key, f"{key} must be a tuple of positive integers, found {value!r}")
-    return tuple(_positive_int(key, v) for v in value)
+    values = tuple(_positive_int(key, v) for v in value)
+    if key == "depth":
+        _bounded(key, sum(values))
+    return tuple(_bounded(key, v) for v in values)
 
 
 def _vit_int(key: str, value: object) -> int:
@@ -248,12 +272,12 @@ def _vit_int(key: str, value: object) -> int:
             f"a ViT backbone takes a single {key} (the same for every block), found the tuple {tuple(value)!r}",
             hint="per-stage tuples apply to Swin backbones only",
         )
-    return _positive_int(key, value)
+    return _bounded(key, _positive_int(key, value))
 
 
 def _ratio(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise BadOverride("mlp_ratio", f"mlp_ratio must be a positive number, found {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 64:
+        raise BadOverride("mlp_ratio", f"mlp_ratio must be a positive number up to 64, found {value!r}")
     return float(value)
 
 
@@ -280,7 +304,7 @@ def _apply(cfg: _Config, overrides: dict[str, object]) -> _Config:
         elif key == "window" and cfg.family != "swin":
             raise BadOverride(key, "window applies to Swin backbones only (a ViT attends over all tokens)")
         else:
-            changes[_SCALAR_KEYS[key][0]] = _positive_int(key, value)
+            changes[_SCALAR_KEYS[key][0]] = _bounded(key, _positive_int(key, value))
     return replace(cfg, **changes)  # type: ignore[arg-type]
 
 

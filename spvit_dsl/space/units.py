@@ -55,6 +55,13 @@ def to_limit(metric: str, number: float, unit: str, text: str) -> Limit:
         )
     if number <= 0:
         raise UnitError(f"a {metric} budget must be positive, found '{text}'")
+    if not unit:  # `flops <= 3.3`: 3.3 multiply-adds is never what was meant
+        guess = "G" if metric == "flops" else "M"
+        what = "multiply-adds" if metric == "flops" else "parameters"
+        raise UnitError(
+            f"a {metric} budget needs a unit: '{text}' would be {text} {what}",
+            f"did you mean {text}{guess}? (units: K, M, G{', T' if metric == 'flops' else ''} or %)",
+        )
     if not math.isfinite(number * table[unit]):
         raise UnitError(f"a {metric} budget must be a finite number, found '{text}'")
     if unit == "%":
