@@ -173,3 +173,48 @@ def test_version_and_list(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["list", "op"])
     assert "did you mean 'ops'" in _one_line_error(exc.value.code, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--lr", "nan"], "--lr nan: 'lr' takes float values"),
+        (["--lr", "-1"], "--lr -1:"),
+        (["--weight-decay", "1e400"], "finite"),
+        (["--workers", "2.5"], "'workers' takes int values"),
+        (["--set", "arch_lr=0.1"], "unknown setting 'arch_lr' for strategy 'spvit'"),
+        (["--set", "gate_lr"], "expected KEY=VALUE"),
+        (["--set", "gate_lrr=0.1"], "did you mean 'gate_lr'"),
+    ],
+)
+def test_setting_flags_are_checked_like_the_spec(capsys, tmp_path, flags, words):
+    """`--lr`, `--weight-decay`, `--workers`, `--gate-lr`, `--warmup-epochs` and `--set KEY=VALUE` go through the
+    checks a `search` block gets (type, range, finiteness, did-you-mean): one line naming the flag."""
+    spec = write_spec(tmp_path)
+    line = _one_line_error(*_cli(capsys, spec, *flags, "--out", str(tmp_path / "o")))
+    assert words in line and line.count(flags[0]) == 1
+
+
+def test_setting_flags_override_the_spec(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    out = tmp_path / "o"
+    try:
+        main(
+            [
+                "search",
+                spec,
+                "--steps",
+                "1",
+                "--lr",
+                "3e-4",
+                "--set",
+                "gate_lr=0.07",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+    except SystemExit as exc:
+        assert exc.code in (0, None), capsys.readouterr().err
+    settings = read_state(str(out / "search.ckpt"))["settings"]
+    assert settings["lr"] == 3e-4 and settings["gate_lr"] == 0.07

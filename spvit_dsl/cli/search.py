@@ -133,10 +133,31 @@ def register(app: typer.Typer) -> None:
         ] = None,
         convention: Annotated[str | None, typer.Option("--convention", help="paper | exact")] = None,
         quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+        lr: Annotated[
+            str | None, typer.Option("--lr", help="learning rate of the weights (setting lr)")
+        ] = None,
+        weight_decay: Annotated[
+            str | None, typer.Option("--weight-decay", help="AdamW weight decay (setting weight_decay)")
+        ] = None,
+        workers: Annotated[
+            str | None, typer.Option("--workers", help="data-loader worker processes (setting workers)")
+        ] = None,
+        gate_lr: Annotated[str | None, typer.Option("--gate-lr", help="spvit: gate learning rate")] = None,
+        warmup_epochs: Annotated[
+            str | None,
+            typer.Option("--warmup-epochs", help="spvit: weight-only epochs before the gates learn"),
+        ] = None,
+        set_: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--set",
+                help="any setting of the spec's strategy, KEY=VALUE (repeatable), e.g. --set arch_lr=0.1",
+            ),
+        ] = None,
     ) -> None:
         """Search the spec's space for its budget and write the frozen spec, checkpoint, metrics and report."""
         from ..search.loop import SearchInterrupted, run_search
-        from ..search.setup import check_searchable
+        from ..search.setup import check_searchable, parse_setting
         from ._common import err, warn
         from ._common import out as console
 
@@ -144,6 +165,11 @@ def register(app: typer.Typer) -> None:
         program = _quiet_program(spec, convention, budget)
         check_searchable(program)  # refuse before the compiler's warnings repeat the same point
         _check_out(program, out, resume, force)
+        named = {"lr": lr, "weight_decay": weight_decay, "workers": workers, "gate_lr": gate_lr}
+        named |= {"warmup_epochs": warmup_epochs}
+        texts = [(f"--{k.replace('_', '-')}", f"{k}={v}") for k, v in named.items() if v is not None]
+        texts += [("--set", t) for t in set_ or []]
+        settings = dict(parse_setting(program, text, flag) for flag, text in texts)
         if rank0:
             warn(program)
         try:
@@ -159,6 +185,7 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
                 init_checkpoint=init_checkpoint,
                 quiet=quiet or not rank0,
+                settings=settings,
             )
         except SearchInterrupted as exc:
             if rank0:

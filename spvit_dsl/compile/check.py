@@ -733,7 +733,7 @@ def _search(spec: ast.Spec, items: list[Any]) -> SearchSettings:
     values = {k: p.default for k, p in info.settings().items()}
     spans: dict[str, Span] = {}
     for key, st in settings.items():
-        values[key] = _setting_value(st, info)
+        values[key] = setting_value(st, info)
         spans[key] = st.value.span
     return SearchSettings(strategy, values, spans)
 
@@ -741,7 +741,8 @@ def _search(spec: ast.Spec, items: list[Any]) -> SearchSettings:
 MAX_SETTING = 1e9  # no count, rate or weight of a search is larger
 
 
-def _setting_value(st: ast.Setting, info: StrategyInfo) -> SettingValue:
+def setting_value(st: ast.Setting, info: StrategyInfo) -> SettingValue:
+    """A ``search`` setting checked against the strategy's table (type, range, choices); SpecError at the value."""
     table = info.settings()
     if st.key not in table:
         what = {"data_free": "reads no data and trains nothing", "score": "scores units and trains nothing"}

@@ -16,6 +16,7 @@ from ..lang import ast
 from ..lang.parse import number as _num
 from ..space import cost
 from ..space.plan import LAYERS, BlockArch, BlockPlan, Density, DensityChoice, FrozenArch, Geometry
+from ..space.units import quantity
 from .check import Checked
 
 
@@ -112,12 +113,13 @@ def _budget(checked: Checked, convention: str) -> ast.Budget | None:
 
 
 def achieved(geometry: Geometry, arch: FrozenArch) -> dict[str, str]:
-    """The header's cost of ``arch``: ``flops_paper``, ``flops_exact`` (G multiply-adds) and ``params`` (M)."""
+    """The header's cost of ``arch``: ``flops_paper``, ``flops_exact`` (multiply-adds) and ``params``, each with the
+    unit prefix that reads best (``5.61988M``, ``4.6G``)."""
     paper, exact = cost.arch_cost(geometry, arch, "paper"), cost.arch_cost(geometry, arch, "exact")
     return {
-        "flops_paper": f"{paper.macs / 1e9:.6g}G",
-        "flops_exact": f"{exact.macs / 1e9:.6g}G",
-        "params": f"{paper.params / 1e6:.6g}M",
+        "flops_paper": quantity(paper.macs),
+        "flops_exact": quantity(exact.macs),
+        "params": quantity(paper.params),
     }
 
 
@@ -151,7 +153,7 @@ def freeze(
 
 def _is_quantity(v: str) -> bool:
     try:
-        return _num(v).unit in ("G", "M", "K", "%")
+        return _num(v).unit in ("T", "G", "M", "K", "%")
     except ValueError:
         return False
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._io import write_text
 from ..compile.program import Program
-from ..compile.strategies import STRATEGIES
+from ..compile.strategies import STRATEGIES, SettingValue
 from ..lang.errors import UsageError
 from ..runtime.data import batches_per_epoch, load_data
 from ..runtime.device import init_distributed, pick_device, world_info
@@ -88,15 +88,18 @@ def run_search(
     quiet: bool = False,
     callback: Callable[[StepInfo], None] | None = None,
     reporter: Reporter | None = None,
+    settings: Mapping[str, SettingValue] | None = None,
 ) -> SearchResult:
     """Search ``program``'s space for its budgets and write the outputs (see the module docstring).
 
     Arguments override the spec's search settings (one that the strategy's kind does not use is a
-    :class:`UsageError`). ``init_checkpoint``: a dense timm state-dict file to start from (overrides the spec's
-    ``weights``). ``callback``: called after every training step with a :class:`StepInfo`.
+    :class:`UsageError`); ``settings``: any other strategy settings (``--set``, already validated by
+    :func:`~.setup.parse_setting`). ``init_checkpoint``: a dense timm state-dict file to start from (overrides the
+    spec's ``weights``). ``callback``: called after every training step with a :class:`StepInfo`.
     """
     check_searchable(program)
-    overrides = {"data": data, "epochs": epochs, "steps": steps, "batch_size": batch_size, "seed": seed}
+    overrides: dict[str, SettingValue | None] = dict(settings or {})
+    overrides |= {"data": data, "epochs": epochs, "steps": steps, "batch_size": batch_size, "seed": seed}
     settings = resolve_settings(program, overrides)
     rank, world, local_rank = world_info()
     dev = pick_device(device, local_rank)

@@ -10,9 +10,11 @@ from collections.abc import Mapping
 
 import torch
 
+from ..compile.check import setting_value
 from ..compile.program import Program, unsearchable
 from ..compile.strategies import STRATEGIES
-from ..lang.errors import UsageError
+from ..lang.errors import SpecError, UsageError
+from ..lang.parse import parse
 from ..space.groups import groups
 from ..space.units import fmt_macs, fmt_params
 from ..supernet import Supernet
@@ -29,6 +31,25 @@ __all__ = [
     "output_paths",
     "resolve_settings",
 ]
+
+
+def parse_setting(program: Program, text: str, flag: str = "--set") -> tuple[str, SettingValue]:
+    """``KEY=VALUE`` from the command line → a validated strategy setting, checked exactly as the spec's ``search``
+    block checks it (type, range, choices, did-you-mean). UsageError: one line naming the flag."""
+    key, sep, value = text.partition("=")
+    key, value = key.strip().replace("-", "_"), value.strip()
+    if not sep or not key or not value:
+        raise UsageError(f"{flag} {text}: expected KEY=VALUE (e.g. lr=1e-3)")
+    info = STRATEGIES.get(program.checked.search.strategy)
+    try:
+        spec = parse(f"search {info.name} {{ {key} = {value} }}", flag)
+        search = spec.first("search")
+        assert search is not None and len(search.settings) == 1
+        return key, setting_value(search.settings[0], info)
+    except SpecError as e:
+        hint = f" ({e.hint})" if e.hint else ""
+        shown = text if flag == "--set" else value  # `--lr nan`, `--set arch_lr=0.1`
+        raise UsageError(f"{flag} {shown}: {e.message}{hint}") from None
 
 
 def resolve_settings(

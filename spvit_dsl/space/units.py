@@ -95,6 +95,14 @@ def parse_budget_flag(text: str) -> Limit:
     return Limit(limit.metric, limit.value, limit.relative, m.group(1) + re.sub(r"(FLOPs|MACs)$", "", unit))
 
 
+def quantity(value: float, digits: int = 6) -> str:
+    """A count in the language's unit notation with ``digits`` significant digits and the prefix that puts the
+    mantissa in [1, 1000): ``5619880`` → ``5.61988M``, ``4.6e9`` → ``4.6G`` (frozen headers; read back with
+    :data:`SCALE`)."""
+    prefix = next((p for p in ("T", "G", "M", "K") if abs(value) >= SCALE[p]), "")
+    return f"{value / SCALE[prefix]:.{digits}g}{prefix}"
+
+
 def fmt_macs(macs: float) -> str:
     """G multiply-adds with three decimals; M below 0.1 G so small networks stay readable."""
     return f"{macs / 1e9:.3f} G" if macs >= 1e8 or macs == 0 else f"{macs / 1e6:.3f} M"
