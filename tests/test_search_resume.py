@@ -92,3 +92,20 @@ def test_resume_survives_a_torn_metrics_line_and_keeps_every_record(reference, t
     _same(ref, resumed)
     steps = [line for line in open(resumed.metrics_path) if '"kind": "step"' in line]
     assert len(steps) == ref.steps and all(line.endswith("}\n") for line in steps)
+
+
+def test_resume_with_changed_settings_is_refused_but_longer_runs_are_fine(reference, tmp_path):
+    """A resumed search must train with the settings it started with: a changed batch size or learning rate would
+    be recorded but not used (the optimizers' state wins), so it is refused in one line; --epochs and --steps may
+    change (that is what resuming is for)."""
+    from spvit_dsl.lang.errors import UsageError
+
+    program, ref = reference
+    out = str(tmp_path / "out")
+    run_search(program, device="cpu", out=out, quiet=True, epochs=1)
+    with pytest.raises(UsageError, match=r"batch_size 128 \(now 32\)"):
+        run_search(program, device="cpu", out=out, quiet=True, resume=True, batch_size=32)
+    with pytest.raises(UsageError, match=r"lr .*now 0\.05"):
+        run_search(program, device="cpu", out=out, quiet=True, resume=True, settings={"lr": 0.05})
+    resumed = run_search(program, device="cpu", out=out, quiet=True, epochs=2, resume=True)
+    _same(ref, resumed)

@@ -747,8 +747,16 @@ def setting_value(st: ast.Setting, info: StrategyInfo) -> SettingValue:
     if st.key not in table:
         what = {"data_free": "reads no data and trains nothing", "score": "scores units and trains nothing"}
         hint = did_you_mean(st.key, table)
+        own = ", ".join(sorted(info.params)) or "none"
+        owners = sorted(
+            n for n in STRATEGIES.names() if n != info.name and st.key in STRATEGIES.get(n).settings()
+        )
         if st.key in SETTINGS["train"] and info.kind in what:
             hint = f"'{info.name}' {what[info.kind]}; its settings: {', '.join(sorted(table))}"
+        elif owners:  # another strategy's setting (gate_lr for ofb, warmup_epochs for ofb, ...)
+            hint = f"'{st.key}' is a setting of {', '.join(owners)}; '{info.name}' adds: {own}"
+        elif not hint.startswith("did you mean"):
+            hint = f"'{info.name}' adds: {own} (and the settings of every {info.kind.replace('_', '-')} strategy)"
         raise SpecError(f"unknown setting '{st.key}' for strategy '{info.name}'", st.key_span, hint=hint)
     param = table[st.key]
     value = _plain(st.value)

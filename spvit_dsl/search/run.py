@@ -129,6 +129,11 @@ def save(run: Run, **kw: Any) -> None:
     barrier(run.ctx)
 
 
+RESUMABLE = frozenset(
+    {"epochs", "steps", "workers"}
+)  # settings a resume may change: how long, how many loaders
+
+
 def restore(run: Run) -> None:
     """Load ``search.ckpt`` into ``run`` (``--resume``); a checkpoint of another search is a :class:`UsageError`."""
     ckpt = load_checkpoint(run.paths["ckpt"])
@@ -146,6 +151,17 @@ def restore(run: Run) -> None:
     if int(state["settings"].get("seed", -1)) != run.settings["seed"]:
         raise UsageError(
             f"--resume: the checkpoint used seed {state['settings']['seed']}, not {run.settings['seed']}"
+        )
+    changed = [
+        k
+        for k, v in sorted(state["settings"].items())
+        if k not in RESUMABLE and k in run.settings and run.settings[k] != v
+    ]
+    if changed:
+        shown = ", ".join(f"{k} {state['settings'][k]!r} (now {run.settings[k]!r})" for k in changed)
+        raise UsageError(
+            f"--resume: the checkpoint was searched with {shown}; resume with the same settings (only --epochs, "
+            "--steps and --workers may change) or start again with --force"
         )
     restore_shrunk(ctx.net, state.get("shrunk", {}), list(run.strategy.optimizers().values()))
     run.strategy.load_state_dict(state.get("strategy_state", {}))  # before its tensors: it may reshape them

@@ -219,6 +219,11 @@ class OfbStrategy(Strategy):
         self.ratio = 0.0
         self.progress = 0.0
         self.warmup = float(s["warmup_fraction"])
+        if float(s["mim_start"]) > float(s["mim_end"]):
+            raise UsageError(
+                f"ofb: mim_start ({float(s['mim_start']):g}) is above mim_end ({float(s['mim_end']):g}); the masked "
+                "share rises over the warm-up (OFB: 0.05 → 0.25)"
+            )
         self.mim = bool(s["mim"]) and bool(self.choices)
         self._fold_lam = LAMBDA_START
         self._geometry_for_mim()
@@ -573,16 +578,13 @@ class OfbStrategy(Strategy):
         before: tuple[dict[str, float], dict[str, float]],
         after: tuple[dict[str, float], dict[str, float]],
     ) -> bool:
-        """Whether a drop keeps every budget reachable from the active candidates: some network at or under it, and
-        one within 1% of it (so the final projection can land within 1%). A drop that changes neither extreme, or
-        only one that was already out of reach, is always allowed."""
+        """Whether a drop keeps a network within 1% under every budget reachable: the dearest network the active
+        candidates allow must not fall below 99% of a budget (a shrink removes units for good, so the final
+        projection could not add them back). Cheaper networks always stay reachable: the projection may take any
+        candidate below a group's current size. A drop that does not lower the dearest network, or lowers one
+        already out of reach, is allowed."""
         for t in self.ctx.targets:
-            (lo0, hi0), (lo1, hi1) = (
-                (before[0][t.metric], before[1][t.metric]),
-                (after[0][t.metric], after[1][t.metric]),
-            )
-            if lo1 > t.limit and lo1 != lo0:
-                return False
+            hi0, hi1 = before[1][t.metric], after[1][t.metric]
             if hi1 < 0.99 * t.limit and hi1 != hi0:
                 return False
         return True
@@ -637,7 +639,10 @@ class OfbStrategy(Strategy):
         return dict(self._costs) if self._costs else super().costs()
 
     def metrics(self) -> dict[str, float]:
-        return {"lambda": self.lam, "searching": float(len(self.searching())), "mim_ratio": self.ratio}
+        out = {"lambda": self.lam, "searching": float(len(self.searching()))}
+        if self.mim and self.searching():
+            out["mim_ratio"] = self.ratio
+        return out
 
     # --- the end of the search -----------------------------------------------------------------------------
 
@@ -692,12 +697,15 @@ class OfbStrategy(Strategy):
             "finished_groups": len(self.choices) - len(left),
             "groups": len(self.choices),
         }
-        undecided = [ch for ch in left if float(self._probs(ch)[0].max()) < 0.9]
+        undecided = [ch.name for ch in left if float(self._probs(ch)[0].max()) < 0.9]
         if undecided:
+            names = ", ".join(undecided[:4]) + (
+                f" and {len(undecided) - 4} more" if len(undecided) > 4 else ""
+            )
             info["notice"] = (
-                f"ofb: {len(undecided)} of {len(self.choices)} choices were still undecided at the end (no candidate "
-                "at p ≥ 0.9); the frozen network takes each one's most likely size. Train longer (--epochs) or "
-                "raise arch_lr for the search to decide."
+                f"ofb: {len(undecided)} of {len(self.choices)} choices were still undecided at the end ({names}: no "
+                "candidate at p ≥ 0.9); the frozen network takes each one's most likely size. Train longer "
+                "(--epochs) or raise arch_lr for the search to decide."
             )
         return Decisions(arch, {k: v.cpu() for k, v in full.items()}, info)
 
