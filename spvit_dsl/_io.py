@@ -65,3 +65,24 @@ def input_problem(path: str) -> str | None:
     if not stat.S_ISREG(mode):
         return f"{path} is not a regular file"
     return None
+
+
+def output_problem(path: str, *, folder: bool = False) -> str | None:
+    """Why ``path`` cannot be written as an output file (``folder=False``) or used as an output folder (one phrase:
+    "… is a folder, expected a file path", "… is a file, not a folder", "cannot write in …"), or None. Checked before
+    any work starts, so a long run never fails at its last step on a path it could have refused at once."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path) and not folder:
+        return f"{path} is a folder; expected a file path"
+    if os.path.exists(path) and folder and not os.path.isdir(path):
+        return f"{path} is a file, not a folder"
+    if os.path.exists(path) and not folder and not os.path.isfile(path):
+        return f"{path} is not a regular file"
+    parent = path if folder else os.path.dirname(path)
+    while not os.path.exists(parent):  # the nearest ancestor that exists must be a writable folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write in {parent} (permission denied)"
+    return None

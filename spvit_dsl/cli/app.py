@@ -112,6 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         sys.exit(130)
+    except (
+        OSError
+    ) as exc:  # the last resort for a file system problem no check foresaw: one line, not a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        err.print(f"error: {exc.strerror or exc}{where}", markup=False)
+        sys.exit(1)
 
 
 for _module in (compile_cmds, search_cmds, frozen_cmds):

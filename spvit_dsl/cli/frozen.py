@@ -119,6 +119,7 @@ def build_cmd(
     _check_round(round_to)
     if not out_path.endswith(".safetensors"):
         raise UsageError(f"--out: expected a .safetensors path, found '{out_path}'")
+    _check_output("--out", out_path)
     if frozen.endswith(".safetensors"):
         raise UsageError(f"{frozen} is already a built model; 'build' takes a frozen .vit spec")
     model = _model(frozen, weights, round_to, masks)
@@ -225,6 +226,9 @@ def export_cmd(
     _check_round(round_to)
     if not onnx and not torchscript:
         raise UsageError("nothing to export: give --onnx PATH and/or --torchscript PATH")
+    for flag, target in (("--onnx", onnx), ("--torchscript", torchscript)):
+        if target:
+            _check_output(flag, target)
     model = _model(frozen, weights, round_to).eval()
     if onnx:
         export_onnx(model, onnx, opset=opset)
@@ -468,6 +472,7 @@ def finetune_cmd(
             markup=False,
         )
     out_dir = out_dir or os.path.join("runs", os.path.basename(frozen).split(".")[0] + "-finetune")
+    _check_output("--out", out_dir, folder=True)
     with _progress(f"fine-tune {os.path.basename(frozen)}") as progress:
         result = finetune(
             model,
@@ -542,3 +547,12 @@ def register(app: typer.Typer) -> None:
     app.command("bench")(bench_cmd)
     app.command("finetune")(finetune_cmd)
     app.command("eval")(eval_cmd)
+
+
+def _check_output(flag: str, path: str, *, folder: bool = False) -> None:
+    """Refuse an output path that cannot be written, in one line, before any work."""
+    from .._io import output_problem  # noqa: PLC0415
+
+    problem = output_problem(path, folder=folder)
+    if problem is not None:
+        raise UsageError(f"{flag}: {problem}")

@@ -89,9 +89,12 @@ def _check_out(program, out: str | None, resume: bool, force: bool) -> None:  # 
 
     if resume and force:
         raise UsageError("--resume continues the search in OUT, --force starts it over: pass one of them")
+    from .._io import output_problem
+
     folder = out_dir_for(program, out)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UsageError(f"--out {folder} is a file, not a folder")
+    problem = output_problem(folder, folder=True)
+    if problem is not None:
+        raise UsageError(f"--out: {problem}")
     if not resume and not force and os.path.exists(os.path.join(folder, "search.ckpt")):
         raise UsageError(
             f"{folder} already holds a search (search.ckpt): pass --resume to continue it, --force to start over, "

@@ -11,9 +11,11 @@ and skip levels. The swap keeps every attribute, buffer and state-dict key of th
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import timm
@@ -48,9 +50,17 @@ def create_backbone(
     """``timm.create_model`` for the geometry; ``weights`` is ``none``, ``pretrained`` or a checkpoint path."""
     kwargs = geometry.kwargs()
     if weights == "pretrained":
+        online = _hub_reachable()
         try:
-            model = timm.create_model(geometry.model, pretrained=True, **kwargs)
+            with _offline(not online):  # no network: the local cache only, at once (not a minute of retries)
+                model = timm.create_model(geometry.model, pretrained=True, **kwargs)
         except Exception as e:  # network, hub or shape problems all end the same way for the user
+            if not online:
+                raise UsageError(
+                    f"cannot load pretrained weights for {geometry.model}: the Hugging Face hub is unreachable and "
+                    "they are not in the local cache; use `weights = none`, a local checkpoint "
+                    '(`weights = "path.pth"`), or download them once where there is a network (timm caches them)'
+                ) from e
             raise UsageError(f"cannot load pretrained weights for {geometry.model}: {_one_line(e)}") from e
         return model.to(device) if device is not None else model
     if weights not in ("none", "") and not os.path.isfile(weights):
@@ -65,14 +75,64 @@ def create_backbone(
     return model
 
 
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the weights hub answers a TCP connection within ``timeout`` seconds (HF_HUB_OFFLINE=1: never)."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _offline(offline: bool) -> Iterator[None]:
+    """Make huggingface_hub (timm's downloader) use its cache only, for the duration."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants  # noqa: PLC0415
+
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
 def load_weights(model: nn.Module, path: str) -> None:
     """Load a timm-format checkpoint (state dict, ``{'model': ...}`` as DeiT ships, or ``.safetensors``) through
     timm's own loading and the model family's checkpoint filter; any mismatch is a one-line :class:`UsageError`."""
     filter_fn = _checkpoint_filter(model)
+    kind = checkpoint_kind(path)
+    if kind is None:
+        raise UsageError(
+            f"{path} is not a checkpoint (neither safetensors nor a torch file); pass a timm state dict, "
+            "a search.ckpt or a built .safetensors"
+        )
     try:
         timm.models.load_checkpoint(model, path, strict=True, filter_fn=filter_fn)
     except Exception as e:
+        if kind == "torch" and "weights_only" in str(e):
+            raise UsageError(
+                f"{path} is a torch file holding Python objects, not a plain state dict; save "
+                "model.state_dict() (or use safetensors)"
+            ) from e
         raise UsageError(f"checkpoint {path} does not fit {type(model).__name__}: {_one_line(e)}") from e
+
+
+def checkpoint_kind(path: str) -> str | None:
+    """``"safetensors"``, ``"torch"`` (a zip archive or a pickle, as ``torch.save`` writes) or None, from the first
+    bytes of the file."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 2**30:
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "torch"
+    return None
 
 
 def _checkpoint_filter(model: nn.Module) -> Callable[..., dict[str, Tensor]] | None:
