@@ -222,10 +222,10 @@ def _print_diff(d, cost_cell, delta_cell) -> None:
     for col in ("", "A", "B", "delta"):
         costs.add_column(col, justify="right")
     costs.add_row(
-        "FLOPs (G)", cost_cell(d.cost["a"], "flops"), cost_cell(d.cost["b"], "flops"), delta_cell(d, "flops")
+        "FLOPs", cost_cell(d.cost["a"], "flops"), cost_cell(d.cost["b"], "flops"), delta_cell(d, "flops")
     )
     costs.add_row(
-        "params (M)",
+        "params",
         cost_cell(d.cost["a"], "params"),
         cost_cell(d.cost["b"], "params"),
         delta_cell(d, "params"),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..space.plan import LAYERS, BlockPlan, Convention
+from ..space.units import fmt_macs, fmt_params
 from .freeze import arch_of
 from .program import Program
 
@@ -206,14 +207,20 @@ def markdown(d: Diff) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fmt(metric: str, value: float) -> str:
+    """One formatter for costs everywhere (``5.645 M``, ``4.608 G``): ``value`` in G (flops) or M (params)."""
+    return fmt_macs(value * 1e9) if metric == "flops" else fmt_params(value * 1e6)
+
+
 def cost_cell(c: dict[str, float], metric: str) -> str:
     if metric in c:
-        return f"{c[metric]:.4f}"
-    return f"{c[metric + '_min']:.4f}..{c[metric + '_max']:.4f}"
+        return _fmt(metric, c[metric])
+    return f"{_fmt(metric, c[metric + '_min'])} .. {_fmt(metric, c[metric + '_max'])}"
 
 
 def delta_cell(d: Diff, metric: str) -> str:
     a, b = d.cost["a"].get(metric), d.cost["b"].get(metric)
     if a is None or b is None:
         return ""
-    return f"{b - a:+.4f} ({(b - a) / a:+.1%})" if a else f"{b - a:+.4f}"
+    shown = ("+" if b >= a else "-") + _fmt(metric, abs(b - a))
+    return f"{shown} ({(b - a) / a:+.1%})" if a else shown
