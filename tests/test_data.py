@@ -98,3 +98,44 @@ def test_image_folder_augmentation_never_crashes(tmp_path):
         for i in range(len(data.train)):
             x, _y = data.train[i]
             assert x.shape == (3, 16, 16)
+
+
+def _noisy_folder(root, n: int = 6) -> str:
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            folder = os.path.join(root, split, cls)
+            os.makedirs(folder, exist_ok=True)
+            for k in range(n):
+                pixels = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(folder, f"{k}.png"))
+    return str(root)
+
+
+def test_image_folder_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
+    """A resumed epoch skips the batches already seen; every later image must be augmented exactly as in the
+    uninterrupted epoch (RandAugment, random crops and erasing draw from (seed, epoch, index), not from whatever
+    the loader drew before), and the caller's random streams are left untouched."""
+    import random
+
+    import numpy as np
+
+    program = compile_text(SMALL, "small.vit")
+    data = load_data(_noisy_folder(tmp_path / "imgs"), program.space.geometry)
+    full = [x for x, _ in make_loader(data.train, 4, train=True, seed=3, epoch=1)]
+    np_state, py_state, torch_state = np.random.get_state(), random.getstate(), torch.get_rng_state()
+    resumed = [x for x, _ in make_loader(data.train, 4, train=True, seed=3, epoch=1, skip_batches=1)]
+    assert len(resumed) == len(full) - 1 >= 1
+    for a, b in zip(full[1:], resumed, strict=True):
+        assert torch.equal(a, b)
+    assert np.array_equal(np.random.get_state()[1], np_state[1]) and random.getstate() == py_state
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    other = [x for x, _ in make_loader(data.train, 4, train=True, seed=3, epoch=2)]
+    assert not all(
+        torch.equal(a, b) for a, b in zip(full, other, strict=False)
+    )  # a new epoch, new augmentations

@@ -1,5 +1,5 @@
-"""Evidence of quality of the UP-ViT and DIMAP strategies (slow: ~15 + ~13 minutes on 2 cores), the protocols of
-`bench/upvit.py` and `bench/dimap.py`, which write the same figures to bench/results/."""
+"""Evidence of quality of the UP-ViT, DIMAP and OFB strategies (slow: ~15 + ~13 + ~40 minutes on 2 cores), the
+protocols of `bench/upvit.py`, `bench/dimap.py` and `bench/ofb.py`, which write the same figures to bench/results/."""
 
 from __future__ import annotations
 
@@ -42,3 +42,20 @@ def test_dimap_one_shot_is_at_least_uniform_magnitude_on_average(tmp_path: Path)
         dimap = statistics.mean(per_seed[s][key]["dimap_module"]["top1"] for s in per_seed)
         uniform = statistics.mean(per_seed[s][key]["uniform_magnitude"]["top1"] for s in per_seed)
         assert dimap >= uniform, key
+
+
+@pytest.mark.slow
+def test_ofb_beats_random_and_magnitude_at_the_same_budget(tmp_path: Path) -> None:
+    """At 50% of the dense FLOPs on OFB's default grids, 3 seeds, the same dense start and 40 epochs of training
+    after it: OFB (10 search epochs + 30 of fine-tuning) beats `random` and `magnitude` (40 of fine-tuning) in mean
+    top-1, and every frozen network is at or under the budget within 1%."""
+    from bench.ofb import quality
+
+    result = quality([0, 1, 2], 40, 10, str(tmp_path), False)
+    summary = result["summary"]
+    assert summary["ofb"]["mean_top1"] > summary["random"]["mean_top1"]
+    assert summary["ofb"]["mean_top1"] > summary["magnitude"]["mean_top1"]
+    for rows in result["per_seed"].values():
+        budget = rows["dense"]["flops"] * 0.5
+        for name in ("ofb", "ofb_no_mim", "random", "magnitude"):
+            assert 0.99 * budget <= rows[name]["flops"] <= budget, name

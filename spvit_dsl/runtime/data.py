@@ -16,11 +16,14 @@ resumable loaders (:func:`make_loader`) that shard with ``DistributedSampler`` u
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -146,9 +149,20 @@ def _strict_dataset_class() -> type:
     from timm.data import ImageDataset
 
     class StrictImageDataset(ImageDataset):
-        """timm's ImageDataset, but an unreadable image is an error naming the file instead of a silent skip."""
+        """timm's ImageDataset, but an unreadable image is an error naming the file instead of a silent skip, and
+        with ``rng_key = (seed, epoch)`` set (training loaders) every random augmentation of an image is drawn from
+        generators seeded by ``(seed, epoch, index)``: the same whatever was loaded before it, in whichever worker,
+        so a resumed epoch augments exactly as an uninterrupted one."""
+
+        rng_key: tuple[int, int] | None = None
 
         def __getitem__(self, index: int) -> tuple[Any, int]:
+            if self.rng_key is None:
+                return self._load(index)
+            with seeded_rngs(_sample_seed(*self.rng_key, index)):
+                return self._load(index)
+
+        def _load(self, index: int) -> tuple[Any, int]:
             path = self.reader.filename(index, absolute=True)
             fh, target = self.reader[index][:2]
             try:
@@ -164,6 +178,26 @@ def _strict_dataset_class() -> type:
             return img, target
 
     return StrictImageDataset
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**62
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's CPU generators (what torchvision and timm transforms draw from) for the
+    block, and restore their previous states after it, so the caller's random streams are untouched."""
+    state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
 
 
 def _check_folder(path: str) -> tuple[str, str]:
@@ -338,6 +372,8 @@ def make_loader(
     )
     shard.set_epoch(epoch)
     drop_last = train and len(shard) >= batch_size
+    if hasattr(dataset, "rng_key"):  # per-image augmentation seeds: (seed, epoch, index)
+        dataset.rng_key = (seed, epoch)
     sampler = SkipSampler(shard, skip_batches * batch_size)
     gen = torch.Generator().manual_seed(
         seed * 100_003 + epoch
