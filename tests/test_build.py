@@ -523,7 +523,8 @@ def test_cli_build_round_warns_when_rounding_breaks_a_budget(tmp_path, capsys):
     step = next(n for n in (8, 16, 32, 64) if arch_cost(g, round_widths(g, arch, n), "paper").params > params)
     text = write_frozen(program, arch, tmp_path / "f.vit").read_text()
     frozen = tmp_path / "budgeted.vit"
-    frozen.write_text(re.sub(r"\nbudget \{[^}]*\}", "", text) + f"\nbudget {{ params <= {params} }}\n")
+    budget = f"params <= {params / 1000}K"  # exact: a whole count of parameters in K
+    frozen.write_text(re.sub(r"\nbudget \{[^}]*\}", "", text) + f"\nbudget {{ {budget} }}\n")
     out = str(tmp_path / "m.safetensors")
     main(["build", str(frozen), "--weights", "none", "--out", out])  # at its budget: no warning
     assert "warning" not in capsys.readouterr().err

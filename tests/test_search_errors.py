@@ -218,3 +218,20 @@ def test_setting_flags_override_the_spec(tmp_path, capsys):
         assert exc.code in (0, None), capsys.readouterr().err
     settings = read_state(str(out / "search.ckpt"))["settings"]
     assert settings["lr"] == 3e-4 and settings["gate_lr"] == 0.07
+
+
+def test_search_json_prints_one_object_with_units(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    try:
+        main(["search", spec, "--steps", "1", "--json", "--device", "cpu", "--out", str(tmp_path / "o")])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    out = capsys.readouterr().out
+    result = json.loads(out)  # the whole of stdout is one JSON object: no tables, no progress
+    assert os.path.exists(result["frozen_spec"]) and os.path.exists(result["checkpoint"])
+    (budget,) = result["budgets"]
+    assert budget["achieved"] <= budget["limit"] and math.isclose(
+        budget["ratio"], budget["achieved"] / budget["limit"]
+    )
+    assert result["costs"]["flops_paper"] == budget["achieved"]
+    assert set(result["units"]) >= {"costs", "budgets", "val_top1"}

@@ -138,6 +138,11 @@ def build_cmd(
             {"op": b.op, "ffn": b.ffn, "heads": b.heads, "head_dim": b.head_dim, "density": vars(b.density)}
             for b in model.spvit_arch.blocks
         ],
+        "units": {
+            "flops": "multiply-adds",
+            "params": "parameters",
+            "density": "kept fraction of a layer's weights",
+        },
     }
     if round_to:
         _warn_rounding_over_budget(frozen, model, round_to)
@@ -282,6 +287,11 @@ def bench_cmd(
     )
     report = _bench(model, dev, batch_size, repeats, warmup, vs_dense)
     report["spec"] = frozen
+    report["units"] = {
+        "*_ms": "milliseconds per batch",
+        "images_per_s": "images per second",
+        "flops": "multiply-adds",
+    }
     if json_out:
         print(json.dumps(report))
         return
@@ -525,6 +535,14 @@ def eval_cmd(
         "flops_paper": costs["paper"]["flops"] / 1e9,
         "flops_exact": costs["exact"]["flops"] / 1e9,
         "params": costs["params"] / 1e6,
+        "units": {
+            "top1": "%",
+            "top5": "%",
+            "loss": "cross-entropy, nats",
+            "flops_paper": "G multiply-adds",
+            "flops_exact": "G multiply-adds",
+            "params": "M parameters",
+        },
     }
     if json_out:
         print(json.dumps(result, sort_keys=True))

@@ -8,6 +8,7 @@ only rank 0 prints and writes.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Annotated, Any
 
@@ -136,6 +137,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         convention: Annotated[str | None, typer.Option("--convention", help="paper | exact")] = None,
         quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+        json_out: Annotated[
+            bool,
+            typer.Option("--json", help="print one JSON object with the result (no progress bar or tables)"),
+        ] = False,
         lr: Annotated[
             str | None, typer.Option("--lr", help="learning rate of the weights (setting lr)")
         ] = None,
@@ -187,7 +192,7 @@ def register(app: typer.Typer) -> None:
                 resume=resume,
                 seed=seed,
                 init_checkpoint=init_checkpoint,
-                quiet=quiet or not rank0,
+                quiet=quiet or json_out or not rank0,
                 settings=settings,
             )
         except SearchInterrupted as exc:
@@ -195,6 +200,9 @@ def register(app: typer.Typer) -> None:
                 err.print(str(exc), markup=False)
             raise typer.Exit(130) from None
         if not rank0:
+            return
+        if json_out:
+            print(json.dumps(result_json(result), sort_keys=True))
             return
         for table in summary_tables(result, program):
             console.print(table)
@@ -210,6 +218,30 @@ def register(app: typer.Typer) -> None:
         console.print(
             f"checkpoint: {result.checkpoint_path}; metrics: {result.metrics_path}; report: {result.report_path}"
         )
+
+
+def result_json(result: Any) -> dict[str, Any]:
+    """``search --json``: the outputs' paths, the frozen point's costs and every budget, with their units."""
+    notice = result.info.get("notice")
+    return {
+        "frozen_spec": result.frozen_path,
+        "checkpoint": result.checkpoint_path,
+        "metrics": result.metrics_path,
+        "report": result.report_path,
+        "epochs": result.epochs,
+        "steps": result.steps,
+        "val_top1": None if result.val_accuracy is None else 100.0 * result.val_accuracy,
+        "costs": dict(result.costs),
+        "budgets": [
+            {k: b[k] for k in ("metric", "text", "limit", "achieved", "ratio")} for b in result.budgets
+        ],
+        "notice": notice if isinstance(notice, str) else None,
+        "units": {
+            "costs": "flops_*: multiply-adds; params: parameters",
+            "budgets": "limit and achieved in the metric's unit (multiply-adds or parameters); ratio achieved/limit",
+            "val_top1": "%",
+        },
+    }
 
 
 def _quiet_program(spec: str, convention: str | None, budget: list[str] | None) -> Any:
