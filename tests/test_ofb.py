@@ -299,6 +299,8 @@ def test_swin_searches_per_stage_embeddings_and_builds(tmp_path: Path) -> None:
         ("mim = yes", "true or false"),
         ("mim_end = 1", "from 0 to 0.9"),
         ("budget_wieght = 5", "did you mean 'budget_weight'"),
+        ("mim_start = 0.3", "'mim_start' (0.3) must not exceed 'mim_end' (0.25)"),
+        ("gate_lr = 0.1", "'gate_lr' is a setting of spvit"),
     ],
 )
 def test_bad_ofb_settings_are_located_spec_errors(setting: str, words: str) -> None:

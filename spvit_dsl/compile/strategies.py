@@ -38,6 +38,7 @@ class StrategyInfo:
     decisions: frozenset[str]  # group kinds it can search: embed, attention, heads, head_dim, ffn, weights
     params: dict[str, Param] = field(default_factory=dict)
     kind: StrategyKind = "train"
+    ordered: tuple[tuple[str, str], ...] = ()  # pairs of settings where the first must not exceed the second
 
     def settings(self) -> dict[str, Param]:
         """Every setting this strategy accepts: those of its kind, then its own."""
@@ -151,7 +152,7 @@ register_strategy(
 register_strategy(
     StrategyInfo(
         name="ofb",
-        doc="OFB: bi-masks (importance σ(S) and candidate-size logits α) learned in one stage with a FLOPs loss, "
+        doc="OFB: bi-masks (importance σ(S) and candidate-size logits α) learned in one stage with a budget loss, "
         "progressive shrinking and masked-image modelling (Ye et al., CVPR 2024, arXiv 2403.15835)",
         decisions=frozenset({"embed", "heads", "head_dim", "ffn"}),
         params={
@@ -172,7 +173,7 @@ register_strategy(
                 50.0,
                 "weight of the squared budget gap (F(E[k]) − F_target)/F_dense (OFB: 5 over 100 epochs)",
             ),
-            "onehot_weight": Param(float, 0.5, "weight of each group's adaptive one-hot loss"),
+            "onehot_weight": Param(float, 0.5, "weight of each choice's adaptive one-hot loss"),
             "shrink_threshold": Param(
                 float,
                 0.2,
@@ -188,5 +189,6 @@ register_strategy(
                 float, 0.25, "share of patch tokens masked from the end of the warm-up on", bounds=(0.0, 0.9)
             ),
         },
+        ordered=(("mim_start", "mim_end"),),
     )
 )

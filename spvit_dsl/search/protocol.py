@@ -131,7 +131,9 @@ class Strategy:
         return {}
 
     def load_state_dict(self, state: dict[str, JSON]) -> None:
-        """Inverse of :meth:`state_dict`."""
+        """Inverse of :meth:`state_dict`. On resume the loop calls it after re-applying the supernet's shrinks and
+        *before* loading :meth:`module`'s tensors and the optimizers' states, so a strategy whose tensors follow
+        shrunk groups (OFB) can bring them to the checkpoint's shapes here."""
 
     # --- train kind ----------------------------------------------------------------------------------------
 
@@ -169,7 +171,8 @@ class Strategy:
         return self.ctx.price(self.derived())
 
     def metrics(self) -> dict[str, float]:
-        """Numbers for the progress bar and metrics.jsonl (``multiplier`` is shown in the bar)."""
+        """Numbers for the progress bar and metrics.jsonl: ``multiplier`` (SPViT) is shown as ``λ``, any other
+        entries by name (OFB: ``lambda``, ``searching``, ``mim_ratio``)."""
         return {}
 
     # --- score kind ----------------------------------------------------------------------------------------

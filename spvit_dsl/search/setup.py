@@ -69,6 +69,9 @@ def resolve_settings(
                 f"its settings are {', '.join(sorted(accepted))})"
             )
         values[key] = value
+    for low, high in info.ordered:
+        if float(values[low]) > float(values[high]):
+            raise UsageError(f"'{low}' ({values[low]}) must not exceed '{high}' ({values[high]})")
     for key in ("epochs", "steps", "batch_size", "seed"):
         if key in values:
             values[key] = int(values[key])

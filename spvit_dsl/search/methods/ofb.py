@@ -9,17 +9,18 @@ where ``S`` is a learnable importance logit per unit, ``α`` are logits over the
 units are ranked by ``S`` (rank 0: the largest). ``λ`` falls linearly 0.99 → 0.1 over the warm-up, then stays. The
 loss adds ``budget_weight · ((F(E[k]) − F_target) / F_dense)²`` (``F``: the analytic cost of the expected kept
 counts, :meth:`~spvit_dsl.supernet.Supernet.cost`), an adaptive one-hot term per group (:func:`onehot_loss`) with a
-small L1 on ``σ(S)``, and progressive masked image modelling (:class:`PixelDecoder`, :func:`mim_loss`). Three times
-per epoch the shrinking check drops candidates whose ``p ≤ threshold / K``, physically shrinks a group to its largest
-surviving candidate (the top units by ``S``; tensors and optimizer moments sliced), and when one candidate is left
-folds the group's mask into the weights and stops searching it. When every group has finished, the mask tokens and
+small L1 on ``σ(S)``, and progressive masked image modelling (:class:`PixelDecoder`, :func:`mim_loss`).
+``shrinks_per_epoch`` times per epoch (3) the shrinking check drops candidates whose ``p ≤ threshold / K``,
+physically shrinks a group to its largest surviving candidate (the top units by ``S``; tensors and optimizer moments
+sliced), and when one candidate is left folds the group's mask into the weights and stops searching it. When every group has finished, the mask tokens and
 decoder switch off and the run continues as fine-tuning.
 
 Ours (docs/ofb.md): heads × per-head width as a joint choice is masked through the two separable masks with the
 marginals of the joint ``p`` (the cost uses the exact expectation of the product); the embedding mask cannot fold
 exactly (the masked LayerNorms weigh their statistics by it), so a finished embedding group drops its mask;
 Swin support (per-stage embedding widths); a final budget projection (:func:`~..budget.project`) makes the frozen
-network meet every budget whatever the loss reached.
+network meet every budget whatever the loss reached; shrinking starts after the warm-up and never drops a candidate
+that would leave the dearest network below 99% of the budget.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def rank_values(p: Tensor, sizes: Tensor, units: int) -> Tensor:
     return (p[None, :] * (r[:, None] < sizes.to(p.device)[None, :]).to(p.dtype)).sum(1)
 
 
-def onehot_loss(p: Tensor, eps: float = 0.0) -> Tensor:
+def onehot_loss(p: Tensor, eps: float = _EPS) -> Tensor:
     """OFB's adaptive one-hot loss of a group's candidate probabilities ``p`` (K ≥ 2 active): the entropy of ``p``
     plus ``tan(π/2 − π·σ²/σ²_max) / K`` with ``σ² = Σ_c (p_c − 1/K)²`` and ``σ²_max = 1 − 1/K`` (its value at a
     one-hot ``p``). The second term tends to +∞ as ``p`` approaches uniform and to −∞ as it approaches one-hot (the
@@ -80,14 +81,13 @@ def onehot_loss(p: Tensor, eps: float = 0.0) -> Tensor:
         return p.sum() * 0.0
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
     var = ((p - 1.0 / k) ** 2).sum()
-    eps = eps or _EPS
     ratio = eps + (1.0 - 2.0 * eps) * var / (1.0 - 1.0 / k)  # squeezed into [ε, 1 − ε], gradient kept
     return entropy + torch.tan(math.pi / 2 - math.pi * ratio) / k
 
 
 def lambda_at(progress: float, warmup: float) -> float:
-    """λ at ``progress`` (fraction of the run done, 0..1): 0.99 falling linearly to 0.1 at ``warmup`` (a fraction of
-    the run), then constant."""
+    """λ at ``progress``: 0.99 falling linearly to 0.1 at ``warmup``, then constant (both in one unit: optimizer
+    steps in the search, or fractions of the run)."""
     t = min(1.0, max(0.0, progress) / warmup) if warmup > 0 else 1.0
     return LAMBDA_END if t >= 1.0 else LAMBDA_START + (LAMBDA_END - LAMBDA_START) * t
 
@@ -195,7 +195,7 @@ class OfbStrategy(Strategy):
     def __init__(self, ctx: SearchContext) -> None:
         super().__init__(ctx)
         s, net = ctx.settings, ctx.net
-        joint = {p.geom.index for p in ctx.program.space.plans if getattr(p, "joint", False)}
+        joint = {p.geom.index for p in ctx.program.space.plans if p.joint}
         self.choices = _choices(net.groups, joint)
         self._check_ops()
         self.gen = torch.Generator().manual_seed(int(s["seed"]))
@@ -217,13 +217,9 @@ class OfbStrategy(Strategy):
         self.checks = 0
         self.lam = LAMBDA_START
         self.ratio = 0.0
-        self.progress = 0.0
-        self.warmup = float(s["warmup_fraction"])
-        if float(s["mim_start"]) > float(s["mim_end"]):
-            raise UsageError(
-                f"ofb: mim_start ({float(s['mim_start']):g}) is above mim_end ({float(s['mim_end']):g}); the masked "
-                "share rises over the warm-up (OFB: 0.05 → 0.25)"
-            )
+        self._step_index = 0
+        # the warm-up in optimizer steps, fixed at the start (a resume with more --epochs keeps its schedules)
+        self.warm_steps = round(float(s["warmup_fraction"]) * ctx.total_steps)
         self.mim = bool(s["mim"]) and bool(self.choices)
         self._fold_lam = LAMBDA_START
         self._geometry_for_mim()
@@ -274,7 +270,6 @@ class OfbStrategy(Strategy):
             return
         dev = self.ctx.device
         stride = geo.patch_size * (2 ** (geo.stages - 1) if geo.family == "swin" else 1)
-        self.stride = stride
         self.tensors.mask_token = nn.Parameter(
             torch.zeros(self.ctx.net.size(self._embed_path(0)), device=dev)
         )
@@ -305,6 +300,7 @@ class OfbStrategy(Strategy):
             "pending": list(self.pending),
             "fold_lambda": self._fold_lam,
             "checks": self.checks,
+            "warm_steps": self.warm_steps,
             "sizes": {k.replace("__", "."): int(v.numel()) for k, v in self.tensors.importance.items()},
         }
 
@@ -318,6 +314,7 @@ class OfbStrategy(Strategy):
         self.pending = [str(x) for x in state.get("pending", [])]  # type: ignore[union-attr]
         self._fold_lam = float(state.get("fold_lambda", LAMBDA_START))  # type: ignore[arg-type]
         self.checks = int(state.get("checks", 0))  # type: ignore[arg-type]
+        self.warm_steps = int(state.get("warm_steps", self.warm_steps))  # type: ignore[arg-type]
         for path, size in sizes.items():
             self._resize(path, torch.arange(int(size)))  # type: ignore[arg-type]
 
@@ -381,7 +378,7 @@ class OfbStrategy(Strategy):
         self._masking = training and self.mim and bool(self.searching()) and self.ratio > 0
 
     def _draw_tokens(self, batch: int, grid: tuple[int, int]) -> Tensor:
-        """Which patch tokens the mask token replaces this step: (B, gh, gw) bool, round(ratio·N) per image, drawn
+        """Which patch tokens the mask token replaces this step: (B, gh, gw) bool, max(1, round(ratio·N)) per image, drawn
         from the strategy's generator (checkpointed)."""
         gh, gw = grid
         n = gh * gw
@@ -419,12 +416,12 @@ class OfbStrategy(Strategy):
 
     def before_step(self, epoch: float) -> None:
         ctx = self.ctx
-        total = ctx.total_steps / max(1, ctx.steps_per_epoch) if ctx.total_steps else 1.0
-        self.progress = epoch / total if total > 0 else 1.0
         self._step_index = round(epoch * max(1, ctx.steps_per_epoch))
-        self.lam = lambda_at(self.progress, self.warmup)
+        self.lam = lambda_at(self._step_index, self.warm_steps)
         s = ctx.settings
-        self.ratio = mim_ratio_at(self.progress, self.warmup, float(s["mim_start"]), float(s["mim_end"]))
+        self.ratio = mim_ratio_at(
+            self._step_index, self.warm_steps, float(s["mim_start"]), float(s["mim_end"])
+        )
         if self.pending:
             self._fold_pending()
 
@@ -503,12 +500,12 @@ class OfbStrategy(Strategy):
     def shrinks(self) -> list[Shrink]:
         ctx = self.ctx
         per_epoch = max(1, int(ctx.settings["shrinks_per_epoch"]))
-        done = getattr(self, "_step_index", 0) + 1
+        done = self._step_index + 1
         due = done * per_epoch // max(1, ctx.steps_per_epoch)
         if due <= self.checks:
             return []
         self.checks = due
-        if self.progress < self.warmup:  # ours: choices wait until α shapes the masks (λ at its floor)
+        if self._step_index < self.warm_steps:  # ours: choices wait until α shapes the masks (λ at its floor)
             return []
         return self.check()
 
@@ -531,22 +528,23 @@ class OfbStrategy(Strategy):
             for _, c in unlikely:
                 if c == best:
                     continue
-                before = self._extremes()
+                before = self._dearest()
                 self.active[ch.name][c] = False
-                if not self._still_reachable(before, self._extremes()):
+                if not self._still_reachable(before, self._dearest()):
                     self.active[ch.name][c] = True  # dropping it would put the budget out of reach
             alive = [c for c, a in enumerate(self.active[ch.name]) if a]
             for j, path in enumerate(ch.paths):
                 top = max(ch.values[c][j] for c in alive)
                 if top < net.size(path):
                     keep = torch.sort(torch.topk(self._scores(path).detach().cpu(), top).indices).values
-                    self._resize(path, keep)
                     cuts.append(Shrink(path, keep))
             if len(alive) == 1:
                 self.finished.append(ch.name)
                 self.pending.append(ch.name)
                 self._fold_lam = self.lam
-        self._agree(cuts)
+        self._agree(cuts)  # before anything is cut
+        for cut in cuts:
+            self._resize(cut.path, cut.keep)
         return cuts
 
     def _agree(self, cuts: list[Shrink]) -> None:
@@ -561,33 +559,30 @@ class OfbStrategy(Strategy):
         if len(set(map(str, seen))) != 1:
             raise RuntimeError("internal error: data-parallel ranks took different OFB shrinking decisions")
 
-    def _extremes(self) -> tuple[dict[str, float], dict[str, float]]:
-        """The cheapest and the dearest network the active candidates still allow (metric → cost)."""
+    def _dearest(self) -> dict[str, float]:
+        """The cost (metric → value) of the dearest network the active candidates still allow."""
         net = self.ctx.net
-        lo = hi = self.ctx.program.space.largest()
+        hi = self.ctx.program.space.largest()
         for ch in self.choices:
-            alive = [ch.values[c] for c, a in enumerate(self.active[ch.name]) if a]
-            small, large = min(alive, key=math.prod), max(alive, key=math.prod)
+            large = max((ch.values[c] for c, a in enumerate(self.active[ch.name]) if a), key=math.prod)
             for j, path in enumerate(ch.paths):
-                lo = with_value(lo, net.groups[path], small[j])
                 hi = with_value(hi, net.groups[path], large[j])
-        return self.ctx.price(lo), self.ctx.price(hi)
+        return self.ctx.price(hi)
 
-    def _still_reachable(
-        self,
-        before: tuple[dict[str, float], dict[str, float]],
-        after: tuple[dict[str, float], dict[str, float]],
-    ) -> bool:
-        """Whether a drop keeps a network within 1% under every budget reachable: the dearest network the active
-        candidates allow must not fall below 99% of a budget (a shrink removes units for good, so the final
-        projection could not add them back). Cheaper networks always stay reachable: the projection may take any
-        candidate below a group's current size. A drop that does not lower the dearest network, or lowers one
-        already out of reach, is allowed."""
-        for t in self.ctx.targets:
-            hi0, hi1 = before[1][t.metric], after[1][t.metric]
-            if hi1 < 0.99 * t.limit and hi1 != hi0:
-                return False
-        return True
+    def _still_reachable(self, before: dict[str, float], after: dict[str, float]) -> bool:
+        """Whether a drop keeps a network within 1% under the budgets reachable: the dearest network the active
+        candidates allow (``before``/``after`` the drop: metric → cost) must stay at or above 99% of the budget it
+        meets last (the largest cost/limit ratio; the others are met on the way down). A shrink removes units for
+        good, so the final projection could not add them back; cheaper networks always stay reachable, since the
+        projection may take any candidate below a group's size. Only a drop that takes that network from reachable
+        to out of reach is refused."""
+        if not self.ctx.targets:
+            return True
+
+        def binding(cost: dict[str, float]) -> float:
+            return max(cost[t.metric] / t.limit for t in self.ctx.targets)
+
+        return not (binding(after) < 0.99 <= binding(before))
 
     @torch.no_grad()
     def _fold_pending(self) -> None:
