@@ -90,3 +90,18 @@ def test_a_file_that_is_not_a_checkpoint_says_so(capsys, tmp_path: Path, spec: s
     )
     assert "holding Python objects, not a plain state dict" in line
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_finetune_json_is_one_object_with_units(capsys, tmp_path: Path, spec: str) -> None:
+    import json
+
+    try:
+        main(
+            ["finetune", spec, "--weights", "none", "--epochs", "1", "--out", str(tmp_path / "ft"), "--json"]
+        )
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    result = json.loads(capsys.readouterr().out)  # stdout is the object alone: no progress bar
+    assert result["epochs"] == 1 and Path(result["model"]).exists()
+    assert 0 <= result["best"]["top1"] <= result["best"]["top5"] <= 100
+    assert result["units"]["top1"] == "%"

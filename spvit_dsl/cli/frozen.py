@@ -8,6 +8,7 @@ evaluation) belong here too: one section each, their work in library modules.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -430,6 +431,9 @@ def finetune_cmd(
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/finetune.ckpt")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="print one JSON object with the result (no progress bar)")
+    ] = False,
 ) -> None:
     """Fine-tune a frozen network; keeps the best-by-validation model as OUT/best.safetensors."""
     from ..runtime.data import load_data
@@ -483,7 +487,8 @@ def finetune_cmd(
         )
     out_dir = out_dir or os.path.join("runs", os.path.basename(frozen).split(".")[0] + "-finetune")
     _check_output("--out", out_dir, folder=True)
-    with _progress(f"fine-tune {os.path.basename(frozen)}") as progress:
+    bar = contextlib.nullcontext(None) if json_out else _progress(f"fine-tune {os.path.basename(frozen)}")
+    with bar as progress:
         result = finetune(
             model,
             dataset,
@@ -494,6 +499,17 @@ def finetune_cmd(
             teacher=teacher_model,
             progress=progress,
         )
+    if json_out:
+        summary = {
+            "best": result.best.as_dict(),
+            "last": result.last.as_dict(),
+            "epochs": result.epochs,
+            "model": result.best_path,
+            "out": out_dir,
+            "units": {"top1": "%", "top5": "%", "loss": "cross-entropy, nats"},
+        }
+        print(json.dumps(summary, sort_keys=True))
+        return
     out.print(
         f"best top-1 {result.best.top1:.2f}% (top-5 {result.best.top5:.2f}%), last {result.last.top1:.2f}%; "
         f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}; model {result.best_path}"
