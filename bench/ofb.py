@@ -31,6 +31,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench._cells import finished_cell, run_cell, summarise  # noqa: E402
 from bench._machine import run_parts  # noqa: E402
 from bench.supernet_step import make_step, timed  # noqa: E402
 
@@ -115,28 +116,9 @@ BACKBONE = (
 )
 
 
-def _cell(out: str, name: str) -> dict[str, object] | None:
-    """A finished cell read back from its folders (``--resume``), or None."""
-    import json
-
-    from spvit_dsl.compile.freeze import arch_of
-    from spvit_dsl.compile.program import compile_file
-
-    stem = os.path.join(out, name)
-    frozen, tuned = os.path.join(stem, f"{name}.frozen.vit"), os.path.join(f"{stem}-ft", "finetune.json")
-    if not (os.path.exists(frozen) and os.path.exists(tuned)):
-        return None
-    program = compile_file(frozen)
-    with open(tuned) as fh:
-        top1 = json.load(fh)["best"]["top1"]
-    return {"top1": top1, "flops": program.graph.cost(arch_of(program.checked), program.convention).macs}
-
-
 def quality_seed(seed: int, epochs: int, search_epochs: int, out: str, resume: bool) -> dict[str, object]:
-    import time
 
     from spvit_dsl.compile.program import compile_text
-    from spvit_dsl.search import run_search
     from spvit_dsl.train import recipe
     from spvit_dsl.train.finetune import FinetuneSettings
 
@@ -159,42 +141,16 @@ def quality_seed(seed: int, epochs: int, search_epochs: int, out: str, resume: b
     }
     rows: dict[str, object] = {"dense": {"top1": dense.metrics.top1, "flops": base.bounds().macs.dense}}
     for name, (text, tune_epochs) in runs.items():
-        done = _cell(out, name) if resume else None
-        if done is not None:
-            rows[name] = done
-            continue
-        program = compile_text(text, os.path.join(out, f"{name}.vit"))
-        started = time.perf_counter()
-        res = run_search(
-            program, out=os.path.join(out, name), init_checkpoint=dense.timm_state, seed=seed, quiet=True
-        )
-        search_s = time.perf_counter() - started
+        done = finished_cell(out, name) if resume else None
         tune = FinetuneSettings(epochs=tune_epochs, lr=1e-3, warmup_epochs=1, seed=seed)
-        tuned = recipe.finetune_frozen(
-            res.frozen_path, res.checkpoint_path, os.path.join(out, f"{name}-ft"), tune, data=data
-        )
-        rows[name] = {
-            "top1": tuned.metrics.top1,
-            "flops": res.costs[f"flops_{program.convention}"],
-            "search_s": round(search_s, 1),
-            "search_val_top1": res.val_accuracy,
-            "derived_flops": res.info.get("derived_cost", {}).get("flops"),  # type: ignore[union-attr]
-            "embed": list(res.arch.embed),
-            "heads": [b.heads for b in res.arch.blocks],
-            "head_dim": [b.head_dim for b in res.arch.blocks],
-            "ffn": [b.ffn for b in res.arch.blocks],
-            "notice": res.info.get("notice"),
-        }
-        print(seed, name, rows[name]["top1"], flush=True)
+        rows[name] = done or run_cell(text, out, name, init=dense.timm_state, seed=seed, tune=tune, data=data)
+        print(seed, name, rows[name]["top1"], flush=True)  # type: ignore[index]
     return rows
 
 
 def quality(seeds: list[int], epochs: int, search_epochs: int, out: str, resume: bool) -> dict[str, object]:
     per_seed = {s: quality_seed(s, epochs, search_epochs, out, resume) for s in seeds}
-    summary = {}
-    for name in next(iter(per_seed.values())):
-        accs = [per_seed[s][name]["top1"] for s in seeds]  # type: ignore[index]
-        summary[name] = {"mean_top1": statistics.mean(accs), "min_top1": min(accs), "max_top1": max(accs)}
+    summary = summarise(per_seed)
     return {
         "epochs": epochs,
         "search_epochs": search_epochs,

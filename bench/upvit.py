@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import statistics
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench._cells import finished_cell, run_cell, summarise  # noqa: E402
 from bench._machine import run_parts  # noqa: E402
 
 BACKBONE = """backbone vit_tiny_patch16_224 {
@@ -129,36 +128,11 @@ def throughput(proxy: int, per_pass: int, groups: tuple[str, ...]) -> dict[str, 
     }
 
 
-def _cell(out: str, name: str) -> dict[str, object] | None:
-    """A finished cell (search and fine-tune) read back from its folders, or None."""
-    from spvit_dsl.compile.freeze import arch_of
-    from spvit_dsl.compile.program import compile_file
-
-    stem = os.path.join(out, name)
-    frozen, tuned = os.path.join(stem, f"{name}.frozen.vit"), os.path.join(f"{stem}-ft", "finetune.json")
-    if not (os.path.exists(frozen) and os.path.exists(tuned)):
-        return None
-    program = compile_file(frozen)
-    arch = arch_of(program.checked)
-    with open(tuned) as fh:
-        top1 = json.load(fh)["best"]["top1"]
-    return {
-        "top1": top1,
-        "flops": program.graph.cost(arch, program.convention).macs,
-        "search_s": None,  # not timed when read back
-        "embed": list(arch.embed),
-        "heads": [b.heads for b in arch.blocks],
-        "head_dim": [b.head_dim for b in arch.blocks],
-        "ffn": [b.ffn for b in arch.blocks],
-    }
-
-
 def quality_seed(seed: int, epochs: int, out: str, resume: bool = False) -> dict[str, object]:
     """One seed's cells; ``resume``: reuse the dense network and every finished cell found under ``out``."""
     import torch
 
     from spvit_dsl.compile.program import compile_text
-    from spvit_dsl.search import run_search
     from spvit_dsl.train import recipe
     from spvit_dsl.train.finetune import FinetuneSettings
 
@@ -186,38 +160,14 @@ def quality_seed(seed: int, epochs: int, out: str, resume: bool = False) -> dict
     }
     rows: dict[str, object] = {"dense": {"top1": dense.metrics.top1, "flops": dense_flops}}
     for name, text in runs.items():
-        done = _cell(out, name) if resume else None
-        if done is not None:
-            rows[name] = done
-            continue
-        program = compile_text(text, os.path.join(out, f"{name}.vit"))
-        started = time.perf_counter()
-        res = run_search(
-            program, out=os.path.join(out, name), init_checkpoint=dense.timm_state, seed=seed, quiet=True
-        )
-        search_s = time.perf_counter() - started
-        tuned = recipe.finetune_frozen(
-            res.frozen_path, res.checkpoint_path, os.path.join(out, f"{name}-ft"), tune, data=data
-        )
-        rows[name] = {
-            "top1": tuned.metrics.top1,
-            "flops": res.costs[f"flops_{program.convention}"],
-            "search_s": round(search_s, 1),
-            "embed": list(res.arch.embed),
-            "heads": [b.heads for b in res.arch.blocks],
-            "head_dim": [b.head_dim for b in res.arch.blocks],
-            "ffn": [b.ffn for b in res.arch.blocks],
-        }
+        done = finished_cell(out, name) if resume else None
+        rows[name] = done or run_cell(text, out, name, init=dense.timm_state, seed=seed, tune=tune, data=data)
     return rows
 
 
 def quality(seeds: list[int], epochs: int, out: str, resume: bool = False) -> dict[str, object]:
     per_seed = {s: quality_seed(s, epochs, out, resume) for s in seeds}
-    names = list(next(iter(per_seed.values())))
-    summary = {}
-    for name in names:
-        accs = [per_seed[s][name]["top1"] for s in seeds]  # type: ignore[index]
-        summary[name] = {"mean_top1": statistics.mean(accs), "min_top1": min(accs), "max_top1": max(accs)}
+    summary = summarise(per_seed)
     return {"epochs": epochs, "seeds": seeds, "per_seed": per_seed, "summary": summary}
 
 

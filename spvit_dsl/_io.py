@@ -86,3 +86,15 @@ def output_problem(path: str, *, folder: bool = False) -> str | None:
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot write in {parent} (permission denied)"
     return None
+
+
+def checkpoint_kind(path: str) -> str | None:
+    """``"safetensors"`` (an 8-byte header length, then a JSON header), ``"torch"`` (a zip archive or a pickle, as
+    ``torch.save`` writes) or None, from the first bytes of the file at ``path``."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 2**30:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "torch"
+    return None

@@ -51,6 +51,15 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert len(steps) == 3  # one writer
 
 
+def _torchrun_search(spec, out, timeout: int) -> None:
+    """``spvit-dsl search SPEC`` under torchrun with 2 CPU processes (gloo) into ``out``; it must succeed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    cmd += ["spvit_dsl", "search", str(spec), "--device", "cpu", "--out", str(out), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)  # a hang guard only
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 UPVIT = """backbone vit_tiny_patch16_224 { weights = none; image = 32; patch = 8; channels = 1; classes = 10
   embed_dim = 32; depth = 2; heads = 4 }
 embed: 24
@@ -71,11 +80,7 @@ def test_torchrun_upvit_shards_units_and_sums_the_scores(tmp_path):
     spec = tmp_path / "up.vit"
     spec.write_text(UPVIT)
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    cmd += ["spvit_dsl", "search", str(spec), "--device", "cpu", "--out", str(out), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _torchrun_search(spec, out, timeout=300)
     single = run_search(compile_text(UPVIT, str(spec)), out=str(tmp_path / "one"), quiet=True, device="cpu")
     ddp_ckpt = load_checkpoint(str(out / "search.ckpt"))
     one_ckpt = load_checkpoint(single.checkpoint_path)
@@ -107,11 +112,7 @@ def test_torchrun_ofb_shrinks_identically_on_every_rank(tmp_path):
     spec = tmp_path / "ofb.vit"
     spec.write_text(OFB)
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    cmd += ["spvit_dsl", "search", str(spec), "--device", "cpu", "--out", str(out), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _torchrun_search(spec, out, timeout=600)
     ckpt = load_checkpoint(str(out / "search.ckpt"))
     assert ckpt.state["shrunk"], "no group was shrunk: the test would check nothing"
     assert ckpt.state["strategy_state"]["checks"] > 0

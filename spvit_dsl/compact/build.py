@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._io import input_problem
+from .._io import checkpoint_kind, input_problem
 from ..compile.freeze import arch_of, freeze
 from ..compile.program import Program, compile_file, compile_text
 from ..lang.emit import emit
@@ -181,11 +181,8 @@ def fold(
 
 def _search_format(path: str) -> str | None:
     """The format of a search checkpoint or saved supernet at ``path`` (None for anything else)."""
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or checkpoint_kind(path) != "safetensors":
         return None
-    with open(path, "rb") as fh:  # safetensors: 8-byte header length, then a JSON header
-        if fh.read(9)[8:9] != b"{":
-            return None
     fmt = safetensors_metadata(path).get("spvit_dsl.format")
     return fmt if fmt in (SEARCH_FORMAT, SUPERNET_FORMAT) else None
 

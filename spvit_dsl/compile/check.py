@@ -735,13 +735,14 @@ def _search(spec: ast.Spec, items: list[Any]) -> SearchSettings:
     for key, st in settings.items():
         values[key] = setting_value(st, info)
         spans[key] = st.value.span
-    for low, high in info.ordered:
-        if float(values[low]) > float(values[high]):
-            raise SpecError(
-                f"'{low}' ({values[low]}) must not exceed '{high}' ({values[high]})",
-                spans.get(high) or spans.get(low) or strategy_span,
-                hint=f"{high}: {info.settings()[high].doc}",
-            )
+    pair = info.misordered(values)
+    if pair is not None:
+        low, high = pair
+        raise SpecError(
+            f"'{low}' ({values[low]}) must not exceed '{high}' ({values[high]})",
+            spans.get(high) or spans.get(low) or strategy_span,
+            hint=f"{high}: {info.settings()[high].doc}",
+        )
     return SearchSettings(strategy, values, spans)
 
 

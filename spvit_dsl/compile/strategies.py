@@ -40,6 +40,10 @@ class StrategyInfo:
     kind: StrategyKind = "train"
     ordered: tuple[tuple[str, str], ...] = ()  # pairs of settings where the first must not exceed the second
 
+    def misordered(self, values: dict[str, SettingValue]) -> tuple[str, str] | None:
+        """The first pair of :attr:`ordered` whose first setting exceeds the second in ``values``, or None."""
+        return next(((a, b) for a, b in self.ordered if float(values[a]) > float(values[b])), None)
+
     def settings(self) -> dict[str, Param]:
         """Every setting this strategy accepts: those of its kind, then its own."""
         return SETTINGS[self.kind] | self.params

@@ -69,9 +69,9 @@ def resolve_settings(
                 f"its settings are {', '.join(sorted(accepted))})"
             )
         values[key] = value
-    for low, high in info.ordered:
-        if float(values[low]) > float(values[high]):
-            raise UsageError(f"'{low}' ({values[low]}) must not exceed '{high}' ({values[high]})")
+    pair = info.misordered(values)
+    if pair is not None:
+        raise UsageError(f"'{pair[0]}' ({values[pair[0]]}) must not exceed '{pair[1]}' ({values[pair[1]]})")
     for key in ("epochs", "steps", "batch_size", "seed"):
         if key in values:
             values[key] = int(values[key])

@@ -173,7 +173,9 @@ def _epoch_end(run: Run, data: Data) -> None:
     }
     run.history.append({k: record[k] for k in ("epoch", "step", "val_acc", "cost", "ratio")})
     run.metrics.add(record)
-    run.reporter.epoch(dict(record, cost_text=cost_text(costs, ctx.targets), shown=shown(run.strategy)))
+    run.reporter.epoch(
+        dict(record, cost_text=cost_text(costs, ctx.targets), shown=shown(run.strategy.metrics()))
+    )
     run.strategy.on_epoch_end(run.epoch)
     run.epoch += 1
     run.batch = 0
@@ -217,7 +219,8 @@ def train(run: Run, data: Data, callback: Callable[[StepInfo], None] | None, fla
 
 def _log_step(run: Run, loss: float, acc: float, costs: dict[str, float]) -> None:
     ctx = run.ctx
-    mult = run.strategy.metrics().get("multiplier", 0.0)
+    numbers = run.strategy.metrics()
+    mult = numbers.get("multiplier", 0.0)
     ratio = {t.metric: costs[t.metric] / t.limit for t in ctx.targets}
     run.metrics.add(
         {
@@ -229,7 +232,7 @@ def _log_step(run: Run, loss: float, acc: float, costs: dict[str, float]) -> Non
             "cost": costs,
             "ratio": ratio,
             "multiplier": mult,
-            "strategy": run.strategy.metrics(),
+            "strategy": numbers,
         }
     )
     run.reporter.step(
@@ -239,15 +242,14 @@ def _log_step(run: Run, loss: float, acc: float, costs: dict[str, float]) -> Non
             "acc": acc,
             "cost": cost_text(costs, ctx.targets),
             "multiplier": mult,
-            "shown": shown(run.strategy),
+            "shown": shown(numbers),
         }
     )
 
 
-def shown(strategy: Strategy) -> str:
+def shown(m: dict[str, float]) -> str:
     """The strategy's numbers for the progress line: SPViT's multiplier as ``λ``, any other strategy's metrics by
     name (OFB: ``lambda`` of its bi-mask, the groups still searching, the MIM ratio)."""
-    m = strategy.metrics()
     if "multiplier" in m:
         return f"λ {m['multiplier']:.3g}"
     return "  ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in m.items())

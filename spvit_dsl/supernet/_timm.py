@@ -24,6 +24,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block as VitBlock
 from torch import Tensor, nn
 
+from .._io import checkpoint_kind
 from ..lang.errors import UsageError
 from ..space.plan import Geometry
 from .attention import UnifiedAttention
@@ -121,18 +122,6 @@ def load_weights(model: nn.Module, path: str) -> None:
                 "model.state_dict() (or use safetensors)"
             ) from e
         raise UsageError(f"checkpoint {path} does not fit {type(model).__name__}: {_one_line(e)}") from e
-
-
-def checkpoint_kind(path: str) -> str | None:
-    """``"safetensors"``, ``"torch"`` (a zip archive or a pickle, as ``torch.save`` writes) or None, from the first
-    bytes of the file."""
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 2**30:
-        return "safetensors"  # an 8-byte header length, then the JSON header
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return "torch"
-    return None
 
 
 def _checkpoint_filter(model: nn.Module) -> Callable[..., dict[str, Tensor]] | None:

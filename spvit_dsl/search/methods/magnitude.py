@@ -24,7 +24,7 @@ from ...supernet import Supernet
 from ..budget import GroupSteps, ProjectionResult, project
 from ..protocol import JSON, Decisions, SearchContext, Strategy, register_implementation
 
-__all__ = ["MagnitudeStrategy", "RandomStrategy"]
+__all__ = ["MagnitudeStrategy", "RandomStrategy", "steps_from_scores", "top_of"]
 
 
 def _counts(group: UnitGroup, net: Supernet) -> list[int]:
@@ -36,16 +36,26 @@ def _counts(group: UnitGroup, net: Supernet) -> list[int]:
     return [int(c) for c in group.choices]
 
 
-def steps_from_scores(group: UnitGroup, net: Supernet, scores: Tensor) -> GroupSteps:
-    """Levels = the group's candidates; a step down loses the scores of the units ranked between two levels."""
+def steps_from_scores(
+    group: UnitGroup, net: Supernet, scores: Tensor, values: list[int] | None = None, level: int | None = None
+) -> GroupSteps:
+    """Levels = the group's candidates (or ``values``, kept counts ascending, e.g. those a shrunk group can still
+    take); a step down loses the scores of the units ranked between two levels. ``level``: where the group stands
+    (default: its top level)."""
     if group.kind == "attention":
         steps = scores.tolist()
     else:
         ranked = torch.sort(scores.flatten(), descending=True).values
         cum = torch.cat([ranked.new_zeros(1), torch.cumsum(ranked, 0)])
-        counts = _counts(group, net)
+        counts = _counts(group, net) if values is None else values
         steps = [float(cum[hi] - cum[lo]) for lo, hi in zip(counts, counts[1:], strict=False)]
-    return GroupSteps(group, list(group.choices), len(group.choices) - 1, steps)
+    levels = list(group.choices) if values is None else list(values)
+    return GroupSteps(group, levels, len(levels) - 1 if level is None else level, steps)
+
+
+def top_of(scores: Tensor, count: int) -> Tensor:
+    """The indices of the ``count`` highest ``scores`` (ties: lower index first), ascending."""
+    return torch.sort(torch.sort(scores, descending=True, stable=True).indices[:count]).values
 
 
 def _normalised(net: Supernet, groups: list[UnitGroup]) -> dict[str, Tensor]:

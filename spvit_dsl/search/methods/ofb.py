@@ -36,11 +36,12 @@ from torch import Tensor, nn
 from ...lang.errors import UsageError
 from ...runtime.optim import adamw, param_groups
 from ...space.cost import BlockCounts, Counts
-from ...space.groups import UnitGroup, value_of, with_value
+from ...space.groups import UnitGroup, embed_path, value_of, with_value
 from ...space.plan import LAYERS, FrozenArch, dense_arch
 from ...supernet._shrink import replace_parameter
 from ..budget import GroupSteps, project
 from ..protocol import JSON, Batch, Decisions, SearchContext, Shrink, Strategy, register_implementation
+from .magnitude import steps_from_scores, top_of
 
 __all__ = [
     "Choice",
@@ -270,14 +271,9 @@ class OfbStrategy(Strategy):
             return
         dev = self.ctx.device
         stride = geo.patch_size * (2 ** (geo.stages - 1) if geo.family == "swin" else 1)
-        self.tensors.mask_token = nn.Parameter(
-            torch.zeros(self.ctx.net.size(self._embed_path(0)), device=dev)
-        )
-        last = self.ctx.net.size(self._embed_path(geo.stages - 1))
+        self.tensors.mask_token = nn.Parameter(torch.zeros(self.ctx.net.size(embed_path(geo, 0)), device=dev))
+        last = self.ctx.net.size(embed_path(geo, geo.stages - 1))
         self.tensors.decoder = PixelDecoder(last, stride, geo.in_chans).to(dev)
-
-    def _embed_path(self, stage: int) -> str:
-        return "embed" if self.ctx.net.geometry.family != "swin" else f"stages.{stage}.embed"
 
     # --- state the loop checkpoints ------------------------------------------------------------------------
 
@@ -319,29 +315,28 @@ class OfbStrategy(Strategy):
             self._resize(path, torch.arange(int(size)))  # type: ignore[arg-type]
 
     def _resize(self, path: str, keep: Tensor) -> None:
-        """Keep units ``keep`` of the strategy's tensors over group ``path`` (S; the mask token for stage 0's
-        embedding; the decoder's input channels for the last stage's), slicing their optimizer moments."""
-        opts = list(self.optimizers().values())
+        """Keep units ``keep`` (1-D, current unit indices) of the strategy's tensors over group ``path``: S; the mask
+        token for stage 0's embedding; the decoder's input channels for the last stage's. Their optimizer moments
+        are sliced with them."""
+        geo, t = self.ctx.net.geometry, self.tensors
         keep = keep.to(torch.long)
         key = path.replace(".", "__")
-        if key in self.tensors.importance:
-            old = self.tensors.importance[key]
-            if old.numel() != keep.numel() or not torch.equal(keep, torch.arange(old.numel())):
-                new = old.detach().index_select(0, keep.to(old.device)).clone()
-                replace_parameter(self.tensors.importance, key, new, opts, 0, keep)
-        geo = self.ctx.net.geometry
-        if self.tensors.mask_token is not None and path == self._embed_path(0):
-            old = self.tensors.mask_token
-            if old.numel() != keep.numel() or not torch.equal(keep, torch.arange(old.numel())):
-                replace_parameter(
-                    self.tensors, "mask_token", old.detach()[keep.to(old.device)].clone(), opts, 0, keep
-                )
-        if self.tensors.decoder is not None and path == self._embed_path(geo.stages - 1):
-            conv = self.tensors.decoder.conv
-            if conv.in_channels != keep.numel() or not torch.equal(keep, torch.arange(conv.in_channels)):
-                new = conv.weight.detach().index_select(1, keep.to(conv.weight.device)).clone()
-                replace_parameter(conv, "weight", new, opts, 1, keep)
-                conv.in_channels = keep.numel()
+        if key in t.importance:
+            self._slice(t.importance, key, 0, keep)
+        if t.mask_token is not None and path == embed_path(geo, 0):
+            self._slice(t, "mask_token", 0, keep)
+        if t.decoder is not None and path == embed_path(geo, geo.stages - 1):
+            self._slice(t.decoder.conv, "weight", 1, keep)
+            t.decoder.conv.in_channels = keep.numel()
+
+    def _slice(self, owner: nn.Module, name: str, axis: int, keep: Tensor) -> None:
+        """``owner.name`` cut to ``keep`` along ``axis`` (nothing when ``keep`` is every unit in order)."""
+        old = owner._parameters[name]
+        assert old is not None
+        if old.shape[axis] == keep.numel() and torch.equal(keep, torch.arange(keep.numel())):
+            return
+        new = old.detach().index_select(axis, keep.to(old.device)).clone()
+        replace_parameter(owner, name, new, list(self.optimizers().values()), axis, keep)
 
     # --- per step --------------------------------------------------------------------------------------------
 
@@ -425,10 +420,10 @@ class OfbStrategy(Strategy):
         if self.pending:
             self._fold_pending()
 
-    def expected_counts(self) -> Counts:
+    def expected_counts(self, arch: FrozenArch) -> Counts:
         """Counts with every searched group at its expected kept count ``E[k] = Σ p_c k_c`` (joint heads × per-head
-        width: heads at ``E[h]`` and per-head width at ``E[h·d] / E[h]``, so their product is exact)."""
-        arch = self.derived()
+        width: heads at ``E[h]`` and per-head width at ``E[h·d] / E[h]``, so their product is exact); every other
+        dimension as in ``arch`` (the derived network)."""
         net = self.ctx.net
         embed: list[object] = list(arch.embed)
         per_block: dict[int, dict[str, object]] = {}
@@ -465,8 +460,9 @@ class OfbStrategy(Strategy):
         ctx, s = self.ctx, self.ctx.settings
         terms: list[Tensor] = []
         searching = self.searching()
+        derived = self.derived()
         if searching and ctx.targets:
-            counts = self.expected_counts()
+            counts = self.expected_counts(derived)
             for t in ctx.targets:
                 f = ctx.net.cost(counts, ctx.convention, t.field)
                 gap = (f - t.limit) / self._dense[t.metric]
@@ -486,7 +482,7 @@ class OfbStrategy(Strategy):
                 scale = float(task) / max(float(loss), 1e-8)
             terms.append((scale * loss).double())
         self._pred = None
-        self._costs = {m: float(v) for m, v in self.ctx.price(self.derived()).items()}
+        self._costs = {m: float(v) for m, v in self.ctx.price(derived).items()}
         return torch.stack(terms).sum().float() if terms else None
 
     def step(self) -> None:
@@ -536,8 +532,7 @@ class OfbStrategy(Strategy):
             for j, path in enumerate(ch.paths):
                 top = max(ch.values[c][j] for c in alive)
                 if top < net.size(path):
-                    keep = torch.sort(torch.topk(self._scores(path).detach().cpu(), top).indices).values
-                    cuts.append(Shrink(path, keep))
+                    cuts.append(Shrink(path, top_of(self._scores(path).detach().cpu(), top)))
             if len(alive) == 1:
                 self.finished.append(ch.name)
                 self.pending.append(ch.name)
@@ -652,12 +647,8 @@ class OfbStrategy(Strategy):
                 current = int(value_of(arch, net.groups[path]))
                 if len(values) < 2 or current not in values:
                     continue
-                ranked = torch.sort(
-                    torch.sigmoid(self._scores(path).detach().cpu().double()), descending=True
-                ).values
-                cum = torch.cat([ranked.new_zeros(1), torch.cumsum(ranked, 0)])
-                scores = [float(cum[hi] - cum[lo]) for lo, hi in zip(values, values[1:], strict=False)]
-                out.append(GroupSteps(net.groups[path], values, values.index(current), scores))
+                scores = torch.sigmoid(self._scores(path).detach().cpu().double())
+                out.append(steps_from_scores(net.groups[path], net, scores, values, values.index(current)))
         return out
 
     def finalize(self) -> Decisions:
@@ -679,9 +670,7 @@ class OfbStrategy(Strategy):
             for path in ch.paths:
                 count = int(value_of(arch, net.groups[path]))
                 if count < net.size(path):
-                    kept[path] = torch.sort(
-                        torch.topk(self._scores(path).detach().cpu(), count).indices
-                    ).values
+                    kept[path] = top_of(self._scores(path).detach().cpu(), count)
         net.reset()
         full = net.kept_for(arch, kept)
         info: dict[str, JSON] = {

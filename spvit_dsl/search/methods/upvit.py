@@ -47,7 +47,7 @@ from ...space.groups import UnitGroup, value_of
 from ...space.plan import FrozenArch
 from ..budget import project
 from ..protocol import JSON, Batch, Decisions, SearchContext, Strategy, register_implementation
-from .magnitude import steps_from_scores
+from .magnitude import steps_from_scores, top_of
 
 __all__ = ["UpvitStrategy", "regroup"]
 
@@ -287,14 +287,14 @@ class UpvitStrategy(Strategy):
         for path, group in net.groups.items():
             count = int(value_of(arch, group)) if group.kind in ("embed", "ffn") else None
             if group.kind == "embed" and "embed" in scores and count is not None and count < group.size:
-                kept[path] = _top(scores["embed"], count)
+                kept[path] = top_of(scores["embed"], count)
             elif (
                 group.kind == "ffn"
                 and f"ffn_{group.block}" in scores
                 and count is not None
                 and count < group.size
             ):
-                kept[path] = _top(scores[f"ffn_{group.block}"], count)
+                kept[path] = top_of(scores[f"ffn_{group.block}"], count)
         for r, b in zip(net.rows, arch.blocks, strict=True):
             s = scores.get(f"attn_{r.index}")
             attn = r.attn
@@ -304,19 +304,14 @@ class UpvitStrategy(Strategy):
                 attn.window
             ):  # Swin: heads by their channels' summed score, then channels summed over kept heads
                 per = s.view(attn.num_heads, attn.head_dim)
-                heads = _top(per.sum(1), b.heads)
+                heads = top_of(per.sum(1), b.heads)
                 if b.heads < attn.num_heads:
                     kept[f"blocks.{r.index}.heads"] = heads
                 if b.head_dim < attn.head_dim:
-                    kept[f"blocks.{r.index}.head_dim"] = _top(per[heads].sum(0), b.head_dim)
+                    kept[f"blocks.{r.index}.head_dim"] = top_of(per[heads].sum(0), b.head_dim)
             else:
                 kept[f"blocks.{r.index}.head_dim"] = regroup(s, attn.num_heads, b.heads, b.head_dim)
         return kept
-
-
-def _top(scores: Tensor, count: int) -> Tensor:
-    """The ``count`` units of highest score, ascending."""
-    return torch.sort(torch.sort(scores, descending=True, stable=True).indices[:count]).values
 
 
 def _reduced(group: UnitGroup) -> bool:
