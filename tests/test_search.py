@@ -66,8 +66,9 @@ def test_kept_units_match_the_frozen_widths(searched, budget):
 
 
 def test_the_user_is_told_when_the_projection_did_the_work(searched, capsys):
-    """3 steps cannot bring the gates to 40% of the FLOPs: the projection cuts the rest, and says so in one line
-    with what to do (even with quiet=True: the note goes to stderr; here it is also kept in ``info``)."""
+    """--steps 3 stops the search long before its schedule (planned over the spec's 6 epochs) reaches 40% of the
+    FLOPs: the projection cuts the rest, and says so in one line with what to do (even with quiet=True: the note
+    goes to stderr; here it is also kept in ``info``)."""
     _, result = searched["40%"]
     notice = result.info.get("notice")
     assert notice is not None and "\n" not in notice
@@ -117,12 +118,12 @@ def test_outputs(searched):
         assert any(k.startswith(prefix) for k in keys), prefix
     assert meta["spvit_dsl.spec"] == program.source  # the checkpoint is self-contained
     state = json.loads(meta["spvit_dsl.state"])
-    assert state["step"] == 3 and state["finished"] is True and "values" in state["strategy_state"]["dual"]
+    assert state["step"] == 3 and state["finished"] is True and state["strategy_state"]["plan_epochs"] == 6
     records = [json.loads(line) for line in open(result.metrics_path, encoding="utf-8")]
     steps = [r for r in records if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:
-        assert {"loss", "acc", "cost", "multiplier"} <= set(r) and r["cost"]["flops"] > 0
+        assert {"loss", "acc", "cost", "ratio", "strategy"} <= set(r) and r["cost"]["flops"] > 0
     with open(result.report_path, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 

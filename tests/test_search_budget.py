@@ -1,4 +1,4 @@
-"""The budget projection over unit groups and the dual multiplier (pure Python: a real tiny geometry, no torch)."""
+"""The budget projection over unit groups (pure Python: a real tiny geometry, no torch)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spvit_dsl.compile.program import compile_text
-from spvit_dsl.search.budget import DualAscent, GroupSteps, Target, project
+from spvit_dsl.search.budget import GroupSteps, Target, project
 from spvit_dsl.space.cost import arch_cost
 from spvit_dsl.space.groups import decisions, value_of
 from spvit_dsl.space.plan import reads_image
@@ -154,19 +154,3 @@ def test_group_steps_check_their_shape():
     g = GROUPS[0]
     with pytest.raises(ValueError, match="need"):
         GroupSteps(g, list(g.choices), 0, [])
-
-
-def test_dual_ascent_integrates_and_resets_when_the_budget_is_crossed():
-    d = DualAscent([Target("flops", 1.0)], lr=0.1)
-    d.update([2.0])
-    d.update([2.0])
-    assert abs(d.values[0] - 0.2) < 1e-12
-    assert abs(d.effective([2.0])[0] - (0.2 + d.rho)) < 1e-12
-    d.update([0.5])  # crossed under the budget: the integral restarts, then pulls up
-    assert abs(d.values[0] - (-0.05)) < 1e-12
-    for _ in range(10_000):
-        d.update([0.0])
-    assert d.values[0] == -d.bound
-    d2 = DualAscent([Target("flops", 1.0)], lr=0.1)
-    d2.load_state_dict(d.state_dict())
-    assert d2.values == d.values

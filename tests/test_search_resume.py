@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -62,11 +63,12 @@ def test_ctrl_c_mid_epoch_then_resume_matches(reference, tmp_path):
 
 
 def test_stop_after_one_epoch_then_resume_matches(reference, tmp_path):
+    """--steps stops a run (the schedules stay planned over its epochs); --resume without it finishes the run."""
     program, ref = reference
     out = str(tmp_path / "out")
-    first = run_search(program, device="cpu", out=out, quiet=True, epochs=1)
+    first = run_search(program, device="cpu", out=out, quiet=True, steps=ref.steps // 2)
     assert first.epochs == 1
-    resumed = run_search(program, device="cpu", out=out, quiet=True, epochs=2, resume=True)
+    resumed = run_search(program, device="cpu", out=out, quiet=True, steps=0, resume=True)
     assert resumed.epochs == 2
     _same(ref, resumed)
 
@@ -84,11 +86,11 @@ def test_resume_survives_a_torn_metrics_line_and_keeps_every_record(reference, t
     step of the search exactly once (metrics are written before the checkpoint that covers them)."""
     program, ref = reference
     out = tmp_path / "out"
-    run_search(program, device="cpu", out=str(out), quiet=True, epochs=1)
+    run_search(program, device="cpu", out=str(out), quiet=True, steps=ref.steps // 2)
     metrics = out / "metrics.jsonl"
     with open(metrics, "a", encoding="utf-8") as fh:
         fh.write('{"kind": "step", "step": 99, "loss": 0.')  # torn: no end, no newline
-    resumed = run_search(program, device="cpu", out=str(out), quiet=True, epochs=2, resume=True)
+    resumed = run_search(program, device="cpu", out=str(out), quiet=True, steps=0, resume=True)
     _same(ref, resumed)
     steps = [line for line in open(resumed.metrics_path) if '"kind": "step"' in line]
     assert len(steps) == ref.steps and all(line.endswith("}\n") for line in steps)
@@ -102,10 +104,27 @@ def test_resume_with_changed_settings_is_refused_but_longer_runs_are_fine(refere
 
     program, ref = reference
     out = str(tmp_path / "out")
-    run_search(program, device="cpu", out=out, quiet=True, epochs=1)
+    run_search(program, device="cpu", out=out, quiet=True, steps=ref.steps // 2)
     with pytest.raises(UsageError, match=r"batch_size 128 \(now 32\)"):
         run_search(program, device="cpu", out=out, quiet=True, resume=True, batch_size=32)
     with pytest.raises(UsageError, match=r"lr .*now 0\.05"):
         run_search(program, device="cpu", out=out, quiet=True, resume=True, settings={"lr": 0.05})
-    resumed = run_search(program, device="cpu", out=out, quiet=True, epochs=2, resume=True)
+    resumed = run_search(program, device="cpu", out=out, quiet=True, steps=0, resume=True)
     _same(ref, resumed)
+
+
+def test_more_epochs_on_resume_keep_the_planned_schedule(reference, tmp_path):
+    """SPViT's budget schedule is planned over the epochs of the first start: a resume with more --epochs trains
+    on at the budget (the derived network stays within 2% of it) instead of re-planning the schedule."""
+    program, ref = reference
+    out = str(tmp_path / "out")
+    run_search(program, device="cpu", out=out, quiet=True, epochs=1)
+    longer = run_search(program, device="cpu", out=out, quiet=True, epochs=2, resume=True)
+    assert longer.epochs == 2 and longer.steps == ref.steps
+    with safe_open(longer.checkpoint_path, framework="pt") as f:
+        state = json.loads(f.metadata()["spvit_dsl.state"])
+    assert state["strategy_state"]["plan_epochs"] == 1.0
+    limit = longer.budgets[0]["limit"]
+    steps = [json.loads(line) for line in open(longer.metrics_path) if '"kind": "step"' in line]
+    assert len(steps) == ref.steps
+    assert all(abs(r["cost"]["flops"] / limit - 1) <= 0.02 for r in steps[len(steps) // 2 :])

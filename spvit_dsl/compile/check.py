@@ -26,7 +26,7 @@ from ..space.groups import block_path, embed_path, groups
 from ..space.ops import OPS, by_level
 from ..space.plan import LAYERS, BlockPlan, DensityChoice, FfnChoice, Geometry, Space
 from ..space.units import METRICS, Limit, UnitError, to_limit
-from .strategies import SETTINGS, STRATEGIES, SettingValue, StrategyInfo
+from .strategies import RETIRED, SETTINGS, STRATEGIES, SettingValue, StrategyInfo
 
 FIELDS = ("attention", "ffn", "heads", "head_dim", "sparsity", "embed")
 WEIGHTS_WORDS = ("pretrained", "none")
@@ -759,7 +759,9 @@ def setting_value(st: ast.Setting, info: StrategyInfo) -> SettingValue:
         owners = sorted(
             n for n in STRATEGIES.names() if n != info.name and st.key in STRATEGIES.get(n).settings()
         )
-        if st.key in SETTINGS["train"] and info.kind in what:
+        if st.key in RETIRED:
+            hint = f"'{st.key}' was retired: {RETIRED[st.key]}"
+        elif st.key in SETTINGS["train"] and info.kind in what:
             hint = f"'{info.name}' {what[info.kind]}; its settings: {', '.join(sorted(table))}"
         elif owners:  # another strategy's setting (gate_lr for ofb, warmup_epochs for ofb, ...)
             hint = f"'{st.key}' is a setting of {', '.join(owners)}; '{info.name}' adds: {own}"

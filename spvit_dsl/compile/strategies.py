@@ -64,6 +64,10 @@ TRAIN: dict[str, Param] = {
     "lr": Param(float, 1e-4, "AdamW learning rate of the weights"),
     "weight_decay": Param(float, 0.05, "AdamW weight decay of the weights (none on 1-D params and biases)"),
 }
+RETIRED: dict[str, str] = {  # settings earlier versions took → what replaced them
+    "dual_lr": "SPViT no longer uses a Lagrange multiplier: a scheduled price meets the budget; "
+    "'budget_reach' sets by when (a fraction of the gate-training steps)",
+}
 SETTINGS: dict[str, dict[str, Param]] = {"train": RUN | DATA | TRAIN, "score": RUN | DATA, "data_free": RUN}
 COMMON = SETTINGS["train"]  # every setting of a training strategy
 
@@ -83,8 +87,25 @@ register_strategy(
             "alpha": Param(
                 float, 0.0, "softmax temperature of the head-mixing matrix (0: 1e-2 ViT, 1e2 Swin)"
             ),
-            "dual_lr": Param(float, 0.05, "step of the Lagrange multiplier enforcing the budget"),
+            "budget_reach": Param(
+                float,
+                0.5,
+                "fraction of the gate-training steps by which the derived network reaches the budget",
+                bounds=(0.0, 1.0),
+            ),
             "warmup_epochs": Param(float, 0.0, "epochs of weight-only training before the gates learn"),
+            "cost_weight": Param(
+                float,
+                1.0,
+                "weight of the relative cost of the gates' counts in the loss (teaches each gate its cost)",
+                bounds=(0.0, 1e6),
+            ),
+            "gate_noise": Param(
+                float,
+                0.0,
+                "scale of the logistic noise on training draws (1: SPViT's binary concrete; 0: the derived network)",
+                bounds=(0.0, 10.0),
+            ),
         },
     )
 )

@@ -1,25 +1,19 @@
-"""Search stage — budgets: the Lagrange multiplier that steers training, and the projection that makes them hold.
+"""Search stage — budgets: the projection that makes them hold after a search.
 
 Input: the program's resolved budgets, a point of the space and, for every unit group a strategy decided, the values
-its levels stand for and a score per step (what is lost stepping down one level). Output: multiplier updates during
-training, and after a search the level of every group such that the network meets every budget and sits within 1%
-of the binding one. Pure Python (the analytic cost model prices every move exactly): no torch.
+its levels stand for and a score per step (what is lost stepping down one level). Output: the level of every group
+such that the network meets every budget and sits within 1% of the binding one. Pure Python (the analytic cost model
+prices every move exactly): no torch. How a training strategy brings its network to the budget during the search
+is its own business (SPViT: a scheduled price on its gates, :mod:`.methods.spvit_price`; OFB: a penalty); the
+projection is the safety net that rounds, and the loop says so in one line when it did more than round.
 
-SPViT (He et al., TPAMI 2024, §3) adds ``λ·(T − F)²`` with a hand-tuned λ and misses its targets. Here the budget is
-a constraint ``F_k(gates) ≤ T_k`` per budget k:
-
-1. **Dual ascent** (augmented Lagrangian, :class:`DualAscent`) — the loss adds ``Σ_k λ_k (r_k − 1) + ρ/2 (r_k − 1)²``
-   with ``r_k = F_k / T_k`` (F_k: the differentiable expected cost, equal in value to the derived network's cost);
-   after every step ``λ_k ← λ_k + dual_lr · (r_k − 1)``. While the derived network is over budget the multiplier
-   grows until the cost gradient outweighs the task gradient on the gates; under budget it shrinks (and may turn
-   negative, pulling gates back up), so no λ needs tuning.
-2. **Projection** (:func:`project`) — works on levels of unit groups (embedding widths, heads, per-head widths, FFN
-   widths, op levels, densities) and on costs that do not simply add up (embedding width × FFN width, heads × per-head
-   width × tokens): every move is priced by the analytic cost model. While over any budget, step down the group whose
-   next step loses the least score per unit of (normalised) cost saved; then, while more than 1% under the binding
-   budget, step up the group with the most score per unit of cost that still fits every budget; when only coarse
-   steps are left, try one coarse step up paired with fine steps down elsewhere (a swap). Greedy by score per cost
-   with lazily re-priced moves, as in budgeted knapsack heuristics.
+**Projection** (:func:`project`) — works on levels of unit groups (embedding widths, heads, per-head widths, FFN
+widths, op levels, densities) and on costs that do not simply add up (embedding width × FFN width, heads × per-head
+width × tokens): every move is priced by the analytic cost model. While over any budget, step down the group whose
+next step loses the least score per unit of (normalised) cost saved; then, while more than 1% under the binding
+budget, step up the group with the most score per unit of cost that still fits every budget; when only coarse steps
+are left, try one coarse step up paired with fine steps down elsewhere (a swap). Greedy by score per cost with
+lazily re-priced moves, as in budgeted knapsack heuristics.
 """
 
 from __future__ import annotations
@@ -28,8 +22,7 @@ import heapq
 import math
 import random as _random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from ..compile.program import Budget
 from ..space import cost as cost_model
@@ -37,7 +30,7 @@ from ..space.geometry import Convention, Geometry
 from ..space.groups import UnitGroup, with_value
 from ..space.plan import FrozenArch, reads_image
 
-__all__ = ["DualAscent", "GroupSteps", "Projection", "Target", "project", "targets_of"]
+__all__ = ["GroupSteps", "Projection", "Target", "project", "targets_of"]
 
 METRIC_FIELD = {"flops": "macs", "params": "params"}
 
@@ -63,49 +56,6 @@ def targets_of(budgets: Iterable[Budget]) -> list[Target]:
         if t.metric not in best or t.limit < best[t.metric].limit:
             best[t.metric] = t
     return [best[m] for m in sorted(best)]
-
-
-@dataclass
-class DualAscent:
-    """One multiplier per target for the budget as a target ``F_k / T_k = 1`` (augmented Lagrangian).
-
-    The loss term is ``Σ_k λ_k (r_k − 1) + ρ/2 (r_k − 1)²`` with ``r_k = F_k / T_k``, so the gates feel the effective
-    multiplier ``λ_k + ρ (r_k − 1)``: the integral part ``λ_k ← clip(λ_k + lr · (r_k − 1), −bound, bound)`` removes
-    the steady-state error, the proportional part ``ρ (r_k − 1)`` damps the overshoot a pure integrator would cause
-    when many gates cross zero together, and the integral restarts from 0 whenever the cost crosses the budget
-    (anti-windup: with Adam the gates move at a bounded speed, so an accumulated λ would keep pushing long after
-    the crossing). A negative multiplier pulls gates back up when the network fell under the
-    budget (unused budget is lost accuracy); the projection guarantees the "at or
-    under" part.
-    """
-
-    targets: list[Target]
-    lr: float
-    values: list[float] = field(default_factory=list)
-    rho: float = 1.0
-    bound: float = 100.0
-
-    def __post_init__(self) -> None:
-        if not self.values:
-            self.values = [0.0] * len(self.targets)
-
-    def update(self, ratios: Sequence[float]) -> None:
-        out = []
-        for lam, r in zip(self.values, ratios, strict=True):
-            if lam * (r - 1.0) < 0:  # anti-windup: the constraint changed side, drop the accumulated push
-                lam = 0.0
-            out.append(min(self.bound, max(-self.bound, lam + self.lr * (r - 1.0))))
-        self.values = out
-
-    def effective(self, ratios: Sequence[float]) -> list[float]:
-        """The multipliers the gates feel now: integral plus proportional part."""
-        return [lam + self.rho * (r - 1.0) for lam, r in zip(self.values, ratios, strict=True)]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"values": list(self.values), "lr": self.lr, "rho": self.rho}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.values = [float(v) for v in state["values"]]
 
 
 # --------------------------------------------------------------------------------------------- projection

@@ -4,7 +4,7 @@ Tensors (safetensors): ``net/<state-dict key>`` (supernet weights, BatchNorm sta
 ``strategy/<key>`` (the strategy's own tensors: gate logits, scores), ``opt/<name>/<param index>/<field>``
 (optimizer moments and step counters), ``rng/torch``, ``rng/gates`` (a strategy's noise generator), ``rng/cuda``
 (when on GPU) and ``kept/<group path>`` (the final kept units — ordered indices, or a bool mask for a weights group
-— once the search has finished). Everything else — epoch, step, multiplier, optimizer hyperparameters, settings,
+— once the search has finished). Everything else — epoch, step, the strategy's schedules, optimizer hyperparameters, settings,
 the spec's hash, the units left in shrunk groups — is JSON in the file's metadata under ``spvit_dsl.state``, and
 the spec text the search compiled is stored under ``spvit_dsl.spec`` (with its path under ``spvit_dsl.spec_path``),
 so a checkpoint is self-contained.

@@ -222,7 +222,7 @@ def _kept_text(run: Run) -> str:
 
 def _projection_notice(run: Run, info: Mapping[str, Any]) -> str | None:
     """One line when the budget projection, a safety net for a training strategy, did real work: the point the
-    strategy derived missed the binding budget by more than 2% over or 5% under (data-free and scoring strategies
+    strategy derived missed the binding budget by more than 2% over or under (data-free and scoring strategies
     allocate with the projection by design: no line)."""
     derived = info.get("derived_cost")
     if run.strategy.kind != "train" or not isinstance(derived, Mapping) or not run.ctx.targets:
@@ -233,14 +233,21 @@ def _projection_notice(run: Run, info: Mapping[str, Any]) -> str | None:
     metric = max(ratios, key=lambda m: ratios[m])
     ratio = ratios[metric]
     if ratio > 1.02:
-        hint = "train longer (--epochs)" + (" or raise dual_lr" if "dual_lr" in run.settings else "")
+        if "budget_reach" in run.settings:  # SPViT's schedule had not reached the budget when the run stopped
+            hint = (
+                f"let the run reach budget_reach ({run.settings['budget_reach']:g}) of its planned gate-training "
+                "steps (--steps stopped it early, or warmup_epochs left too few; raise --epochs) or lower "
+                "budget_reach"
+            )
+        else:
+            hint = "train longer (--epochs)"
         hint += " or raise budget_weight" if "budget_weight" in run.settings else ""
         return (
             f"note: the searched network was at {ratio:.0%} of the {metric} budget; the budget projection removed "
             f"{info.get('removed', '?')} step(s) to fit it. To have the search meet the budget itself: {hint}."
         )
-    if ratio < 0.95:
-        hint = "lower dual_lr" if "dual_lr" in run.settings else "train longer (--epochs)"
+    if ratio < 0.98:
+        hint = "train longer (--epochs)"
         hint += " or raise budget_weight" if "budget_weight" in run.settings else ""
         return (
             f"note: the searched network used only {ratio:.0%} of the {metric} budget; the budget projection added "

@@ -20,7 +20,7 @@ class Reporter:
         """A search of ``total`` steps begins (``done`` already completed, when resuming)."""
 
     def step(self, fields: dict[str, Any]) -> None:
-        """One optimizer step finished: ``loss``, ``acc``, ``cost`` (text), ``epoch``, ``multiplier``; or one proxy
+        """One optimizer step finished: ``loss``, ``acc``, ``cost`` (text), ``epoch``, ``shown`` (the strategy's numbers); or one proxy
         batch scored: ``epoch`` and ``text`` (shown as is)."""
 
     def epoch(self, record: dict[str, Any]) -> None:

@@ -127,7 +127,7 @@ class Strategy:
         return None
 
     def state_dict(self) -> dict[str, JSON]:
-        """JSON state (multipliers, schedules) for the checkpoint."""
+        """JSON state (schedules, counters) for the checkpoint."""
         return {}
 
     def load_state_dict(self, state: dict[str, JSON]) -> None:
@@ -153,7 +153,7 @@ class Strategy:
             opt.step()
 
     def after_step(self) -> None:
-        """After the optimizer step (e.g. dual ascent)."""
+        """After the optimizer step (e.g. SPViT re-solves its price for the moved gates)."""
 
     def shrinks(self) -> list[Shrink]:
         """Groups to cut physically now (after the step); the loop applies them to the supernet and optimizers."""
@@ -171,8 +171,8 @@ class Strategy:
         return self.ctx.price(self.derived())
 
     def metrics(self) -> dict[str, float]:
-        """Numbers for the progress bar and metrics.jsonl: ``multiplier`` (SPViT) is shown as ``λ``, any other
-        entries by name (OFB: ``lambda``, ``searching``, ``mim_ratio``)."""
+        """Numbers for the progress bar and metrics.jsonl (under ``strategy``), shown by name (SPViT: ``price``,
+        ``target`` (OFB: ``lambda``, ``searching``, ``mim_ratio``)."""
         return {}
 
     # --- score kind ----------------------------------------------------------------------------------------

@@ -94,8 +94,19 @@ def _cost_panel(
                 [r["ratio"][t.metric] for r in steps],
                 lw=0.8,
                 alpha=0.5,
-                label=f"{t.metric} per step",
+                label=f"{t.metric} per step (before projection)",
             )
+    scheduled = [r for r in steps if isinstance(r.get("strategy"), dict) and "target" in r["strategy"]]
+    if scheduled:  # SPViT's price controller: the ratio its schedule asked for
+        ax.plot(
+            [r["step"] for r in scheduled],
+            [r["strategy"]["target"] for r in scheduled],
+            ":",
+            color="gray",
+            lw=1.2,
+            label="scheduled target",
+        )
+    for t in targets:
         if epochs:
             ax.plot(
                 [r["step"] for r in epochs],

@@ -168,7 +168,7 @@ def _epoch_end(run: Run, data: Data) -> None:
         "val_acc": val,
         "cost": {t.metric: costs[t.metric] for t in ctx.targets},
         "ratio": {t.metric: costs[t.metric] / t.limit for t in ctx.targets},
-        "multiplier": run.strategy.metrics().get("multiplier", 0.0),
+        "strategy": run.strategy.metrics(),
         "arch": [[b.op, b.ffn] for b in arch.blocks],
     }
     run.history.append({k: record[k] for k in ("epoch", "step", "val_acc", "cost", "ratio")})
@@ -220,7 +220,6 @@ def train(run: Run, data: Data, callback: Callable[[StepInfo], None] | None, fla
 def _log_step(run: Run, loss: float, acc: float, costs: dict[str, float]) -> None:
     ctx = run.ctx
     numbers = run.strategy.metrics()
-    mult = numbers.get("multiplier", 0.0)
     ratio = {t.metric: costs[t.metric] / t.limit for t in ctx.targets}
     run.metrics.add(
         {
@@ -231,7 +230,6 @@ def _log_step(run: Run, loss: float, acc: float, costs: dict[str, float]) -> Non
             "acc": acc,
             "cost": costs,
             "ratio": ratio,
-            "multiplier": mult,
             "strategy": numbers,
         }
     )
@@ -241,17 +239,14 @@ def _log_step(run: Run, loss: float, acc: float, costs: dict[str, float]) -> Non
             "loss": loss,
             "acc": acc,
             "cost": cost_text(costs, ctx.targets),
-            "multiplier": mult,
             "shown": shown(numbers),
         }
     )
 
 
 def shown(m: dict[str, float]) -> str:
-    """The strategy's numbers for the progress line: SPViT's multiplier as ``λ``, any other strategy's metrics by
-    name (OFB: ``lambda`` of its bi-mask, the groups still searching, the MIM ratio)."""
-    if "multiplier" in m:
-        return f"λ {m['multiplier']:.3g}"
+    """The strategy's numbers for the progress line, by name (SPViT: the controller's ``price`` and ``target``
+    ratio; OFB: ``lambda`` of its bi-mask, the groups still searching, the MIM ratio)."""
     return "  ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in m.items())
 
 

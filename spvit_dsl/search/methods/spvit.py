@@ -2,9 +2,9 @@
 
 SPViT (He et al., TPAMI 2024, §4): weights and gates are updated together on the same batch by two AdamW optimizers;
 the gates (:mod:`.spvit_gates`) choose each block's op along its single path and keep or drop FFN neurons. Ours
-(docs/search.md): the budget is a constraint enforced by a Lagrange multiplier (:class:`~..budget.DualAscent`) on
-the differentiable cost of the gates' counts, and :func:`~..budget.project` makes the derived network meet every
-budget exactly at the end.
+(docs/search.md): the gates learn from the task loss alone and the budget acts on their decision rule through one
+price (:mod:`.spvit_price`), solved every step so that the derived network follows a schedule from the dense cost
+down to the budget; :func:`~..budget.project` only rounds at the end.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from ...runtime.optim import adamw, param_groups
-from ..budget import DualAscent, GroupSteps, project
+from ..budget import GroupSteps, project
 from ..protocol import JSON, Batch, Decisions, SearchContext, Strategy, register_implementation
-from .spvit_gates import FfnGate, OpGate, SpvitGates, leading_ones
+from .spvit_gates import FfnGate, OpGate, SpvitGates, decided, leading_ones
+from .spvit_price import apply_price, gate_costs, reach_target, solve_price
 
 if TYPE_CHECKING:
     from ...space.plan import FrozenArch
@@ -27,7 +28,7 @@ __all__ = ["SpvitStrategy"]
 
 @register_implementation
 class SpvitStrategy(Strategy):
-    """SPViT with the budget as a constraint (dual ascent) and a final projection."""
+    """SPViT with the budget met by a scheduled price on the gates' decisions, and a final projection."""
 
     name = "spvit"
     kind = "train"
@@ -36,14 +37,29 @@ class SpvitStrategy(Strategy):
         super().__init__(ctx)
         s = ctx.settings
         net = ctx.net
-        self.gates = SpvitGates(net, float(s["gate_init"]), int(s["seed"]))
+        self.gates = SpvitGates(net, float(s["gate_init"]), int(s["seed"]), float(s["gate_noise"]))
         self.opt_w = adamw(param_groups(net, float(s["weight_decay"])), lr=float(s["lr"]))
         gate_params = list(self.gates.parameters())
         self.opt_g = adamw(gate_params, lr=float(s["gate_lr"]), weight_decay=0.0) if gate_params else None
-        self.dual = DualAscent(ctx.targets, float(s["dual_lr"]))
         self.warmup = float(s["warmup_epochs"])
+        self.reach = float(s["budget_reach"])
+        self.cost_weight = float(s["cost_weight"])
         self._gates_on = True
+        # the schedule's length, fixed at the first start (a resume with more --epochs keeps it; --steps only stops)
+        self.plan_epochs = (
+            float(s["epochs"]) if s["epochs"] else ctx.total_steps / max(1, ctx.steps_per_epoch)
+        )
+        self._progress = 0.0
+        self._price = 0.0
+        self._target = 1.0
         self._costs: dict[str, float] = {}
+        self._gate_costs = (
+            gate_costs(self.gates, net, ctx.targets, ctx.price)
+            if ctx.targets and self.gates.num_gates()
+            else None
+        )
+        self._dense = float(self._gate_costs.full.max()) if self._gate_costs is not None else 1.0
+        self._solve(self._dense)
 
     def module(self) -> nn.Module:
         return self.gates
@@ -62,6 +78,27 @@ class SpvitStrategy(Strategy):
 
     def before_step(self, epoch: float) -> None:
         self._gates_on = epoch >= self.warmup
+        span = max(self.plan_epochs - self.warmup, 1e-9)
+        step = 1.0 / max(1, self.ctx.steps_per_epoch)
+        self._progress = min(1.0, max(0.0, (epoch + step - self.warmup) / span))  # after this step
+        self._solve(self._scheduled())
+
+    def _scheduled(self) -> float:
+        """The target ratio now: the dense ratio during the warm-up, then the schedule down to 1 (the budget)."""
+        if not self._gates_on:
+            return self._dense
+        return reach_target(self._dense, self._progress, self.reach)
+
+    def _solve(self, target: float) -> None:
+        """Solve the price for ``target`` and set every gate's shift (a no-op without budgets or gates)."""
+        self._target = target
+        if self._gate_costs is None:
+            return
+        gates = self.gates.ordered()
+        logits = torch.cat([g.logits.detach() for g in gates])
+        solution = solve_price(logits, self._gate_costs, target)
+        self._price = solution.price
+        apply_price(gates, solution, self._gate_costs)
 
     def expected_costs(self) -> dict[str, Tensor]:
         """metric → the differentiable cost of the gates' counts (float64; value = the derived network's cost)."""
@@ -69,15 +106,16 @@ class SpvitStrategy(Strategy):
         return {t.metric: self.ctx.net.cost(counts, self.ctx.convention, t.field) for t in self.ctx.targets}
 
     def extra_loss(self, batch: Batch, logits: Tensor) -> Tensor | None:
-        costs = self.expected_costs()
-        self._costs = {m: float(c.detach()) for m, c in costs.items()}
-        if not self._gates_on or not costs:
+        """``cost_weight · Σ_k F_k / T_k`` on the differentiable cost of the gates' counts: it teaches each gate
+        what it costs (an expensive gate needs more support from the task loss to stay on) while the price sets
+        how much is cut; its value does not steer the level."""
+        if not self.cost_weight or not self._gates_on or not self.ctx.targets:
             return None
-        terms = []
-        for lam, t in zip(self.dual.values, self.ctx.targets, strict=True):
-            gap = costs[t.metric] / t.limit - 1.0
-            terms.append(lam * gap + 0.5 * self.dual.rho * gap * gap)
-        return torch.stack(terms).sum().float()
+        costs = self.expected_costs()
+        return (
+            self.cost_weight
+            * torch.stack([costs[t.metric] / t.limit for t in self.ctx.targets]).sum().float()
+        )
 
     def step(self) -> None:
         self.opt_w.step()
@@ -85,11 +123,9 @@ class SpvitStrategy(Strategy):
             self.opt_g.step()
 
     def after_step(self) -> None:
-        if self._gates_on and self._costs:
-            self.dual.update(self._ratios())
-
-    def _ratios(self) -> list[float]:
-        return [self._costs[t.metric] / t.limit for t in self.ctx.targets]
+        """Re-solve the price for the moved logits, so the logged (and checkpointed) network meets the target."""
+        self._solve(self._target)
+        self._costs = self.ctx.price(self.derived())
 
     def derived(self) -> FrozenArch:
         return self.gates.derive(self.ctx.net)
@@ -98,19 +134,20 @@ class SpvitStrategy(Strategy):
         return dict(self._costs) if self._costs else super().costs()
 
     def metrics(self) -> dict[str, float]:
-        """``multiplier``: the effective multiplier of the binding budget (integral + proportional part)."""
-        ratios = self._ratios() if self._costs else [1.0] * len(self.ctx.targets)
-        eff = self.dual.effective(ratios)
-        k = max(range(len(ratios)), key=lambda i: ratios[i]) if ratios else 0
-        return {"multiplier": eff[k] if eff else 0.0}
+        """``price``: the controller's price τ (gate i is on when θ_i + δ_i > τ); ``target``: the ratio the
+        schedule asks for now (1 = at the budget)."""
+        return {"price": self._price, "target": self._target}
 
     def state_dict(self) -> dict[str, JSON]:
-        return {"dual": self.dual.state_dict()}
+        return {"target": self._target, "plan_epochs": self.plan_epochs}
 
     def load_state_dict(self, state: dict[str, JSON]) -> None:
-        dual = state["dual"]
-        assert isinstance(dual, dict)
-        self.dual.load_state_dict(dual)
+        target = state.get("target", self._target)
+        assert isinstance(target, float | int)
+        self._target = float(target)
+        plan = state.get("plan_epochs", self.plan_epochs)
+        assert isinstance(plan, float | int)
+        self.plan_epochs = float(plan)
 
     # --- the end of the search -----------------------------------------------------------------------------
 
@@ -120,14 +157,14 @@ class SpvitStrategy(Strategy):
         net, steps, neurons = self.ctx.net, [], {}
         for g in self.gates.ordered():
             group = net.groups[g.decision]
-            logits = g.logits.detach().cpu().double()
+            logits = (g.logits.detach().double() - g.shift).cpu()
             if isinstance(g, OpGate):
                 steps.append(GroupSteps(group, list(g.candidates), g.level(), logits.tolist()))
                 continue
             assert isinstance(g, FfnGate)
             if g.nested:
                 widths = list(g.choice.widths or ())
-                level = leading_ones((logits > 0).double().tolist())
+                level = leading_ones(decided(g).double().tolist())
                 adds = [torch.nonzero(g.group_of.cpu() == k).flatten() for k in range(len(widths))]
                 steps.append(GroupSteps(group, widths, level, logits.tolist()))
             else:
@@ -142,6 +179,7 @@ class SpvitStrategy(Strategy):
 
     def finalize(self) -> Decisions:
         ctx, net = self.ctx, self.ctx.net
+        self._solve(self._target)  # the logits may have just been loaded (a resume of a finished training)
         derived = self.derived()
         steps, neurons = self._steps()
         result = project(net.geometry, derived, steps, ctx.targets, ctx.convention)

@@ -4,10 +4,14 @@ which turns the gates into the supernet's op choices and FFN masks.
 Input: gate logits θ (and uniform noise); output: hard 0/1 decisions carrying straight-through gradients.
 Implements SPViT §2 (He et al., "Pruning Self-attentions into Convolutional Layers in Single Path", TPAMI 2024):
 
-* training — straight-through binary concrete at temperature 1: ``z = θ + logit(u)``, ``hard = 1[z > 0]``,
-  ``gate = hard + (σ(z) − σ(z).detach())`` (forward value exactly ``hard``, gradient of σ(z));
+* training — straight-through binary concrete at temperature 1: ``z = θ + s·logit(u)``, ``hard = 1[z > 0]``,
+  ``gate = hard + (σ(z) − σ(z).detach())`` (forward value exactly ``hard``, gradient of σ(z)); SPViT's sampling is
+  ``s = 1``, ours defaults to ``s = 0`` (the derived network itself, see :mod:`.spvit_price`);
 * evaluation / derivation — ``1[θ > 0]``;
 * cost term — deterministic indicators ``1[θ > 0] + (s − s.detach())`` with ``s = σ(σ(θ) − 0.5)``.
+
+Everywhere θ stands for ``θ − shift``: the price controller's per-gate offset (:mod:`.spvit_price`, ours), a
+non-persistent buffer recomputed from the logits every step.
 
 Op gates are cumulative (a block's candidates are nested: skip ⊂ conv1x1 ⊂ conv3x3 ⊂ conv5x5 ⊂ msa): m candidates
 have m − 1 logits, and level ``L`` is selected when the first ``L`` gates are on. FFN gates are either independent
@@ -34,6 +38,8 @@ __all__ = [
     "OpGate",
     "SpvitGates",
     "binary_concrete",
+    "decided",
+    "effective",
     "indicator",
     "leading_ones",
     "level_weight",
@@ -43,14 +49,20 @@ __all__ = [
 # --- pure functions ------------------------------------------------------------------------------------------
 
 
-def binary_concrete(logits: Tensor, noise: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def binary_concrete(
+    logits: Tensor, noise: Tensor | None, temperature: float = 1.0, noise_scale: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """One straight-through binary-concrete sample per logit: ``(gate, hard)``.
 
-    ``noise`` is uniform on (0, 1). The gate's forward value equals ``hard`` bit for bit (``soft − soft.detach()``
-    is exactly zero), its gradient is that of ``σ((θ + logit(u)) / τ)``.
+    ``noise`` is uniform on (0, 1), its logistic value scaled by ``noise_scale`` (1: SPViT's sampling; 0 or
+    ``noise=None``: no noise, ``hard = 1[θ > 0]``). The gate's forward value equals ``hard`` bit for bit
+    (``soft − soft.detach()`` is exactly zero), its gradient is that of ``σ((θ + s·logit(u)) / τ)``.
     """
-    u = noise.clamp(_EPS, 1.0 - _EPS)
-    z = (logits + torch.log(u) - torch.log1p(-u)) / temperature
+    z = logits
+    if noise is not None and noise_scale != 0:
+        u = noise.clamp(_EPS, 1.0 - _EPS)
+        z = logits + noise_scale * (torch.log(u) - torch.log1p(-u))
+    z = z / temperature
     soft = torch.sigmoid(z)
     hard = (z > 0).to(logits.dtype)
     return hard + (soft - soft.detach()), hard
@@ -70,6 +82,18 @@ def leading_ones(hard: list[float]) -> int:
             break
         level += 1
     return level
+
+
+def effective(gate: OpGate | FfnGate) -> Tensor:
+    """The logits the decisions read: ``θ − shift`` in the logits' dtype, differentiable in θ. ``shift`` is the
+    price controller's offset (:mod:`.spvit_price`), zero until it sets one."""
+    return gate.logits - gate.shift.to(gate.logits.dtype)
+
+
+def decided(gate: OpGate | FfnGate) -> Tensor:
+    """The deterministic on/off state of each gate, ``θ − shift > 0``, compared in float64 so that it agrees with
+    the price controller's solve bit for bit."""
+    return (gate.logits.detach().double() - gate.shift) > 0
 
 
 def level_weight(gates: Tensor, level: int) -> Tensor:
@@ -95,6 +119,8 @@ def level_weight(gates: Tensor, level: int) -> Tensor:
 class OpGate(nn.Module):
     """Cumulative gates over a block's nested attention candidates (m candidates → m − 1 logits)."""
 
+    shift: Tensor  # the price controller's offset (float64, not saved), registered in __init__
+
     def __init__(self, decision: str, candidates: tuple[str, ...], init: float = 1.5) -> None:
         super().__init__()
         if len(candidates) < 2:
@@ -102,6 +128,7 @@ class OpGate(nn.Module):
         self.decision = decision
         self.candidates = tuple(candidates)
         self.logits = nn.Parameter(torch.full((len(candidates) - 1,), float(init)))
+        self.register_buffer("shift", torch.zeros(len(candidates) - 1, dtype=torch.float64), persistent=False)
 
     @property
     def num_gates(self) -> int:
@@ -109,11 +136,11 @@ class OpGate(nn.Module):
 
     def indicators(self) -> Tensor:
         """Cumulative deterministic indicators (cost term): entry j is 1 when level ≥ j + 1."""
-        return torch.cumprod(indicator(self.logits), 0)
+        return torch.cumprod(indicator(effective(self)), 0)
 
     def level(self) -> int:
-        """The deterministic level ``cumprod(1[θ > 0])`` (one host sync)."""
-        return leading_ones((self.logits.detach() > 0).float().tolist())
+        """The deterministic level ``cumprod(1[θ − shift > 0])`` (one host sync)."""
+        return leading_ones(decided(self).float().tolist())
 
     def extra_repr(self) -> str:
         return f"{self.decision}: {' < '.join(self.candidates)} ({self.num_gates} cumulative gates)"
@@ -129,6 +156,7 @@ class FfnGate(nn.Module):
     """
 
     group_of: Tensor  # the buffer registered in __init__
+    shift: Tensor  # the price controller's offset (float64, not saved), registered in __init__
 
     def __init__(
         self,
@@ -154,6 +182,7 @@ class FfnGate(nn.Module):
             group_of = _nested_groups(widths, _ranks(importance, hidden, device))
         self.logits = nn.Parameter(torch.full((n,), float(init), device=device))
         self.register_buffer("group_of", group_of)
+        self.register_buffer("shift", torch.zeros(n, dtype=torch.float64, device=device), persistent=False)
 
     @property
     def nested(self) -> bool:
@@ -175,12 +204,12 @@ class FfnGate(nn.Module):
         return self.group_values(gates)[self.group_of]
 
     def kept(self) -> Tensor:
-        """Deterministic keep mask over the hidden neurons (``θ > 0``, cumulative for nested widths)."""
-        return self.neuron_mask((self.logits.detach() > 0).to(self.logits.dtype)) > 0.5
+        """Deterministic keep mask over the hidden neurons (``θ − shift > 0``, cumulative for nested widths)."""
+        return self.neuron_mask(decided(self).to(self.logits.dtype)) > 0.5
 
     def indicators(self) -> Tensor:
         """Deterministic indicators of the gates (cumulative for nested widths) for the cost term."""
-        ind = indicator(self.logits)
+        ind = indicator(effective(self))
         return torch.cumprod(ind, 0) if self.nested else ind
 
     def expected_width(self) -> Tensor:
@@ -252,10 +281,11 @@ class SpvitGates(nn.Module):
     :meth:`derive` reads the network the gates select; :meth:`counts` gives the differentiable counts the budget
     term prices (deterministic indicators, cumulative for ops and nested widths)."""
 
-    def __init__(self, net: Supernet, gate_init: float = 1.5, seed: int = 0) -> None:
+    def __init__(self, net: Supernet, gate_init: float = 1.5, seed: int = 0, noise: float = 1.0) -> None:
         super().__init__()
         self.gates = GateDict()
         self.seed = seed
+        self.noise = noise  # scale of the logistic noise of training draws (1: SPViT's binary concrete)
         self.__dict__["_generator"] = None
         device = next(net.model.parameters()).device
         for r in net.rows:
@@ -303,15 +333,20 @@ class SpvitGates(nn.Module):
         gates = self.ordered()
         if not gates:
             return
-        flat = torch.cat([g.logits for g in gates])
+        flat = torch.cat([effective(g) for g in gates])
         if training:
-            if noise is None:
+            if noise is None and self.noise > 0:
                 noise = torch.rand(
                     flat.shape, generator=self.sample_generator, device=flat.device, dtype=flat.dtype
                 )
-            values, hard = binary_concrete(flat, noise)
+            if noise is not None:
+                values, hard = binary_concrete(flat, noise, noise_scale=self.noise)
+            else:  # no noise: the derived network itself, straight through σ(θ − shift)
+                hard = torch.cat([decided(g) for g in gates]).to(flat.dtype)
+                soft = torch.sigmoid(flat)
+                values = hard + (soft - soft.detach())
         else:
-            values = hard = (flat.detach() > 0).to(flat.dtype)
+            values = hard = torch.cat([decided(g) for g in gates]).to(flat.dtype)
         meta = flat.device.type == "meta"
         n_op = sum(g.num_gates for g in gates if isinstance(g, OpGate))
         hard_ops = hard[:n_op].tolist() if n_op and not meta else [1.0] * n_op  # one host sync
@@ -340,14 +375,18 @@ class SpvitGates(nn.Module):
 
     def derive(self, net: Supernet) -> FrozenArch:
         """The network the gates select; dimensions SPViT does not search take their declared (single) value."""
-        levels, kept = self.levels(), self.kept_ffn()
+        kept = self.kept_ffn()
+        return self.arch_at(net, self.levels(), {path: int(mask.sum()) for path, mask in kept.items()})
+
+    @staticmethod
+    def arch_at(net: Supernet, levels: dict[str, int], widths: dict[str, int]) -> FrozenArch:
+        """The network with the given op levels and FFN widths (group path → value); a block missing from
+        ``levels`` takes its first candidate (its only one when not gated), a missing FFN its full width."""
         blocks = []
         for r in net.rows:
             p, i = r.plan, r.index
             op = p.attention[levels.get(block_path(i, "attention"), 0)]
-            ffn_mask = kept.get(block_path(i, "ffn"))
-            widths = p.ffn.candidates(p.geom.hidden)
-            width = int(ffn_mask.sum()) if ffn_mask is not None else widths[-1]
+            width = widths.get(block_path(i, "ffn"), p.ffn.candidates(p.geom.hidden)[-1])
             d = p.density
             blocks.append(
                 BlockArch(
