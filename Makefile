@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench lint fmt clean
+.PHONY: demo compare test test-slow bench lint fmt clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+
+compare: $(STAMP)
+	$(BIN)/spvit-dsl compare examples/compare_digits.vit --seeds 3 --out runs/compare_digits
+	mkdir -p bench/results && for f in json md png; do cp runs/compare_digits/compare.$$f bench/results/compare-digits.$$f; done
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q

@@ -532,3 +532,23 @@ def test_cli_build_round_warns_when_rounding_breaks_a_budget(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"warning: --round {step} puts params at 10")
     assert "of the budget params <= " in err[0]
+
+
+def test_build_warns_about_a_vit_whose_class_token_never_reads_the_image(tmp_path, capsys):
+    """Every block a convolution or skip: SPViT's convolutions pass the class token unchanged, so every image gets
+    the same logits. `build` (like `compile` and `search`) says so, and still builds what was asked."""
+    spec = tmp_path / "blind.vit"
+    spec.write_text(
+        "backbone vit_tiny_patch16_224 {\n  weights = none\n  image = 32\n  patch = 8\n  channels = 1\n"
+        "  classes = 10\n  embed_dim = 96\n  depth = 2\n  heads = 3\n}\n\n"
+        "blocks all { attention: conv3x3; ffn: width 64 }\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "blind.safetensors"
+    try:
+        main(["build", str(spec), "--out", str(out)])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    err = capsys.readouterr().err
+    assert "no block can run msa" in err and "same logits" in err and "blind.vit:" in err
+    assert out.exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "spvit_dsl"
-STAGES = ["lang", "space", "compile", "runtime", "supernet", "search", "compact", "train", "cli"]
+STAGES = ["lang", "space", "compile", "runtime", "supernet", "search", "compact", "train", "compare", "cli"]
 FRONT_END = {"lang", "space", "compile"}
 INFRASTRUCTURE = {"_io", "_registry"}  # importable from anywhere
 # the one deliberate exception: regenerating the shipped list of timm names needs timm (a developer command)

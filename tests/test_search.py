@@ -73,6 +73,7 @@ def test_the_user_is_told_when_the_projection_did_the_work(searched, capsys):
     notice = result.info.get("notice")
     assert notice is not None and "\n" not in notice
     assert "of the flops budget" in notice and "budget projection removed" in notice and "--epochs" in notice
+    assert "stopped at step 3" in notice and "budget_reach=" in notice
     derived = result.info["derived_cost"]["flops"] / result.budgets[0]["limit"]
     assert f"{derived:.0%}" in notice and derived > 1.02
 

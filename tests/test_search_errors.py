@@ -185,10 +185,11 @@ def test_version_and_list(capsys):
         (["--set", "arch_lr=0.1"], "unknown setting 'arch_lr' for strategy 'spvit'"),
         (["--set", "gate_lr"], "expected KEY=VALUE"),
         (["--set", "gate_lrr=0.1"], "did you mean 'gate_lr'"),
+        (["--precision", "fp16"], "'precision' takes one of auto, fp32, bf16"),
     ],
 )
 def test_setting_flags_are_checked_like_the_spec(capsys, tmp_path, flags, words):
-    """`--lr`, `--weight-decay`, `--workers`, `--gate-lr`, `--warmup-epochs` and `--set KEY=VALUE` go through the
+    """`--lr`, `--weight-decay`, `--workers`, `--gate-lr`, `--warmup-epochs`, `--precision` and `--set` go through the
     checks a `search` block gets (type, range, finiteness, did-you-mean): one line naming the flag."""
     spec = write_spec(tmp_path)
     line = _one_line_error(*_cli(capsys, spec, *flags, "--out", str(tmp_path / "o")))
@@ -209,6 +210,8 @@ def test_setting_flags_override_the_spec(tmp_path, capsys):
                 "3e-4",
                 "--set",
                 "gate_lr=0.07",
+                "--precision",
+                "bf16",
                 "--out",
                 str(out),
                 "--quiet",
@@ -217,7 +220,20 @@ def test_setting_flags_override_the_spec(tmp_path, capsys):
     except SystemExit as exc:
         assert exc.code in (0, None), capsys.readouterr().err
     settings = read_state(str(out / "search.ckpt"))["settings"]
-    assert settings["lr"] == 3e-4 and settings["gate_lr"] == 0.07
+    assert settings["lr"] == 3e-4 and settings["gate_lr"] == 0.07 and settings["precision"] == "bf16"
+
+
+def test_precision_selects_the_autocast_of_the_forward():
+    import torch
+
+    from spvit_dsl.runtime.evaluate import autocast
+
+    cpu, layer, x = torch.device("cpu"), torch.nn.Linear(4, 4), torch.randn(2, 4)
+    for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        with autocast(cpu, precision):
+            assert layer(x).dtype == dtype, precision
+    with pytest.raises(ValueError, match="auto, fp32, bf16"):
+        autocast(cpu, "fp16")
 
 
 def test_search_json_prints_one_object_with_units(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The command line: ``spvit-dsl compile | fmt | search | build | finetune | eval | diff | export | bench``.
+"""The command line: ``spvit-dsl compile | fmt | search | build | finetune | eval | diff | export | bench | compare``.
 
 User mistakes never show a traceback: a spec error is rendered with its caret on stderr, a bad flag or file is one
 plain line, and the exit code is 1 (2 for flags that do not parse). Commands that need torch import it lazily so
@@ -17,6 +17,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as _cx  # type: ignore[no-redef]
 
 from ..lang.errors import SpecError, SpvitError
+from . import compare as compare_cmds
 from . import compile as compile_cmds
 from . import frozen as frozen_cmds
 from . import search as search_cmds
@@ -120,5 +121,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-for _module in (compile_cmds, search_cmds, frozen_cmds):
+for _module in (compile_cmds, search_cmds, frozen_cmds, compare_cmds):
     _module.register(app)

@@ -151,6 +151,12 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--workers", help="data-loader worker processes (setting workers)")
         ] = None,
         gate_lr: Annotated[str | None, typer.Option("--gate-lr", help="spvit: gate learning rate")] = None,
+        precision: Annotated[
+            str | None,
+            typer.Option(
+                "--precision", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (setting precision)"
+            ),
+        ] = None,
         warmup_epochs: Annotated[
             str | None,
             typer.Option("--warmup-epochs", help="spvit: weight-only epochs before the gates learn"),
@@ -174,7 +180,7 @@ def register(app: typer.Typer) -> None:
         check_searchable(program)  # refuse before the compiler's warnings repeat the same point
         _check_out(program, out, resume, force)
         named = {"lr": lr, "weight_decay": weight_decay, "workers": workers, "gate_lr": gate_lr}
-        named |= {"warmup_epochs": warmup_epochs}
+        named |= {"warmup_epochs": warmup_epochs, "precision": precision}
         texts = [(f"--{k.replace('_', '-')}", f"{k}={v}") for k, v in named.items() if v is not None]
         texts += [("--set", t) for t in set_ or []]
         settings = dict(parse_setting(program, text, flag) for flag, text in texts)

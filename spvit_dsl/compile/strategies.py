@@ -63,6 +63,12 @@ TRAIN: dict[str, Param] = {
     "steps": Param(int, 0, "stop after this many optimizer steps (0: no limit)"),
     "lr": Param(float, 1e-4, "AdamW learning rate of the weights"),
     "weight_decay": Param(float, 0.05, "AdamW weight decay of the weights (none on 1-D params and biases)"),
+    "precision": Param(
+        str,
+        "auto",
+        "autocast of the forward: auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 (on CPU too)",
+        choices=("auto", "fp32", "bf16"),
+    ),
 }
 RETIRED: dict[str, str] = {  # settings earlier versions took → what replaced them
     "dual_lr": "SPViT no longer uses a Lagrange multiplier: a scheduled price meets the budget; "

@@ -35,10 +35,19 @@ class Metrics:
         return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "images": self.images}
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA, nothing on CPU (the mixed precision of every loop)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager[Any]:
+    """The mixed precision of every loop: ``auto`` is bf16 autocast on CUDA and nothing (fp32) on CPU; ``fp32``
+    never autocasts; ``bf16`` autocasts on any device (CPU bf16 kernels are slower on many CPUs, but the numbers
+    match a GPU run's more closely). fp16 is not offered: it needs loss scaling, which bf16 does not.
+
+    Raises ``ValueError`` for any other ``precision``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -52,6 +61,7 @@ def evaluate(
     rank: int = 0,
     world: int = 1,
     workers: int = 0,
+    precision: str = "auto",
 ) -> Metrics:
     """Metrics of ``model`` (put in eval mode; its mode is restored) over ``dataset``; sharded when ``world > 1``.
 
@@ -71,7 +81,7 @@ def evaluate(
         pin=device.type == "cuda",
     )
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
-    with autocast(device):
+    with autocast(device, precision):
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             logits = model(x).float()

@@ -233,25 +233,29 @@ def _projection_notice(run: Run, info: Mapping[str, Any]) -> str | None:
     metric = max(ratios, key=lambda m: ratios[m])
     ratio = ratios[metric]
     if ratio > 1.02:
-        if "budget_reach" in run.settings:  # SPViT's schedule had not reached the budget when the run stopped
+        schedule = info.get("schedule")
+        if isinstance(schedule, Mapping):  # SPViT: the run stopped before its schedule reached the budget
+            done, reach, planned = (int(schedule[k]) for k in ("steps", "reach_step", "planned_steps"))
+            fits = float(schedule.get("reach_that_fits", 0.0))
             hint = (
-                f"let the run reach budget_reach ({run.settings['budget_reach']:g}) of its planned gate-training "
-                "steps (--steps stopped it early, or warmup_epochs left too few; raise --epochs) or lower "
-                "budget_reach"
+                f"it stopped at step {done}, and its schedule reaches the budget at step {reach} of the {planned} "
+                f"planned (--steps does not shorten the plan; --epochs does): run at least {reach} steps, or set "
+                "--epochs to the run you want"
+                + (f", or --set budget_reach={fits:g}" if fits > 0 else ", or lower warmup_epochs")
             )
         else:
             hint = "train longer (--epochs)"
         hint += " or raise budget_weight" if "budget_weight" in run.settings else ""
         return (
             f"note: the searched network was at {ratio:.0%} of the {metric} budget; the budget projection removed "
-            f"{info.get('removed', '?')} step(s) to fit it. To have the search meet the budget itself: {hint}."
+            f"{info.get('removed', '?')} level(s) of units or ops to fit it. To have the search meet the budget itself: {hint}."
         )
     if ratio < 0.98:
         hint = "train longer (--epochs)"
         hint += " or raise budget_weight" if "budget_weight" in run.settings else ""
         return (
             f"note: the searched network used only {ratio:.0%} of the {metric} budget; the budget projection added "
-            f"{info.get('added', '?')} step(s) back. To have the search meet the budget itself: {hint}."
+            f"{info.get('added', '?')} level(s) of units or ops back. To have the search meet the budget itself: {hint}."
         )
     return None
 

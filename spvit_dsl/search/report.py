@@ -101,10 +101,12 @@ def _cost_panel(
         ax.plot(
             [r["step"] for r in scheduled],
             [r["strategy"]["target"] for r in scheduled],
-            ":",
+            "-",
             color="gray",
-            lw=1.2,
-            label="scheduled target",
+            lw=4,
+            alpha=0.35,
+            zorder=0,
+            label="scheduled target (under the per-step line when it is met)",
         )
     for t in targets:
         if epochs:

@@ -107,7 +107,7 @@ def train_step(run: Run, x: Tensor, y: Tensor, mixup: Any) -> tuple[float, float
     strategy.before_step(run.epoch + run.batch / max(1, ctx.steps_per_epoch))
     for opt in strategy.optimizers().values():
         opt.zero_grad(set_to_none=True)
-    with autocast(ctx.device):
+    with autocast(ctx.device, str(run.settings.get("precision", "auto"))):
         logits = run.model(x)
         assert run.loss_fn is not None
         loss = run.loss_fn(logits.float(), y)
@@ -154,6 +154,7 @@ def _epoch_end(run: Run, data: Data) -> None:
             rank=ctx.rank,
             world=ctx.world,
             workers=int(run.settings.get("workers", 0)),
+            precision=str(run.settings.get("precision", "auto")),
         ).top1
         / 100.0
     )

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -41,27 +42,38 @@ def write_frozen(
     return path
 
 
-def train_dense(
-    program: Program, out: str, settings: FinetuneSettings, *, reuse: bool = True, progress: Progress = None
-) -> Trained:
-    """Train the dense backbone of ``program`` from its spec weights; reuse ``out/best.safetensors`` if present."""
+def dense_spec(program: Program, out: str) -> str:
+    """Write the frozen spec of ``program``'s dense network to ``out/dense.vit``; its path."""
     os.makedirs(out, exist_ok=True)
-    spec = write_frozen(
+    return write_frozen(
         program,
         program.space.dense(),
         os.path.join(out, "dense.vit"),
         {"source": program.path, "strategy": "dense reference"},
         budget=False,
     )
+
+
+def train_dense(
+    program: Program,
+    out: str,
+    settings: FinetuneSettings,
+    *,
+    reuse: bool = True,
+    progress: Progress = None,
+    device: torch.device | str = "cpu",
+) -> Trained:
+    """Train the dense backbone of ``program`` from its spec weights; reuse ``out/best.safetensors`` if present."""
+    spec = dense_spec(program, out)
     best, state = os.path.join(out, "best.safetensors"), os.path.join(out, "dense_timm.safetensors")
     data = data_of(program)
     if not (reuse and os.path.exists(best) and os.path.exists(state)):
         model = build(spec, weights=program.checked.weights)
-        finetune(model, data, settings, out=out, progress=progress)
+        finetune(model, data, settings, out=out, progress=progress, device=device)
         tensors = {k: v.contiguous() for k, v in load(best).state_dict().items()}
         write_atomic(state, lambda tmp: save_file(tensors, tmp))
     model = load(best)
-    return Trained(model, spec, evaluate(model, data.val), state)
+    return Trained(model, spec, evaluate(model, data.val, device=device), state)
 
 
 def data_of(program: Program) -> Data:
@@ -78,10 +90,13 @@ def finetune_frozen(
     data: Data,
     masks: str | None = None,
     progress: Progress = None,
+    resume: bool = False,
+    device: torch.device | str = "cpu",
 ) -> Trained:
-    """Build ``spec`` from ``weights`` (a search checkpoint or a dense checkpoint) and fine-tune it."""
+    """Build ``spec`` from ``weights`` (a search checkpoint or a dense checkpoint) and fine-tune it (``resume``:
+    continue from ``out/finetune.ckpt``)."""
     model = build(spec, weights=weights, masks=masks)
-    result = finetune(model, data, settings, out=out, progress=progress)
+    result = finetune(model, data, settings, out=out, progress=progress, resume=resume, device=device)
     return Trained(load(result.best_path), spec, result.best)
 
 

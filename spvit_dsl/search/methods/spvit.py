@@ -9,6 +9,7 @@ down to the budget; :func:`~..budget.project` only rounds at the end.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,6 +51,7 @@ class SpvitStrategy(Strategy):
             float(s["epochs"]) if s["epochs"] else ctx.total_steps / max(1, ctx.steps_per_epoch)
         )
         self._progress = 0.0
+        self._steps_done = 0
         self._price = 0.0
         self._target = 1.0
         self._costs: dict[str, float] = {}
@@ -76,11 +78,16 @@ class SpvitStrategy(Strategy):
     def draw(self, training: bool) -> None:
         self.gates.draw(self.ctx.net, training)
 
+    def _plan(self) -> tuple[int, int]:
+        """(first gate-training step, planned steps), in optimizer steps."""
+        spe = max(1, self.ctx.steps_per_epoch)
+        return round(self.warmup * spe), max(1, round(self.plan_epochs * spe))
+
     def before_step(self, epoch: float) -> None:
         self._gates_on = epoch >= self.warmup
-        span = max(self.plan_epochs - self.warmup, 1e-9)
-        step = 1.0 / max(1, self.ctx.steps_per_epoch)
-        self._progress = min(1.0, max(0.0, (epoch + step - self.warmup) / span))  # after this step
+        self._steps_done = round(epoch * max(1, self.ctx.steps_per_epoch)) + 1  # counting this one
+        start, planned = self._plan()
+        self._progress = min(1.0, max(0.0, (self._steps_done - start) / max(1, planned - start)))
         self._solve(self._scheduled())
 
     def _scheduled(self) -> float:
@@ -99,6 +106,8 @@ class SpvitStrategy(Strategy):
         solution = solve_price(logits, self._gate_costs, target)
         self._price = solution.price
         apply_price(gates, solution, self._gate_costs)
+        # exact: costs add up in SPViT's space (tests/test_spvit_price.py checks it against the cost model)
+        self._costs = {t.metric: r * t.limit for t, r in zip(self.ctx.targets, solution.ratios, strict=True)}
 
     def expected_costs(self) -> dict[str, Tensor]:
         """metric → the differentiable cost of the gates' counts (float64; value = the derived network's cost)."""
@@ -122,12 +131,10 @@ class SpvitStrategy(Strategy):
         if self.opt_g is not None and self._gates_on:
             self.opt_g.step()
 
-    def after_step(self) -> None:
-        """Re-solve the price for the moved logits, so the logged (and checkpointed) network meets the target."""
-        self._solve(self._target)
-        self._costs = self.ctx.price(self.derived())
-
     def derived(self) -> FrozenArch:
+        """The network the gates select now: the price is re-solved for the logits as they are (the last step
+        moved them), at the current target."""
+        self._solve(self._target)
         return self.gates.derive(self.ctx.net)
 
     def costs(self) -> dict[str, float]:
@@ -195,4 +202,22 @@ class SpvitStrategy(Strategy):
             "removed": result.removed,
             "added": result.added,
         }
+        if self._target > 1.0 + 1e-9 and self._gate_costs is not None:  # stopped before the schedule's end
+            start, planned = self._plan()
+            gate_steps = max(0, self._steps_done - start)
+            info["schedule"] = {
+                "steps": self._steps_done,
+                "reach_step": start + math.ceil(self.reach * (planned - start)),
+                "planned_steps": planned,
+                "reach_that_fits": _two_digits_down(gate_steps / max(1, planned - start)),
+            }
         return Decisions(result.arch, {k: v.cpu() for k, v in kept.items()}, info)
+
+
+def _two_digits_down(x: float) -> float:
+    """``x`` rounded down to two significant digits (0.0056 → 0.0056, 0.4567 → 0.45); 0 for x ≤ 0: the largest
+    ``budget_reach`` a run that took this share of its planned gate-training steps would have met."""
+    if x <= 0:
+        return 0.0
+    scale = 10.0 ** (1 - math.floor(math.log10(x)))
+    return float(f"{math.floor(x * scale) / scale:.2g}")

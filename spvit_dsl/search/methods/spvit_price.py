@@ -53,6 +53,14 @@ class GateCosts:
     chains: tuple[tuple[int, int], ...]
     tie: Tensor  # (gates,) float64
 
+    def rows(self) -> list[list[float]]:
+        """:attr:`cost` as Python lists (computed once)."""
+        cached = self.__dict__.get("_rows")
+        if cached is None:
+            cached = self.cost.tolist()
+            object.__setattr__(self, "_rows", cached)
+        return cached
+
 
 @dataclass(frozen=True)
 class PriceSolution:
@@ -164,18 +172,24 @@ def solve_price(logits: Tensor, costs: GateCosts, target: float) -> PriceSolutio
         first = {i: start for start, stop in costs.chains for i in range(start, stop)}
         # most valuable first; within a chain, earlier levels first. Passes repeat while they add something: a
         # level that saves a negative cost (attention cheaper than a 5×5 convolution) frees room for earlier ones
-        removed = sorted(order[:m].tolist(), key=lambda j: (-float(kill[j]), j))
+        # (plain Python lists: thousands of per-neuron gates, twice per step)
+        kills = kill.tolist()
+        removed = sorted(order[:m].tolist(), key=lambda j: (-kills[j], j))
+        rows, flags, slack = costs.rows(), on.tolist(), [target + 1e-12 - x for x in now.tolist()]
         added = True
         while added:
             added = False
             for i in removed:
-                if on[i] or (i in first and i > first[i] and not on[i - 1]):
+                if flags[i] or (i in first and i > first[i] and not flags[i - 1]):
                     continue
-                if bool(((now + costs.cost[i]) <= target + 1e-12).all()):
-                    now += costs.cost[i]
-                    on[i] = True
+                row = rows[i]
+                if all(c <= s for c, s in zip(row, slack, strict=True)):
+                    slack = [s - c for c, s in zip(row, slack, strict=True)]
+                    flags[i] = added = True
                     back += 1
-                    added = True
+        if back:
+            on = torch.tensor(flags, dtype=torch.bool)
+            now = target + 1e-12 - torch.tensor(slack, dtype=torch.float64)
     return PriceSolution(0.5 * (low + high), tuple(now.tolist()), m - back, on if back else None)
 
 
