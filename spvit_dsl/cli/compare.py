@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated
 
 import typer
@@ -53,6 +54,13 @@ def register(app: typer.Typer) -> None:
         out: Annotated[
             str | None, typer.Option("--out", help="output folder (default runs/<spec-stem>-compare)")
         ] = None,
+        dimap: Annotated[
+            str,
+            typer.Option(
+                "--dimap",
+                help="sparse: DIMAP as in the paper (single weights, a sparse row); structured: on the spec's space",
+            ),
+        ] = "sparse",
         json_out: Annotated[
             bool, typer.Option("--json", help="print the whole of compare.json as one JSON object")
         ] = False,
@@ -81,7 +89,7 @@ def register(app: typer.Typer) -> None:
         if search_epochs is not None and search_epochs < 1:
             raise UsageError(f"--search-epochs must be at least 1, not {search_epochs}")
         program = compile_file(spec, budgets=limits(budget))
-        if not json_out:
+        if not json_out and int(os.environ.get("RANK", "0")) == 0:
             warn(program)
 
         def say(line: str) -> None:
@@ -103,6 +111,7 @@ def register(app: typer.Typer) -> None:
                 finetune_steps=finetune_steps,
                 latency_batch=latency_batch,
                 device=device,
+                dimap=dimap,
                 say=say,
             )
         except (KeyboardInterrupt, SearchInterrupted):
@@ -110,6 +119,8 @@ def register(app: typer.Typer) -> None:
                 "interrupted: finished cells are kept; run the same command again to continue", markup=False
             )
             raise typer.Exit(130) from None
+        if not result.json_path:  # a rank other than 0 under torchrun: rank 0 reports
+            return
         if json_out:
             with open(result.json_path, encoding="utf-8") as fh:
                 print(json.dumps(json.load(fh), sort_keys=True))

@@ -123,11 +123,11 @@ def build_cmd(
     _check_output("--out", out_path)
     if frozen.endswith(".safetensors"):
         raise UsageError(f"{frozen} is already a built model; 'build' takes a frozen .vit spec")
+    model = _model(frozen, weights, round_to, masks)  # refuses a missing or unfrozen spec in one line first
     from ..compact.build import frozen_program
     from ._common import warn
 
     warn(frozen_program(frozen))  # e.g. a ViT whose class token never reads the image (no msa block)
-    model = _model(frozen, weights, round_to, masks)
     save(model, out_path)
     counted = sum(p.numel() for p in model.parameters())
     info = {

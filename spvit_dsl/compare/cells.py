@@ -22,6 +22,7 @@ from ..compile.program import Program, compile_text
 from ..compile.strategies import STRATEGIES
 from ..lang import ast
 from ..lang.emit import emit
+from ..lang.parse import parse
 from ..runtime.device import pick_device
 from ..search import run_search
 from ..space.plan import FrozenArch
@@ -53,12 +54,21 @@ class CellPlan:
     search_steps: int  # 0: no limit (tests and smoke runs)
     data: Any  # the loaded dataset (shared by fine-tuning and evaluation)
     device: str = "auto"
+    dimap_sparse: bool = True  # DIMAP in the paper's form (single weights), see cell_spec
 
 
-def cell_spec(program: Program, strategy: str) -> str:
+DIMAP_SPACE = (
+    "blocks all { sparsity: 0..0.95 step 0.05 }"  # the paper's: single weights of qkv, proj, fc1, fc2
+)
+
+
+def cell_spec(program: Program, strategy: str, *, dimap_sparse: bool = False) -> str:
     """The user's spec with its ``search`` block replaced by one for ``strategy``: the spec's own strategy keeps every
     setting; another strategy gets the settings every strategy of its kind reads (data, batch size, workers,
-    precision; epochs, lr and weight decay for training strategies), its own ones at its defaults."""
+    precision; epochs, lr and weight decay for training strategies), its own ones at its defaults.
+
+    ``dimap_sparse``: DIMAP in the paper's form — the space's block and embedding declarations give way to
+    :data:`DIMAP_SPACE` (unless the space already declares sparsity), so its row is a sparse network."""
     spec = program.checked.spec
     info = STRATEGIES.get(strategy)
     accepted = info.settings()
@@ -71,7 +81,17 @@ def cell_spec(program: Program, strategy: str) -> str:
     )
     block = ast.Search(strategy=strategy, settings=carried)
     items = [i for i in spec.items if i.kind != "search"]
+    if strategy == "dimap" and dimap_sparse and not _declares_sparsity(program):
+        items = [i for i in items if i.kind not in ("scope", "embed")]
+        items += [i for i in parse(DIMAP_SPACE).items if i.kind == "scope"]
     return emit(spec.model_copy(update={"items": (*items, block)}))
+
+
+def _declares_sparsity(program: Program) -> bool:
+    return any(
+        min(v for layer in (d.qkv, d.proj, d.fc1, d.fc2) for v in layer) < 1
+        for d in (p.density for p in program.space.plans)
+    )
 
 
 REQUIRED = ("strategy", "seed", "top1", "flops", "params")  # the keys a finished cell's record must hold
@@ -93,16 +113,18 @@ def _sparse(arch: FrozenArch) -> bool:
     return any(min(b.density.qkv, b.density.proj, b.density.fc1, b.density.fc2) < 1.0 for b in arch.blocks)
 
 
-def run_cell(plan: CellPlan, strategy: str, seed: int, folder: str) -> dict[str, Any]:
+def run_cell(plan: CellPlan, strategy: str, seed: int, folder: str, *, lead: bool = True) -> dict[str, Any]:
     """Run (or read back) one cell; its row. The strategy must be able to search the space (the run checks every
     strategy before any training). Ctrl-C propagates: the search has saved its checkpoint, fine-tuning keeps its
-    own, and the next call continues from them."""
+    own, and the next call continues from them. Under torchrun every rank calls it (the search is data-parallel);
+    only the ``lead`` rank writes, fine-tunes and evaluates, the others return the bare row."""
     done = finished(folder)
     if done is not None:
         return done
-    os.makedirs(folder, exist_ok=True)
-    text = cell_spec(plan.program, strategy)
-    write_text(os.path.join(folder, f"{strategy}.vit"), text)
+    text = cell_spec(plan.program, strategy, dimap_sparse=plan.dimap_sparse)
+    if lead:
+        os.makedirs(folder, exist_ok=True)
+        write_text(os.path.join(folder, f"{strategy}.vit"), text)
     program = compile_text(text, plan.program.path, budgets=list(plan.budgets) or None)
     row: dict[str, Any] = {"strategy": strategy, "seed": seed}
     kind = STRATEGIES.get(strategy).kind
@@ -121,6 +143,8 @@ def run_cell(plan: CellPlan, strategy: str, seed: int, folder: str) -> dict[str,
         quiet=True,
     )
     search_s = time.perf_counter() - started
+    if not lead:
+        return row
     tune_out = os.path.join(folder, "finetune")
     tune = dataclasses.replace(plan.tune, seed=seed)
     tuned = finetune_frozen(

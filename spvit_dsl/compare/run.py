@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -10,13 +11,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from .._io import output_problem, write_text
 from ..compact.build import build, load
 from ..compact.speed import machine, time_models
 from ..compile.program import Program, compile_text
 from ..compile.strategies import STRATEGIES
 from ..lang.errors import UsageError, did_you_mean
-from ..runtime.device import pick_device
+from ..runtime.device import pick_device, world_info
 from ..runtime.evaluate import evaluate
 from ..search.setup import check_searchable, unsearchable
 from ..space.units import Limit
@@ -58,13 +62,16 @@ def _check_strategies(names: Sequence[str]) -> list[str]:
     return out
 
 
-def _skips(program: Program, names: list[str], budgets: Sequence[Limit]) -> dict[str, str]:
+def _skips(
+    program: Program, names: list[str], budgets: Sequence[Limit], dimap_sparse: bool
+) -> dict[str, str]:
     """Before any training: each strategy's cell spec compiled and checked. A strategy that cannot search the
     space's group kinds is skipped (strategy → reason); any other problem (no budget, a spec error) concerns every
     strategy and is raised now, not after the dense start."""
     skips = {}
     for name in names:
-        cell = compile_text(cell_spec(program, name), program.path, budgets=list(budgets) or None)
+        text = cell_spec(program, name, dimap_sparse=dimap_sparse)
+        cell = compile_text(text, program.path, budgets=list(budgets) or None)
         fields = unsearchable(STRATEGIES.get(name), cell.graph)
         if fields:
             skips[name] = f"'{name}' cannot search {', '.join(fields)}"
@@ -77,8 +84,9 @@ def _fingerprint(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _claim(folder: str, fingerprint: str, what: str, out: str) -> None:
-    """Refuse to reuse ``folder`` for a different comparison (another budget, recipe, dense start or spec)."""
+def _claim(folder: str, fingerprint: str, what: str, out: str, lead: bool = True) -> None:
+    """Refuse to reuse ``folder`` for a different comparison (another budget, recipe, dense start or spec); every
+    rank checks, only the ``lead`` rank records a new fingerprint."""
     path = os.path.join(folder, "fingerprint")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as fh:
@@ -88,8 +96,9 @@ def _claim(folder: str, fingerprint: str, what: str, out: str) -> None:
                     "pass another --out, or delete it to start over"
                 )
         return
-    os.makedirs(folder, exist_ok=True)
-    write_text(path, fingerprint + "\n")
+    if lead:
+        os.makedirs(folder, exist_ok=True)
+        write_text(path, fingerprint + "\n")
 
 
 def run_compare(
@@ -107,20 +116,17 @@ def run_compare(
     finetune_steps: int = 0,
     latency_batch: int = 64,
     device: str = "auto",
+    dimap: str = "sparse",
     say: Callable[[str], None] | None = None,
 ) -> CompareResult:
     """Compare ``strategies`` on ``program``'s space (see :mod:`spvit_dsl.compare`). ``dense_epochs = 0`` starts
-    every cell from the spec's own weights.
+    every cell from the spec's own weights. ``dimap``: ``sparse`` runs DIMAP in the paper's form (single weights of
+    every qkv, proj, fc1 and fc2: a sparse row), ``structured`` on the spec's own space (our extension).
 
     Raises UsageError (one line) for an unknown strategy, a seed count below 1, a negative epoch count, an ``out``
     that is a file or holds another comparison, and for problems every strategy shares (no budget, ...), before
     any training; a strategy that cannot search the space is a row, not an error.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError(
-            "compare runs its cells one after another in one process, not under torchrun yet; run a cell's search "
-            "data-parallel with: torchrun ... -m spvit_dsl search OUT/cells/<strategy>/seed<k>/<strategy>.vit"
-        )
     names = _check_strategies(strategies)
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
@@ -132,34 +138,105 @@ def run_compare(
     problem = output_problem(out, folder=True)
     if problem:
         raise UsageError(f"--out: {problem}")
-    skips = _skips(program, names, budgets)
-    tell = say or (lambda _line: None)
-    dev = pick_device(device)
+    if dimap not in ("sparse", "structured"):
+        raise UsageError(f"--dimap: expected 'sparse' or 'structured', found '{dimap}'")
+    skips = _skips(program, names, budgets, dimap == "sparse")
+    rank, world, local_rank = world_info()
+    dev = pick_device(device, local_rank if world > 1 else None)
+    started = _join(dev, world)
+    try:
+        return _compare(
+            program,
+            names,
+            skips,
+            budgets,
+            seeds,
+            out,
+            finetune_epochs,
+            finetune_lr,
+            dense_epochs,
+            search_epochs,
+            search_steps,
+            finetune_steps,
+            latency_batch,
+            device,
+            dev,
+            rank,
+            say,
+            dimap == "sparse",
+        )
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _join(dev: torch.device, world: int) -> bool:
+    """Under torchrun: join the process group for the whole comparison (the searches reuse it) with a timeout long
+    enough for rank 0 to fine-tune a cell while the other ranks wait."""
+    if world <= 1 or dist.is_initialized():
+        return False
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=24))
+    return True
+
+
+def _wait() -> None:
+    """Every rank meets here (a no-op in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _compare(
+    program: Program,
+    names: list[str],
+    skips: dict[str, str],
+    budgets: Sequence[Limit],
+    seeds: int,
+    out: str,
+    finetune_epochs: int,
+    finetune_lr: float,
+    dense_epochs: int,
+    search_epochs: int | None,
+    search_steps: int,
+    finetune_steps: int,
+    latency_batch: int,
+    device: str,
+    dev: torch.device,
+    rank: int,
+    say: Callable[[str], None] | None,
+    dimap_sparse: bool,
+) -> CompareResult:
+    """The comparison proper. Under torchrun every rank runs the searches (data-parallel); rank 0 alone trains the
+    dense start, fine-tunes, evaluates, times and writes, while the others wait at a barrier."""
+    lead = rank == 0
+    stem = os.path.splitext(os.path.basename(program.path))[0]
+    tell = (say or (lambda _line: None)) if lead else (lambda _line: None)
     os.makedirs(out, exist_ok=True)
     data = data_of(program)
     dense_out = os.path.join(out, "dense")
     spec_text = cell_spec(program, program.checked.search.strategy or "spvit")
-    _claim(dense_out, _fingerprint(spec=spec_text, dense_epochs=dense_epochs), "dense start", out)
     dense_state: str | None = None
+    dense_top1 = 0.0
+    dense_weights = os.path.join(dense_out, "best.safetensors") if dense_epochs > 0 else ""
+    _claim(dense_out, _fingerprint(spec=spec_text, dense_epochs=dense_epochs), "dense start", out, lead)
+    if lead:
+        if dense_epochs > 0:
+            tell(f"dense start: {dense_epochs} epochs (read back from {dense_out} when finished)")
+            settings = FinetuneSettings(
+                epochs=dense_epochs, batch_size=64, lr=2e-3, warmup_epochs=min(2, dense_epochs), seed=0
+            )
+            trained = train_dense(program, dense_out, settings, device=dev)
+            dense_top1 = trained.metrics.top1
+            del trained  # one model in memory at a time
+        else:
+            model = build(dense_spec(program, dense_out), weights=program.checked.weights)
+            dense_top1 = evaluate(model, data.val, device=dev).top1
+            del model
+    _wait()
+    dense_model_path = os.path.join(dense_out, "dense.vit")
     if dense_epochs > 0:
-        tell(f"dense start: {dense_epochs} epochs (read back from {dense_out} when finished)")
-        settings = FinetuneSettings(
-            epochs=dense_epochs, batch_size=64, lr=2e-3, warmup_epochs=min(2, dense_epochs), seed=0
-        )
-        trained = train_dense(program, dense_out, settings, device=dev)
-        dense_state, dense_top1, dense_model_path = (
-            trained.timm_state,
-            trained.metrics.top1,
-            trained.spec_path,
-        )
-        dense_weights = os.path.join(dense_out, "best.safetensors")
-        del trained  # one model in memory at a time
-    else:
-        dense_model_path = dense_spec(program, dense_out)
-        dense_weights = ""
-        dense_top1 = evaluate(
-            build(dense_model_path, weights=program.checked.weights), data.val, device=dev
-        ).top1
+        dense_state = os.path.join(dense_out, "dense_timm.safetensors")
     dense_cost = program.graph.cost(program.space.dense(), program.convention)
     dense = {"top1": dense_top1, "flops": float(dense_cost.macs), "params": float(dense_cost.params)}
     tune = FinetuneSettings(
@@ -170,7 +247,9 @@ def run_compare(
         seed=0,
         steps=finetune_steps,
     )
-    plan = CellPlan(program, tuple(budgets), dense_state, tune, search_epochs, search_steps, data, device)
+    plan = CellPlan(
+        program, tuple(budgets), dense_state, tune, search_epochs, search_steps, data, device, dimap_sparse
+    )
     cells: dict[str, list[dict[str, Any]]] = {}
     computed = 0
     for name in names:
@@ -180,10 +259,11 @@ def run_compare(
             continue
         for seed in range(seeds):
             folder = os.path.join(out, "cells", name, f"seed{seed}")
+            _wait()  # every rank sees the same finished cells and checkpoints
             _claim(
                 folder,
                 _fingerprint(
-                    spec=cell_spec(program, name),
+                    spec=cell_spec(program, name, dimap_sparse=dimap_sparse),
                     budgets=[dataclasses.asdict(b) for b in budgets],
                     tune=dataclasses.asdict(tune),
                     dense=dense_state,
@@ -191,12 +271,16 @@ def run_compare(
                 ),
                 "cells",
                 out,
+                lead,
             )
             cached = _cells.finished(folder) is not None
             tell(f"{name}, seed {seed}: " + ("read back" if cached else "running"))
-            row = _cells.run_cell(plan, name, seed, folder)
+            row = _cells.run_cell(plan, name, seed, folder, lead=lead)
             computed += 0 if cached else 1
             cells.setdefault(name, []).append(row)
+    _wait()
+    if not lead:  # rank 0 times, tabulates and writes
+        return CompareResult([], {}, "", "", "", "", computed)
     tell("timing every network side by side with the dense one")
     _time(cells, dense, dense_model_path, dense_weights, program, latency_batch, device)
     rows = rows_of(cells, dense)
