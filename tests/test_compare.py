@@ -97,6 +97,21 @@ def test_dimap_runs_in_the_papers_form_or_on_the_specs_space(tmp_path):
     assert cell_spec(program, "ofb", dimap_sparse=True) == cell_spec(program, "ofb")  # only DIMAP changes
 
 
+def test_a_strategy_with_default_grids_searches_only_the_specs_space(tmp_path):
+    """OFB fills its grids into every dimension a spec leaves open; in a comparison it must search the space the
+    others search, so its cell spec pins the open dimensions at their dense values."""
+    from spvit_dsl.compare import cell_spec
+    from spvit_dsl.compile.program import compile_text
+
+    program = compile_file(_ffn_only(tmp_path))
+    kinds = {}
+    for name in ("spvit", "ofb", "upvit", "magnitude"):
+        cell = compile_text(cell_spec(program, name), program.path)
+        kinds[name] = sorted((g.path, tuple(g.choices)) for g in cell.graph.groups() if len(g.choices) > 1)
+    assert kinds["ofb"] == kinds["spvit"] == kinds["upvit"] == kinds["magnitude"]
+    assert {path.split(".")[-1] for path, _ in kinds["ofb"]} == {"ffn"}
+
+
 def test_a_strategy_that_cannot_search_the_space_says_why_in_its_row(tmp_path, capsys):
     got = _run(
         capsys,
@@ -169,6 +184,7 @@ def test_an_interrupted_comparison_finishes_only_the_missing_cells(tmp_path, mon
         (["--budget", "3.3"], "--budget: "),
         (["--strategies", "spvt"], "did you mean 'spvit'"),
         (["--search-steps", "-1"], "--search-steps must be at least 0, not -1"),
+        (["--finetune-epochs", "0"], "--finetune-epochs must be at least 1, not 0"),
     ],
 )
 def test_bad_flags_are_one_line(tmp_path, capsys, flags, words):
@@ -207,7 +223,10 @@ def test_another_comparison_in_the_same_folder_is_refused(tmp_path, capsys):
         "--out",
         out,
     ]
-    _run(capsys, *args, "--budget", "50%")
+    first = _run(capsys, *args)  # the spec's own budget, flops <= 50%
+    assert "random weights" in first.err  # --dense-epochs 0 with `weights = none` is said, not silent
+    again = _run(capsys, *args, "--budget", "50%")  # the same limit, written as a flag: read back
+    assert "0 cell(s) computed, 1 read back" in again.out
     with pytest.raises(SystemExit) as exc:
         main([*args, "--budget", "40%"])  # another budget: the 50% cell must not be read back as a 40% one
     assert exc.value.code == 1

@@ -137,6 +137,8 @@ def register(app: typer.Typer) -> None:
             if row["status"] != "ok":
                 console.print(f"{row['strategy']}: cannot search this space: {row['reason']}", markup=False)
         console.print(
-            f"{result.computed} cell(s) computed, the others read back; "
+            f"{result.computed} cell(s) computed"
+            + (f", {result.cells - result.computed} read back" if result.cells > result.computed else "")
+            + "; "
             f"table: {result.markdown_path}; data: {result.json_path}; picture: {result.plot_path}"
         )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._io import write_text
+from ..compile.check import STRATEGY_DEFAULTS
 from ..compile.program import Program, compile_text
 from ..compile.strategies import STRATEGIES
 from ..lang import ast
@@ -25,6 +26,7 @@ from ..lang.emit import emit
 from ..lang.parse import parse
 from ..runtime.device import pick_device
 from ..search import run_search
+from ..space.groups import block_path, embed_path
 from ..space.plan import FrozenArch
 from ..space.units import Limit
 from ..train.finetune import FinetuneSettings
@@ -81,10 +83,37 @@ def cell_spec(program: Program, strategy: str, *, dimap_sparse: bool = False) ->
     )
     block = ast.Search(strategy=strategy, settings=carried)
     items = [i for i in spec.items if i.kind != "search"]
+    if (
+        strategy in STRATEGY_DEFAULTS
+    ):  # e.g. OFB's grids: searching more than the spec's space would be unfair
+        items += [i for i in parse(_pins(program)).items if i.kind in ("scope", "embed")]
     if strategy == "dimap" and dimap_sparse and not _declares_sparsity(program):
         items = [i for i in items if i.kind not in ("scope", "embed")]
         items += [i for i in parse(DIMAP_SPACE).items if i.kind == "scope"]
     return emit(spec.model_copy(update={"items": (*items, block)}))
+
+
+def _pins(program: Program) -> str:
+    """Declarations that fix every dimension the spec leaves open at its dense value (a strategy with default grids
+    fills only undeclared dimensions), as spec text."""
+    declared = set(program.checked.origins)
+    geo = program.space.geometry
+    lines = []
+    for s in range(geo.stages):
+        if embed_path(geo, s) not in declared:
+            width = geo.stage_dim(s)
+            lines.append(f"embed: {width}" if geo.family != "swin" else f"stage {s} {{ embed: {width} }}")
+    for p in program.space.plans:
+        b, i = p.geom, p.geom.index
+        fields = {
+            "heads": f"heads: {b.heads}",
+            "head_dim": f"head_dim: {b.head_dim}",
+            "ffn": f"ffn: width {b.hidden}",
+        }
+        pinned = [text for f, text in fields.items() if block_path(i, f) not in declared]
+        if pinned:
+            lines.append(f"block {i} {{ {'; '.join(pinned)} }}")
+    return "\n".join(lines) + "\n"
 
 
 def _declares_sparsity(program: Program) -> bool:
@@ -142,9 +171,16 @@ def run_cell(plan: CellPlan, strategy: str, seed: int, folder: str, *, lead: boo
         init_checkpoint=plan.dense_state,
         quiet=True,
     )
-    search_s = time.perf_counter() - started
+    timed = os.path.join(folder, "search_time.json")
     if not lead:
         return row
+    if resume and os.path.isfile(timed):  # the search had finished before the interruption: its own time
+        with open(timed, encoding="utf-8") as fh:
+            search_s: float | None = float(json.load(fh)["seconds"])
+    else:  # a search interrupted midway has no comparable time
+        search_s = None if resume else time.perf_counter() - started
+        if search_s is not None:
+            write_text(timed, json.dumps({"seconds": search_s}) + "\n")
     tune_out = os.path.join(folder, "finetune")
     tune = dataclasses.replace(plan.tune, seed=seed)
     tuned = finetune_frozen(
@@ -163,8 +199,8 @@ def run_cell(plan: CellPlan, strategy: str, seed: int, folder: str, *, lead: boo
         "params": result.costs["params"],
         "budget_ratio": max(b["ratio"] for b in result.budgets) if result.budgets else None,
         "sparse": _sparse(result.arch),
-        "search_s": round(search_s, 2) if not resume else None,  # a resumed search's time is not comparable
-        "search_epochs": result.epochs,
+        "search_s": round(search_s, 2) if search_s is not None else None,
+        "search_epochs_done": result.epochs,
         "search_steps": result.steps,
         "frozen_spec": result.frozen_path,
         "weights": os.path.join(tune_out, "best.safetensors"),

@@ -46,6 +46,7 @@ class CompareResult:
     plot_path: str
     title: str
     computed: int  # cells computed by this call (the others were read back)
+    cells: int = 0  # cells in the table (skipped strategies excluded)
 
 
 def _check_strategies(names: Sequence[str]) -> list[str]:
@@ -130,9 +131,12 @@ def run_compare(
     names = _check_strategies(strategies)
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
-    for flag, value in (("--finetune-epochs", finetune_epochs), ("--dense-epochs", dense_epochs)):
-        if value < 0:
-            raise UsageError(f"{flag} must be at least 0, not {value}")
+    for flag, value, least in (
+        ("--finetune-epochs", finetune_epochs, 1),
+        ("--dense-epochs", dense_epochs, 0),
+    ):
+        if value < least:
+            raise UsageError(f"{flag} must be at least {least}, not {value}")
     stem = os.path.splitext(os.path.basename(program.path))[0]
     out = out or os.path.join("runs", f"{stem}-compare")
     problem = output_problem(out, folder=True)
@@ -216,6 +220,16 @@ def _compare(
     data = data_of(program)
     dense_out = os.path.join(out, "dense")
     spec_text = cell_spec(program, program.checked.search.strategy or "spvit")
+    # the budgets as absolute limits: `--budget 50%` and the spec's `flops <= 50%` are the same comparison
+    limits = [
+        (b.metric, float(b.absolute))
+        for b in compile_text(spec_text, program.path, budgets=list(budgets) or None).budgets
+    ]
+    if dense_epochs == 0 and program.checked.weights in (None, "none"):
+        tell(
+            "note: --dense-epochs 0 with `weights = none`: every cell starts from random weights (the dense row "
+            "too); pass --dense-epochs N to train one dense start, or give the spec trained weights"
+        )
     dense_state: str | None = None
     dense_top1 = 0.0
     dense_weights = os.path.join(dense_out, "best.safetensors") if dense_epochs > 0 else ""
@@ -264,7 +278,7 @@ def _compare(
                 folder,
                 _fingerprint(
                     spec=cell_spec(program, name, dimap_sparse=dimap_sparse),
-                    budgets=[dataclasses.asdict(b) for b in budgets],
+                    budgets=limits,
                     tune=dataclasses.asdict(tune),
                     dense=dense_state,
                     search=(search_epochs, search_steps),
@@ -274,7 +288,10 @@ def _compare(
                 lead,
             )
             cached = _cells.finished(folder) is not None
-            tell(f"{name}, seed {seed}: " + ("read back" if cached else "running"))
+            resuming = os.path.isfile(os.path.join(folder, "search", "search.ckpt"))
+            tell(
+                f"{name}, seed {seed}: " + ("read back" if cached else "resuming" if resuming else "running")
+            )
             row = _cells.run_cell(plan, name, seed, folder, lead=lead)
             computed += 0 if cached else 1
             cells.setdefault(name, []).append(row)
@@ -307,7 +324,8 @@ def _compare(
     write_text(paths["json"], json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
     write_text(paths["md"], markdown(rows, dense, title))
     plot(paths["png"], rows, dense, title)
-    return CompareResult(rows, dense, paths["json"], paths["md"], paths["png"], title, computed)
+    total = sum(len(v) for k, v in cells.items() if k not in skips)
+    return CompareResult(rows, dense, paths["json"], paths["md"], paths["png"], title, computed, total)
 
 
 def _time(

@@ -146,15 +146,16 @@ class SpvitStrategy(Strategy):
         return {"price": self._price, "target": self._target}
 
     def state_dict(self) -> dict[str, JSON]:
-        return {"target": self._target, "plan_epochs": self.plan_epochs}
+        return {"target": self._target, "plan_epochs": self.plan_epochs, "steps_done": self._steps_done}
 
     def load_state_dict(self, state: dict[str, JSON]) -> None:
         target = state.get("target", self._target)
         assert isinstance(target, float | int)
         self._target = float(target)
         plan = state.get("plan_epochs", self.plan_epochs)
-        assert isinstance(plan, float | int)
-        self.plan_epochs = float(plan)
+        done = state.get("steps_done", 0)
+        assert isinstance(plan, float | int) and isinstance(done, int)
+        self.plan_epochs, self._steps_done = float(plan), done
 
     # --- the end of the search -----------------------------------------------------------------------------
 
