@@ -27,7 +27,6 @@ from ..lang.parse import parse
 from ..runtime.device import pick_device
 from ..search import run_search
 from ..space.groups import block_path, embed_path
-from ..space.plan import FrozenArch
 from ..space.units import Limit
 from ..train.finetune import FinetuneSettings
 from ..train.recipe import finetune_frozen
@@ -138,10 +137,6 @@ def finished(folder: str) -> dict[str, Any] | None:
     return row if isinstance(row, dict) and all(k in row for k in REQUIRED) else None
 
 
-def _sparse(arch: FrozenArch) -> bool:
-    return any(min(b.density.qkv, b.density.proj, b.density.fc1, b.density.fc2) < 1.0 for b in arch.blocks)
-
-
 def run_cell(plan: CellPlan, strategy: str, seed: int, folder: str, *, lead: bool = True) -> dict[str, Any]:
     """Run (or read back) one cell; its row. The strategy must be able to search the space (the run checks every
     strategy before any training). Ctrl-C propagates: the search has saved its checkpoint, fine-tuning keeps its
@@ -174,13 +169,13 @@ def run_cell(plan: CellPlan, strategy: str, seed: int, folder: str, *, lead: boo
     timed = os.path.join(folder, "search_time.json")
     if not lead:
         return row
-    if resume and os.path.isfile(timed):  # the search had finished before the interruption: its own time
+    search_s: float | None = None  # a search interrupted midway has no comparable time
+    if not resume:
+        search_s = time.perf_counter() - started
+        write_text(timed, json.dumps({"seconds": search_s}) + "\n")
+    elif os.path.isfile(timed):  # the search had finished before the interruption: its own time
         with open(timed, encoding="utf-8") as fh:
-            search_s: float | None = float(json.load(fh)["seconds"])
-    else:  # a search interrupted midway has no comparable time
-        search_s = None if resume else time.perf_counter() - started
-        if search_s is not None:
-            write_text(timed, json.dumps({"seconds": search_s}) + "\n")
+            search_s = float(json.load(fh)["seconds"])
     tune_out = os.path.join(folder, "finetune")
     tune = dataclasses.replace(plan.tune, seed=seed)
     tuned = finetune_frozen(
@@ -198,7 +193,7 @@ def run_cell(plan: CellPlan, strategy: str, seed: int, folder: str, *, lead: boo
         "flops": result.costs[f"flops_{convention}"],
         "params": result.costs["params"],
         "budget_ratio": max(b["ratio"] for b in result.budgets) if result.budgets else None,
-        "sparse": _sparse(result.arch),
+        "sparse": result.arch.sparse,
         "search_s": round(search_s, 2) if search_s is not None else None,
         "search_epochs_done": result.epochs,
         "search_steps": result.steps,

@@ -299,7 +299,7 @@ def _compare(
     if not lead:  # rank 0 times, tabulates and writes
         return CompareResult([], {}, "", "", "", "", computed)
     tell("timing every network side by side with the dense one")
-    _time(cells, dense, dense_model_path, dense_weights, program, latency_batch, device)
+    _time(cells, dense, dense_model_path, dense_weights, program, latency_batch, dev)
     rows = rows_of(cells, dense)
     shown = budgets or [b.limit for b in program.budgets]
     budget_text = ", ".join(f"{b.metric} <= {b.text}" for b in shown)
@@ -335,11 +335,10 @@ def _time(
     dense_weights: str,
     program: Program,
     batch: int,
-    device: str,
+    dev: torch.device,
 ) -> None:
     """Each finished network timed side by side with the dense one (interleaved, median of 10); the dense
     latency is the median over every pairing."""
-    dev = pick_device(device)
     g = program.space.geometry
     shape = (batch, g.in_chans, g.img_size, g.img_size)
     dense_model = (

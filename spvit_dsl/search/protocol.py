@@ -153,7 +153,7 @@ class Strategy:
             opt.step()
 
     def after_step(self) -> None:
-        """After the optimizer step (e.g. SPViT re-solves its price for the moved gates)."""
+        """After the optimizer step (e.g. a schedule that follows the moved parameters)."""
 
     def shrinks(self) -> list[Shrink]:
         """Groups to cut physically now (after the step); the loop applies them to the supernet and optimizers."""

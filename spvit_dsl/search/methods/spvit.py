@@ -50,7 +50,6 @@ class SpvitStrategy(Strategy):
         self.plan_epochs = (
             float(s["epochs"]) if s["epochs"] else ctx.total_steps / max(1, ctx.steps_per_epoch)
         )
-        self._progress = 0.0
         self._steps_done = 0
         self._price = 0.0
         self._target = 1.0
@@ -86,15 +85,15 @@ class SpvitStrategy(Strategy):
     def before_step(self, epoch: float) -> None:
         self._gates_on = epoch >= self.warmup
         self._steps_done = round(epoch * max(1, self.ctx.steps_per_epoch)) + 1  # counting this one
-        start, planned = self._plan()
-        self._progress = min(1.0, max(0.0, (self._steps_done - start) / max(1, planned - start)))
         self._solve(self._scheduled())
 
     def _scheduled(self) -> float:
         """The target ratio now: the dense ratio during the warm-up, then the schedule down to 1 (the budget)."""
         if not self._gates_on:
             return self._dense
-        return reach_target(self._dense, self._progress, self.reach)
+        start, planned = self._plan()
+        progress = min(1.0, max(0.0, (self._steps_done - start) / max(1, planned - start)))
+        return reach_target(self._dense, progress, self.reach)
 
     def _solve(self, target: float) -> None:
         """Solve the price for ``target`` and set every gate's shift (a no-op without budgets or gates)."""

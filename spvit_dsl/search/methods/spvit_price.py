@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -53,23 +54,19 @@ class GateCosts:
     chains: tuple[tuple[int, int], ...]
     tie: Tensor  # (gates,) float64
 
+    @cached_property
     def rows(self) -> list[list[float]]:
-        """:attr:`cost` as Python lists (computed once)."""
-        cached = self.__dict__.get("_rows")
-        if cached is None:
-            cached = self.cost.tolist()
-            object.__setattr__(self, "_rows", cached)
-        return cached
+        """:attr:`cost` as Python lists (the fill walks thousands of gates every step)."""
+        return self.cost.tolist()
 
 
 @dataclass(frozen=True)
 class PriceSolution:
-    """The solved price, the kept gates' predicted ratios (per budget), how many gates are off, and the gates
-    below the price kept on because they still fit (the fill after a coarse cut)."""
+    """The solved price, the kept gates' predicted ratios (per budget), and — when the fill after a coarse cut kept
+    gates below the price on — every gate's decision."""
 
     price: float
     ratios: tuple[float, ...]
-    off: int
     on: Tensor | None = None  # (gates,) bool: the decisions, when some differ from ``θ + δ > τ``
 
 
@@ -105,14 +102,14 @@ def gate_costs(
             rows += [
                 [hi - lo for lo, hi in zip(costs[j], costs[j + 1], strict=True)] for j in range(g.num_gates)
             ]
-            ties += [TIE * (1 - (j + 1) / (g.num_gates + 1)) for j in range(g.num_gates)]
+            ties += _level_ties(g.num_gates)
             chains.append((start, len(rows)))
             continue
         one_less = ratios(full_levels, {**full_widths, g.decision: g.hidden - 1})
         per_neuron = [a - b for a, b in zip(full, one_less, strict=True)]
         rows += [[n * c for c in per_neuron] for n in g.group_sizes()]
         if g.nested:
-            ties += [TIE * (1 - (j + 1) / (g.num_gates + 1)) for j in range(g.num_gates)]
+            ties += _level_ties(g.num_gates)
             chains.append((start, len(rows)))
         else:
             ties += _importance_ties(g, net)
@@ -122,6 +119,11 @@ def gate_costs(
         TIE / max(1, n) * 1e-3
     )
     return GateCosts(cost, torch.tensor(full, dtype=torch.float64), tuple(chains), tie)
+
+
+def _level_ties(n: int) -> list[float]:
+    """Cumulative gates (op levels, nested widths): at equal logits the outer level is cut first."""
+    return [TIE * (1 - (j + 1) / (n + 1)) for j in range(n)]
 
 
 def _importance_ties(gate: FfnGate, net: Supernet) -> list[float]:
@@ -153,7 +155,7 @@ def solve_price(logits: Tensor, costs: GateCosts, target: float) -> PriceSolutio
     sorted_kill = kill[order]
     n = kill.numel()
     if n == 0:
-        return PriceSolution(0.0, tuple(costs.full.tolist()), 0)
+        return PriceSolution(0.0, tuple(costs.full.tolist()))
     remaining = costs.full.unsqueeze(0) - torch.cumsum(
         costs.cost[order], 0
     )  # (gates, budgets): after m + 1 removed
@@ -167,15 +169,15 @@ def solve_price(logits: Tensor, costs: GateCosts, target: float) -> PriceSolutio
     now = ratios[m].clone()
     on = torch.ones(n, dtype=torch.bool)
     on[order[:m]] = False
-    back = 0
+    filled = False  # did the fill turn any gate back on
     if fits.numel():  # the target was met: fill what the last coarse cut left unused
         first = {i: start for start, stop in costs.chains for i in range(start, stop)}
         # most valuable first; within a chain, earlier levels first. Passes repeat while they add something: a
         # level that saves a negative cost (attention cheaper than a 5×5 convolution) frees room for earlier ones
-        # (plain Python lists: thousands of per-neuron gates, twice per step)
+        # (plain Python lists: thousands of per-neuron gates, every step)
         kills = kill.tolist()
         removed = sorted(order[:m].tolist(), key=lambda j: (-kills[j], j))
-        rows, flags, slack = costs.rows(), on.tolist(), [target + 1e-12 - x for x in now.tolist()]
+        rows, flags, slack = costs.rows, on.tolist(), [target + 1e-12 - x for x in now.tolist()]
         added = True
         while added:
             added = False
@@ -185,12 +187,11 @@ def solve_price(logits: Tensor, costs: GateCosts, target: float) -> PriceSolutio
                 row = rows[i]
                 if all(c <= s for c, s in zip(row, slack, strict=True)):
                     slack = [s - c for c, s in zip(row, slack, strict=True)]
-                    flags[i] = added = True
-                    back += 1
-        if back:
+                    flags[i] = added = filled = True
+        if filled:
             on = torch.tensor(flags, dtype=torch.bool)
             now = target + 1e-12 - torch.tensor(slack, dtype=torch.float64)
-    return PriceSolution(0.5 * (low + high), tuple(now.tolist()), m - back, on if back else None)
+    return PriceSolution(0.5 * (low + high), tuple(now.tolist()), on if filled else None)
 
 
 def reach_target(start: float, progress: float, reach: float) -> float:
