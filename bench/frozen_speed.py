@@ -25,12 +25,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench._machine import machine, result_path  # noqa: E402
+from spvit_dsl._io import write_text  # noqa: E402
 from spvit_dsl.compact import create_compact, create_dense  # noqa: E402
 from spvit_dsl.compact.build import round_widths  # noqa: E402
+from spvit_dsl.compact.latency import table_for  # noqa: E402
 from spvit_dsl.compact.speed import time_models  # noqa: E402
 from spvit_dsl.space import cost  # noqa: E402
 from spvit_dsl.space.backbones import resolve  # noqa: E402
-from spvit_dsl.space.plan import BlockArch, FrozenArch, Geometry  # noqa: E402
+from spvit_dsl.space.latency import LatencySetting, round_for_latency, rounding_space  # noqa: E402
+from spvit_dsl.space.plan import BlockArch, BlockPlan, FfnChoice, FrozenArch, Geometry, Space  # noqa: E402
 
 MODELS = {"deit_s": "deit_small_patch16_224", "swin_s": "swin_small_patch4_window7_224"}
 TARGETS = (0.7, 0.5)
@@ -85,6 +88,21 @@ def _describe(g: Geometry, a: FrozenArch) -> dict[str, object]:
     }
 
 
+def latency_round(g: Geometry, a: FrozenArch, target: float, device: torch.device, batch: int) -> FrozenArch:
+    """``build --round auto`` on ``a``: the widths this device runs fastest, within the target's FLOPs."""
+    plans = tuple(BlockPlan(b, ("msa",), FfnChoice(), (b.heads,), (b.head_dim,)) for b in g.blocks)
+    space = rounding_space(Space(g, plans, tuple((e,) for e in g.dims)), a)
+    setting = LatencySetting(device.type, torch.get_num_threads(), batch, "fp32")
+    table, _, _ = table_for(space, setting)
+
+    def price(p: FrozenArch) -> dict[str, float]:
+        c = cost.arch_cost(g, p, CONVENTION)
+        return {"flops": float(c.macs), "params": float(c.params)}
+
+    limit = target * cost.dense_cost(g, CONVENTION).macs
+    return round_for_latency(g, a, table, price, {"flops": limit})
+
+
 def bench_model(key: str, device: torch.device, args: argparse.Namespace) -> dict[str, object]:
     g = resolve(MODELS[key], {})
     archs: dict[str, FrozenArch] = {}
@@ -92,6 +110,7 @@ def bench_model(key: str, device: torch.device, args: argparse.Namespace) -> dic
         a = spvit_like(g, t)
         archs[f"{round(t * 100)}%"] = a
         archs[f"{round(t * 100)}% round8"] = round_widths(g, a, 8)
+        archs[f"{round(t * 100)}% auto"] = latency_round(g, a, t, device, args.batch_size)
     torch.manual_seed(0)
     models = {"dense": create_dense(g)} | {name: create_compact(g, a) for name, a in archs.items()}
     start = time.perf_counter()
@@ -156,7 +175,8 @@ def _print(result: dict[str, object]) -> None:
 
 def _runs(args: argparse.Namespace) -> list[tuple[torch.device, int, int]]:
     """(device, CPU threads, batch size) of every measured configuration."""
-    runs = [(torch.device("cpu"), t, args.batch_size) for t in args.threads or [torch.get_num_threads()]]
+    threads = args.threads or [torch.get_num_threads()]
+    runs = [(torch.device("cpu"), t, b) for t in threads for b in args.batch_sizes]
     if torch.cuda.is_available():
         runs.append((torch.device("cuda"), torch.get_num_threads(), args.gpu_batch_size))
     return runs
@@ -164,7 +184,7 @@ def _runs(args: argparse.Namespace) -> list[tuple[torch.device, int, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8], help="CPU batch sizes to measure")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -191,8 +211,7 @@ def main() -> None:
         "warmup": args.warmup,
         "results": results,
     }
-    with open(result_path("frozen_speed"), "w") as fh:
-        json.dump(out, fh, indent=1)
+    write_text(result_path("frozen_speed"), json.dumps(out, indent=1) + "\n")
     print("written", result_path("frozen_speed"))
 
 

@@ -1,7 +1,8 @@
 """Benchmark: search-step throughput (images/s) against dense training throughput, same device, side by side.
 
-A search step is the loop's own step (gated supernet forward with sampled gates, task loss + budget term, backward,
-weight and gate AdamW steps); a dense step is timm's model with one AdamW. Synthetic data, bf16 autocast on GPU.
+A search step is the loop's own step (the gated supernet's forward, task loss + cost term, backward, weight and gate
+AdamW steps) with the gates **held fixed** (gate learning rate 0, the price not re-solved), so every timed step
+trains the same network, the derived network at the dense start; a dense step is timm's model with one AdamW. Synthetic data, bf16 autocast on GPU.
 CPU default: examples/digits_tiny.vit. With CUDA: DeiT-S and Swin-S (specs/deit_s.vit, specs/swin_s.vit, random
 init). Writes bench/results/search_step-<host>.json naming the machine.
 
@@ -83,6 +84,12 @@ def search_step(program: Any, batch: int, device: torch.device) -> Any:
     net = lower(program.space, weights="none", convention=program.convention, seed=0, device=device)
     ctx = SearchContext(program, net, targets_of(program.budgets), settings, device, None, 1, 1)
     strategy = SpvitStrategy(ctx)
+    # gates held fixed while timing: no gate updates and no re-solved price, so every timed step trains the same
+    # derived network (the dense start). With moving gates the network, and the ratio, drifted between runs.
+    if strategy.opt_g is not None:
+        for group in strategy.opt_g.param_groups:
+            group["lr"] = 0.0
+    strategy.before_step = lambda epoch: None  # type: ignore[method-assign]
     trainee = Trainee(ctx, strategy)
     loss = torch.nn.CrossEntropyLoss()
     run = Run(ctx, strategy, trainee, trainee, loss, {}, settings, Reporter(), MetricsLog("", enabled=False))

@@ -27,3 +27,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _latency_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Latency tables measured by tests go to a temporary folder, never to the user's cache."""
+    import os
+
+    os.environ["SPVIT_DSL_CACHE"] = str(tmp_path_factory.mktemp("spvit-cache"))

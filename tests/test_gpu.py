@@ -104,3 +104,14 @@ def test_two_of_four_layers_run_on_sparse_kernels(tmp_path: Path) -> None:
         after = model(x).float()
     assert "converted" in report.values(), report
     assert (before - after).abs().max().item() <= 2e-2 * before.abs().max().item()
+
+
+def test_a_latency_table_on_cuda_in_bf16_predicts_its_calibration_point(tmp_path: Path) -> None:
+    from spvit_dsl.compact.latency import table_for
+    from spvit_dsl.space.latency import LatencySetting
+
+    space = tiny_vit_space()
+    table, _, measured = table_for(space, LatencySetting("cuda", None, 16, "bf16"), cache=tmp_path)
+    assert measured and table.environment.get("gpu")
+    assert table.arch_ms(space.geometry, space.dense()) == pytest.approx(table.dense_ms)
+    assert table.fastest_ms(space) <= table.dense_ms

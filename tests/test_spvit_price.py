@@ -161,7 +161,7 @@ def test_one_epoch_from_random_init_reaches_the_budget_without_the_projection(tm
     assert steps[0]["strategy"]["target"] > steps[-1]["strategy"]["target"] == 1.0
 
 
-@pytest.mark.parametrize("epochs", [1, 2])
+@pytest.mark.parametrize("epochs", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2 epochs: `make test-slow`
 def test_from_dense_weights_the_search_reaches_the_budget_and_keeps_a_working_network(
     tmp_path, dense_checkpoint, epochs
 ):

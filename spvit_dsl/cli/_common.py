@@ -16,7 +16,17 @@ from ..space.units import Limit, UnitError, parse_budget_flag
 if TYPE_CHECKING:
     from ..space.geometry import Convention
 
-__all__ = ["BudgetOpt", "ConventionOpt", "err", "limits", "load_program", "out", "parse_convention", "warn"]
+__all__ = [
+    "BudgetOpt",
+    "ConventionOpt",
+    "err",
+    "latency_table",
+    "limits",
+    "load_program",
+    "out",
+    "parse_convention",
+    "warn",
+]
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -53,3 +63,49 @@ def load_program(spec: str, convention: str | None = None, budgets: list[str] | 
     program = compile_file(spec, convention=parse_convention(convention), budgets=limits(budgets))
     warn(program)
     return program
+
+
+def latency_table(program: Any, setting: Any = None, *, quiet: bool = False, rebuild: bool = False) -> Any:
+    """The device's latency table for ``program``'s space (``setting``: default the spec's), from the cache or
+    measured with a progress bar on stderr; one line says which. ``None`` when there is nothing to price."""
+    setting = setting or program.latency
+    if setting is None:
+        return None
+    import os
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..compact.latency import table_for
+
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank would measure at once
+            try:
+                table, _, _ = table_for(program.space, setting, cached_only=True)
+            except RuntimeError as exc:
+                raise UsageError(
+                    f"latency table: {exc}; under torchrun, build it first: spvit-dsl latency {program.path}"
+                ) from None
+            return table
+        if quiet:
+            table, path, measured = table_for(program.space, setting, rebuild=rebuild)
+        else:
+            with Progress(
+                TextColumn("latency table ({task.description})"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeRemainingColumn(),
+                console=err,
+                transient=True,
+            ) as bar:
+                task = bar.add_task(setting.describe(), total=None)
+
+                def show(done: int, total: int, what: str) -> None:
+                    bar.update(task, completed=done, total=total)
+
+                table, path, measured = table_for(program.space, setting, rebuild=rebuild, progress=show)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"latency table: {exc}") from None
+    if not quiet:
+        verb = "measured and cached at" if measured else "from the cache,"
+        err.print(f"latency table for {setting.describe()}: {verb} {path}", markup=False)
+    return table

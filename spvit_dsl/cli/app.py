@@ -1,4 +1,5 @@
-"""The command line: ``spvit-dsl compile | fmt | search | build | finetune | eval | diff | export | bench | compare``.
+"""The command line: ``spvit-dsl compile | fmt | search | build | finetune | eval | diff | export | bench | latency |
+compare``.
 
 User mistakes never show a traceback: a spec error is rendered with its caret on stderr, a bad flag or file is one
 plain line, and the exit code is 1 (2 for flags that do not parse). Commands that need torch import it lazily so
@@ -20,6 +21,7 @@ from ..lang.errors import SpecError, SpvitError
 from . import compare as compare_cmds
 from . import compile as compile_cmds
 from . import frozen as frozen_cmds
+from . import latency as latency_cmds
 from . import search as search_cmds
 from ._common import err
 
@@ -121,5 +123,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-for _module in (compile_cmds, search_cmds, frozen_cmds, compare_cmds):
+for _module in (compile_cmds, search_cmds, frozen_cmds, latency_cmds, compare_cmds):
     _module.register(app)

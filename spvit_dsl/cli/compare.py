@@ -89,6 +89,11 @@ def register(app: typer.Typer) -> None:
         if search_epochs is not None and search_epochs < 1:
             raise UsageError(f"--search-epochs must be at least 1, not {search_epochs}")
         program = compile_file(spec, budgets=limits(budget))
+        if program.latency is not None:
+            raise UsageError(
+                "compare budgets FLOPs or parameters; a latency budget is not supported by compare yet (every cell is "
+                "timed side by side anyway): give --budget 50% or a FLOPs budget"
+            )
         if not json_out and int(os.environ.get("RANK", "0")) == 0:
             warn(program)
 

@@ -88,6 +88,13 @@ def print_summary(program) -> None:
     table.add_row("params", *(fmt_params(getattr(b.params, k)) for k in ("min", "max", "dense")))
     out.print(table)
     for bud in program.budgets:
+        if bud.metric == "latency":
+            assert program.latency is not None  # set whenever a budget is a latency
+            out.print(
+                f"budget {bud.describe()}: measured on {program.latency.describe()}; priced at search time by "
+                f"this device's latency table (spvit-dsl latency {program.path} builds it)"
+            )
+            continue
         ratio = bud.absolute / b.of(bud.metric).dense
         out.print(f"budget {bud.describe()}: [green]feasible[/] ({ratio:.0%} of dense)")
     if not program.budgets:

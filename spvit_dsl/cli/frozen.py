@@ -39,15 +39,17 @@ WeightsOpt = Annotated[
     ),
 ]
 RoundOpt = Annotated[
-    int | None,
+    str | None,
     typer.Option(
-        "--round", help="round every FFN width to the nearest multiple of N (never above the dense width)"
+        "--round",
+        help="N: round every FFN width to the nearest multiple of N (never above the dense width); auto: to the "
+        "widths this device runs fastest for their FLOPs (measures a latency table, cached)",
     ),
 ]
 
 
 # ---------------------------------------------------------------- shared helpers
-def _model(frozen: str, weights: str | None, round_to: int | None, masks: str | None = None):
+def _model(frozen: str, weights: str | None, round_to: int | str | None, masks: str | None = None):
     """A compact model from a frozen .vit (built) or a built .safetensors (loaded)."""
     from ..compact.build import build, load
 
@@ -60,12 +62,32 @@ def _model(frozen: str, weights: str | None, round_to: int | None, masks: str | 
                 "--round and --masks apply when building from a frozen .vit, not to a built model"
             )
         return load(frozen, weights)
-    return build(frozen, weights=weights, masks=masks, round_to=round_to)
+    if round_to != "auto":
+        return build(frozen, weights=weights, masks=masks, round_to=round_to)  # type: ignore[arg-type]
+    from rich.progress import Progress
+
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("--round auto: measuring widths", total=None)
+        return build(
+            frozen,
+            weights=weights,
+            masks=masks,
+            round_to="auto",
+            progress=lambda done, total, _what: bar.update(task, completed=done, total=total),
+        )
 
 
-def _check_round(round_to: int | None) -> None:
-    if round_to is not None and round_to < 1:
-        raise UsageError(f"--round: expected a positive integer, found {round_to}")
+def _check_round(round_to: str | None) -> int | str | None:
+    """``--round``'s value: ``auto``, a positive integer, or ``None``; one-line error otherwise."""
+    if round_to is None or round_to == "auto":
+        return round_to
+    try:
+        n = int(round_to)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UsageError(f"--round: expected a positive integer or auto, found '{round_to}'")
+    return n
 
 
 def _costs(model) -> dict[str, Any]:
@@ -117,13 +139,13 @@ def build_cmd(
     """Build the compact network of a frozen spec and save it (safetensors + the frozen spec in its metadata)."""
     from ..compact.build import save
 
-    _check_round(round_to)
+    rounding = _check_round(round_to)
     if not out_path.endswith(".safetensors"):
         raise UsageError(f"--out: expected a .safetensors path, found '{out_path}'")
     _check_output("--out", out_path)
     if frozen.endswith(".safetensors"):
         raise UsageError(f"{frozen} is already a built model; 'build' takes a frozen .vit spec")
-    model = _model(frozen, weights, round_to, masks)  # refuses a missing or unfrozen spec in one line first
+    model = _model(frozen, weights, rounding, masks)  # refuses a missing or unfrozen spec in one line first
     from ..compact.build import frozen_program
     from ._common import warn
 
@@ -134,7 +156,7 @@ def build_cmd(
         "model": out_path,
         "spec": frozen,
         "weights": model.spvit_weights,
-        "round": round_to,
+        "round": rounding,
         "params_counted": counted,
         **_costs(model),
         "embed": list(model.spvit_arch.embed),
@@ -149,15 +171,15 @@ def build_cmd(
             "density": "kept fraction of a layer's weights",
         },
     }
-    if round_to:
-        _warn_rounding_over_budget(frozen, model, round_to)
+    if rounding:
+        _warn_rounding_over_budget(frozen, model, rounding)
     if json_out:
         print(json.dumps(info))
         return
-    _print_build(info, _rounding_rows(frozen, model) if round_to else None)
+    _print_build(info, _rounding_rows(frozen, model) if rounding else None)
 
 
-def _warn_rounding_over_budget(frozen: str, model: Any, round_to: int) -> None:
+def _warn_rounding_over_budget(frozen: str, model: Any, round_to: int | str) -> None:
     """One line on stderr per budget of the frozen spec that rounding the widths up pushed the network over."""
     from ..compact.build import frozen_program
     from ..space import cost
@@ -165,6 +187,8 @@ def _warn_rounding_over_budget(frozen: str, model: Any, round_to: int) -> None:
     program = frozen_program(frozen)
     c = cost.arch_cost(program.space.geometry, model.spvit_arch, program.convention)
     for b in program.budgets:
+        if b.limit.metric == "latency":
+            continue  # --round auto keeps a latency budget by construction; --round N is not priced in time
         value = c.macs if b.limit.metric == "flops" else c.params
         if value > b.absolute:
             err.print(
@@ -207,7 +231,13 @@ def _print_build(info: dict[str, Any], rounding: list[tuple[str, str, str]] | No
     out.print(table)
     if rounding:
         t = Table(
-            title=f"--round {info['round']}: FFN widths rounded to the nearest multiple", title_justify="left"
+            title=f"--round {info['round']}: FFN widths "
+            + (
+                "moved to the fastest measured widths"
+                if info["round"] == "auto"
+                else "rounded to the nearest multiple"
+            ),
+            title_justify="left",
         )
         for col in ("", "before", "after"):
             t.add_column(col, justify="right")
@@ -233,13 +263,13 @@ def export_cmd(
     """Export a compact network to ONNX (batch size dynamic) and/or TorchScript."""
     from ..compact.export import export_onnx, export_torchscript, onnx_max_error
 
-    _check_round(round_to)
+    rounding = _check_round(round_to)
     if not onnx and not torchscript:
         raise UsageError("nothing to export: give --onnx PATH and/or --torchscript PATH")
     for flag, target in (("--onnx", onnx), ("--torchscript", torchscript)):
         if target:
             _check_output(flag, target)
-    model = _model(frozen, weights, round_to).eval()
+    model = _model(frozen, weights, rounding).eval()
     if onnx:
         export_onnx(model, onnx, opset=opset)
         out.print(f"ONNX written to {onnx}")
@@ -273,10 +303,18 @@ def bench_cmd(
     warmup: Annotated[int, typer.Option("--warmup", help="untimed forwards first")] = 3,
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (0: torch's default)")] = 0,
     round_to: RoundOpt = None,
+    predict: Annotated[
+        bool,
+        typer.Option(
+            "--predict",
+            help="also predict the latency from this device's latency table (the searched space's when the frozen "
+            "spec's source is found, else its own; measured once, cached)",
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Measure latency and throughput of the compact network beside the dense backbone and its FLOPs ratio."""
-    _check_round(round_to)
+    rounding = _check_round(round_to)
     for name, value in (("--batch-size", batch_size), ("--repeats", repeats)):
         if value < 1:
             raise UsageError(f"{name}: expected a positive integer, found {value}")
@@ -288,10 +326,14 @@ def bench_cmd(
 
         torch.set_num_threads(threads)
     model = _model(
-        frozen, weights if weights is not None else ("none" if frozen.endswith(".vit") else None), round_to
+        frozen, weights if weights is not None else ("none" if frozen.endswith(".vit") else None), rounding
     )
     report = _bench(model, dev, batch_size, repeats, warmup, vs_dense)
     report["spec"] = frozen
+    if predict:
+        report["predicted"] = _predicted(frozen, model, dev.type, threads, batch_size, quiet=json_out)
+        measured = report["timings"]["compact"]["median_ms"]
+        report["predicted"]["error"] = round(report["predicted"]["ms"] / measured - 1, 4)
     report["units"] = {
         "*_ms": "milliseconds per batch",
         "images_per_s": "images per second",
@@ -301,6 +343,39 @@ def bench_cmd(
         print(json.dumps(report))
         return
     _print_bench(report)
+
+
+def _predicted(
+    frozen: str, model: Any, device: str, threads: int, batch: int, *, quiet: bool
+) -> dict[str, Any]:
+    """The latency table's prediction for the built network, on what ``bench`` measures (device, threads, batch,
+    fp32): from the table of the space the frozen spec was searched in when its ``source`` compiles, else of the
+    frozen point itself."""
+    from ..compile.program import compile_file
+    from ..lang.errors import SpvitError
+    from ..space.latency import LatencySetting
+    from ._common import latency_table
+
+    if frozen.endswith(".safetensors"):
+        raise UsageError("--predict needs the frozen .vit (the table is built for its space)")
+    program = compile_file(frozen)
+    source = str((program.checked.frozen or {}).get("source", ""))
+    space_program, which = program, "the frozen network"
+    for candidate in (source, os.path.join(os.path.dirname(frozen), os.path.basename(source))):
+        if source and os.path.isfile(candidate):
+            try:
+                space_program, which = compile_file(candidate), candidate
+                break
+            except SpvitError:
+                continue
+    setting = LatencySetting(device, threads or None, batch, "fp32")
+    try:
+        table = latency_table(space_program, setting, quiet=quiet)
+        ms = table.arch_ms(model.spvit_geometry, model.spvit_arch)
+    except KeyError:  # e.g. --round auto moved widths outside what the source's space offers
+        table = latency_table(program, setting, quiet=quiet)
+        ms, which = table.arch_ms(model.spvit_geometry, model.spvit_arch), "the frozen network"
+    return {"ms": round(ms, 4), "table_of": which, "setting": setting.as_dict()}
 
 
 def _bench(model, device, batch_size: int, repeats: int, warmup: int, vs_dense: bool) -> dict[str, Any]:
@@ -362,6 +437,13 @@ def _print_bench(r: dict[str, Any]) -> None:
         out.print(
             f"speed-up {r['speedup']:.2f}x measured vs {r['flops_speedup']:.2f}x by FLOPs "
             f"({r['efficiency']:.0%} of the FLOPs reduction)"
+        )
+    if "predicted" in r:
+        p = r["predicted"]
+        out.print(
+            f"predicted {p['ms']:.2f} ms by the latency table of {p['table_of']}: {p['error']:+.1%} against the "
+            "measured median",
+            markup=False,
         )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any
 
 import typer
@@ -23,7 +25,7 @@ def summary_tables(result: Any, program: Any) -> list[Any]:
     from rich.table import Table
 
     from ..space.plan import LAYERS
-    from ..space.units import fmt_macs, fmt_params
+    from ..space.units import fmt_macs, fmt_metric, fmt_params
 
     space, arch = program.space, result.arch
     decided = {d.kind for d in program.graph.decisions()}
@@ -66,10 +68,10 @@ def summary_tables(result: Any, program: Any) -> list[Any]:
     for col in ("metric", "achieved", "budget", "ratio"):
         costs.add_column(col, justify="right")
     for b in result.budgets:
-        fmt = fmt_macs if b["metric"] == "flops" else fmt_params
-        costs.add_row(
-            b["metric"], fmt(b["achieved"]), f"{fmt(b['limit'])} ({b['text']})", f"{b['ratio']:.2%}"
-        )
+        fmt: Callable[[float], str] = partial(fmt_metric, b["metric"])
+        label = "latency (predicted)" if b["metric"] == "latency" else b["metric"]
+        limit = fmt(b["limit"]) + ("" if b["metric"] == "latency" else f" ({b['text']})")
+        costs.add_row(label, fmt(b["achieved"]), limit, f"{b['ratio']:.2%}")
     budgeted = {b["metric"] for b in result.budgets}
     for key, label, fmt in (
         ("flops_paper", "flops (paper)", fmt_macs),
@@ -172,7 +174,7 @@ def register(app: typer.Typer) -> None:
         """Search the spec's space for its budget and write the frozen spec, checkpoint, metrics and report."""
         from ..search.loop import SearchInterrupted, run_search
         from ..search.setup import check_searchable, parse_setting
-        from ._common import err, warn
+        from ._common import err, latency_table, warn
         from ._common import out as console
 
         rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -186,6 +188,16 @@ def register(app: typer.Typer) -> None:
         settings = dict(parse_setting(program, text, flag) for flag, text in texts)
         if rank0:
             warn(program)
+        table = latency_table(program, quiet=quiet or json_out or not rank0)
+        if table is not None and rank0:
+            top = table.arch_ms(program.space.geometry, program.space.largest())
+            for b in program.budgets:
+                if b.metric == "latency" and b.absolute >= top:
+                    err.print(
+                        f"warning: budget latency <= {b.limit.text} is at or above the largest network's predicted "
+                        f"{top:.3g} ms on {program.latency.describe()}: every network of the space meets it",
+                        markup=False,
+                    )
         try:
             result = run_search(
                 program,
@@ -200,6 +212,7 @@ def register(app: typer.Typer) -> None:
                 init_checkpoint=init_checkpoint,
                 quiet=quiet or json_out or not rank0,
                 settings=settings,
+                latency=table,
             )
         except SearchInterrupted as exc:
             if rank0:
@@ -243,8 +256,9 @@ def result_json(result: Any) -> dict[str, Any]:
         ],
         "notice": notice if isinstance(notice, str) else None,
         "units": {
-            "costs": "flops_*: multiply-adds; params: parameters",
-            "budgets": "limit and achieved in the metric's unit (multiply-adds or parameters); ratio achieved/limit",
+            "costs": "flops_*: multiply-adds; params: parameters; latency_ms: predicted milliseconds per batch",
+            "budgets": "limit and achieved in the metric's unit (multiply-adds, parameters or milliseconds); "
+            "ratio achieved/limit",
             "val_top1": "%",
         },
     }

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ from ..search.checkpoint import FORMAT as SEARCH_FORMAT
 from ..search.checkpoint import spec_hash
 from ..space.geometry import Geometry
 from ..space.groups import UnitGroup, embed_path, value_of
+from ..space.latency import LatencySetting, round_for_latency, rounding_space
 from ..space.plan import FrozenArch
 from ..supernet import Supernet
 from ..supernet._shrink import restore_shrunk
@@ -44,6 +45,7 @@ from ..supernet.io import FORMAT as SUPERNET_FORMAT
 from ..supernet.io import load_supernet
 from ..supernet.lower import lower
 from .io import FORMAT, load_file, read_metadata, safetensors_metadata, save
+from .latency import table_for
 from .skeleton import check_buildable, create_compact, sparsify_
 from .slice import compact_state
 
@@ -53,6 +55,7 @@ __all__ = [
     "build",
     "fold",
     "frozen_program",
+    "latency_rounded",
     "load",
     "read_metadata",
     "round_widths",
@@ -293,15 +296,17 @@ def build(
     *,
     weights: str | None = None,
     masks: str | None = None,
-    round_to: int | None = None,
+    round_to: int | Literal["auto"] | None = None,
     device: torch.device | str | None = None,
     timm_kwargs: dict[str, Any] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> nn.Module:
     """The compact network of a frozen spec.
 
     ``weights``: a search checkpoint or saved supernet (``.safetensors``), ``pretrained``, a dense checkpoint, or
     ``none`` (default: the spec's ``weights`` setting). ``masks``: a search checkpoint whose kept units are cut from
-    dense ``weights``. ``round_to``: round FFN widths to multiples of N first. ``timm_kwargs``: extra
+    dense ``weights``. ``round_to``: round FFN widths to multiples of N first, or ``"auto"``: to the widths this
+    device runs fastest (:func:`latency_rounded`; ``progress`` sees its table being measured). ``timm_kwargs``: extra
     ``timm.create_model`` options that do not change shapes (e.g. ``drop_path_rate`` for fine-tuning; not saved).
     The returned model carries ``spvit_spec`` (frozen spec text of what was built), ``spvit_arch``,
     ``spvit_geometry`` and ``spvit_weights``. Mistakes (a missing file, another backbone) are :class:`UsageError`.
@@ -309,7 +314,10 @@ def build(
     program = frozen_program(frozen)
     geometry = program.space.geometry
     original = arch_of(program.checked)
-    arch = original if round_to is None else round_widths(geometry, original, round_to)
+    if round_to == "auto":
+        arch = latency_rounded(program, original, progress=progress)
+    else:
+        arch = original if round_to is None else round_widths(geometry, original, int(round_to))
     check_buildable(geometry, arch)
     weights = program.checked.weights if weights is None else weights
     model = _build_weights(program, arch, weights, masks, device, timm_kwargs or {})
@@ -355,13 +363,41 @@ def _build_weights(
     return fold(net, arch, kept, **timm_kwargs)
 
 
-def frozen_text(program: Program, arch: FrozenArch, round_to: int | None) -> str:
+def latency_setting_of(program: Program) -> LatencySetting:
+    """Where ``--round auto`` measures: the frozen spec's latency budget setting, else this CPU at batch 8."""
+    return program.latency or LatencySetting()
+
+
+def latency_rounded(
+    program: Program, arch: FrozenArch, *, progress: Callable[[int, int, str], None] | None = None
+) -> FrozenArch:
+    """``--round auto``: every FFN width moved, within ±(12.5% + 32), to the widths the device runs fastest for
+    their FLOPs, keeping at least the original FLOPs where the spec's budgets allow (see
+    :func:`spvit_dsl.space.latency.round_for_latency`). Measures (and caches) a latency table of those widths."""
+    geometry = program.space.geometry
+    setting = latency_setting_of(program)
+    try:
+        table, _, _ = table_for(rounding_space(program.space, arch), setting, progress=progress)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--round auto: {exc}") from None
+
+    def price(a: FrozenArch) -> dict[str, float]:
+        c = program.graph.cost(a, program.convention)
+        return {"flops": float(c.macs), "params": float(c.params), "latency": table.arch_ms(geometry, a)}
+
+    limits = {b.metric: b.absolute for b in program.budgets}
+    return round_for_latency(geometry, arch, table, price, limits)
+
+
+def frozen_text(program: Program, arch: FrozenArch, round_to: int | str | None) -> str:
     """The frozen spec of ``arch`` (after rounding): the original header, ``ffn_round``, and the updated costs
     (which :func:`~spvit_dsl.compile.freeze.freeze` stamps)."""
     header: dict[str, Any] = {k: _header_value(v) for k, v in (program.checked.frozen or {}).items()}
     header.pop("date", None)  # freeze() stamps today's date
     if round_to is not None:
         header["ffn_round"] = round_to
+    if round_to == "auto":
+        header["ffn_round_on"] = latency_setting_of(program).describe()
     return emit(freeze(program.checked, arch, header, convention=program.convention))
 
 

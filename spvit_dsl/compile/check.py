@@ -23,6 +23,7 @@ from ..lang.errors import Span, SpecError, SpecWarning, did_you_mean
 from ..lang.parse import parse
 from ..space import backbones, defaults
 from ..space.groups import block_path, embed_path, groups
+from ..space.latency import DEVICES, PRECISIONS, LatencySetting
 from ..space.ops import OPS, by_level
 from ..space.plan import LAYERS, BlockPlan, DensityChoice, FfnChoice, Geometry, Space
 from ..space.units import METRICS, Limit, UnitError, to_limit
@@ -30,7 +31,8 @@ from .strategies import RETIRED, SETTINGS, STRATEGIES, SettingValue, StrategyInf
 
 FIELDS = ("attention", "ffn", "heads", "head_dim", "sparsity", "embed")
 WEIGHTS_WORDS = ("pretrained", "none")
-BUDGET_SETTINGS = ("convention",)
+BUDGET_SETTINGS = ("convention", "device", "threads", "batch", "precision")
+LATENCY_SETTINGS = ("device", "threads", "batch", "precision")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Checked:
     backbone_settings: tuple[ast.Setting, ...] = ()  # merged over the extends chain
     warnings: list[SpecWarning] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)  # path → text of every file read (for rendering)
+    latency: LatencySetting | None = None  # where a latency budget is measured; None: no latency budget
 
 
 Loader = Callable[[str], str]
@@ -672,11 +675,13 @@ def _embed(
     return tuple(stage_embed.get(s, (geo.stage_dim(s),)) for s in range(geo.stages))
 
 
-def _budgets(spec: ast.Spec, items: list[Any]) -> tuple[tuple[BudgetItem, ...], str | None]:
+def _budgets(
+    spec: ast.Spec, items: list[Any]
+) -> tuple[tuple[BudgetItem, ...], str | None, LatencySetting | None]:
     _own(spec, "budget")
     blocks = [i for i in items if i.kind == "budget"]
     if not blocks:
-        return (), None
+        return (), None, None
     budget = blocks[-1]  # a derived spec's budget replaces its base's
     out: list[BudgetItem] = []
     seen: dict[tuple[str, bool], ast.Constraint] = {}
@@ -700,15 +705,40 @@ def _budgets(spec: ast.Spec, items: list[Any]) -> tuple[tuple[BudgetItem, ...], 
         seen[key] = c
         out.append(BudgetItem(limit, c.limit.span))
     convention = None
+    measured: dict[str, Any] = {}
     for s in budget.settings:
         if s.key not in BUDGET_SETTINGS:
             raise SpecError(
                 f"unknown budget setting '{s.key}'", s.key_span, hint=did_you_mean(s.key, BUDGET_SETTINGS)
             )
-        if not isinstance(s.value, ast.Name) or s.value.value not in ("paper", "exact"):
-            raise SpecError("convention is 'paper' or 'exact'", s.value.span)
-        convention = s.value.value
-    return tuple(out), convention
+        if s.key == "convention":
+            if not isinstance(s.value, ast.Name) or s.value.value not in ("paper", "exact"):
+                raise SpecError("convention is 'paper' or 'exact'", s.value.span)
+            convention = s.value.value
+            continue
+        if not any(c.metric == "latency" for c in budget.constraints):
+            raise SpecError(
+                f"budget setting '{s.key}' says where a latency budget is measured, and this budget has none",
+                s.key_span,
+                hint="add one, e.g. latency <= 8ms, or remove the setting",
+            )
+        measured[s.key] = _latency_setting(s)
+    latency = LatencySetting(**measured) if "latency" in {c.metric for c in budget.constraints} else None
+    return tuple(out), convention, latency
+
+
+def _latency_setting(s: ast.Setting) -> object:
+    """The value of a budget's ``device`` / ``threads`` / ``batch`` / ``precision`` setting."""
+    choices = {"device": DEVICES, "precision": PRECISIONS}
+    if s.key in choices:
+        if not isinstance(s.value, ast.Name) or s.value.value not in choices[s.key]:
+            raise SpecError(f"{s.key} is one of {', '.join(choices[s.key])}", s.value.span)
+        return s.value.value
+    limit = 4096 if s.key == "batch" else 1024
+    v = s.value
+    if not isinstance(v, ast.Num) or v.unit or v.value != int(v.value) or not 1 <= v.value <= limit:
+        raise SpecError(f"{s.key} is a whole number in 1..{limit}", v.span)
+    return int(v.value)
 
 
 def _search(spec: ast.Spec, items: list[Any]) -> SearchSettings:
@@ -906,7 +936,7 @@ def check(spec: ast.Spec, *, loader: Loader = read_file, source: str | None = No
     plans, stage_embed, origins, warnings = _plans(spec, items, geo)
     embed = _embed(items, geo, stage_embed)
     space = Space(geo, plans, embed)
-    budgets, convention = _budgets(spec, items)
+    budgets, convention, latency = _budgets(spec, items)
     search = _search(spec, items)
     frozen = _frozen(spec)
     if search.strategy in STRATEGY_DEFAULTS and frozen is None:  # a frozen spec is exactly its point
@@ -934,6 +964,7 @@ def check(spec: ast.Spec, *, loader: Loader = read_file, source: str | None = No
         tuple(settings.values()),
         warnings,
         sources,
+        latency,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from ..lang import ast
 from ..lang.parse import number as _num
 from ..space import cost
+from ..space.latency import LatencySetting
 from ..space.plan import LAYERS, BlockArch, BlockPlan, Density, DensityChoice, FrozenArch, Geometry
 from ..space.units import quantity
 from .check import Checked
@@ -109,7 +110,13 @@ def _budget(checked: Checked, convention: str) -> ast.Budget | None:
     if not checked.budgets:
         return None
     cons = tuple(ast.Constraint(metric=b.limit.metric, limit=_num(b.limit.text)) for b in checked.budgets)
-    return ast.Budget(constraints=cons, settings=(_setting("convention", ast.Name(value=convention)),))
+    settings = [_setting("convention", ast.Name(value=convention))]
+    if any(b.limit.metric == "latency" for b in checked.budgets):
+        where = (checked.latency or LatencySetting()).as_dict()
+        settings += [_setting("device", ast.Name(value=where["device"]))]
+        settings += [_setting(k, _num(str(where[k]))) for k in ("threads", "batch") if where[k] is not None]
+        settings += [_setting("precision", ast.Name(value=where["precision"]))]
+    return ast.Budget(constraints=cons, settings=tuple(settings))
 
 
 def achieved(geometry: Geometry, arch: FrozenArch) -> dict[str, str]:

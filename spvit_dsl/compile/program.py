@@ -12,8 +12,9 @@ from ..lang import ast
 from ..lang.errors import SpecError, SpecWarning, UsageError
 from ..lang.parse import parse
 from ..space.groups import FIELDS
+from ..space.latency import LatencySetting
 from ..space.plan import Convention, Space
-from ..space.units import Limit, fmt_macs, fmt_params
+from ..space.units import Limit, fmt_macs, fmt_metric, fmt_params
 from .check import BudgetItem, Checked, check, read_file
 from .graph import Bounds, SearchGraph, build_graph
 from .strategies import StrategyInfo
@@ -26,7 +27,7 @@ class Budget:
     """A budget resolved against the space: its absolute limit and whether some network meets it."""
 
     limit: Limit
-    absolute: float  # MACs or parameters
+    absolute: float  # MACs, parameters or milliseconds
     feasible: bool
     span: Any = None  # Span in the spec, None when given on the command line
 
@@ -35,7 +36,7 @@ class Budget:
         return self.limit.metric
 
     def describe(self) -> str:
-        value = fmt_macs(self.absolute) if self.metric == "flops" else fmt_params(self.absolute)
+        value = fmt_metric(self.metric, self.absolute)
         return f"{self.metric} <= {self.limit.text}" + (f" ({value})" if self.limit.relative else "")
 
 
@@ -55,6 +56,14 @@ class Program:
     @property
     def space(self) -> Space:
         return self.checked.space
+
+    @property
+    def latency(self) -> LatencySetting | None:
+        """Where the latency budget is measured (the budget block's settings, defaults for a ``--budget 8ms``
+        flag); ``None`` when no budget is a latency."""
+        if not any(b.metric == "latency" for b in self.budgets):
+            return None
+        return self.checked.latency or LatencySetting()
 
     @property
     def path(self) -> str:
@@ -90,12 +99,20 @@ class Program:
             "flops": {k: round(getattr(b.macs, k) / 1e9, 6) for k in ("min", "max", "dense")},
             "params": {k: round(getattr(b.params, k) / 1e6, 6) for k in ("min", "max", "dense")},
             "budgets": [_budget_json(x) for x in self.budgets],
+            **({"latency_setting": self.latency.as_dict()} if self.latency else {}),
             "feasible": self.feasible,
         }
 
 
 def _budget_json(b: Budget) -> dict[str, Any]:
     lim = b.limit
+    if lim.metric == "latency":  # predicted at search time; compile knows only the limit
+        return {
+            "metric": "latency",
+            "limit": round(lim.value, 6),
+            "unit": "ms",
+            "absolute": round(lim.value, 6),
+        }
     if lim.relative:
         limit, unit = round(lim.value * 100, 6), "%"
     else:
@@ -190,6 +207,11 @@ def _resolve_budgets(
 ) -> tuple[list[Budget], list[SpecWarning]]:
     out, warnings = [], []
     for limit, span in items:
+        if (
+            limit.metric == "latency"
+        ):  # priced by a measured table, at search time (spvit_dsl.compact.latency)
+            out.append(Budget(limit, limit.value, True, span))
+            continue
         rng = bounds.of(limit.metric)
         absolute = limit.absolute(rng.dense)
         fmt = fmt_macs if limit.metric == "flops" else fmt_params

@@ -22,12 +22,13 @@ import heapq
 import math
 import random as _random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..compile.program import Budget
 from ..space import cost as cost_model
 from ..space.geometry import Convention, Geometry
 from ..space.groups import UnitGroup, with_value
+from ..space.latency import LatencyTable
 from ..space.plan import FrozenArch, reads_image
 
 __all__ = ["GroupSteps", "Projection", "Target", "project", "targets_of"]
@@ -37,22 +38,28 @@ METRIC_FIELD = {"flops": "macs", "params": "params"}
 
 @dataclass(frozen=True)
 class Target:
-    """One budget: ``metric`` ("flops" = multiply-adds, or "params") at most ``limit`` (absolute)."""
+    """One budget: ``metric`` ("flops" = multiply-adds, "params", or "latency" in milliseconds) at most ``limit``
+    (absolute). A latency target carries the device's measured ``table`` that prices it."""
 
     metric: str
     limit: float
     text: str = ""
+    table: LatencyTable | None = field(default=None, compare=False, repr=False)
 
     @property
     def field(self) -> str:
         return METRIC_FIELD[self.metric]
 
 
-def targets_of(budgets: Iterable[Budget]) -> list[Target]:
-    """Targets from :class:`spvit_dsl.compile.program.Budget` objects (the tightest per metric)."""
+def targets_of(budgets: Iterable[Budget], latency: LatencyTable | None = None) -> list[Target]:
+    """Targets from :class:`spvit_dsl.compile.program.Budget` objects (the tightest per metric).
+
+    Raises ``ValueError`` for a latency budget without ``latency``, the table that prices it."""
     best: dict[str, Target] = {}
     for b in budgets:
-        t = Target(b.metric, float(b.absolute), b.limit.text)
+        if b.metric == "latency" and latency is None:
+            raise ValueError("a latency budget needs the device's latency table (spvit_dsl.compact.latency)")
+        t = Target(b.metric, float(b.absolute), b.limit.text, latency if b.metric == "latency" else None)
         if t.metric not in best or t.limit < best[t.metric].limit:
             best[t.metric] = t
     return [best[m] for m in sorted(best)]
@@ -118,6 +125,8 @@ class Projection:
         rng: _random.Random | None = None,
     ) -> None:
         self.geometry, self.targets, self.convention = geometry, list(targets), convention
+        self.table = next((t.table for t in self.targets if t.table is not None), None)
+        self.metrics = ("flops", "params") + (("latency",) if self.table is not None else ())
         self.steps = {s.group.path: s for s in steps}
         self.order, self.rng = order, rng or _random.Random(0)
         self.arch = arch
@@ -149,15 +158,23 @@ class Projection:
         a = arch or self.arch
         b = self.geometry.blocks[i]
         c = cost_model.block_cost(b, a.blocks[i], self.convention, a.embed[b.stage])
-        return {"flops": float(c.macs), "params": float(c.params)}
+        out = {"flops": float(c.macs), "params": float(c.params)}
+        if self.table is not None:
+            out["latency"] = self.table.block_ms(b, a.blocks[i], a.embed[b.stage]) * self.table.scale_of(
+                a.embed
+            )
+        return out
 
     def _stem_cost(self, arch: FrozenArch) -> dict[str, float]:
         c = cost_model.stem_head_cost(self.geometry, self.convention, arch.embed)
-        return {"flops": float(c.macs), "params": float(c.params)}
+        out = {"flops": float(c.macs), "params": float(c.params)}
+        if self.table is not None:
+            out["latency"] = self.table.stem_ms(arch.embed)
+        return out
 
     @property
     def cost(self) -> dict[str, float]:
-        return {m: self._stem[m] + sum(b[m] for b in self._blocks) for m in ("flops", "params")}
+        return {m: self._stem[m] + sum(b[m] for b in self._blocks) for m in self.metrics}
 
     def _move(
         self, path: str, level: int
@@ -168,7 +185,9 @@ class Projection:
         if s.group.block is not None:
             return arch, {s.group.block: self._block_cost(s.group.block, arch)}, self._stem
         stage = s.group.stage
-        blocks = {b.index: self._block_cost(b.index, arch) for b in self.geometry.blocks if b.stage == stage}
+        # a latency table's calibration depends on every stage's width: re-price every block then
+        moved = [b for b in self.geometry.blocks if b.stage == stage or self.table is not None]
+        blocks = {b.index: self._block_cost(b.index, arch) for b in moved}
         return arch, blocks, self._stem_cost(arch)
 
     def delta(self, path: str, level: int) -> dict[str, float]:
@@ -176,7 +195,7 @@ class Projection:
         _arch, blocks, stem = self._move(path, level)
         return {
             m: stem[m] - self._stem[m] + sum(c[m] - self._blocks[i][m] for i, c in blocks.items())
-            for m in ("flops", "params")
+            for m in self.metrics
         }
 
     def apply(self, path: str, level: int) -> None:
@@ -229,11 +248,27 @@ class Projection:
             return self.rng.random()
         return -math.inf if w <= 0 else -(s.scores[s.level] / w)
 
+    def _free_up(self, over: list[Target], protect: frozenset[str]) -> bool:
+        """Take one step *up* that lowers an exceeded cost and raises none: a measured latency need not fall with
+        the width (a narrower kernel can run slower), so the cheapest point is not always every group's lowest
+        level. Returns whether a step was taken."""
+        for path, s in self.steps.items():
+            if path in protect or s.level + 1 >= len(s.values):
+                continue
+            d = self.delta(path, s.level + 1)
+            if all(d[t.metric] <= 0 for t in self.targets) and any(d[t.metric] < 0 for t in over):
+                self.apply(path, s.level + 1)
+                self.added += 1
+                return True
+        return False
+
     # -- phases
     def remove(self, protect: frozenset[str] = frozenset()) -> int:
         """Step down until every budget holds (never the groups in ``protect``); ValueError when nothing is left."""
         removed = 0
         while over := self.over():
+            if self._free_up(over, protect):
+                continue
             keys = [
                 (k, p) for p in self.steps if p not in protect and (k := self._down_key(p, over)) is not None
             ]
@@ -262,23 +297,32 @@ class Projection:
         return removed
 
     def add(self, tolerance: float) -> int:
-        """Step up the most valuable fitting moves until the binding budget is within ``tolerance``."""
+        """Step up the most valuable fitting moves until the binding budget is within ``tolerance``. A move that
+        does not fit is dropped for the pass; another pass follows when a move lowered a cost (a measured latency
+        need not grow with the width), since room may have opened for the dropped ones."""
         added = 0
-        heap = [(k, p) for p in self.steps if (k := self._up_key(p)) is not None]
-        heapq.heapify(heap)
-        while heap and self.binding_ratio() < 1.0 - tolerance:
-            _key, path = heapq.heappop(heap)
-            s = self.steps[path]
-            if s.level >= len(s.values) - 1 or not self.fits(self.delta(path, s.level + 1)):
-                continue  # costs only grow from here: it will not fit later
-            fresh = self._up_key(path)
-            if fresh is not None and heap and fresh > heap[0][0] + 1e-12 and self.order != "random":
-                heapq.heappush(heap, (fresh, path))
-                continue
-            self.apply(path, s.level + 1)
-            added += 1
-            if (nxt := self._up_key(path)) is not None:
-                heapq.heappush(heap, (nxt, path))
+        again = True
+        while again:
+            again = False
+            heap = [(k, p) for p in self.steps if (k := self._up_key(p)) is not None]
+            heapq.heapify(heap)
+            while heap and self.binding_ratio() < 1.0 - tolerance:
+                _key, path = heapq.heappop(heap)
+                s = self.steps[path]
+                if s.level >= len(s.values) - 1:
+                    continue
+                delta = self.delta(path, s.level + 1)
+                if not self.fits(delta):
+                    continue  # costs only grow from here in this pass
+                fresh = self._up_key(path)
+                if fresh is not None and heap and fresh > heap[0][0] + 1e-12 and self.order != "random":
+                    heapq.heappush(heap, (fresh, path))
+                    continue
+                self.apply(path, s.level + 1)
+                added += 1
+                again = again or any(delta[t.metric] < 0 for t in self.targets)
+                if (nxt := self._up_key(path)) is not None:
+                    heapq.heappush(heap, (nxt, path))
         self.added += added
         return added
 

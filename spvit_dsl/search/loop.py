@@ -32,6 +32,7 @@ from ..compile.strategies import STRATEGIES, SettingValue
 from ..lang.errors import UsageError
 from ..runtime.data import batches_per_epoch, load_data
 from ..runtime.device import init_distributed, pick_device, world_info
+from ..space.latency import LatencyTable
 from ..space.plan import FrozenArch
 from . import methods  # noqa: F401  (registers the strategies)
 from .budget import targets_of
@@ -89,14 +90,18 @@ def run_search(
     callback: Callable[[StepInfo], None] | None = None,
     reporter: Reporter | None = None,
     settings: Mapping[str, SettingValue] | None = None,
+    latency: LatencyTable | None = None,
 ) -> SearchResult:
     """Search ``program``'s space for its budgets and write the outputs (see the module docstring).
 
     Arguments override the spec's search settings (one that the strategy's kind does not use is a
     :class:`UsageError`); ``settings``: any other strategy settings (``--set``, already validated by
     :func:`~.setup.parse_setting`). ``init_checkpoint``: a dense timm state-dict file to start from (overrides the
-    spec's ``weights``). ``callback``: called after every training step with a :class:`StepInfo`.
+    spec's ``weights``). ``callback``: called after every training step with a :class:`StepInfo`. ``latency``: the
+    device's latency table (``spvit_dsl.compact.latency.table_for``), required when a budget is a latency.
     """
+    if program.latency is not None:
+        _check_latency_budget(program, latency)
     check_searchable(program)
     overrides: dict[str, SettingValue | None] = dict(settings or {})
     overrides |= {"data": data, "epochs": epochs, "steps": steps, "batch_size": batch_size, "seed": seed}
@@ -105,11 +110,42 @@ def run_search(
     dev = pick_device(device, local_rank)
     started = init_distributed(dev, world)
     try:
-        run = _setup(program, settings, dev, rank, world, out, resume, init_checkpoint, quiet, reporter)
+        run = _setup(
+            program, settings, dev, rank, world, out, resume, init_checkpoint, quiet, reporter, latency
+        )
         return _search(run, callback)
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_latency_budget(program: Program, table: LatencyTable | None) -> None:
+    """Refuse, before any training, a latency budget without its table, on a space of sparsity only, or that no
+    point of the space meets (one line, with the fastest point's predicted latency)."""
+    if table is None:
+        raise UsageError(
+            "a latency budget needs this device's latency table: pass latency=table_for(program.space, "
+            "program.latency)[0] (spvit_dsl.compact.latency), or run 'spvit-dsl search', which builds it"
+        )
+    if not any(d.kind != "weights" for d in program.graph.decisions()):
+        raise UsageError(
+            "a latency budget needs a structured choice (attention, ffn, heads, head_dim or embed): sparse weights "
+            "run at dense speed on dense kernels, so sparsity alone cannot lower a latency"
+        )
+    try:
+        fastest = table.fastest_ms(program.space)
+    except KeyError as exc:
+        raise UsageError(
+            f"the latency table does not cover this space ({exc.args[0]}); build it for this spec: "
+            f"spvit-dsl latency {program.path}"
+        ) from None
+    assert program.latency is not None  # the caller checked
+    for b in program.budgets:
+        if b.metric == "latency" and b.absolute < fastest:
+            raise UsageError(
+                f"budget latency <= {b.limit.text} cannot be met on {program.latency.describe()}: the fastest "
+                f"network of this space is predicted at {fastest:.3g} ms; relax the budget or widen the space"
+            )
 
 
 def _setup(
@@ -123,10 +159,11 @@ def _setup(
     init_checkpoint: str | None,
     quiet: bool,
     reporter: Reporter | None,
+    latency: LatencyTable | None = None,
 ) -> Run:
     torch.manual_seed(int(settings["seed"]))
     kind = STRATEGIES.get(program.checked.search.strategy).kind
-    targets = targets_of(program.budgets)
+    targets = targets_of(program.budgets, latency)
     data = load_data(str(settings["data"]), program.space.geometry) if kind != "data_free" else None
     net = lower_supernet(program, settings, init_checkpoint or program.checked.weights, dev)
     spe = batches_per_epoch(data.train, int(settings["batch_size"]), world=world) if data is not None else 0
@@ -318,7 +355,8 @@ def _finish(run: Run) -> SearchResult:
         text,
         arch,
         decisions.kept,
-        achieved_costs(ctx.program, arch),
+        achieved_costs(ctx.program, arch)
+        | ({"latency_ms": analytic["latency"]} if "latency" in analytic else {}),
         budgets,
         run.paths["out"],
         run.paths["ckpt"],

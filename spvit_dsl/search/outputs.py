@@ -30,7 +30,9 @@ def achieved_costs(program: Any, arch: FrozenArch) -> dict[str, float]:
 def _checked_with_budgets(program: Any) -> Any:
     """The checked spec carrying the budgets actually searched for (``--budget`` flags included)."""
     items = tuple(BudgetItem(b.limit, b.span if b.span is not None else Span()) for b in program.budgets)
-    return dataclasses.replace(program.checked, budgets=items, convention=program.convention)
+    return dataclasses.replace(
+        program.checked, budgets=items, convention=program.convention, latency=program.latency
+    )
 
 
 def frozen_text(program: Any, arch: FrozenArch, facts: dict[str, Any]) -> str:
@@ -59,8 +61,13 @@ def verify_frozen(text: str, path: str, targets: list[Target], convention: str) 
     if not prog.frozen:
         raise RuntimeError(f"internal error: the frozen spec {path} still has {prog.decisions} decisions")
     cost = prog.graph.cost(arch_of(prog.checked), convention)  # type: ignore[arg-type]
+    arch = arch_of(prog.checked)
     for t in targets:
-        value = cost.macs if t.metric == "flops" else cost.params
+        if t.metric == "latency":
+            assert t.table is not None  # targets_of attaches the table to every latency target
+            value = t.table.arch_ms(prog.space.geometry, arch)
+        else:
+            value = cost.macs if t.metric == "flops" else cost.params
         if value > t.limit:
             raise RuntimeError(
                 f"internal error: the frozen network costs {value:g} > {t.metric} budget {t.limit:g}"

@@ -30,6 +30,7 @@ from .._registry import Registry
 from ..compile.program import Program
 from ..compile.strategies import SettingValue
 from ..runtime.data import Data
+from ..space.cost import Counts
 from ..space.plan import Convention, FrozenArch
 from ..supernet import Supernet
 from .budget import Target
@@ -78,9 +79,24 @@ class SearchContext:
         return self.program.convention
 
     def price(self, arch: FrozenArch) -> dict[str, float]:
-        """metric → the analytic cost of ``arch`` (program convention): ``flops`` (multiply-adds), ``params``."""
+        """metric → the analytic cost of ``arch`` (program convention): ``flops`` (multiply-adds), ``params``, and
+        with a latency budget ``latency`` (milliseconds predicted by the device's table)."""
         c = self.program.graph.cost(arch, self.convention)
-        return {"flops": float(c.macs), "params": float(c.params)}
+        out = {"flops": float(c.macs), "params": float(c.params)}
+        for t in self.targets:
+            if t.table is not None:
+                out["latency"] = float(t.table.arch_ms(self.program.space.geometry, arch))
+        return out
+
+    def expected_cost(self, counts: Counts, target: Target) -> Tensor:
+        """The differentiable cost of (expected) ``counts`` on ``target``'s metric, a float64 tensor: the analytic
+        model for FLOPs and parameters, the latency table's piecewise-linear prediction for latency."""
+        if target.table is None:
+            return self.net.cost(counts, self.convention, target.field)
+        value = target.table.counts_ms(self.net.geometry, counts)
+        if isinstance(value, Tensor):
+            return value.to(torch.float64)
+        return torch.tensor(float(value), dtype=torch.float64)
 
 
 @dataclass

@@ -153,7 +153,11 @@ def write_report(
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.5 * len(arch.blocks) + 4), 8))
     _arch_panel(top, program, arch)
     cost = program.graph.cost(arch, program.convention)
-    _cost_panel(bottom, records, targets, {"flops": float(cost.macs), "params": float(cost.params)})
+    final = {"flops": float(cost.macs), "params": float(cost.params)}
+    for t in targets:
+        if t.table is not None:
+            final["latency"] = t.table.arch_ms(program.space.geometry, arch)
+    _cost_panel(bottom, records, targets, final)
     fig.tight_layout()
     try:
         write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -16,7 +16,7 @@ from ..compile.strategies import STRATEGIES
 from ..lang.errors import SpecError, UsageError
 from ..lang.parse import parse
 from ..space.groups import groups
-from ..space.units import fmt_macs, fmt_params
+from ..space.units import fmt_metric
 from ..supernet import Supernet
 from ..supernet.lower import lower
 from .budget import Target
@@ -155,10 +155,8 @@ def lower_supernet(
 
 
 def budget_text(targets: list[Target]) -> str:
-    return ", ".join(fmt_macs(t.limit) if t.metric == "flops" else fmt_params(t.limit) for t in targets)
+    return ", ".join(fmt_metric(t.metric, t.limit) for t in targets)
 
 
 def cost_text(costs: dict[str, float], targets: list[Target]) -> str:
-    return ", ".join(
-        fmt_macs(costs[t.metric]) if t.metric == "flops" else fmt_params(costs[t.metric]) for t in targets
-    )
+    return ", ".join(fmt_metric(t.metric, costs[t.metric]) for t in targets)

@@ -15,8 +15,9 @@ from ..lang.errors import did_you_mean
 SCALE = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 FLOPS_UNITS = {p + s: SCALE[p] for p in SCALE for s in ("", "FLOPs", "MACs")} | {"%": 0.01}
 PARAMS_UNITS = {p + s: SCALE[p] for p in SCALE for s in ("", "params")} | {"%": 0.01}
-UNITS = {"flops": FLOPS_UNITS, "params": PARAMS_UNITS}
-METRICS = ("flops", "params")
+LATENCY_UNITS = {"ms": 1.0, "us": 1e-3, "s": 1000.0}  # to milliseconds
+UNITS = {"flops": FLOPS_UNITS, "params": PARAMS_UNITS, "latency": LATENCY_UNITS}
+METRICS = ("flops", "params", "latency")
 
 
 class UnitError(ValueError):
@@ -27,9 +28,10 @@ class UnitError(ValueError):
 
 @dataclass(frozen=True)
 class Limit:
-    """A budget: ``metric <= value`` (absolute MACs / parameters) or ``metric <= fraction`` of the dense cost."""
+    """A budget: ``metric <= value`` (absolute MACs / parameters / milliseconds) or ``metric <= fraction`` of the
+    dense cost (FLOPs and parameters only)."""
 
-    metric: str  # "flops" | "params"
+    metric: str  # "flops" | "params" | "latency"
     value: float  # absolute count, or a fraction in (0, ...) when relative
     relative: bool
     text: str  # as the user wrote it, e.g. "3.3G" or "70%"
@@ -41,12 +43,21 @@ class Limit:
     def unit(self) -> str:
         if self.relative:
             return "%"
-        return "GMACs" if self.metric == "flops" else "M"
+        return {"flops": "GMACs", "params": "M", "latency": "ms"}[self.metric]
 
 
 def to_limit(metric: str, number: float, unit: str, text: str) -> Limit:
     """Interpret ``number`` + ``unit`` for ``metric``; raise :class:`UnitError` for an unknown unit."""
     table = UNITS[metric]
+    if metric == "latency" and unit == "%":
+        raise UnitError(
+            f"a latency budget is in time, found '{text}'",
+            "write milliseconds, e.g. latency <= 8ms (a share of the dense latency: not yet)",
+        )
+    if metric == "latency" and not unit:
+        raise UnitError(
+            f"a latency budget needs a unit: '{text}'", f"did you mean {text}ms? (units: ms, us, s)"
+        )
     if unit not in table:
         close = did_you_mean(unit, [u for u in table if u])
         raise UnitError(
@@ -70,18 +81,25 @@ def to_limit(metric: str, number: float, unit: str, text: str) -> Limit:
 
 
 def _units_hint(metric: str) -> str:
-    return "write e.g. 3.3G or 70%" if metric == "flops" else "write e.g. 16M or 70%"
+    return {
+        "flops": "write e.g. 3.3G or 70%",
+        "params": "write e.g. 16M or 70%",
+        "latency": "write e.g. 8ms",
+    }[metric]
 
 
 _FLAG = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z%]*)\s*$")
 
 
 def parse_budget_flag(text: str) -> Limit:
-    """``--budget`` values: ``3.3GFLOPs``, ``3.3G`` (FLOPs), ``16Mparams``, ``70%`` (of dense FLOPs), ``70%params``."""
+    """``--budget`` values: ``3.3GFLOPs``, ``3.3G`` (FLOPs), ``16Mparams``, ``70%`` (of dense FLOPs), ``70%params``,
+    ``8ms`` (latency)."""
     m = _FLAG.match(text)
     if not m:
-        raise UnitError(f"cannot read budget '{text}'; expected e.g. 3.3GFLOPs, 16Mparams or 70%")
+        raise UnitError(f"cannot read budget '{text}'; expected e.g. 3.3GFLOPs, 16Mparams, 70% or 8ms")
     number, unit = float(m.group(1)), m.group(2)
+    if unit in LATENCY_UNITS:
+        return to_limit("latency", number, unit, text)
     if not unit:  # "--budget 50": 50% or 50 G? A bare count of 50 multiply-adds is never what was meant
         raise UnitError(
             f"budget '{text}' has no unit; write e.g. {text}% (of the dense FLOPs), {text}GFLOPs or {text}Mparams"
@@ -111,3 +129,13 @@ def fmt_macs(macs: float) -> str:
 def fmt_params(params: float) -> str:
     """Millions of parameters; thousands below 0.1 M."""
     return f"{params / 1e6:.2f} M" if params >= 1e5 or params == 0 else f"{params / 1e3:.1f} K"
+
+
+def fmt_ms(ms: float) -> str:
+    """Milliseconds with three significant digits."""
+    return f"{ms:.3g} ms"
+
+
+def fmt_metric(metric: str, value: float) -> str:
+    """A cost in its metric's unit: G/M multiply-adds, M/K parameters, milliseconds."""
+    return {"flops": fmt_macs, "params": fmt_params, "latency": fmt_ms}[metric](value)

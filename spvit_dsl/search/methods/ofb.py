@@ -464,7 +464,7 @@ class OfbStrategy(Strategy):
         if searching and ctx.targets:
             counts = self.expected_counts(derived)
             for t in ctx.targets:
-                f = ctx.net.cost(counts, ctx.convention, t.field)
+                f = ctx.expected_cost(counts, t)
                 gap = (f - t.limit) / self._dense[t.metric]
                 terms.append(float(s["budget_weight"]) * gap * gap)
         for ch in searching:

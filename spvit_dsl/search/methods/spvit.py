@@ -105,13 +105,14 @@ class SpvitStrategy(Strategy):
         solution = solve_price(logits, self._gate_costs, target)
         self._price = solution.price
         apply_price(gates, solution, self._gate_costs)
-        # exact: costs add up in SPViT's space (tests/test_spvit_price.py checks it against the cost model)
+        # exact: costs add up in SPViT's space, and a latency's FFN gates are priced by rank (tests/test_spvit_price.py
+        # and tests/test_latency.py check it against the cost model and the table)
         self._costs = {t.metric: r * t.limit for t, r in zip(self.ctx.targets, solution.ratios, strict=True)}
 
     def expected_costs(self) -> dict[str, Tensor]:
         """metric → the differentiable cost of the gates' counts (float64; value = the derived network's cost)."""
         counts = self.gates.counts(self.ctx.net)
-        return {t.metric: self.ctx.net.cost(counts, self.ctx.convention, t.field) for t in self.ctx.targets}
+        return {t.metric: self.ctx.expected_cost(counts, t) for t in self.ctx.targets}
 
     def extra_loss(self, batch: Batch, logits: Tensor) -> Tensor | None:
         """``cost_weight · Σ_k F_k / T_k`` on the differentiable cost of the gates' counts: it teaches each gate

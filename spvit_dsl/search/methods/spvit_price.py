@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
 from torch import Tensor
@@ -38,9 +38,30 @@ from ...supernet import Supernet
 from ..budget import Target
 from .spvit_gates import FfnGate, OpGate, SpvitGates
 
-__all__ = ["GateCosts", "PriceSolution", "apply_price", "gate_costs", "reach_target", "solve_price"]
+__all__ = [
+    "FfnCurve",
+    "GateCosts",
+    "PriceSolution",
+    "apply_price",
+    "gate_costs",
+    "reach_target",
+    "solve_price",
+]
 
 TIE = 1e-3  # the span of the static tie-break, far below the logits' learned differences
+
+
+@dataclass(frozen=True)
+class FfnCurve:
+    """Per-neuron FFN gates ``[start, stop)`` of one block whose cost is not linear in the kept width (a latency
+    budget prices widths from a measured table): ``at(w)`` gives the network's ratios with this block at width
+    ``w`` (every other gate on), ``sizes`` the neurons of each gate. A block's gates are removed in ascending kill
+    price, so :func:`solve_price` charges the n-th one removed the n-th step down the curve: exact at any price."""
+
+    start: int
+    stop: int
+    sizes: tuple[int, ...]
+    at: Callable[[int], list[float]]
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,9 @@ class GateCosts:
     full: Tensor  # (budgets,) float64
     chains: tuple[tuple[int, int], ...]
     tie: Tensor  # (gates,) float64
+    curves: tuple[
+        FfnCurve, ...
+    ] = ()  # non-linear FFN costs (latency budgets); empty for FLOPs and parameters
 
     @cached_property
     def rows(self) -> list[list[float]]:
@@ -95,6 +119,8 @@ def gate_costs(
     rows: list[list[float]] = []
     ties: list[float] = []
     chains: list[tuple[int, int]] = []
+    curves: list[FfnCurve] = []
+    nonlinear = any(t.metric == "latency" for t in targets)
     for g in ordered:
         start = len(rows)
         if isinstance(g, OpGate):
@@ -105,9 +131,23 @@ def gate_costs(
             ties += _level_ties(g.num_gates)
             chains.append((start, len(rows)))
             continue
-        one_less = ratios(full_levels, {**full_widths, g.decision: g.hidden - 1})
-        per_neuron = [a - b for a, b in zip(full, one_less, strict=True)]
-        rows += [[n * c for c in per_neuron] for n in g.group_sizes()]
+        sizes = list(g.group_sizes())
+        if nonlinear:  # a latency table: FFN time is not linear in the width
+            at = _memo(partial(_at_width, ratios, full_levels, full_widths, g.decision))
+            if g.nested:  # cumulative: gate j holds the widths from W_j − n_j to W_j, priced exactly
+                tops = [sum(sizes[: j + 1]) for j in range(len(sizes))]
+                rows += [
+                    [a - b for a, b in zip(at(w), at(w - n), strict=True)]
+                    for w, n in zip(tops, sizes, strict=True)
+                ]
+            else:  # per neuron: priced by rank along the block's curve when solving (FfnCurve); rows: the mean slope
+                per = [(a - b) / g.hidden for a, b in zip(at(g.hidden), at(0), strict=True)]
+                rows += [[n * c for c in per] for n in sizes]
+                curves.append(FfnCurve(start, len(rows), tuple(sizes), at))
+        else:  # FLOPs and parameters are linear in the width: the secant from width 0 is exact
+            none = ratios(full_levels, {**full_widths, g.decision: 0})
+            per = [(a - b) / g.hidden for a, b in zip(full, none, strict=True)]
+            rows += [[n * c for c in per] for n in sizes]
         if g.nested:
             ties += _level_ties(g.num_gates)
             chains.append((start, len(rows)))
@@ -118,7 +158,34 @@ def gate_costs(
     tie = torch.tensor(ties, dtype=torch.float64) + torch.arange(n, dtype=torch.float64) * (
         TIE / max(1, n) * 1e-3
     )
-    return GateCosts(cost, torch.tensor(full, dtype=torch.float64), tuple(chains), tie)
+    return GateCosts(cost, torch.tensor(full, dtype=torch.float64), tuple(chains), tie, tuple(curves))
+
+
+def _at_width(
+    ratios: Callable[[dict[str, int], dict[str, int]], list[float]],
+    levels: dict[str, int],
+    widths: dict[str, int],
+    decision: str,
+    width: int,
+) -> list[float]:
+    """The network's ratios with one FFN (``decision``) at ``width`` and every other gate as given."""
+    return ratios(levels, {**widths, decision: width})
+
+
+def _memo(f: Callable[[int], list[float]]) -> Callable[[int], list[float]]:
+    seen: dict[int, list[float]] = {}
+
+    def at(w: int) -> list[float]:
+        if w not in seen:
+            seen[w] = f(w)
+        return seen[w]
+
+    return at
+
+
+def _step(curve: FfnCurve, low: int, high: int) -> list[float]:
+    """What a block's FFN costs between widths ``low`` and ``high`` (per budget ratio)."""
+    return [a - b for a, b in zip(curve.at(high), curve.at(low), strict=True)]
 
 
 def _level_ties(n: int) -> list[float]:
@@ -156,9 +223,20 @@ def solve_price(logits: Tensor, costs: GateCosts, target: float) -> PriceSolutio
     n = kill.numel()
     if n == 0:
         return PriceSolution(0.0, tuple(costs.full.tolist()))
-    remaining = costs.full.unsqueeze(0) - torch.cumsum(
-        costs.cost[order], 0
-    )  # (gates, budgets): after m + 1 removed
+    steps = costs.cost[order]
+    curve_of = {i: k for k, c in enumerate(costs.curves) for i in range(c.start, c.stop)}
+    if (
+        curve_of
+    ):  # a block's per-neuron gates go in ascending kill price: the n-th removed costs the n-th step down
+        steps = steps.clone()
+        widths = [sum(c.sizes) for c in costs.curves]
+        for k, i in enumerate(order.tolist()):
+            if i in curve_of:
+                c = costs.curves[curve_of[i]]
+                before = widths[curve_of[i]]
+                widths[curve_of[i]] -= c.sizes[i - c.start]
+                steps[k] = torch.tensor(_step(c, widths[curve_of[i]], before), dtype=torch.float64)
+    remaining = costs.full.unsqueeze(0) - torch.cumsum(steps, 0)  # (gates, budgets): after m + 1 removed
     ratios = torch.cat([costs.full.unsqueeze(0), remaining])  # row m: m gates removed
     boundary = torch.ones(n + 1, dtype=torch.bool)  # cuts that do not split exact ties
     boundary[1:n] = sorted_kill[1:] != sorted_kill[:-1]
@@ -178,16 +256,26 @@ def solve_price(logits: Tensor, costs: GateCosts, target: float) -> PriceSolutio
         kills = kill.tolist()
         removed = sorted(order[:m].tolist(), key=lambda j: (-kills[j], j))
         rows, flags, slack = costs.rows, on.tolist(), [target + 1e-12 - x for x in now.tolist()]
+        kept = [sum(n for j, n in enumerate(c.sizes) if flags[c.start + j]) for c in costs.curves]
         added = True
         while added:
             added = False
             for i in removed:
                 if flags[i] or (i in first and i > first[i] and not flags[i - 1]):
                     continue
-                row = rows[i]
+                block = curve_of.get(i)
+                grow = 0
+                if block is None:
+                    row = rows[i]
+                else:  # back on: the block's width grows by the gate's neurons
+                    curve = costs.curves[block]
+                    grow = curve.sizes[i - curve.start]
+                    row = _step(curve, kept[block], kept[block] + grow)
                 if all(c <= s for c, s in zip(row, slack, strict=True)):
                     slack = [s - c for c, s in zip(row, slack, strict=True)]
                     flags[i] = added = filled = True
+                    if block is not None:
+                        kept[block] += grow
         if filled:
             on = torch.tensor(flags, dtype=torch.bool)
             now = target + 1e-12 - torch.tensor(slack, dtype=torch.float64)

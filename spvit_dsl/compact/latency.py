@@ -1,0 +1,300 @@
+"""Latency tables: measure a backbone's blocks on this device at the space's candidate widths (build stage, torch).
+
+Input: a :class:`~spvit_dsl.space.plan.Space` and a :class:`~spvit_dsl.space.latency.LatencySetting`. Output: a
+:class:`~spvit_dsl.space.latency.LatencyTable` (pure data; the prediction lives in the space stage, so budgets and
+searches price latency without torch), cached as JSON per backbone, measured widths, setting, device and library
+versions. ``docs/latency.md`` describes what is measured and how well it predicts.
+
+Every entry times the real compact modules (:func:`spvit_dsl.compact.skeleton.create_compact`'s blocks) on random
+inputs under ``torch.inference_mode``: all configurations of a block kind are timed **interleaved**, one call each
+per round, median of the rounds; fast configurations are called several times per sample, so that no sample is
+shorter than about 2 ms of work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from .._io import write_text
+from ..runtime.evaluate import autocast
+from ..space.geometry import Geometry
+from ..space.latency import BlockTable, LatencySetting, LatencyTable, Points, measured_embeds, measured_points
+from ..space.plan import BlockArch, FrozenArch, Space
+from .skeleton import _rebuild_block, block_modules, create_compact, fuse_window_attention
+from .speed import machine
+
+__all__ = ["cache_dir", "measure_table", "table_for"]
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+MIN_SAMPLE_MS = float(os.environ.get("SPVIT_LAT_MIN_MS", "2.0"))
+
+
+def cache_dir() -> Path:
+    """Where tables are cached: ``$SPVIT_DSL_CACHE/latency``, else ``~/.cache/spvit-dsl/latency``."""
+    root = os.environ.get("SPVIT_DSL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spvit-dsl")
+    return Path(root) / "latency"
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _device(setting: LatencySetting) -> torch.device:
+    if setting.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the latency setting names device cuda, and this machine has no CUDA device")
+    return torch.device(setting.device)
+
+
+def _embeds(space: Space) -> list[tuple[int, ...]]:
+    return measured_embeds(space)
+
+
+def _dense_blocks(geometry: Geometry) -> tuple[BlockArch, ...]:
+    return tuple(BlockArch("msa", b.hidden, b.heads, b.head_dim) for b in geometry.blocks)
+
+
+def table_key(space: Space, setting: LatencySetting, device: torch.device) -> str:
+    """A hash of everything a table depends on: backbone, measured points, setting, device, torch and timm."""
+    pts = measured_points(space)
+    payload = {
+        "model": space.geometry.model,
+        "kwargs": {k: repr(v) for k, v in sorted(space.geometry.kwargs().items())},
+        "embeds": _embeds(space),
+        "points": {
+            k: [sorted(p.ops), sorted(p.msa), sorted(p.conv_dims), sorted(p.ffn)]
+            for k, p in sorted(pts.items())
+        },
+        "setting": setting.as_dict(),
+        "machine": {
+            k: v for k, v in machine(device).items() if k in ("cpu", "cores", "gpu", "torch", "platform")
+        },
+        "timm": timm.__version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def table_for(
+    space: Space,
+    setting: LatencySetting,
+    *,
+    cache: Path | None = None,
+    rebuild: bool = False,
+    progress: Progress | None = None,
+    cached_only: bool = False,
+) -> tuple[LatencyTable, Path, bool]:
+    """The table for ``space`` on this device: from the cache, or measured and cached (atomically).
+
+    Returns ``(table, path, measured)``. Raises ``RuntimeError`` when the setting names a device this machine lacks,
+    or with ``cached_only`` when the table is not cached yet; ``ValueError`` for a space the table cannot cover (see
+    :func:`measure_table`).
+    """
+    device = _device(setting)
+    key = table_key(space, setting, device)
+    path = (cache or cache_dir()) / f"{space.geometry.model}-{key[:16]}.json"
+    if path.is_file() and not rebuild:
+        try:
+            table = LatencyTable.from_json(json.loads(path.read_text(encoding="utf-8")))
+            if table.key == key:
+                return table, path, False
+        except (ValueError, KeyError, TypeError, OSError):
+            pass  # unreadable or another version: measure again
+    if cached_only:
+        raise RuntimeError(f"no latency table for {setting.describe()} is cached at {path}")
+    table = measure_table(space, setting, progress=progress)
+    table.key = key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(str(path), table.dumps())
+    return table, path, True
+
+
+def _sample_input(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=gen).to(device)
+
+
+def _time_interleaved(
+    calls: list[Callable[[], Any]],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    tick: Callable[[], None] | None = None,
+) -> list[float]:
+    """Median milliseconds of each call, timed interleaved (one sample of each per round)."""
+
+    def once(f: Callable[[], Any], n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) * 1000.0 / n
+
+    inner = []
+    for f in calls:  # the first call also warms the caches
+        first = once(f, 1)
+        inner.append(max(1, min(64, int(MIN_SAMPLE_MS / max(first, 1e-3)))))
+    samples: list[list[float]] = [[] for _ in calls]
+    order = list(range(len(calls)))
+    rng = random.Random(0)
+    for r in range(warmup + repeats):
+        rng.shuffle(order)  # no configuration always follows the same one (cache state, turbo drift)
+        for i in order:
+            f = calls[i]
+            t = once(f, inner[i])
+            if r >= warmup:
+                samples[i].append(t)
+        if tick is not None:
+            tick()
+    return [statistics.median(s) for s in samples]
+
+
+def _block_input(pts: Points, batch: int, family: str) -> tuple[int, ...]:
+    b = pts.geom
+    if family == "swin":
+        return (batch, b.grid[0], b.grid[1], pts.embed)
+    return (batch, b.tokens, pts.embed)
+
+
+def measure_table(
+    space: Space,
+    setting: LatencySetting,
+    *,
+    warmup: int = 2,
+    repeats: int = 15,
+    progress: Progress | None = None,
+) -> LatencyTable:
+    """Measure the table for ``space`` (see the module docstring); minutes on a CPU for DeiT-S or Swin-T.
+
+    Raises ``RuntimeError`` when ``setting.device`` is ``cuda`` and there is none, ``ValueError`` when a Swin space
+    offers more than 16 combinations of its stages' embedding widths (a ViT's are measured on a grid).
+    """
+    device = _device(setting)
+    geometry = space.geometry
+    embeds = _embeds(space)
+    points = measured_points(space)
+    configs: dict[str, list[tuple[str, Any, BlockArch]]] = {}
+    for kind, p in points.items():
+        b = p.geom
+        rows: list[tuple[str, Any, BlockArch]] = []
+        for op in sorted(p.ops):
+            if op == "msa":
+                rows += [("msa", (h, d), BlockArch("msa", 0, h, d)) for h, d in sorted(p.msa)]
+            elif op == "skip":
+                rows.append(("skip", None, BlockArch("skip", 0, b.heads, b.head_dim)))
+            else:
+                rows += [(op, d, BlockArch(op, 0, b.heads, d)) for d in sorted(p.conv_dims)]
+        if "skip" not in p.ops:
+            rows.append(("skip", None, BlockArch("skip", 0, b.heads, b.head_dim)))
+        rows += [("ffn", w, BlockArch("skip", w, b.heads, b.head_dim)) for w in sorted(p.ffn) if w > 0]
+        configs[kind] = rows
+    rounds = warmup + repeats
+    total = rounds * (len(configs) + len(embeds))
+    done = 0
+
+    def tick(what: str) -> Callable[[], None]:
+        def f() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total, what)
+
+        return f
+
+    blocks: dict[str, BlockTable] = {}
+    stem: dict[str, float] = {}
+    scale: dict[str, float] = {}
+    dense_ms = 0.0
+    with _threads(setting.threads), torch.inference_mode(), autocast(device, setting.precision):
+        for embed in embeds:
+            arch = FrozenArch(_dense_blocks(geometry), embed)
+            model = create_compact(geometry, arch).eval()
+            base = block_modules(model, geometry.family)
+            for kind, rows in configs.items():
+                p = points[kind]
+                if p.embed != embed[p.geom.stage] or kind in blocks:
+                    continue
+                calls = []
+                for _, _, choice in rows:
+                    blk = copy.deepcopy(base[p.geom.index])
+                    _rebuild(blk, p, choice, geometry.family)
+                    blk = fuse_window_attention(blk.eval().to(device))
+                    x = _sample_input(_block_input(p, setting.batch, geometry.family), device)
+                    calls.append(_bind(blk, x))
+                times = _time_interleaved(calls, device, warmup=warmup, repeats=repeats, tick=tick(kind))
+                del calls
+                table = BlockTable()
+                width0 = next(t for (what, _, _), t in zip(rows, times, strict=True) if what == "skip")
+                table.skip = width0
+                table.ffn = [(0, 0.0)]
+                for (what, arg, _), t in zip(rows, times, strict=True):
+                    if what == "msa":
+                        table.msa[arg] = t
+                    elif what == "ffn":
+                        table.ffn.append((arg, t - width0))
+                    elif what != "skip":
+                        table.conv.setdefault(what, {})[arg] = t
+                blocks[kind] = table
+            # calibration: the dense network at this width, whole and without its blocks
+            bare = _without_blocks(model, geometry.family)
+            x = _sample_input(
+                (setting.batch, geometry.in_chans, geometry.img_size, geometry.img_size), device
+            )
+            t_full, t_stem = _time_interleaved(
+                [_bind(model.to(device), x), _bind(bare.to(device), x)],
+                device,
+                warmup=warmup,
+                repeats=repeats,
+                tick=tick("calibration"),
+            )
+            key = ",".join(map(str, embed))
+            partial = LatencyTable(geometry.model, setting, blocks, {key: t_stem}, {key: 1.0}, t_full)
+            predicted = partial.arch_ms(geometry, arch) - t_stem
+            stem[key] = t_stem
+            scale[key] = (t_full - t_stem) / predicted if predicted > 0 else 1.0
+            if embed == geometry.dims:
+                dense_ms = t_full
+            del model, bare, base
+    env = {k: v for k, v in machine(device).items() if k != "host"} | {"timm": timm.__version__}
+    return LatencyTable(geometry.model, setting, blocks, stem, scale, dense_ms, env)
+
+
+def _rebuild(blk: nn.Module, p: Points, choice: BlockArch, family: str) -> None:
+    _rebuild_block(blk, p.geom, choice, p.embed, family)
+
+
+def _bind(m: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    return lambda: m(x)
+
+
+def _without_blocks(model: nn.Module, family: str) -> nn.Module:
+    bare = copy.deepcopy(model)
+    if family == "swin":
+        for stage in bare.layers:  # type: ignore[union-attr]
+            stage.blocks = nn.Sequential()
+    else:
+        bare.blocks = nn.Sequential()
+    return bare.eval()
