@@ -35,7 +35,11 @@ ConventionOpt = Annotated[
     str | None, typer.Option("--convention", help="paper | exact (default: the spec's, else paper)")
 ]
 BudgetOpt = Annotated[
-    list[str] | None, typer.Option("--budget", help="e.g. 3.3GFLOPs, 16Mparams, 70% (repeatable)")
+    list[str] | None,
+    typer.Option(
+        "--budget",
+        help="e.g. 3.3GFLOPs, 16Mparams, 70%, 8ms (repeatable; replaces the spec's budget of that metric)",
+    ),
 ]
 
 
@@ -65,12 +69,16 @@ def load_program(spec: str, convention: str | None = None, budgets: list[str] | 
     return program
 
 
-def latency_table(program: Any, setting: Any = None, *, quiet: bool = False, rebuild: bool = False) -> Any:
-    """The device's latency table for ``program``'s space (``setting``: default the spec's), from the cache or
-    measured with a progress bar on stderr; one line says which. ``None`` when there is nothing to price."""
+def latency_table(
+    program: Any, setting: Any = None, *, quiet: bool = False, rebuild: bool = False, space: Any = None
+) -> Any:
+    """The device's latency table for ``program``'s space (or ``space``; ``setting``: default the spec's), from the
+    cache or measured with a progress bar on stderr; one line says which, and one more when its timings were
+    unsteady. ``None`` when there is nothing to price."""
     setting = setting or program.latency
     if setting is None:
         return None
+    space = space if space is not None else program.space
     import os
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -80,14 +88,14 @@ def latency_table(program: Any, setting: Any = None, *, quiet: bool = False, reb
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank would measure at once
             try:
-                table, _, _ = table_for(program.space, setting, cached_only=True)
+                table, _, _ = table_for(space, setting, cached_only=True)
             except RuntimeError as exc:
                 raise UsageError(
                     f"latency table: {exc}; under torchrun, build it first: spvit-dsl latency {program.path}"
                 ) from None
             return table
         if quiet:
-            table, path, measured = table_for(program.space, setting, rebuild=rebuild)
+            table, path, measured = table_for(space, setting, rebuild=rebuild)
         else:
             with Progress(
                 TextColumn("latency table ({task.description})"),
@@ -102,10 +110,31 @@ def latency_table(program: Any, setting: Any = None, *, quiet: bool = False, reb
                 def show(done: int, total: int, what: str) -> None:
                     bar.update(task, completed=done, total=total)
 
-                table, path, measured = table_for(program.space, setting, rebuild=rebuild, progress=show)
+                table, path, measured = table_for(space, setting, rebuild=rebuild, progress=show)
     except (RuntimeError, ValueError) as exc:
         raise UsageError(f"latency table: {exc}") from None
     if not quiet:
-        verb = "measured and cached at" if measured else "from the cache,"
+        when = table.environment.get("measured_at")
+        verb = (
+            "measured and cached at"
+            if measured
+            else f"from the cache (measured {when}),"
+            if when
+            else "from the cache,"
+        )
         err.print(f"latency table for {setting.describe()}: {verb} {path}", markup=False)
+        warn_unsteady(table)
     return table
+
+
+def warn_unsteady(table: Any) -> None:
+    """One line when a latency table was measured on a busy machine (its rounds spread widely)."""
+    from ..space.latency import UNSTEADY
+
+    if table.spread > UNSTEADY:
+        err.print(
+            f"warning: the latency table's timings were unsteady (rounds spread {table.spread:.0%} around their "
+            "median): something else was using the cores; measure it again on an idle machine with "
+            "'spvit-dsl latency SPEC --rebuild' (fewer --threads than cores also steadies it)",
+            markup=False,
+        )

@@ -91,8 +91,8 @@ def print_summary(program) -> None:
         if bud.metric == "latency":
             assert program.latency is not None  # set whenever a budget is a latency
             out.print(
-                f"budget {bud.describe()}: measured on {program.latency.describe()}; priced at search time by "
-                f"this device's latency table (spvit-dsl latency {program.path} builds it)"
+                f"budget {bud.describe()}: to be measured on {program.latency.describe()}, by this device's "
+                f"latency table at search time (spvit-dsl latency {program.path} builds it and checks the budget)"
             )
             continue
         ratio = bud.absolute / b.of(bud.metric).dense

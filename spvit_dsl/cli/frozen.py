@@ -62,19 +62,23 @@ def _model(frozen: str, weights: str | None, round_to: int | str | None, masks: 
                 "--round and --masks apply when building from a frozen .vit, not to a built model"
             )
         return load(frozen, weights)
-    if round_to != "auto":
-        return build(frozen, weights=weights, masks=masks, round_to=round_to)  # type: ignore[arg-type]
-    from rich.progress import Progress
+    if (
+        round_to == "auto"
+    ):  # measure (or read) the table of the widths in reach first: its progress and one line
+        _rounding_table(frozen, quiet=False)
+    return build(frozen, weights=weights, masks=masks, round_to=round_to)  # type: ignore[arg-type]
 
-    with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("--round auto: measuring widths", total=None)
-        return build(
-            frozen,
-            weights=weights,
-            masks=masks,
-            round_to="auto",
-            progress=lambda done, total, _what: bar.update(task, completed=done, total=total),
-        )
+
+def _rounding_table(frozen: str, *, quiet: bool) -> Any:
+    """The latency table ``--round auto`` chooses widths from (measured once, then cached)."""
+    from ..compact.build import frozen_program, latency_setting_of
+    from ..compile.freeze import arch_of
+    from ..space.latency import rounding_space
+    from ._common import latency_table
+
+    program = frozen_program(frozen)
+    space = rounding_space(program.space, arch_of(program.checked))
+    return latency_table(program, latency_setting_of(program), quiet=quiet, space=space)
 
 
 def _check_round(round_to: str | None) -> int | str | None:
@@ -104,8 +108,9 @@ def _costs(model) -> dict[str, Any]:
     }
 
 
-def _rounding_rows(frozen: str, model) -> list[tuple[str, str, str]] | None:
-    """Before/after rows of a rounded build: FLOPs (paper, exact) and params."""
+def _rounding_rows(frozen: str, model, auto: bool = False) -> list[tuple[str, str, str]] | None:
+    """Before/after rows of a rounded build: FLOPs (paper, exact), params, and with ``--round auto`` the predicted
+    latency."""
     from ..compact.build import frozen_program
     from ..compile.freeze import arch_of
     from ..space import cost
@@ -118,6 +123,10 @@ def _rounding_rows(frozen: str, model) -> list[tuple[str, str, str]] | None:
         rows.append((f"FLOPs ({conv})", fmt_macs(b), f"{fmt_macs(a)} ({(a - b) / b:+.2%})"))
     b, a = cost.arch_cost(g, before, "exact").params, cost.arch_cost(g, after, "exact").params
     rows.append(("params", fmt_params(b), f"{fmt_params(a)} ({(a - b) / b:+.2%})"))
+    if auto:  # the prediction the widths were chosen by (the cached table)
+        table = _rounding_table(frozen, quiet=True)
+        b, a = table.arch_ms(g, before), table.arch_ms(g, after)
+        rows.append(("latency (predicted)", f"{b:.3g} ms", f"{a:.3g} ms ({(a - b) / b:+.2%})"))
     return rows
 
 
@@ -176,7 +185,7 @@ def build_cmd(
     if json_out:
         print(json.dumps(info))
         return
-    _print_build(info, _rounding_rows(frozen, model) if rounding else None)
+    _print_build(info, _rounding_rows(frozen, model, rounding == "auto") if rounding else None)
 
 
 def _warn_rounding_over_budget(frozen: str, model: Any, round_to: int | str) -> None:
@@ -298,10 +307,21 @@ def bench_cmd(
         bool, typer.Option("--vs-dense/--no-vs-dense", help="time the dense backbone too")
     ] = True,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="images per forward")] = 8,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", help="images per forward (default: the spec's latency budget's, else 8)"
+        ),
+    ] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="timed forwards (the median is reported)")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", help="untimed forwards first")] = 3,
-    threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (0: torch's default)")] = 0,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help="torch CPU threads (0: torch's default; default: the spec's latency budget's, else 0)",
+        ),
+    ] = None,
     round_to: RoundOpt = None,
     predict: Annotated[
         bool,
@@ -315,6 +335,9 @@ def bench_cmd(
 ) -> None:
     """Measure latency and throughput of the compact network beside the dense backbone and its FLOPs ratio."""
     rounding = _check_round(round_to)
+    where = _latency_setting(frozen)  # a latency budget says where the network is meant to run
+    batch_size = batch_size if batch_size is not None else (where.batch if where else 8)
+    threads = threads if threads is not None else ((where.threads or 0) if where else 0)
     for name, value in (("--batch-size", batch_size), ("--repeats", repeats)):
         if value < 1:
             raise UsageError(f"{name}: expected a positive integer, found {value}")
@@ -345,6 +368,25 @@ def bench_cmd(
     _print_bench(report)
 
 
+def _frozen_of(frozen: str) -> Any:
+    """The frozen program of a frozen .vit or of a built model (its embedded spec); ``None`` when unreadable."""
+    from ..compact.io import read_metadata
+    from ..compile.program import compile_file, compile_text
+    from ..lang.errors import SpvitError
+
+    try:
+        if frozen.endswith(".safetensors"):
+            return compile_text(read_metadata(frozen)["spvit_dsl.spec"], frozen)
+        return compile_file(frozen)
+    except (SpvitError, OSError, KeyError, ValueError):
+        return None
+
+
+def _latency_setting(frozen: str) -> Any:
+    program = _frozen_of(frozen)
+    return None if program is None else program.latency
+
+
 def _predicted(
     frozen: str, model: Any, device: str, threads: int, batch: int, *, quiet: bool
 ) -> dict[str, Any]:
@@ -356,9 +398,9 @@ def _predicted(
     from ..space.latency import LatencySetting
     from ._common import latency_table
 
-    if frozen.endswith(".safetensors"):
-        raise UsageError("--predict needs the frozen .vit (the table is built for its space)")
-    program = compile_file(frozen)
+    program = _frozen_of(frozen)
+    if program is None:
+        raise UsageError(f"--predict: cannot read the frozen spec of {frozen}")
     source = str((program.checked.frozen or {}).get("source", ""))
     space_program, which = program, "the frozen network"
     for candidate in (source, os.path.join(os.path.dirname(frozen), os.path.basename(source))):
@@ -412,7 +454,7 @@ def _bench(model, device, batch_size: int, repeats: int, warmup: int, vs_dense: 
 def _print_bench(r: dict[str, Any]) -> None:
     m = r["machine"]
     out.print(
-        f"[bold]{r['spec']}[/] on {m['device']} ({m.get('gpu') or m['cpu']}, {m['torch_threads']} threads, "
+        f"[bold]{r['spec']}[/] on {m['device']} ({m.get('gpu') or m['cpu']}, {m['torch_threads']} thread(s), "
         f"torch {m['torch']}), batch {r['batch_size']}"
     )
     table = Table(title_justify="left")

@@ -55,6 +55,7 @@ def latency_cmd(
 ) -> None:
     """Measure this device's latency table for the spec's space (cached) and print its predictions."""
     from ..compile.program import compile_file
+    from ..space.latency import UNSTEADY
     from ..space.units import fmt_ms
     from ._common import latency_table, out
 
@@ -62,36 +63,46 @@ def latency_cmd(
     setting = setting_of(program, device, threads, batch_size, precision)
     table = latency_table(program, setting, quiet=json_out, rebuild=rebuild)
     g = program.space.geometry
-    dense = table.arch_ms(g, program.space.dense()) if _dense_in(program) else None
     largest = table.arch_ms(g, program.space.largest())
+    fastest = table.fastest_ms(program.space)
     limits = [b for b in program.budgets if b.metric == "latency"]
     info = {
         "spec": program.path,
         "setting": setting.as_dict(),
         "dense_measured_ms": round(table.dense_ms, 4),
-        "dense_predicted_ms": None if dense is None else round(dense, 4),
         "largest_predicted_ms": round(largest, 4),
+        "fastest_predicted_ms": round(fastest, 4),
         "budget_ms": min((b.absolute for b in limits), default=None),
+        "budget_feasible": all(b.absolute >= fastest for b in limits),
+        "unsteady": table.spread > UNSTEADY,
         "environment": table.environment,
         "units": {"*_ms": f"milliseconds per forward of {setting.batch} images"},
     }
     if json_out:
         print(json.dumps(info, sort_keys=True))
         return
-    out.print(f"{g.model} on {setting.describe()}", markup=False)
-    out.print(f"  dense network: measured {fmt_ms(table.dense_ms)}", markup=False)
-    if dense is not None:
-        out.print(f"  dense network: predicted {fmt_ms(dense)}", markup=False)
-    what = "this network" if program.frozen else "the largest network of the space"
-    out.print(f"  {what}: predicted {fmt_ms(largest)}", markup=False)
+    when = table.environment.get("measured_at")
+    out.print(
+        f"{g.model} on {setting.describe()}" + (f" (table measured {when})" if when else ""), markup=False
+    )
+    out.print(
+        f"  dense network: measured {fmt_ms(table.dense_ms)} (the table is calibrated on it)", markup=False
+    )
+    if program.frozen:
+        out.print(f"  this network: predicted {fmt_ms(largest)}", markup=False)
+    else:
+        out.print(
+            f"  the space: predicted {fmt_ms(fastest)} (fastest network) to {fmt_ms(largest)} (largest)",
+            markup=False,
+        )
     for b in limits:
-        out.print(f"  budget latency <= {b.limit.text}: {b.absolute / largest:.0%} of {what}", markup=False)
-
-
-def _dense_in(program: Any) -> bool:
-    """Whether the table measured the dense network's widths (a frozen spec's table measures only its point)."""
-    g = program.space.geometry
-    return all(g.stage_dim(s) in program.space.embed[s] for s in range(g.stages))
+        if b.absolute < fastest:
+            verdict = f"cannot be met: below the fastest network's {fmt_ms(fastest)}"
+        elif b.absolute >= largest:
+            verdict = "at or above the largest network: every network meets it"
+        else:
+            verdict = f"{b.absolute / largest:.0%} of the largest network"
+        out.print(f"  budget latency <= {b.limit.text}: {verdict}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

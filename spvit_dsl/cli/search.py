@@ -172,7 +172,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Search the spec's space for its budget and write the frozen spec, checkpoint, metrics and report."""
-        from ..search.loop import SearchInterrupted, run_search
+        from ..search.loop import SearchInterrupted, check_latency_space, run_search
         from ..search.setup import check_searchable, parse_setting
         from ._common import err, latency_table, warn
         from ._common import out as console
@@ -188,6 +188,7 @@ def register(app: typer.Typer) -> None:
         settings = dict(parse_setting(program, text, flag) for flag, text in texts)
         if rank0:
             warn(program)
+        check_latency_space(program)  # before measuring a table it would not use
         table = latency_table(program, quiet=quiet or json_out or not rank0)
         if table is not None and rank0:
             top = table.arch_ms(program.space.geometry, program.space.largest())
@@ -234,6 +235,14 @@ def register(app: typer.Typer) -> None:
                 markup=False,
             )
         console.print(f"frozen spec: {result.frozen_path}")
+        if program.latency is not None:  # the budget was a prediction: how to measure it
+            where = program.latency
+            flags = f" --threads {where.threads}" if where.threads else ""
+            console.print(
+                f"measure it: spvit-dsl bench {result.frozen_path} --predict --device {where.device}{flags} "
+                f"--batch-size {where.batch}",
+                markup=False,
+            )
         console.print(
             f"checkpoint: {result.checkpoint_path}; metrics: {result.metrics_path}; report: {result.report_path}"
         )

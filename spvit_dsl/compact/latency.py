@@ -140,6 +140,7 @@ def _time_interleaved(
     warmup: int,
     repeats: int,
     tick: Callable[[], None] | None = None,
+    spread: list[float] | None = None,
 ) -> list[float]:
     """Median milliseconds of each call, timed interleaved (one sample of each per round)."""
 
@@ -169,7 +170,13 @@ def _time_interleaved(
                 samples[i].append(t)
         if tick is not None:
             tick()
-    return [statistics.median(s) for s in samples]
+    medians = [statistics.median(s) for s in samples]
+    if spread is not None:  # how unsteady the rounds were: each configuration's interquartile range / median
+        for s, m in zip(samples, medians, strict=True):
+            if len(s) >= 4 and m > 0:
+                q = statistics.quantiles(s, n=4)
+                spread.append((q[2] - q[0]) / m)
+    return medians
 
 
 def _block_input(pts: Points, batch: int, family: str) -> tuple[int, ...]:
@@ -225,6 +232,7 @@ def measure_table(
         return f
 
     blocks: dict[str, BlockTable] = {}
+    spreads: list[float] = []
     stem: dict[str, float] = {}
     scale: dict[str, float] = {}
     dense_ms = 0.0
@@ -244,7 +252,9 @@ def measure_table(
                     blk = fuse_window_attention(blk.eval().to(device))
                     x = _sample_input(_block_input(p, setting.batch, geometry.family), device)
                     calls.append(_bind(blk, x))
-                times = _time_interleaved(calls, device, warmup=warmup, repeats=repeats, tick=tick(kind))
+                times = _time_interleaved(
+                    calls, device, warmup=warmup, repeats=repeats, tick=tick(kind), spread=spreads
+                )
                 del calls
                 table = BlockTable()
                 width0 = next(t for (what, _, _), t in zip(rows, times, strict=True) if what == "skip")
@@ -254,7 +264,7 @@ def measure_table(
                     if what == "msa":
                         table.msa[arg] = t
                     elif what == "ffn":
-                        table.ffn.append((arg, t - width0))
+                        table.ffn.append((arg, max(0.0, t - width0)))  # below timer noise: free
                     elif what != "skip":
                         table.conv.setdefault(what, {})[arg] = t
                 blocks[kind] = table
@@ -279,6 +289,8 @@ def measure_table(
                 dense_ms = t_full
             del model, bare, base
     env = {k: v for k, v in machine(device).items() if k != "host"} | {"timm": timm.__version__}
+    env["measured_at"] = time.strftime("%Y-%m-%d %H:%M", time.localtime())
+    env["spread"] = round(statistics.median(spreads), 4) if spreads else 0.0
     return LatencyTable(geometry.model, setting, blocks, stem, scale, dense_ms, env)
 
 

@@ -45,7 +45,7 @@ from .run import Run, Trainee, barrier, checkpoint, restore, save, wrap
 from .setup import budget_text, check_searchable, lower_supernet, out_dir_for, output_paths, resolve_settings
 from .train import NonFinite, SigintFlag, StepInfo, score, train
 
-__all__ = ["SearchInterrupted", "SearchResult", "StepInfo", "run_search"]
+__all__ = ["SearchInterrupted", "SearchResult", "StepInfo", "check_latency_space", "run_search"]
 
 
 class SearchInterrupted(UsageError):
@@ -119,18 +119,23 @@ def run_search(
             dist.destroy_process_group()
 
 
+def check_latency_space(program: Program) -> None:
+    """A latency budget needs a structured choice: refused in one line otherwise (checked before any table)."""
+    if program.latency is not None and not any(d.kind != "weights" for d in program.graph.decisions()):
+        raise UsageError(
+            "a latency budget needs a structured choice (attention, ffn, heads, head_dim or embed): sparse weights "
+            "run at dense speed on dense kernels, so sparsity alone cannot lower a latency"
+        )
+
+
 def _check_latency_budget(program: Program, table: LatencyTable | None) -> None:
     """Refuse, before any training, a latency budget without its table, on a space of sparsity only, or that no
     point of the space meets (one line, with the fastest point's predicted latency)."""
+    check_latency_space(program)
     if table is None:
         raise UsageError(
             "a latency budget needs this device's latency table: pass latency=table_for(program.space, "
             "program.latency)[0] (spvit_dsl.compact.latency), or run 'spvit-dsl search', which builds it"
-        )
-    if not any(d.kind != "weights" for d in program.graph.decisions()):
-        raise UsageError(
-            "a latency budget needs a structured choice (attention, ffn, heads, head_dim or embed): sparse weights "
-            "run at dense speed on dense kernels, so sparsity alone cannot lower a latency"
         )
     try:
         fastest = table.fastest_ms(program.space)
@@ -144,7 +149,8 @@ def _check_latency_budget(program: Program, table: LatencyTable | None) -> None:
         if b.metric == "latency" and b.absolute < fastest:
             raise UsageError(
                 f"budget latency <= {b.limit.text} cannot be met on {program.latency.describe()}: the fastest "
-                f"network of this space is predicted at {fastest:.3g} ms; relax the budget or widen the space"
+                f"network of this space is predicted at {fastest:.3g} ms; relax the budget or add cheaper choices "
+                "(smaller widths, a skip op)"
             )
 
 
@@ -313,6 +319,9 @@ def _finish(run: Run) -> SearchResult:
         "epochs": run.epoch,
         "steps": run.step,
     }
+    for t in ctx.targets:
+        if t.table is not None:  # the header records the prediction and where it holds
+            facts["latency_predicted"] = f"{t.table.arch_ms(ctx.program.space.geometry, arch):.4g}ms"
     text = frozen_text(ctx.program, arch, facts)
     verify_frozen(text, run.paths["frozen"], ctx.targets, ctx.convention)
     own = decisions.info.get("notice")  # the strategy's own one-line notice (a fallback it had to take)

@@ -39,6 +39,7 @@ __all__ = [
     "DEVICES",
     "FORMAT",
     "PRECISIONS",
+    "UNSTEADY",
     "BlockTable",
     "LatencySetting",
     "LatencyTable",
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 FORMAT = "spvit-dsl-latency/1"
+UNSTEADY = 0.15  # a table whose rounds spread more than this (IQR / median) was measured on a busy machine
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 
@@ -66,7 +68,11 @@ class LatencySetting:
     precision: str = "fp32"
 
     def describe(self) -> str:
-        threads = f", {self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else ""
+        threads = (
+            f", {self.threads} thread{'s' if self.threads != 1 else ''}"
+            if self.threads and self.device == "cpu"
+            else ""
+        )
         return f"{self.device}{threads}, batch {self.batch}, {self.precision}"
 
     def as_dict(self) -> dict[str, Any]:
@@ -179,6 +185,12 @@ class LatencyTable:
         if kind not in self.blocks:
             raise KeyError(f"block {b.index} at width {embed}")
         return self.blocks[kind]
+
+    @property
+    def spread(self) -> float:
+        """The median interquartile range of the measured rounds over their median (0 for a table from before this
+        was recorded): above :data:`UNSTEADY`, something else was using the cores while the table was measured."""
+        return float(self.environment.get("spread", 0.0))
 
     def _brackets(self, b: BlockGeom, embed: int) -> list[tuple[float, BlockTable]]:
         """``(weight, entry)`` pairs whose weighted sum prices block ``b`` at residual width ``embed``: its own

@@ -109,6 +109,10 @@ def parse_budget_flag(text: str) -> Limit:
         unit = "%" if unit == "%params" else unit
         limit = to_limit("params", number, unit, text)
         return Limit(limit.metric, limit.value, limit.relative, m.group(1) + unit.removesuffix("params"))
+    if unit not in FLOPS_UNITS:
+        raise UnitError(
+            f"unknown unit '{unit}' in budget '{text}'; expected e.g. 3.3GFLOPs, 16Mparams, 70% or 8ms"
+        )
     limit = to_limit("flops", number, unit, text)
     return Limit(limit.metric, limit.value, limit.relative, m.group(1) + re.sub(r"(FLOPs|MACs)$", "", unit))
 
