@@ -42,6 +42,10 @@ SPACES = {
     "blocks all { attention: one of {skip, conv1x1, conv3x3, msa}; ffn: per neuron; head_dim: 32..64 step 8 }\n",
     "swin_t": "backbone swin_tiny_patch4_window7_224 { weights = none }\n"
     "blocks all { attention: one of {skip, conv1x1, conv3x3, msa}; ffn: per neuron }\n",
+    # the demo's tiny ViT: seconds, for the smoke test (its timings are too small to judge a prediction by)
+    "tiny": "backbone vit_tiny_patch16_224 { weights = none; image = 32; patch = 8; channels = 1; classes = 10; "
+    "embed_dim = 96; depth = 6; heads = 3 }\n"
+    "blocks all { attention: one of {skip, conv1x1, conv3x3, msa}; ffn: per neuron }\n",
 }
 
 
@@ -182,7 +186,7 @@ def search_part(epochs: int, share: float, repeats: int) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", nargs="+", default=["tables", "search"])
-    ap.add_argument("--models", nargs="+", default=list(SPACES), choices=list(SPACES))
+    ap.add_argument("--models", nargs="+", default=["deit_s", "swin_t"], choices=list(SPACES))
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 1])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--points", type=int, default=20)

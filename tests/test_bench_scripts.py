@@ -56,7 +56,7 @@ CASES = {
     "latency": [
         "bench/latency.py",
         "--models",
-        "deit_s",
+        "tiny",
         "--batch-sizes",
         "1",
         "--points",
