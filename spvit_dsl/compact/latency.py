@@ -35,12 +35,12 @@ from ..space.geometry import Geometry
 from ..space.latency import BlockTable, LatencySetting, LatencyTable, Points, measured_embeds, measured_points
 from ..space.plan import BlockArch, FrozenArch, Space
 from .skeleton import _rebuild_block, block_modules, create_compact, fuse_window_attention
-from .speed import machine
+from .speed import _sync, machine
 
 __all__ = ["cache_dir", "measure_table", "table_for"]
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
-MIN_SAMPLE_MS = float(os.environ.get("SPVIT_LAT_MIN_MS", "2.0"))
+MIN_SAMPLE_MS = 2.0
 
 
 def cache_dir() -> Path:
@@ -145,13 +145,11 @@ def _time_interleaved(
     """Median milliseconds of each call, timed interleaved (one sample of each per round)."""
 
     def once(f: Callable[[], Any], n: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         t0 = time.perf_counter()
         for _ in range(n):
             f()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         return (time.perf_counter() - t0) * 1000.0 / n
 
     inner = []
@@ -248,7 +246,7 @@ def measure_table(
                 calls = []
                 for _, _, choice in rows:
                     blk = copy.deepcopy(base[p.geom.index])
-                    _rebuild(blk, p, choice, geometry.family)
+                    _rebuild_block(blk, p.geom, choice, p.embed, geometry.family)
                     blk = fuse_window_attention(blk.eval().to(device))
                     x = _sample_input(_block_input(p, setting.batch, geometry.family), device)
                     calls.append(_bind(blk, x))
@@ -292,10 +290,6 @@ def measure_table(
     env["measured_at"] = time.strftime("%Y-%m-%d %H:%M", time.localtime())
     env["spread"] = round(statistics.median(spreads), 4) if spreads else 0.0
     return LatencyTable(geometry.model, setting, blocks, stem, scale, dense_ms, env)
-
-
-def _rebuild(blk: nn.Module, p: Points, choice: BlockArch, family: str) -> None:
-    _rebuild_block(blk, p.geom, choice, p.embed, family)
 
 
 def _bind(m: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
