@@ -231,8 +231,9 @@ def _frozen_by_search(tmp_path: Path, tiny, share: float) -> tuple[object, float
 
 
 def test_a_search_meets_a_latency_budget_within_one_percent(tmp_path: Path, tiny) -> None:
-    space, table = tiny
-    result, limit, frozen = _frozen_by_search(tmp_path, tiny, 0.6)
+    space, _ = tiny
+    table = _steady_table(space)  # 1% needs steps finer than 1%: a busy machine's table may not have them
+    result, limit, frozen = _frozen_by_search(tmp_path, (space, table), 0.6)
     (b,) = result.budgets
     assert b["metric"] == "latency" and 0.99 * limit <= b["achieved"] <= limit
     assert result.costs["latency_ms"] == pytest.approx(b["achieved"])
@@ -367,12 +368,13 @@ def test_spvit_prices_latency_exactly_at_any_price() -> None:
 
 
 def _steady_table(space) -> LatencyTable:
-    """A table as an idle machine would measure the SPViT space: FFN time linear in the width plus a step at width 0,
-    msa dearer than conv1x1, dearer than skip. A table measured by a test on a busy machine can have FFN steps so
-    coarse (noise) that no controller lands within 2%; what is under test here is the controller, not the machine."""
+    """A table as an idle machine would measure the tiny ViT's spaces: FFN time linear in the width plus a step at
+    width 0, msa dearer than conv1x1, dearer than skip. A table measured by a test on a busy machine can have FFN steps
+    so coarse (noise) that no search lands within 1–2%; what is under test is the search, not the machine."""
     g = space.geometry
     ffn = [(w, 0.0 if w == 0 else 0.02 + 0.002 * w) for w in range(0, 193, 8)]
-    entry = BlockTable(msa={(3, 16): 0.3}, conv={"conv1x1": {16: 0.2}}, skip=0.05, ffn=ffn)
+    msa, conv = {(3, 8): 0.25, (3, 16): 0.3}, {"conv1x1": {8: 0.15, 16: 0.2}}
+    entry = BlockTable(msa=msa, conv=conv, skip=0.05, ffn=ffn)
     return LatencyTable(g.model, SETTING, {block_kind(g.blocks[0], 48): entry}, {"48": 0.3}, {"48": 1.0}, 0.0)
 
 
