@@ -260,9 +260,11 @@ def test_build_round_auto_moves_widths_to_measured_ones_and_keeps_the_budget(tmp
     program = compile_file(str(frozen))
     model = build(str(frozen), weights="none", round_to="auto")
     arch = model.spvit_arch
+    # blocks of one kind share table entries, so a block may take another block's own (measured) width
+    offered = {b.ffn for b in result.arch.blocks} | {192}
     for before, after in zip(result.arch.blocks, arch.blocks, strict=True):
         assert after.op == before.op and abs(after.ffn - before.ffn) <= int(0.125 * before.ffn) + 32
-        assert after.ffn % 8 == 0 or after.ffn in (before.ffn, 192)
+        assert after.ffn % 8 == 0 or after.ffn in offered
     if (
         arch != result.arch
     ):  # which widths run faster is the machine's business; the header says it moved them
