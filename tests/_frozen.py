@@ -23,6 +23,17 @@ SWIN_BACKBONE = (
     "backbone swin_tiny_patch4_window7_224 { weights = none; image = 32; patch = 2; embed_dim = 16; "
     "depth = (2, 2); heads = (1, 2); window = 4; classes = 10 }"
 )
+_SMALL = "weights = none; image = 32; patch = 8; embed_dim = 32; depth = 3; heads = 2; classes = 10"
+# one small configuration of every ViT family beyond plain ViT/DeiT (tests/test_families.py; docs/language.md)
+FAMILY_BACKBONES = {
+    "deit3": f"backbone deit3_small_patch16_224 {{ {_SMALL} }}",  # layer scale, position embedding on patches only
+    "clip": f"backbone vit_base_patch16_clip_quickgelu_224 {{ {_SMALL} }}",  # pre-norm, QuickGELU, no patch bias
+    "siglip_gap": f"backbone vit_base_patch16_siglip_gap_224 {{ {_SMALL} }}",  # no class token, average pooling
+    "dinov2_reg": f"backbone vit_small_patch14_reg4_dinov2 {{ {_SMALL} }}",  # class + 4 register tokens, layer scale
+    "reg_gap": f"backbone vit_medium_patch16_reg4_gap_256 {{ {_SMALL} }}",  # registers, no class token, fc_norm
+    "so150m": f"backbone vit_so150m2_patch16_reg1_gap_256 {{ {_SMALL} }}",  # no qkv bias, register, fc_norm
+    "avg_override": f"backbone vit_tiny_patch16_224 {{ {_SMALL}; global_pool = avg }}",  # avg pool on a ViT
+}
 SEARCH_BLOCKS = "blocks all { attention: one of {skip, conv1x1, conv3x3, conv5x5, msa}; ffn: per neuron }"
 
 # search specs declaring every dimension on the backbones above: embedding width(s), heads, per-head width, FFN
@@ -35,7 +46,7 @@ EVERY_DIMENSION = {
     VIT_BACKBONE: f"embed: 1..32\nblocks all {{ {_EVERY}; heads: 1..2 }}\n",
     DISTILLED_BACKBONE: f"embed: 1..32\nblocks all {{ {_EVERY}; heads: 1..2 }}\n",
     SWIN_BACKBONE: f"stage 0 {{ embed: 1..16 }}\nstage 1 {{ embed: 1..32; heads: 1..2 }}\nblocks all {{ {_EVERY} }}\n",
-}
+} | {text: f"embed: 1..32\nblocks all {{ {_EVERY}; heads: 1..2 }}\n" for text in FAMILY_BACKBONES.values()}
 
 # per-block (op, ffn width as a fraction of the dense width); the last block keeps MSA so that every token
 # (the cls token included) depends on the conv branches

@@ -7,16 +7,21 @@ import timm
 import torch
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 from spvit_dsl.space.backbones import (
     OVERRIDE_KEYS,
     BadOverride,
     UnknownBackbone,
     current_timm_names,
+    default_tag,
+    refusal,
     resolve,
     supported_names,
+    tags,
     timm_names,
 )
+from spvit_dsl.space.cost import breakdown, dense_arch, dense_cost
 from spvit_dsl.space.plan import Geometry
 
 TINY_VIT = dict(image=32, patch=4, embed_dim=64, depth=6, heads=2, channels=1, classes=10)
@@ -32,14 +37,32 @@ def meta_model(g: Geometry) -> torch.nn.Module:
 
 
 def check_vit(g: Geometry, m: torch.nn.Module) -> None:
+    identity = torch.nn.Identity
     assert g.family == "vit" and g.window_size == 0
     assert m.num_prefix_tokens == g.prefix_tokens
+    assert (m.cls_token is not None, m.num_reg_tokens, hasattr(m, "dist_token")) == (
+        g.class_token,
+        g.reg_tokens,
+        g.dist_token,
+    )
+    assert m.global_pool == g.global_pool and m.no_embed_class == g.no_embed_class
+    assert (not isinstance(m.norm_pre, identity), not isinstance(m.norm, identity)) == (
+        g.pre_norm,
+        g.final_norm,
+    )
+    assert (not isinstance(m.fc_norm, identity)) == g.fc_norm
     assert m.patch_embed.proj.in_channels == g.in_chans
+    assert (m.patch_embed.proj.bias is not None) == g.patch_bias
     assert m.patch_embed.proj.kernel_size == (g.patch_size, g.patch_size)
     assert m.embed_dim == g.embed_dim and len(m.blocks) == g.depth == g.depths[0]
     assert m.num_classes == g.num_classes and m.head.out_features == g.num_classes
-    assert m.pos_embed.shape[1] == g.blocks[0].tokens
+    assert m.pos_embed.shape[1] == (g.blocks[0].patches if g.no_embed_class else g.blocks[0].tokens)
     for b, blk in zip(g.blocks, m.blocks, strict=True):
+        assert (not isinstance(blk.ls1, identity), blk.attn.qkv.bias is not None) == (
+            b.layer_scale,
+            b.qkv_bias,
+        )
+        assert type(blk.mlp.act).__name__ == g.act
         assert tuple(m.patch_embed.grid_size) == b.grid
         assert (b.stage, b.index_in_stage, b.window, b.shift) == (0, b.index, 0, 0)
         assert blk.norm1.normalized_shape == (b.dim,)
@@ -74,30 +97,85 @@ def check(g: Geometry) -> None:
 
 
 def test_snapshot_equals_installed_timm():
+    """Names and tags here; every fact of every supported name in test_every_supported_name_matches_timm."""
+    import timm.models
+
     assert timm_names() == current_timm_names()
+    for n in timm_names():  # in timm's order: its default tag first
+        cfgs = timm.models.get_arch_pretrained_cfgs(n).values()
+        assert list(tags(n).items()) == [(c.tag or "", int(c.num_classes or 0)) for c in cfgs]
+        assert default_tag(n) == (timm.models.get_pretrained_cfg(n).tag or "")
     assert (
         "swinv2_tiny_window8_256" in timm_names()
     )  # the snapshot covers every pattern, not only supported ones
 
 
 def test_supported_names_cover_the_families():
-    names = supported_names()
+    names = set(supported_names())
     assert {
         "deit_tiny_patch16_224",
         "deit_base_distilled_patch16_384",
+        "deit3_small_patch16_224",  # layer scale
         "vit_huge_patch14_224",
+        "vit_base_patch16_clip_224",  # pre-norm
+        "vit_base_patch16_clip_quickgelu_224",
+        "vit_base_patch16_siglip_gap_224",  # no class token, average pooling
+        "vit_small_patch14_dinov2",
+        "vit_small_patch14_reg4_dinov2",  # register tokens
+        "vit_medium_patch16_reg4_gap_256",
+        "vit_so400m_patch14_siglip_gap_224",
+        "vit_so150m2_patch16_reg1_gap_256",  # no qkv bias
         "swin_tiny_patch4_window7_224",
         "swin_large_patch4_window12_384",
-    } <= set(names)
-    assert not [n for n in names if "clip" in n or "swinv2" in n or "deit3" in n or "_s3_" in n]
-    assert set(names) <= set(timm_names())
+    } <= names
+    assert not [n for n in names if "swinv2" in n or "_s3_" in n or "resnet" in n or "_r50_" in n]
+    assert names <= set(timm_names())
+    assert len(names) >= 130
+    assert (
+        resolve("vit_tiny_patch16_224", {}).tag == "augreg_in21k_ft_in1k"
+    )  # timm's default, not the first by name
+    assert resolve("vit_tiny_patch16_224", {}).num_classes == 1000
+
+
+def test_every_refused_name_names_the_missing_feature():
+    refused = {n: refusal(n) for n in timm_names() if n not in supported_names()}
+    assert refused and all(refused.values())
+    assert refusal("vit_base_patch16_siglip_224") == "an attention-pool (MAP) head"
+    assert "SwinV2" in (refusal("swinv2_tiny_window8_256") or "")
+    assert "hybrid" in (refusal("vit_base_r50_s16_384") or "")
+    assert "rotary" in (refusal("vit_base_patch16_rope_reg1_gap_256") or "")
+    for name, why in refused.items():
+        with pytest.raises(UnknownBackbone) as e:
+            resolve(name, {})
+        assert str(e.value) == f"timm model '{name}' is not supported: spvit-dsl does not lower {why} yet"
+        assert all(s in supported_names() for s in e.value.suggestions)  # never a refused name
+
+
+def _count(g: Geometry) -> tuple[int, int]:
+    """(parameters, FlopCounterMode's multiply-adds ÷ 2) of timm's own model, on the meta device."""
+    m = meta_model(g)
+    for mod in m.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = False  # FlopCounterMode does not see the fused kernel
+    x = torch.empty(1, g.in_chans, g.img_size, g.img_size, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        m(x)
+    return sum(p.numel() for p in m.parameters()), counter.get_total_flops() // 2
 
 
 @pytest.mark.parametrize("name", supported_names())
 def test_every_supported_name_matches_timm(name: str):
     g = resolve(name, {})
-    assert g.model == name and g.kwargs() == {"img_size": g.img_size, "num_classes": 1000}
+    import timm.models
+
+    assert g.model == name and g.kwargs() == {"img_size": g.img_size, "num_classes": g.num_classes}
+    assert g.num_classes == (
+        timm.models.get_pretrained_cfg(name).num_classes or 1000
+    )  # the default tag's head
     check(g)
+    params, macs = _count(g)
+    assert dense_cost(g, "exact").params == dense_cost(g, "paper").params == params
+    assert breakdown(g, dense_arch(g), "exact")["matmul"] == macs
 
 
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_tiny_distilled_patch16_224"])
@@ -129,6 +207,12 @@ def test_swin_tiny_geometry():
         ("vit_small_patch16_224", dict(image=48, patch=8, depth=2, classes=3, mlp_ratio=3)),
         ("deit_small_distilled_patch16_224", dict(image=384)),
         ("deit_base_patch16_224", dict(embed_dim=96, heads=4, depth=1, image=32)),
+        (
+            "vit_so400m_patch14_siglip_gap_224",
+            dict(embed_dim=48, heads=2, depth=1, image=28),
+        ),  # mlp_ratio 3.7362
+        ("vit_small_patch14_reg4_dinov2", dict(image=28, depth=2, global_pool="avg")),
+        ("vit_base_patch16_clip_224.openai", dict(image=32, depth=1)),
         ("swin_tiny_patch4_window7_224", TINY_SWIN),
         ("swin_tiny_patch4_window7_224", SWIN_CLAMPED),
         (
@@ -141,7 +225,12 @@ def test_overrides_build_matching_timm_models(name: str, overrides: dict[str, ob
     g = resolve(name, overrides)
     check(g)
     assert g.img_size == overrides.get("image", g.img_size)
-    assert g.num_classes == overrides.get("classes", 1000)
+    import timm.models
+
+    tagged = f"{g.model}.{g.tag}"
+    assert g.num_classes == overrides.get(
+        "classes", timm.models.get_pretrained_cfg(tagged).num_classes or 1000
+    )
 
 
 def test_tiny_vit_kwargs_name_only_what_differs():
@@ -204,20 +293,82 @@ def test_any_swin_resolve_accepts_matches_timm(image, patch, embed, depth, heads
 # --- errors --------------------------------------------------------------------------------------------------
 
 
-def test_unknown_name_suggests_supported_and_timm_names():
+def test_unknown_name_suggests_supported_names_only():
     with pytest.raises(UnknownBackbone) as e:
         resolve("deit_smal_patch16_224", {})
     assert str(e.value) == "unknown backbone 'deit_smal_patch16_224'"
     assert e.value.suggestions[0] == "deit_small_patch16_224"
-    assert any(s not in supported_names() for s in e.value.suggestions)  # timm-only names are offered too
+    assert all(s in supported_names() for s in e.value.suggestions)
     assert "did you mean 'deit_small_patch16_224'" in e.value.hint
     assert isinstance(e.value, ValueError)
+    with pytest.raises(UnknownBackbone, match="unknown backbone 'resnet5'"):
+        resolve("resnet5", {})
+
+
+@pytest.mark.parametrize(
+    "name", ["eva02_base_patch14_224", "beit_base_patch16_224", "resnet50", "convnext_tiny"]
+)
+def test_a_timm_name_outside_the_families_is_never_called_unknown(name: str):
+    import timm
+
+    assert timm.is_model(name)
+    with pytest.raises(UnknownBackbone) as e:
+        resolve(name, {})
+    assert str(e.value).startswith(f"timm model '{name}' (timm's ") and "is not supported" in str(e.value)
+    assert not e.value.hint.startswith("did you mean")
 
 
 def test_unsupported_timm_name():
-    with pytest.raises(UnknownBackbone, match="timm model 'vit_base_patch16_clip_224' is not supported") as e:
-        resolve("vit_base_patch16_clip_224", {})
+    with pytest.raises(
+        UnknownBackbone, match="timm model 'vit_base_patch16_siglip_224' is not supported"
+    ) as e:
+        resolve("vit_base_patch16_siglip_224", {})
     assert e.value.suggestions and all(s in supported_names() for s in e.value.suggestions)
+    assert "vit_base_patch16_siglip_224" not in e.value.suggestions
+
+
+# --- pretrained tags -------------------------------------------------------------------------------------------
+
+
+def test_a_tag_selects_its_weights_and_its_class_count():
+    import timm.models  # the tag's configuration ships with timm: no network
+
+    for model in (
+        "vit_base_patch16_224.augreg_in21k",
+        "vit_base_patch16_clip_224.openai",
+        "deit3_small_patch16_224",
+    ):
+        g = resolve(model, {})
+        name, _, tag = model.partition(".")
+        cfg = timm.models.get_pretrained_cfg(f"{name}.{g.tag}")
+        assert g.model == name and (tag == "" or g.tag == tag)
+        assert g.num_classes == (cfg.num_classes or 1000)
+    assert resolve("vit_base_patch16_224.augreg_in21k", {}).num_classes == 21843
+    assert resolve("vit_base_patch16_224", dict(tag="augreg_in21k", classes=10)).num_classes == 10
+    same = resolve("vit_base_patch16_224", dict(tag="augreg_in21k"))
+    assert same == resolve("vit_base_patch16_224.augreg_in21k", {})
+
+
+@pytest.mark.parametrize(
+    "model, overrides, message",
+    [
+        (
+            "vit_base_patch16_224.augreg_in12k",
+            {},
+            "timm has no pretrained tag 'augreg_in12k' for vit_base_patch16_224",
+        ),
+        (
+            "vit_base_patch16_224.augreg_in1k",
+            dict(tag="mae"),
+            "the backbone name already says tag 'augreg_in1k'",
+        ),
+        ("vit_base_patch16_224", dict(tag=3), "tag must be a pretrained tag name, found 3"),
+    ],
+)
+def test_bad_tags(model: str, overrides: dict[str, object], message: str):
+    with pytest.raises(BadOverride) as e:
+        resolve(model, overrides)
+    assert e.value.key == "tag" and str(e.value) == message
 
 
 def test_pattern_name_timm_lacks():
@@ -241,6 +392,25 @@ def test_pattern_name_timm_lacks():
             "a ViT backbone takes a single depth (the same for every block)",
         ),
         ("deit_tiny_patch16_224", dict(window=7), "window", "window applies to Swin backbones only"),
+        ("deit_tiny_patch16_224", dict(global_pool="max"), "global_pool", "global_pool must be token or avg"),
+        (
+            "vit_base_patch16_siglip_gap_224",
+            dict(global_pool="token"),
+            "global_pool",
+            "vit_base_patch16_siglip_gap_224 has no class token",
+        ),
+        (
+            "deit_tiny_distilled_patch16_224",
+            dict(global_pool="avg"),
+            "global_pool",
+            "a distilled DeiT's heads read",
+        ),
+        (
+            "swin_tiny_patch4_window7_224",
+            dict(global_pool="avg"),
+            "global_pool",
+            "global_pool applies to ViT backbones",
+        ),
         (
             "deit_tiny_patch16_224",
             dict(image="224"),
@@ -317,4 +487,6 @@ def test_bad_override_hints():
         "patch",
         "window",
         "mlp_ratio",
+        "global_pool",
+        "tag",
     }

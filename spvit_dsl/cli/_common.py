@@ -43,6 +43,12 @@ BudgetOpt = Annotated[
 ]
 
 
+DATA_HELP = "digits | synthetic | an image folder | torch/NAME, hfds/NAME, wds/NAME with --data-dir (default: the spec's)"
+DATA_DIR_HELP = (
+    "the root of a torch/, hfds/ or wds/ dataset (timm's --data-dir; default: the spec's data_dir)"
+)
+
+
 def limits(budgets: list[str] | None) -> list[Limit]:
     try:
         return [parse_budget_flag(b) for b in budgets or []]

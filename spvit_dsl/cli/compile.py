@@ -65,9 +65,13 @@ def print_summary(program) -> None:
     g = program.space.geometry
     b = program.bounds()
     conv = program.convention
+    weights = program.checked.weights
+    loads = (
+        f", weights {g.model}.{g.tag}" if weights == "pretrained" else ""
+    )  # which checkpoint pretrained loads
     out.print(
         f"[bold]{s['spec']}[/]  backbone [cyan]{g.model}[/] ({g.family}, {g.depth} blocks, "
-        f"{g.img_size}px, {g.num_classes} classes)"
+        f"{g.img_size}px, {g.num_classes} classes{loads})"
     )
     kind = (
         "frozen network (no decisions left)"

@@ -22,7 +22,7 @@ from rich.table import Table
 from .._io import input_problem
 from ..lang.errors import UsageError
 from ..space.units import fmt_macs, fmt_params
-from ._common import err, out
+from ._common import DATA_DIR_HELP, DATA_HELP, err, out
 
 __all__ = ["register"]
 
@@ -49,6 +49,8 @@ RoundOpt = Annotated[
 
 
 # ---------------------------------------------------------------- shared helpers
+
+
 def _model(frozen: str, weights: str | None, round_to: int | str | None, masks: str | None = None):
     """A compact model from a frozen .vit (built) or a built .safetensors (loaded)."""
     from ..compact.build import build, load
@@ -513,9 +515,8 @@ def _progress(title: str) -> Iterator[Any]:
 
 def finetune_cmd(
     frozen: FrozenArg,
-    data: Annotated[
-        str | None, typer.Option("--data", help="digits | synthetic | an image folder (default: the spec's)")
-    ] = None,
+    data: Annotated[str | None, typer.Option("--data", help=DATA_HELP)] = None,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help=DATA_DIR_HELP)] = None,
     recipe: Annotated[
         str, typer.Option("--recipe", help="spvit | dimap: preset schedule; the flags below override it")
     ] = "spvit",
@@ -603,7 +604,7 @@ def finetune_cmd(
     model = _model(frozen, source, None, masks if init == "pretrained" else None).to(dev)
     program = _program_of(frozen, model)
     dataset = load_data(
-        data or str(program.checked.search.values.get("data", "digits")), model.spvit_geometry
+        _data_source(program, data), model.spvit_geometry, **_data_opts(program, data, data_dir)
     )
     g = model.spvit_geometry
     image = (g.in_chans, g.img_size, g.img_size)
@@ -653,12 +654,27 @@ def _program_of(frozen: str, model):
     return frozen_program(frozen)
 
 
+def _data_source(program: Any, flag: str | None) -> str:
+    """The data a command reads: ``--data``, else the spec's (digits when a data-free spec names none)."""
+    return flag or str(program.checked.search.values.get("data", "digits"))
+
+
+def _data_opts(program: Any, flag: str | None, data_dir: str | None) -> dict[str, str]:
+    """The spec's ``data_dir`` and splits, unless ``--data`` names other data (then timm's defaults);
+    ``--data-dir`` replaces the folder."""
+    from ..runtime.data import data_options
+
+    values = program.checked.search.values
+    if flag is not None and flag != values.get("data"):
+        values = {}
+    return data_options(values) | ({"data_dir": data_dir} if data_dir is not None else {})
+
+
 def eval_cmd(
     frozen: FrozenArg,
     weights: WeightsOpt = None,
-    data: Annotated[
-        str | None, typer.Option("--data", help="digits | synthetic | an image folder (default: the spec's)")
-    ] = None,
+    data: Annotated[str | None, typer.Option("--data", help=DATA_HELP)] = None,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help=DATA_DIR_HELP)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
@@ -670,8 +686,8 @@ def eval_cmd(
     dev = _device(device)
     model = _model(frozen, weights, None).to(dev)
     program = _program_of(frozen, model)
-    source = data or str(program.checked.search.values.get("data", "digits"))
-    dataset = load_data(source, model.spvit_geometry)
+    source = _data_source(program, data)
+    dataset = load_data(source, model.spvit_geometry, **_data_opts(program, data, data_dir))
     metrics = evaluate(model, dataset.val, batch_size=batch_size, device=dev)
     costs = _costs(model)
     result = metrics.as_dict() | {

@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ._common import DATA_DIR_HELP, DATA_HELP
+
 __all__ = ["register", "summary_tables"]
 
 
@@ -112,9 +114,8 @@ def register(app: typer.Typer) -> None:
         budget: Annotated[
             list[str] | None, typer.Option("--budget", help="e.g. 3.3GFLOPs, 16Mparams, 70% (repeatable)")
         ] = None,
-        data: Annotated[
-            str | None, typer.Option("--data", help="digits | synthetic | a folder with train/ and val/")
-        ] = None,
+        data: Annotated[str | None, typer.Option("--data", help=DATA_HELP)] = None,
+        data_dir: Annotated[str | None, typer.Option("--data-dir", help=DATA_DIR_HELP)] = None,
         epochs: Annotated[int | None, typer.Option("--epochs", help="passes over the training data")] = None,
         steps: Annotated[
             int | None, typer.Option("--steps", help="stop after this many optimizer steps (0: no limit)")
@@ -184,6 +185,7 @@ def register(app: typer.Typer) -> None:
         named = {"lr": lr, "weight_decay": weight_decay, "workers": workers, "gate_lr": gate_lr}
         named |= {"warmup_epochs": warmup_epochs, "precision": precision}
         texts = [(f"--{k.replace('_', '-')}", f"{k}={v}") for k, v in named.items() if v is not None]
+        texts += [("--data-dir", f'data_dir="{data_dir}"')] if data_dir is not None else []
         texts += [("--set", t) for t in set_ or []]
         settings = dict(parse_setting(program, text, flag) for flag, text in texts)
         if rank0:

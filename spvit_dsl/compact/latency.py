@@ -32,7 +32,15 @@ from torch import nn
 from .._io import write_text
 from ..runtime.evaluate import autocast
 from ..space.geometry import Geometry
-from ..space.latency import BlockTable, LatencySetting, LatencyTable, Points, measured_embeds, measured_points
+from ..space.latency import (
+    UNSTEADY,
+    BlockTable,
+    LatencySetting,
+    LatencyTable,
+    Points,
+    measured_embeds,
+    measured_points,
+)
 from ..space.plan import BlockArch, FrozenArch, Space
 from .skeleton import _rebuild_block, block_modules, create_compact, fuse_window_attention
 from .speed import _sync, machine
@@ -231,6 +239,7 @@ def measure_table(
 
     blocks: dict[str, BlockTable] = {}
     spreads: list[float] = []
+    miscalibrated = False
     stem: dict[str, float] = {}
     scale: dict[str, float] = {}
     dense_ms = 0.0
@@ -282,13 +291,19 @@ def measure_table(
             partial = LatencyTable(geometry.model, setting, blocks, {key: t_stem}, {key: 1.0}, t_full)
             predicted = partial.arch_ms(geometry, arch) - t_stem
             stem[key] = t_stem
-            scale[key] = (t_full - t_stem) / predicted if predicted > 0 else 1.0
+            ratio = (t_full - t_stem) / predicted if predicted > 0 else 1.0
+            if not 0.25 <= ratio <= 4.0:  # the network ran about as fast as its stem alone: a busy machine
+                ratio, miscalibrated = 1.0, True  # the blocks as measured; the table is reported unsteady
+            scale[key] = ratio
             if embed == geometry.dims:
                 dense_ms = t_full
             del model, bare, base
     env = {k: v for k, v in machine(device).items() if k != "host"} | {"timm": timm.__version__}
     env["measured_at"] = time.strftime("%Y-%m-%d %H:%M", time.localtime())
-    env["spread"] = round(statistics.median(spreads), 4) if spreads else 0.0
+    spread = round(statistics.median(spreads), 4) if spreads else 0.0
+    if miscalibrated:
+        spread = max(spread, 2 * UNSTEADY)  # so every command that reads the table says it is unsteady
+    env["spread"] = spread
     return LatencyTable(geometry.model, setting, blocks, stem, scale, dense_ms, env)
 
 

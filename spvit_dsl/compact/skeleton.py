@@ -189,6 +189,8 @@ def _rebuild_block(block: nn.Module, geom: BlockGeom, choice: BlockArch, dim: in
     if choice.op == "skip":
         block.attn = SkipBranch()
         block.norm1 = nn.Identity()
+        if hasattr(block, "ls1"):
+            block.ls1 = nn.Identity()  # the layer scale belongs to the branch it scales
     elif choice.op == "msa":
         if family == "swin":
             block.attn = CompactWindowAttention(

@@ -136,7 +136,7 @@ def compact_state(net: Supernet, arch: FrozenArch, kept: Mapping[str, Tensor]) -
         m = b.module
         attn_keys = [k for k in state if k.startswith(f"{m}.attn.")]
         if a.op == "skip":
-            for key in attn_keys + [f"{m}.norm1.weight", f"{m}.norm1.bias"]:
+            for key in attn_keys + [f"{m}.norm1.weight", f"{m}.norm1.bias", f"{m}.ls1.gamma"]:
                 state.pop(key, None)
         elif a.op != "msa":
             for key in attn_keys:

@@ -35,6 +35,9 @@ __all__ = ["CellPlan", "cell_spec", "finished", "run_cell"]
 
 CARRIED = (
     "data",
+    "data_dir",
+    "train_split",
+    "val_split",
     "batch_size",
     "workers",
     "precision",

@@ -27,7 +27,7 @@ from ..space.latency import DEVICES, PRECISIONS, LatencySetting
 from ..space.ops import OPS, by_level
 from ..space.plan import LAYERS, BlockPlan, DensityChoice, FfnChoice, Geometry, Space
 from ..space.units import METRICS, Limit, UnitError, to_limit
-from .strategies import RETIRED, SETTINGS, STRATEGIES, SettingValue, StrategyInfo
+from .strategies import RETIRED, SETTINGS, STRATEGIES, SettingValue, StrategyInfo, check_data
 
 FIELDS = ("attention", "ffn", "heads", "head_dim", "sparsity", "embed")
 WEIGHTS_WORDS = ("pretrained", "none")
@@ -222,18 +222,64 @@ def _geometry(model: str, model_span: Span, settings: dict[str, ast.Setting]) ->
     try:
         return backbones.resolve(model, overrides)
     except backbones.UnknownBackbone as exc:
-        hint = (
-            ("did you mean " + " or ".join(f"'{n}'" for n in exc.suggestions[:3]) + "?")
-            if exc.suggestions
-            else None
-        )
-        raise SpecError(str(exc), model_span, hint=hint) from None
+        raise SpecError(str(exc), model_span, hint=exc.hint or None) from None
     except backbones.BadOverride as exc:
         s = settings.get(exc.key)
         span = (
             (s.value.span if getattr(exc, "on_value", True) else s.key_span) if s is not None else model_span
         )
         raise SpecError(str(exc), span, hint=getattr(exc, "hint", None)) from None
+
+
+def _pretrained(
+    model: str, geo: Geometry, settings: dict[str, ast.Setting], model_span: Span, weights_span: Span | None
+) -> list[SpecWarning]:
+    """What ``weights = pretrained`` cannot do, said at compile time: a name without weights (an error), a pooling
+    override that moves the final norm (an error: the weights cannot load), a shape the weights do not have and a
+    head of another class count (warnings)."""
+    shipped = backbones.tags(geo.model)
+    if geo.tag not in shipped or geo.tag == "untrained":
+        raise SpecError(
+            f"timm has no pretrained weights for {geo.model}",
+            weights_span or model_span,
+            hint="use weights = none, or a checkpoint path in quotes",
+        )
+    pool = settings.get("global_pool")
+    if pool is not None:
+        base = _geometry(model, model_span, {k: s for k, s in settings.items() if k != "global_pool"})
+        if (base.final_norm, base.fc_norm) != (geo.final_norm, geo.fc_norm):
+            layer = "the pooled feature (fc_norm)" if geo.fc_norm else "every token (norm)"
+            raise SpecError(
+                f"the pretrained weights of {geo.model}.{geo.tag} were trained with global_pool = "
+                f"{base.global_pool}; with {geo.global_pool} timm normalises {layer} instead, a layer these "
+                "weights do not have, so they cannot load",
+                pool.value.span,
+                hint="use weights = none, or a checkpoint trained with this pooling",
+            )
+    out = []
+    for key in ("embed_dim", "depth", "mlp_ratio"):
+        s = settings.get(key)
+        if s is not None:
+            out.append(
+                SpecWarning(
+                    f"{key} changes the shapes the pretrained weights {geo.model}.{geo.tag} were trained with: "
+                    "loading them will fail",
+                    s.value.span,
+                    hint="use weights = none, or a checkpoint of this shape",
+                )
+            )
+    classes, span = shipped[geo.tag], settings["classes"].value.span if "classes" in settings else model_span
+    if classes != geo.num_classes:
+        has = f"a {classes}-class head" if classes else "no classifier head"
+        out.append(
+            SpecWarning(
+                f"the pretrained weights {geo.model}.{geo.tag} have {has}; a fresh {geo.num_classes}-class head is "
+                "created (randomly initialised, trained by the search and fine-tuning)",
+                span,
+                hint=None if "classes" in settings else "set classes = N for your data",
+            )
+        )
+    return out
 
 
 def _weights(settings: dict[str, ast.Setting], spec_path: str) -> tuple[str, Span | None]:
@@ -773,6 +819,8 @@ def _search(spec: ast.Spec, items: list[Any]) -> SearchSettings:
             spans.get(high) or spans.get(low) or strategy_span,
             hint=f"{high}: {info.settings()[high].doc}",
         )
+    if "data" in values:
+        check_data(values, spans, strategy_span)
     return SearchSettings(strategy, values, spans)
 
 
@@ -934,6 +982,8 @@ def check(spec: ast.Spec, *, loader: Loader = read_file, source: str | None = No
     geo = _geometry(model, model_span, settings)
     weights, weights_span = _weights(settings, spec.path)
     plans, stage_embed, origins, warnings = _plans(spec, items, geo)
+    if weights == "pretrained":
+        warnings += _pretrained(model, geo, settings, model_span, weights_span)
     embed = _embed(items, geo, stage_embed)
     space = Space(geo, plans, embed)
     budgets, convention, latency = _budgets(spec, items)

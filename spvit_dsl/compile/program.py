@@ -154,7 +154,7 @@ def _blind(checked: Checked) -> list[SpecWarning]:
     """A ViT space where no block can run msa: its class token never reads the image (see ``reads_image``)."""
     space = checked.space
     g = space.geometry
-    if g.family == "swin" or g.prefix_tokens == 0 or any("msa" in p.attention for p in space.plans):
+    if g.reads_patches or any("msa" in p.attention for p in space.plans):
         return []
     return [
         SpecWarning(

@@ -9,14 +9,20 @@ Three kinds of strategy, each with the settings that make sense for it:
 * ``train`` — trains a masked supernet (spvit, ofb): data, batches and optimisation settings;
 * ``score`` — scores units with data but trains nothing (upvit): data and batch settings;
 * ``data_free`` — needs no data at all (magnitude, random, dimap): only the seed.
+
+The data settings mirror timm's ``train.py`` (``--dataset``, ``--data-dir``, ``--train-split``, ``--val-split``):
+:func:`check_data` refuses what is wrong with them before any file is read (an unknown torchvision name, a
+missing ``data_dir``, a streaming format); :mod:`spvit_dsl.runtime.data` reads the files.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .._registry import Registry
+from ..lang.errors import Span, SpecError, did_you_mean
 
 StrategyKind = Literal["train", "score", "data_free"]
 SettingValue = int | float | str | bool  # the value of a search setting
@@ -54,7 +60,17 @@ STRATEGIES: Registry[StrategyInfo] = Registry("strategy")
 # Settings every strategy understands, and those of strategies that read data / that train (the loop's knobs).
 RUN: dict[str, Param] = {"seed": Param(int, 0, "seed of data order, random draws and init")}
 DATA: dict[str, Param] = {
-    "data": Param(str, "digits", "digits | synthetic | a folder with train/ and val/ class folders"),
+    "data": Param(
+        str,
+        "digits",
+        "digits | synthetic | a folder (train/ and val/ class folders or .tar files) | torch/NAME, hfds/NAME or "
+        "wds/NAME with data_dir (timm's --dataset)",
+    ),
+    "data_dir": Param(
+        str, "", "the root of a torch/, hfds/ (cache folder) or wds/ dataset (timm's --data-dir)"
+    ),
+    "train_split": Param(str, "train", "the training split (timm's --train-split)"),
+    "val_split": Param(str, "validation", "the validation split (timm's --val-split)"),
     "batch_size": Param(int, 64, "images per step (per process under torchrun)"),
     "workers": Param(int, 0, "data-loader worker processes"),
 }
@@ -223,3 +239,123 @@ register_strategy(
         ordered=(("mim_start", "mim_end"),),
     )
 )
+
+
+# --------------------------------------------------------------------------------------------- data settings
+BUILTIN_DATA = ("digits", "synthetic")
+FORMATS = ("torch", "hfds", "wds")  # timm's dataset prefixes that spvit-dsl reads
+STREAMING = {  # timm's prefixes for iterable datasets, refused: a search reads samples by index (resumable epochs)
+    "hfids": "use hfds/ with the dataset in a local cache or folder",
+    "tfds": "TensorFlow datasets are not supported; use hfds/, wds/ or a folder",
+}
+# torch/NAME as timm 1.0 reads it (timm.data.create_dataset): torchvision's class, and what data_dir must hold
+TORCH_FILES: dict[str, tuple[str, str]] = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py/"),
+    "cifar100": ("CIFAR100", "cifar-100-python/"),
+    "mnist": ("MNIST", "MNIST/raw/"),
+    "kmnist": ("KMNIST", "KMNIST/raw/"),
+    "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw/"),
+    "qmnist": ("QMNIST", "QMNIST/raw/"),
+    "inaturalist": ("INaturalist", "2021_train/ and 2021_valid/"),
+    "inat": ("INaturalist", "2021_train/ and 2021_valid/"),
+    "places365": (
+        "Places365",
+        "categories_places365.txt, places365_train_standard.txt and the image folders",
+    ),
+    "imagenet": (
+        "ImageNet",
+        "ILSVRC2012_devkit_t12.tar.gz, ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar",
+    ),
+    "image_folder": ("ImageFolder", "one folder per split (train/, validation/ or val/) of class folders"),
+    "folder": ("ImageFolder", "one folder per split (train/, validation/ or val/) of class folders"),
+}
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A ``data`` value read as timm reads ``--dataset``: ``kind`` is digits, synthetic, folder (a path), one of
+    :data:`FORMATS` or of :data:`STREAMING`; ``name`` is what follows the prefix (the path, for a folder)."""
+
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class DataProblem:
+    key: str  # the setting to blame
+    message: str
+    hint: str
+
+
+def data_source(value: str) -> DataSource:
+    """Only timm's prefix is case-insensitive (``Torch/cifar10``); a value without a known prefix is a folder."""
+    if value in BUILTIN_DATA:
+        return DataSource(value, "")
+    prefix, sep, rest = value.partition("/")
+    if sep and prefix.lower() in (*FORMATS, *STREAMING):
+        return DataSource(prefix.lower(), rest)
+    return DataSource("folder", value)
+
+
+def data_problem(values: Mapping[str, SettingValue]) -> DataProblem | None:
+    """What is wrong with the data settings before any file is read, or None (also for data-free strategies)."""
+    if "data" not in values:
+        return None
+    value, root = str(values["data"]), str(values.get("data_dir", ""))
+    source = data_source(value)
+    if not value.strip():
+        return DataProblem("data", "'data' is empty", DATA["data"].doc)
+    if source.kind in STREAMING:
+        return DataProblem(
+            "data",
+            f"data '{value}' streams its samples; a search reads them by index",
+            STREAMING[source.kind],
+        )
+    if source.kind == "torch" and source.name.lower() not in TORCH_FILES:
+        hint = did_you_mean(source.name.lower(), TORCH_FILES) or "expected one of: " + ", ".join(TORCH_FILES)
+        return DataProblem("data", f"unknown torchvision dataset '{source.name}' in '{value}'", hint)
+    if source.kind == "hfds" and not source.name.strip("/"):
+        return DataProblem(
+            "data",
+            "'hfds/' needs a dataset name",
+            "hfds/<hub id> (read from the Hugging Face cache in data_dir) or hfds/<a local folder of parquet files>",
+        )
+    if source.kind in ("torch", "wds") and not root:
+        holds, hint = _root_hint(source)
+        return DataProblem("data", f"data '{value}' needs data_dir, the folder that holds {holds}", hint)
+    if root and source.kind not in FORMATS:
+        what = f"data = {value}" if source.kind in BUILTIN_DATA else f'the folder data = "{value}"'
+        return DataProblem(
+            "data_dir",
+            f"'data_dir' is the root of a torch/, hfds/ or wds/ dataset; {what} takes none",
+            'drop data_dir, or name a dataset: data = "torch/cifar10"',
+        )
+    for key in ("train_split", "val_split"):
+        split = str(values.get(key, DATA[key].default))
+        if not split.strip():
+            return DataProblem(key, f"'{key}' is empty", DATA[key].doc)
+        if source.kind in BUILTIN_DATA and split != DATA[key].default:
+            return DataProblem(
+                key, f"'{key}' does not apply to data = {value}", f"{value} has a fixed split; drop {key}"
+            )
+    return None
+
+
+def _root_hint(source: DataSource) -> tuple[str, str]:
+    """What ``data_dir`` holds for a torch/ or wds/ dataset, and how to fill it."""
+    if source.kind == "wds":
+        return "its .tar shards", 'e.g. data_dir = "~/data/shards", with timm\'s _info.json naming the splits'
+    cls, files = TORCH_FILES[source.name.lower()]
+    return (
+        files,
+        f"spvit-dsl never downloads: torchvision.datasets.{cls}(DIR, download=True) fetches the files",
+    )
+
+
+def check_data(values: Mapping[str, SettingValue], spans: Mapping[str, Span], fallback: Span | None) -> None:
+    """:func:`data_problem` as a :class:`SpecError` at the setting to blame (``spans``: the settings the spec
+    sets; ``fallback``: the search block, for a default value)."""
+    problem = data_problem(values)
+    if problem is not None:
+        span = spans.get(problem.key) or spans.get("data") or fallback
+        raise SpecError(problem.message, span, hint=problem.hint)

@@ -369,6 +369,7 @@ def _rebuild(node: Any, leading: dict[int, list[str]], trailing: dict[int, str])
 # ---------------------------------------------------------------- friendly parse errors
 _TERMINALS = {
     "NAME": "a name",
+    "MODEL": "a timm model name",
     "NUM": "a number",
     "STRING": "a quoted string",
     "LBRACE": "'{'",
@@ -472,6 +473,10 @@ def _friendly(exc: Exception, text: str, path: str) -> SpecError:
     # after a field name `:` is what was forgotten; the joint form `heads x head_dim:` is not worth listing there
     exp = _describe_expected(expected - times if "COLON" in expected else expected)
     span = _tok_span(path, tok)
+    if tok.type == "MODEL":  # where no model name may stand, the lexer's longest match is just a name
+        tok = Token(
+            "NAME", str(tok), tok.start_pos, tok.line, tok.column, tok.end_line, tok.end_column, tok.end_pos
+        )
     what = _TERMINALS.get(tok.type, repr(str(tok)))
     if tok.type in ("NAME", "NUM"):
         what = f"{tok.type.lower()} '{tok}'"

@@ -1,25 +1,37 @@
-"""Runtime — data: a ``data`` setting (``digits`` | ``synthetic`` | a folder) → training and validation sets.
+"""Runtime — data: the ``data`` settings → training and validation sets.
 
-Input: the spec's ``data`` value and the backbone :class:`~spvit_dsl.space.plan.Geometry` (image size, channels, classes).
-Output: :class:`Data` (two map-style datasets, an optional timm Mixup and the training loss) and, per epoch,
-resumable loaders (:func:`make_loader`) that shard with ``DistributedSampler`` under torchrun.
+Input: the spec's ``data`` (with ``data_dir``, ``train_split``, ``val_split``: timm's ``--dataset``, ``--data-dir``,
+``--train-split``, ``--val-split``) and the backbone :class:`~spvit_dsl.space.plan.Geometry` (image size, channels,
+classes). Output: :class:`Data` (two map-style datasets, an optional timm Mixup and the training loss) and, per
+epoch, resumable loaders (:func:`make_loader`) that shard with ``DistributedSampler`` under torchrun.
 
 * ``digits`` — scikit-learn's 1797 real 8×8 digit images scaled to [0, 1], resized bilinearly to the spec's image
   size, channels replicated to ``in_chans``; a fixed 80/20 split drawn with seed 0.
 * ``synthetic`` — deterministic random images (a per-class template plus per-image noise, each image generated from
   its index), so it is learnable, costs no memory and needs no files.
-* a folder — ImageNet layout (``train/`` and ``val/`` with one sub-folder per class) through timm's pipeline:
-  ``ImageDataset``, ``create_transform`` with DeiT's augmentation, ``Mixup``/CutMix and label smoothing (SPViT §4).
-  An unreadable image stops the search with a :class:`~spvit_dsl.lang.errors.UsageError` naming the file (timm would
-  silently skip it).
+* a folder — ImageNet layout: per split a folder of class folders or an ImageNet-style tar of them, found as timm
+  finds split folders (``train/``; ``validation/``, ``val/`` ...; and ``train.tar``, ``val.tar``).
+* what ``timm.data.create_dataset`` reads: ``torch/NAME`` (torchvision sets from ``data_dir``, never downloaded),
+  ``hfds/NAME`` (Hugging Face datasets, offline: a local folder or the cache in ``data_dir``), ``wds/NAME``
+  (WebDataset shards in ``data_dir``, read by index). The last two need the ``data`` extra.
+
+Everything but digits and synthetic goes through timm's pipeline: ``ImageDataset`` over timm's readers,
+``create_transform`` with DeiT's augmentation, ``Mixup``/CutMix and label smoothing (SPViT §4), RGB adapted to the
+backbone's channels. An unreadable image stops the search with a :class:`~spvit_dsl.lang.errors.UsageError` naming
+the file (timm would silently skip it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
+import io
+import json
 import os
 import random
-from collections.abc import Iterator
+import tarfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +41,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, TensorDataset
 
+from ..compile.strategies import DATA, TORCH_FILES, data_problem, data_source
 from ..lang.errors import UsageError
 from ..space.plan import Geometry
 
-__all__ = ["Data", "UnreadableImage", "load_data", "make_loader", "digits_tensors"]
+__all__ = ["Data", "UnreadableImage", "data_options", "digits_tensors", "load_data", "make_loader"]
 
 SYNTHETIC_TRAIN, SYNTHETIC_VAL = 1024, 256
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -143,16 +156,16 @@ def _synthetic(geometry: Geometry) -> Data:
     )
 
 
-# --------------------------------------------------------------------------------------------- image folders
+# --------------------------------------------------------------------------------------------- timm's pipeline
 def _strict_dataset_class() -> type:
     from PIL import Image
     from timm.data import ImageDataset
 
     class StrictImageDataset(ImageDataset):
-        """timm's ImageDataset, but an unreadable image is an error naming the file instead of a silent skip, and
-        with ``rng_key = (seed, epoch)`` set (training loaders) every random augmentation of an image is drawn from
-        generators seeded by ``(seed, epoch, index)``: the same whatever was loaded before it, in whichever worker,
-        so a resumed epoch augments exactly as an uninterrupted one."""
+        """timm's ImageDataset over any reader, but an unreadable image is an error naming the file instead of a
+        silent skip, and with ``rng_key = (seed, epoch)`` set (training loaders) every random augmentation of an
+        image is drawn from generators seeded by ``(seed, epoch, index)``: the same whatever was loaded before it,
+        in whichever worker, so a resumed epoch augments exactly as an uninterrupted one."""
 
         rng_key: tuple[int, int] | None = None
 
@@ -163,21 +176,33 @@ def _strict_dataset_class() -> type:
                 return self._load(index)
 
         def _load(self, index: int) -> tuple[Any, int]:
-            path = self.reader.filename(index, absolute=True)
-            fh, target = self.reader[index][:2]
             try:
-                with fh:
-                    img: Image.Image = Image.open(fh)
-                    img = img.convert("RGB")
-            except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for broken files
+                item, target = self.reader[index][:2]
+                if isinstance(item, Image.Image):  # torchvision's in-memory sets (CIFAR, MNIST)
+                    img = item.convert("RGB")
+                else:
+                    with item:
+                        img = Image.open(item).convert("RGB")
+            except (
+                Exception
+            ) as e:  # opening or decoding: OSError, ValueError, SyntaxError... for broken files
                 raise UnreadableImage(
-                    f"cannot read image {path}: {' '.join(str(e).split()) or type(e).__name__}"
+                    f"cannot read image {_where(self.reader, index)}: {' '.join(str(e).split()) or type(e).__name__}"
                 ) from None
             if self.transform is not None:
                 img = self.transform(img)
-            return img, target
+            return img, int(target)
 
     return StrictImageDataset
+
+
+def _where(reader: Any, index: int) -> str:
+    """A sample's file for messages: a path, ``archive.tar:member``, ``shard.tar:key`` or the sample's index."""
+    name = reader.filename(index, absolute=True)
+    root = str(getattr(reader, "root", "") or "")
+    if not name:  # e.g. a Hugging Face image stored as bytes
+        return f"sample {index} of split '{getattr(reader, 'split', '')}'"
+    return f"{root}:{name}" if root.endswith(".tar") and not str(name).startswith(root) else str(name)
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -200,34 +225,6 @@ def seeded_rngs(seed: int) -> Iterator[None]:
             np.random.set_state(state[1])
 
 
-def _check_folder(path: str) -> tuple[str, str]:
-    if not os.path.exists(path):
-        raise UsageError(
-            f"data folder not found: {path} (expected digits, synthetic or a folder with train/ and val/)"
-        )
-    if not os.path.isdir(path):
-        raise UsageError(f"data path is not a folder: {path}")
-    parts = []
-    for split in ("train", "val"):
-        sub = os.path.join(path, split)
-        if not os.path.isdir(sub):
-            raise UsageError(
-                f"data folder {path} has no {split}/ folder (expected the ImageNet layout: "
-                "train/<class>/*.jpg and val/<class>/*.jpg)"
-            )
-        if not _has_images(sub):
-            raise UsageError(f"data folder {sub} is empty: no images in its class folders")
-        parts.append(sub)
-    return parts[0], parts[1]
-
-
-def _has_images(folder: str) -> bool:
-    for _root, _dirs, files in os.walk(folder):
-        if any(f.lower().endswith(IMAGE_SUFFIXES) for f in files):
-            return True
-    return False
-
-
 class _Channels(nn.Module):
     """Adapt timm's RGB tensors to the backbone's ``in_chans`` (mean to one channel, or repeat)."""
 
@@ -243,12 +240,11 @@ class _Channels(nn.Module):
         return x.repeat((self.chans + 2) // 3, 1, 1)[: self.chans]
 
 
-def _folder(path: str, geometry: Geometry, augment: bool = True) -> Data:
-    from timm.data import Mixup, create_transform
-    from timm.loss import SoftTargetCrossEntropy
+def _transforms(geometry: Geometry, augment: bool) -> tuple[Any, Any]:
+    """timm's training and evaluation transforms at the backbone's image size, then its channel count."""
+    from timm.data import create_transform
     from torchvision import transforms as T
 
-    train_dir, val_dir = _check_folder(path)
     size = geometry.img_size
     tf_train = create_transform(
         size,
@@ -259,57 +255,419 @@ def _folder(path: str, geometry: Geometry, augment: bool = True) -> Data:
         interpolation="bicubic",
     )
     tf_val = create_transform(size, is_training=False, interpolation="bicubic")
-    if geometry.in_chans != 3:
-        tf_train, tf_val = (
-            T.Compose([tf_train, _Channels(geometry.in_chans)]),
-            T.Compose([tf_val, _Channels(geometry.in_chans)]),
-        )
-    cls = _strict_dataset_class()
-    try:
-        train = cls(train_dir, transform=tf_train)
-        val = cls(val_dir, transform=tf_val, class_map=_class_map(train))
-    except (RuntimeError, OSError) as e:
-        raise UsageError(f"cannot use data folder {path}: {' '.join(str(e).split())}") from None
-    classes = len(train.reader.class_to_idx)
+    if geometry.in_chans == 3:
+        return tf_train, tf_val
+    chans = _Channels(geometry.in_chans)
+    return T.Compose([tf_train, chans]), T.Compose([tf_val, chans])
+
+
+def _assemble(readers: tuple[Any, Any], geometry: Geometry, label: str, augment: bool = True) -> Data:
+    """Training, validation and plain training sets over two timm readers, with DeiT's augmentation, Mixup/CutMix
+    and label smoothing (SPViT §4); the class count is checked against the backbone's."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    classes = _class_count(*readers)
     if classes > geometry.num_classes:
         raise UsageError(
-            f"data folder {path} has {classes} classes but the backbone has {geometry.num_classes}"
+            f"{label} has {classes} classes but the backbone has {geometry.num_classes} (set classes = {classes})"
         )
+    tf_train, tf_val = _transforms(geometry, augment)
+    cls = _strict_dataset_class()
+    train, val = (
+        cls(None, reader=readers[0], transform=tf_train),
+        cls(None, reader=readers[1], transform=tf_val),
+    )
     mixup = (
         Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=geometry.num_classes)
         if augment
         else None
     )
     loss = SoftTargetCrossEntropy() if mixup is not None else nn.CrossEntropyLoss(label_smoothing=0.1)
-    plain = cls(train_dir, transform=tf_val, class_map=_class_map(train))
-    return Data(train, val, classes, path, mixup, loss, plain)
+    plain = cls(None, reader=readers[0], transform=tf_val)
+    return Data(train, val, classes, label, mixup, loss, plain)
 
 
-def _class_map(train: Any) -> dict[str, int]:
-    return dict(train.reader.class_to_idx)
+def _class_count(*readers: Any) -> int:
+    """The size of the first reader's class table (folders, torchvision, ClassLabel), at least the largest label
+    + 1 (WebDataset's .cls files and plain integer labels have no table)."""
+    table = getattr(readers[0], "class_to_idx", None) or getattr(readers[0], "class_name_to_idx", None)
+    labels = [t for r in readers for t in reader_targets(r) or ()]
+    return max(len(table or ()), max(labels, default=-1) + 1)
 
 
-def load_data(value: str, geometry: Geometry) -> Data:
-    """``digits``, ``synthetic`` or an ImageNet-layout folder; every problem is a one-line UsageError."""
-    if value == "digits":
+def reader_targets(reader: Any) -> list[int] | None:
+    """Every label of a timm reader without decoding an image, where the reader keeps them; else None."""
+    samples = getattr(reader, "samples", None)
+    if isinstance(samples, list):  # timm's image folders: (path, target) pairs
+        return [int(t) for _, t in samples]
+    targets = getattr(reader, "targets", None)  # timm's tar reader, torchvision, WebDataset shards
+    if targets is not None:
+        return [int(t) for t in targets]
+    if hasattr(reader, "iter_targets"):  # Hugging Face datasets: the label column alone
+        return [int(t) for t in reader.iter_targets()]
+    return None
+
+
+# --------------------------------------------------------------------------------------------- folders and tar files
+def _split_path(root: str, split: str) -> str | None:
+    """timm's split search (``_search_split``): ``root/<split>`` or, for train and validation names, any of timm's
+    synonyms (``val/``, ``valid/``, ``eval/`` ...); each also as ``<name>.tar`` (our addition); None: none exists
+    (timm would read ``root`` itself)."""
+    from timm.data.dataset_factory import _EVAL_SYNONYM, _TRAIN_SYNONYM
+
+    name = split.split("[")[0]  # timm: "train[:10%]" names the folder train/
+    names = [
+        name,
+        *(s for group in (_TRAIN_SYNONYM, _EVAL_SYNONYM) if name in group for s in group if s != name),
+    ]
+    for candidate in (os.path.join(root, n) + ext for n in names for ext in ("", ".tar")):
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def _check_folder(path: str, splits: tuple[str, str]) -> tuple[str, str]:
+    if not os.path.exists(path):
+        raise UsageError(
+            f"data folder not found: {path} (expected digits, synthetic or a folder with train/ and val/)"
+        )
+    if not os.path.isdir(path):
+        raise UsageError(
+            f"data path is not a folder: {path} (a tar file holds one split: put train.tar and val.tar in a folder)"
+        )
+    parts = []
+    for split in splits:
+        sub = _split_path(path, split)
+        if sub is None:
+            raise UsageError(
+                f"data folder {path} has no {split.split('[')[0]}/ folder (expected the ImageNet layout: "
+                "train/<class>/*.jpg and val/<class>/*.jpg, or train.tar and val.tar)"
+            )
+        if os.path.isdir(sub) and not _has_images(sub):
+            raise UsageError(f"data folder {sub} is empty: no images in its class folders")
+        parts.append(sub)
+    return parts[0], parts[1]
+
+
+def _has_images(folder: str) -> bool:
+    for _root, _dirs, files in os.walk(folder):
+        if any(f.lower().endswith(IMAGE_SUFFIXES) for f in files):
+            return True
+    return False
+
+
+def _folder_reader(path: str, class_map: dict[str, int] | None = None) -> Any:
+    """timm's reader of a class-folder tree or of an ImageNet-style tar (``<class>/<image>`` members); the tar
+    reader reopens the archive per image, so loader workers never share a file offset."""
+    from timm.data.readers.reader_image_folder import ReaderImageFolder
+    from timm.data.readers.reader_image_in_tar import ReaderImageInTar
+
+    if os.path.isfile(path) and not path.endswith(".tar"):
+        raise UsageError(f"data split {path} is a file but not a .tar of class folders")
+    try:
+        if os.path.isfile(path):
+            return ReaderImageInTar(path, class_map=class_map or "", cache_tarfiles=False)
+        return ReaderImageFolder(path, class_map=class_map or "")
+    except (RuntimeError, OSError, ValueError, tarfile.TarError) as e:
+        what = "no images in class folders" if isinstance(e, ValueError) else " ".join(str(e).split())
+        raise UsageError(f"cannot use data {path}: {what}") from None
+
+
+def _folder(path: str, geometry: Geometry, splits: tuple[str, str] = ("train", "validation")) -> Data:
+    train_dir, val_dir = _check_folder(path, splits)
+    train = _folder_reader(train_dir)
+    val = _folder_reader(val_dir, dict(getattr(train, "class_to_idx", None) or train.class_name_to_idx))
+    return _assemble((train, val), geometry, f"data folder {path}")
+
+
+# --------------------------------------------------------------------------------------------- timm's other formats
+class _TorchvisionReader:
+    """A timm-style reader over a torchvision dataset from ``timm.data.create_dataset("torch/NAME")``: file-backed
+    sets (ImageFolder, ImageNet, Places365) give file handles, in-memory ones (CIFAR, MNIST) PIL images."""
+
+    def __init__(self, dataset: Any, name: str) -> None:
+        self.dataset, self.name = dataset, name
+        # (path, target) pairs of the file-backed sets
+        self.files = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
+        targets = getattr(dataset, "targets", None)
+        self.targets = None if targets is None else [int(t) for t in targets]
+        names = getattr(dataset, "classes", None) or getattr(dataset, "all_categories", None) or ()
+        self.class_to_idx = dict(
+            getattr(dataset, "class_to_idx", None) or {c: i for i, c in enumerate(names)}
+        )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if self.files is not None:
+            path, target = self.files[index]
+            return open(path, "rb"), int(target)
+        image, target = self.dataset[index]
+        return image, int(target)
+
+    def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
+        return str(self.files[index][0]) if self.files is not None else f"{self.name}[{index}]"
+
+
+def _torch_readers(name: str, root: str, splits: tuple[str, str]) -> tuple[Any, Any]:
+    """torch/NAME as timm reads it (train split: timm's train names; anything else: the test or val set), never
+    downloading; a missing or partial root is one line saying what it must hold."""
+    from timm.data import create_dataset
+    from timm.data.dataset_factory import _search_split
+
+    name = name.lower()
+    cls, files = TORCH_FILES[name]
+    if not os.path.isdir(root):
+        raise UsageError(f"data_dir not found: {root} (torch/{name} reads {files} there)")
+    readers = []
+    for split in splits:
+        # timm reads data_dir itself when a folder set has no folder for the split: the training images
+        if name in ("image_folder", "folder") and _search_split(root, split) == root:
+            raise UsageError(
+                f"data_dir {root} has no {split.split('[')[0]}/ folder (torch/{name} reads {files})"
+            )
+        try:
+            dataset = create_dataset(f"torch/{name}", root=root, split=split, download=False)
+        except (
+            Exception
+        ) as e:  # torchvision: RuntimeError for missing files, KeyError, EOFError... for broken
+            raise UsageError(_torch_missing(name, root, e)) from None
+        readers.append(_TorchvisionReader(dataset, f"torch/{name}:{split}"))
+    return readers[0], readers[1]
+
+
+def _torch_missing(name: str, root: str, error: Exception) -> str:
+    cls, files = TORCH_FILES[name]
+    reason = " ".join(str(error).split()) or type(error).__name__
+    if name in ("image_folder", "folder", "imagenet"):
+        return f"cannot read torch/{name} in {root}: {reason} (expected {files} there)"
+    folder = files.split()[0].rstrip("/")
+    fetch = f"fetch them once with torchvision.datasets.{cls}('{root}', download=True)"
+    if os.path.basename(os.path.normpath(root)) == folder:
+        parent = os.path.dirname(os.path.normpath(root)) or "."
+        return f'torch/{name}: data_dir is the folder that holds {folder}/, i.e. data_dir = "{parent}"'
+    if "/" in files.split()[0] and os.path.isdir(os.path.join(root, folder)):
+        return (
+            f"torch/{name}: {os.path.join(root, folder)} is there but torchvision rejects its files ({reason}): it "
+            f"reads only the official {cls} files and checks their md5 sums; {fetch}"
+        )
+    return (
+        f"torch/{name}: {cls} files missing or unreadable in {root} ({reason}): expected {files} there; spvit-dsl "
+        f"never downloads: {fetch}"
+    )
+
+
+def _need(module: str, prefix: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"data '{prefix}/...' needs the {module} package: pip install 'spvit-dsl[data]'")
+
+
+@contextlib.contextmanager
+def _hf_offline() -> Iterator[Any]:
+    """Hugging Face ``datasets`` with the hub switched off (a hub id is read from the cache), quietly; the
+    library's settings are restored after the block."""
+    datasets: Any = importlib.import_module("datasets")  # an optional package: imported by name, untyped
+    config: Any = importlib.import_module("datasets.config")
+    offline, bars = config.HF_HUB_OFFLINE, datasets.is_progress_bar_enabled()
+    verbosity = datasets.logging.get_verbosity()
+    config.HF_HUB_OFFLINE = True
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield datasets
+    finally:
+        config.HF_HUB_OFFLINE = offline
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _hfds_readers(name: str, root: str, splits: tuple[str, str]) -> tuple[Any, Any]:
+    """hfds/NAME through timm's ReaderHfds, offline: NAME is a hub id in the cache at ``root`` (the default cache
+    when empty) or a local folder of data files (parquet, arrow, an image folder). The image column is ``image``
+    (timm's default) or else the first Image column; the label ``label`` or else the first ClassLabel column."""
+    _need("datasets", "hfds")
+    from timm.data.readers.reader_hfds import ReaderHfds
+
+    name = os.path.expanduser(name)
+    readers = []
+    with _hf_offline() as datasets:
+        for split in splits:
+            try:
+                features = datasets.load_dataset(name, split=split, cache_dir=root or None).features
+                image = _column(features, "image", datasets.Image)
+                target = _column(features, "label", datasets.ClassLabel)
+                readers.append(ReaderHfds(name, root or None, split, input_key=image, target_key=target))
+            except (OSError, ValueError, RuntimeError) as e:
+                raise UsageError(_hfds_missing(name, root, split, e)) from None
+    return readers[0], readers[1]
+
+
+def _column(features: Any, preferred: str, kind: type) -> str:
+    if preferred in features:
+        return preferred
+    return next((k for k, f in features.items() if isinstance(f, kind)), preferred)
+
+
+def _hfds_missing(name: str, root: str, split: str, error: Exception) -> str:
+    reason = " ".join(str(error).split()).rstrip(".") or type(error).__name__
+    if isinstance(error, ConnectionError):  # neither a local folder nor in the cache
+        cache = root or "the default cache (~/.cache/huggingface/datasets)"
+        return (
+            f"hfds/{name} is neither a local folder nor in the Hugging Face cache at {cache}; spvit-dsl reads "
+            f"Hugging Face datasets offline: fill the cache once with datasets.load_dataset('{name}', "
+            f"cache_dir=DATA_DIR) on a machine with network"
+        )
+    hint = "; set train_split / val_split to one of them" if "split" in reason.lower() else ""
+    return f"cannot read hfds/{name} split '{split}': {reason}{hint}"
+
+
+class _ShardReader:
+    """WebDataset shards read by index (a search draws samples by index: resumable, shardable epochs). Samples
+    are grouped as WebDataset groups tar members (the key is the path up to the first dot of the file name); the
+    image is timm's first of ``jpg``, ``png``, ``webp``; the label is the ``.cls`` member or, when the split names an
+    ``alt_label``, that field of the ``.json`` member (timm's ``ReaderWds``); samples labelled < 0 are left out."""
+
+    IMAGE_KEYS = ("jpg", "png", "webp")
+
+    def __init__(self, root: str, shards: list[str], alt_label: str = "") -> None:
+        self.root, self.shards, self.alt_label = root, shards, alt_label
+        self.entries: list[tuple[int, str, int, int]] = []  # shard, key, image offset, image size
+        self.targets: list[int] = []
+        for i, shard in enumerate(shards):
+            self._index(i, shard)
+
+    def _index(self, shard_index: int, path: str) -> None:
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        with tarfile.open(path, mode="r:") as tf:  # uncompressed: images are read in place by offset
+            for member in tf:
+                key, dot, ext = _sample_key(member.name)
+                if member.isfile() and dot:
+                    groups.setdefault(key, {})[ext.lower()] = member
+            for key, members in groups.items():
+                image = next((members[k] for k in self.IMAGE_KEYS if k in members), None)
+                target = self._target(tf, path, key, members) if image is not None else -1
+                if image is not None and target >= 0:
+                    self.entries.append((shard_index, key, image.offset_data, image.size))
+                    self.targets.append(target)
+
+    def _target(self, tf: tarfile.TarFile, path: str, key: str, members: dict[str, tarfile.TarInfo]) -> int:
+        field = "json" if self.alt_label else "cls"
+        if field not in members:
+            raise UsageError(f"WebDataset sample {path}:{key} has no .{field} member (its label)")
+        raw = tf.extractfile(members[field])
+        text = raw.read().decode() if raw is not None else ""
+        try:
+            return int(json.loads(text)[self.alt_label]) if self.alt_label else int(text.strip())
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"WebDataset sample {path}:{key}: unreadable label {text[:40]!r}") from None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        shard, _key, offset, size = self.entries[index]
+        with open(self.shards[shard], "rb") as fh:
+            fh.seek(offset)
+            return io.BytesIO(fh.read(size)), self.targets[index]
+
+    def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
+        shard, key, _offset, _size = self.entries[index]
+        return f"{self.shards[shard]}:{key}"
+
+
+def _sample_key(name: str) -> tuple[str, str, str]:
+    """WebDataset's key rule: ``dir/n01440764_10026.seg.png`` → (``dir/n01440764_10026``, ".", ``seg.png``); a
+    name without a dot, or starting with one, belongs to no sample (no dot returned)."""
+    folder, base = os.path.split(name)
+    key, dot, ext = base.partition(".")
+    return (os.path.join(folder, key), dot, ext) if key else (name, "", "")
+
+
+def _wds_readers(name: str, root: str, splits: tuple[str, str]) -> tuple[Any, Any]:
+    """wds/NAME as timm's ``ReaderWds`` resolves a split (a name in ``root/_info.json``, or a brace pattern of shard
+    files such as ``train-{0000..0009}.tar``), read by index from local uncompressed shards."""
+    _need("webdataset", "wds")
+    from timm.data.readers.reader_wds import ReaderWds
+
+    if not os.path.isdir(root):
+        raise UsageError(f"data_dir not found: {root} (wds/{name} reads .tar shards there)")
+    readers = []
+    for split in splits:
+        try:
+            info = ReaderWds(root=root, name=name, split=split).split_info
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UsageError(
+                f"wds/{name} has no split '{split}' in {root}: {' '.join(str(e).split())} (name a split of "
+                '_info.json, or shards by pattern: train_split = "train-{0000..0009}.tar")'
+            ) from None
+        shards = [os.path.join(root, f) for f in info.filenames]
+        remote = next((s for s in shards if "://" in s or s.startswith("pipe:")), None)
+        if remote is not None or not shards:
+            raise UsageError(f"wds/{name} split '{split}' names no local shard files ({remote or 'none'})")
+        try:
+            readers.append(_ShardReader(root, shards, info.alt_label))
+        except (OSError, tarfile.TarError) as e:
+            raise UsageError(
+                f"cannot read WebDataset shards of wds/{name}: {' '.join(str(e).split())}"
+            ) from None
+    return readers[0], readers[1]
+
+
+_FORMATS: dict[str, Any] = {"torch": _torch_readers, "hfds": _hfds_readers, "wds": _wds_readers}
+
+
+def data_options(settings: Mapping[str, Any]) -> dict[str, str]:
+    """The keyword arguments of :func:`load_data` besides ``data`` from a search's settings (defaults where a
+    setting is absent): ``load_data(str(settings["data"]), geometry, **data_options(settings))``."""
+    return {
+        key: str(settings.get(key, DATA[key].default)) for key in ("data_dir", "train_split", "val_split")
+    }
+
+
+def load_data(
+    value: str,
+    geometry: Geometry,
+    *,
+    data_dir: str = "",
+    train_split: str = "train",
+    val_split: str = "validation",
+) -> Data:
+    """``digits``, ``synthetic``, an ImageNet-layout folder (class folders or tar files per split), or what timm's
+    ``create_dataset`` reads (``torch/NAME``, ``hfds/NAME``, ``wds/NAME`` at ``data_dir``); every problem is a
+    one-line UsageError."""
+    settings = {"data": value, "data_dir": data_dir, "train_split": train_split, "val_split": val_split}
+    problem = data_problem(settings)
+    if problem is not None:
+        raise UsageError(f"{problem.message} ({problem.hint})")
+    source = data_source(value)
+    if source.kind == "digits":
         return _digits(geometry)
-    if value == "synthetic":
+    if source.kind == "synthetic":
         return _synthetic(geometry)
-    return _folder(os.path.expanduser(value), geometry)
+    splits = (train_split, val_split)
+    if source.kind == "folder":
+        return _folder(os.path.expanduser(value), geometry, splits)
+    readers = _FORMATS[source.kind](source.name, os.path.expanduser(data_dir), splits)
+    for reader, split in zip(readers, splits, strict=True):
+        if len(reader) == 0:
+            raise UsageError(f"data '{value}' split '{split}' holds no images")
+    return _assemble(readers, geometry, f"data '{value}'")
 
 
 def labels_of(dataset: Dataset) -> list[int]:
-    """The label of every sample, without decoding images where the dataset knows them (tensors, timm image
-    folders, synthetic images); otherwise by reading each sample."""
+    """The label of every sample, without decoding images where the dataset knows them (tensors, timm readers,
+    synthetic images); otherwise by reading each sample."""
     if isinstance(dataset, TensorDataset):
         return [int(v) for v in dataset.tensors[1].tolist()]
     if isinstance(dataset, Subset):
         inner = labels_of(dataset.dataset)
         return [inner[i] for i in dataset.indices]
-    reader = getattr(dataset, "reader", None)
-    samples = getattr(reader, "samples", None)
-    if samples is not None:
-        return [int(t) for _, t in samples]
+    targets = reader_targets(getattr(dataset, "reader", None))
+    if targets is not None:
+        return targets
     if isinstance(dataset, SyntheticImages):
         return [dataset.label(i) for i in range(len(dataset))]
     return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]

@@ -235,7 +235,7 @@ class Projection:
 
     def _last_msa(self) -> bool:
         """Whether dropping any msa block would leave a point that does not read the image."""
-        if self.geometry.family == "swin" or self.geometry.prefix_tokens == 0:
+        if self.geometry.reads_patches:
             return False
         return sum(b.op == "msa" for b in self.arch.blocks) <= 1
 

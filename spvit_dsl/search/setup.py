@@ -60,6 +60,10 @@ def resolve_settings(
     info = STRATEGIES.get(program.checked.search.strategy)
     values = dict(program.checked.search.values)
     accepted = info.settings()
+    if overrides.get("data") is not None and overrides["data"] != values.get("data"):
+        for key in ("data_dir", "train_split", "val_split"):  # the spec's belong to the spec's data
+            if key in values:
+                values[key] = accepted[key].default
     for key, value in overrides.items():
         if value is None:
             continue

@@ -1,25 +1,29 @@
 """Backbone resolution (part of the *check* stage): a timm model name + the spec's overrides → :class:`Geometry`.
 
-Input: a timm model name (``deit_small_patch16_224``, ``swin_tiny_patch4_window7_224``, ...) and the overrides a user
-wrote in the spec (``image``, ``classes``, ``channels``, ``embed_dim``, ``depth``, ``heads``, ``patch``, ``window``,
-``mlp_ratio``). Output: the shape of every block of the dense backbone, plus the keyword arguments that make
-``timm.create_model(name, pretrained=False, **geometry.kwargs())`` build exactly that network.
+Input: a timm model name, optionally with a pretrained tag (``deit_small_patch16_224``,
+``vit_base_patch16_224.augreg2_in21k_ft_in1k``, ``swin_tiny_patch4_window7_224``, ...) and the overrides a user wrote
+in the spec (``image``, ``classes``, ``channels``, ``embed_dim``, ``depth``, ``heads``, ``patch``, ``window``,
+``mlp_ratio``, ``global_pool``, ``tag``). Output: the shape of every block of the dense backbone, plus the keyword
+arguments that make ``timm.create_model(name, pretrained=False, **geometry.kwargs())`` build exactly that network.
 
-Pure Python: the size tables below restate timm 1.0.31's model factories (``timm/models/vision_transformer.py``,
-``deit.py``, ``swin_transformer.py``) and the list of timm names ships as ``space/timm_names.txt``, so resolving a
-backbone never imports torch. ``python -m spvit_dsl.space.backbones --regen`` rewrites that list from the installed timm;
+Pure Python: ``space/timm_configs.json`` is a snapshot of timm 1.0.31 — every ``vit_*``, ``deit*`` and ``swin*`` name,
+what each ViT-family model is made of (read from the model built on the meta device: sizes, class/register/
+distillation tokens, pooling and its norms, layer scale, qkv bias, activation) or the first feature spvit-dsl does
+not lower, and each name's pretrained tags with their class counts. Swin v1 names are read from their pattern and
+the size table below (timm's ``swin_transformer.py`` factories). Resolving a backbone never imports torch.
+``python -m spvit_dsl.space._timm_snapshot`` rewrites the snapshot from the installed timm;
 ``tests/test_backbones.py`` checks every fact here against real timm modules built on the meta device.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import re
-import sys
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
-from pathlib import Path
+from typing import Any
 
 from ..lang.errors import did_you_mean
 from .geometry import BlockGeom, Family, Geometry
@@ -29,24 +33,19 @@ __all__ = [
     "BadOverride",
     "UnknownBackbone",
     "resolve",
+    "POOLS",
+    "default_tag",
+    "refusal",
+    "split_tag",
     "supported_names",
+    "tags",
     "timm_names",
 ]
 
 # --- what a name means (timm 1.0.31 factories) ---------------------------------------------------------------
 
-_VIT_RE = re.compile(r"^(deit|vit)_(tiny|small|base|large|huge)_patch(\d+)_(\d+)$")
-_DEIT_DISTILLED_RE = re.compile(r"^deit_(tiny|small|base)_distilled_patch(16)_(224|384)$")
 _SWIN_RE = re.compile(r"^swin_(tiny|small|base|large)_patch(4)_window(\d+)_(\d+)$")
 
-# size -> (embed_dim, depth, num_heads)
-_VIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-    "huge": (1280, 32, 16),
-}
 # size -> (embed_dim, depths, num_heads)
 _SWIN_SIZES: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
     "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
@@ -68,7 +67,10 @@ OVERRIDE_KEYS: tuple[str, ...] = (
     "patch",
     "window",
     "mlp_ratio",
+    "global_pool",
+    "tag",
 )
+POOLS: tuple[str, ...] = ("token", "avg")  # the ViT pooling spvit-dsl lowers (timm's global_pool)
 # scalar spec key -> (_Config field, timm.create_model keyword); depth/heads are handled per family
 _SCALAR_KEYS: dict[str, tuple[str, str]] = {
     "image": ("img_size", "img_size"),
@@ -106,19 +108,25 @@ def _bounded(key: str, value: int) -> int:
 
 
 class UnknownBackbone(ValueError):
-    """The model name is not a backbone spvit-dsl can search (``suggestions``: close supported/timm names)."""
+    """The model name is not a backbone spvit-dsl can search (``suggestions``: close supported names; ``timm``:
+    whether it is a real timm name, refused rather than misspelt)."""
 
-    def __init__(self, name: str, message: str, suggestions: list[str]) -> None:
+    def __init__(self, name: str, message: str, suggestions: list[str], *, timm: bool = False) -> None:
         super().__init__(message)
         self.name = name
         self.message = message
         self.suggestions = suggestions
+        self.timm = timm
 
     @property
     def hint(self) -> str:
+        """'did you mean ...?' for a typo; the closest supported backbones for a real timm name that is refused."""
         if not self.suggestions:
             return ""
-        return "did you mean " + " or ".join(f"'{s}'" for s in self.suggestions) + "?"
+        names = self.suggestions[:3]
+        if self.timm:
+            return "the closest supported backbones: " + ", ".join(f"'{s}'" for s in names)
+        return "did you mean " + " or ".join(f"'{s}'" for s in names) + "?"
 
 
 class BadOverride(ValueError):
@@ -136,38 +144,68 @@ class BadOverride(ValueError):
         self.on_value = on_value
 
 
-# --- the timm name list --------------------------------------------------------------------------------------
+# --- the timm snapshot ---------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _raw() -> dict[str, Any]:
+    text = resources.files("spvit_dsl.space").joinpath("timm_configs.json").read_text(encoding="utf-8")
+    raw: dict[str, Any] = json.loads(text)
+    return raw
+
+
+def _snapshot() -> dict[str, dict[str, Any]]:
+    """``space/timm_configs.json``: timm name → facts (see :mod:`._timm_snapshot`)."""
+    models: dict[str, dict[str, Any]] = _raw()["models"]
+    return models
+
+
+def _others() -> dict[str, str]:
+    """Every other timm name (outside ``vit_*``, ``deit*``, ``swin*``) → its timm module."""
+    others: dict[str, str] = _raw().get("others", {})
+    return others
 
 
 @lru_cache(maxsize=1)
 def timm_names() -> list[str]:
-    """timm's ``vit_*``, ``deit*`` and ``swin*`` model names (snapshot shipped in ``space/timm_names.txt``)."""
-    text = resources.files("spvit_dsl.space").joinpath("timm_names.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    """timm's ``vit_*``, ``deit*`` and ``swin*`` model names (the snapshot in ``space/timm_configs.json``)."""
+    return sorted(_snapshot())
 
 
 @lru_cache(maxsize=1)
 def supported_names() -> list[str]:
-    """The timm names :func:`resolve` accepts: plain ViT/DeiT (incl. distilled DeiT) and Swin v1."""
-    return sorted(n for n in timm_names() if _match(n) is not None)
+    """The timm names :func:`resolve` accepts: ViTs whose every feature spvit-dsl lowers (plain ViT/DeiT, DeiT-III,
+    CLIP, SigLIP with average pooling, DINOv2, register and average-pooling ViTs, ...) and Swin v1."""
+    return sorted(n for n in timm_names() if refusal(n) is None)
 
 
-def _match(name: str) -> tuple[str, re.Match[str]] | None:
-    for kind, pattern in (("vit", _VIT_RE), ("deit_distilled", _DEIT_DISTILLED_RE), ("swin", _SWIN_RE)):
-        m = pattern.match(name)
-        if m:
-            return kind, m
-    return None
+def refusal(name: str) -> str | None:
+    """Why the timm name ``name`` (no tag) is not supported, as a phrase naming the missing feature; None when it is
+    supported or not a timm name of these families."""
+    facts = _snapshot().get(name)
+    if facts is None:
+        return None
+    if "swin" in facts and _SWIN_RE.match(name) is None:
+        return "a Swin layout outside timm's 'swin_<size>_patch4_window<W>_<img>' names"
+    refused: str | None = facts.get("refused")
+    return refused
+
+
+def split_tag(model: str) -> tuple[str, str]:
+    """``'vit_base_patch16_224.augreg_in1k'`` → ``('vit_base_patch16_224', 'augreg_in1k')``; no tag → ``''``."""
+    name, _, tag = model.partition(".")
+    return name, tag
+
+
+def tags(name: str) -> dict[str, int]:
+    """The pretrained tags of a timm name, timm's default first, with the class count of each tag's head (0: none;
+    timm's ``untrained`` tag: no weights at all)."""
+    return {tag: classes for tag, classes in _snapshot().get(name, {}).get("tags", [])}
 
 
 def _suggest(name: str) -> list[str]:
-    """Close names from the supported set first, then from timm's list (deduplicated, at most 5)."""
-    out: list[str] = []
-    for pool in (supported_names(), timm_names()):
-        for s in difflib.get_close_matches(name, pool, n=3, cutoff=0.6):
-            if s not in out:
-                out.append(s)
-    return out[:5]
+    """Close supported names (at most 5): a hint never offers a name that is itself refused."""
+    return difflib.get_close_matches(name, supported_names(), n=5, cutoff=0.6)
 
 
 # --- the resolved configuration ------------------------------------------------------------------------------
@@ -188,56 +226,110 @@ class _Config:
     num_heads: tuple[int, ...]
     mlp_ratio: float
     window_size: int  # 0 for ViT
-    prefix_tokens: int  # 0 for Swin
+    hidden: int = 0  # the name's dense FFN width (ViT; 0: int(embed_dim · mlp_ratio))
+    tag: str = ""
+    # ViT token layout and norms (timm's VisionTransformer arguments; Swin keeps the defaults)
+    class_token: bool = True
+    reg_tokens: int = 0
+    dist_token: bool = False
+    no_embed_class: bool = False
+    global_pool: str = "token"
+    pre_norm: bool = False
+    final_norm: bool = True
+    fc_norm: bool = False
+    layer_scale: bool = False
+    qkv_bias: bool = True
+    act: str = "GELU"
+    patch_bias: bool = True
+
+    @property
+    def prefix_tokens(self) -> int:
+        return int(self.class_token) + self.reg_tokens + int(self.dist_token)
 
 
 def _from_name(model: str) -> _Config:
     """The configuration a supported name stands for; :class:`UnknownBackbone` otherwise."""
-    hit = _match(model)
-    if hit is None or model not in timm_names():
-        raise _unknown(model, hit is not None)
-    kind, m = hit
-    if kind == "swin":
+    facts = _snapshot().get(model)
+    if facts is None or refusal(model) is not None:
+        raise _unknown(model)
+    if "swin" in facts:
+        m = _SWIN_RE.match(model)
+        assert m is not None  # refusal() checked it
         size, patch, window, img = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))
         dim, depths, heads = _SWIN_SIZES[size]
-        family: Family = "swin"
-        prefix = 0
-    else:
-        groups = (m.group(1), m.group(2), m.group(3)) if kind == "deit_distilled" else m.group(2, 3, 4)
-        size, patch, img = groups[0], int(groups[1]), int(groups[2])
-        dim, depth, num_heads = _VIT_SIZES[size]
-        depths, heads, window, family = (depth,), (num_heads,), 0, "vit"
-        prefix = 2 if kind == "deit_distilled" else 1  # cls (+ distillation) token
+        return _Config(
+            "swin", model, img, patch, _DEFAULT_CHANNELS, _DEFAULT_CLASSES, dim, depths, heads,
+            _DEFAULT_MLP_RATIO, window, class_token=False, global_pool="avg",  # Swin averages its last map
+        )  # fmt: skip
+    dim, hidden = facts["embed_dim"], facts["hidden"]
     return _Config(
-        family,
+        "vit",
         model,
-        img,
-        patch,
-        _DEFAULT_CHANNELS,
+        facts["img_size"],
+        facts["patch_size"],
+        facts["in_chans"],
         _DEFAULT_CLASSES,
         dim,
-        depths,
-        heads,
-        _DEFAULT_MLP_RATIO,
-        window,
-        prefix,
+        (facts["depth"],),
+        (facts["num_heads"],),
+        hidden / dim,
+        0,
+        hidden=hidden,
+        class_token=facts["class_token"],
+        reg_tokens=facts["reg_tokens"],
+        dist_token=facts["dist_token"],
+        no_embed_class=facts["no_embed_class"],
+        global_pool=facts["global_pool"],
+        pre_norm=facts["pre_norm"],
+        final_norm=facts["final_norm"],
+        fc_norm=facts["fc_norm"],
+        layer_scale=facts["layer_scale"],
+        qkv_bias=facts["qkv_bias"],
+        act=facts["act"],
+        patch_bias=facts["patch_bias"],
     )
 
 
-def _unknown(model: str, looks_supported: bool) -> UnknownBackbone:
+def _stem(name: str) -> str:
+    """A timm name without its trailing image size: ``deit_small_patch16_384`` → ``deit_small_patch16``."""
+    return re.sub(r"_\d+$", "", name)
+
+
+def _unknown(model: str) -> UnknownBackbone:
     suggestions = _suggest(model)
-    if model in timm_names():
+    why = refusal(model)
+    module = _others().get(model)
+    if why is not None:
+        msg = f"timm model '{model}' is not supported: spvit-dsl does not lower {why} yet"
+    elif module is not None:
         msg = (
-            f"timm model '{model}' is not supported: spvit-dsl searches plain ViT/DeiT "
-            "('vit_<size>_patch<P>_<img>', 'deit_<size>[_distilled]_patch16_<img>') and Swin v1 "
-            "('swin_<size>_patch4_window<W>_<img>') backbones"
+            f"timm model '{model}' (timm's {module} family) is not supported: spvit-dsl lowers timm's ViT, DeiT, "
+            "DeiT-III, CLIP, SigLIP, DINOv2 and Swin v1 backbones (docs/language.md, 'Supported backbones')"
         )
-        suggestions = [s for s in suggestions if s in supported_names()] or suggestions
-    elif looks_supported:
+    elif _stem(model) in {_stem(n) for n in supported_names()}:
         msg = f"'{model}' is not a timm model (timm has no such variant; pick a listed name and override 'image')"
     else:
         msg = f"unknown backbone '{model}'"
-    return UnknownBackbone(model, msg, suggestions)
+    return UnknownBackbone(model, msg, suggestions, timm=why is not None or module is not None)
+
+
+def _with_tag(cfg: _Config, tag: str, overrides: dict[str, object]) -> _Config:
+    """The tag's class count becomes the default ``classes``; an unknown tag is a :class:`BadOverride`."""
+    known = tags(cfg.model)
+    if tag not in known:
+        options = ", ".join(t for t in known if t) or "none"
+        raise BadOverride(
+            "tag",
+            f"timm has no pretrained tag '{tag}' for {cfg.model}",
+            hint=(did_you_mean(tag, [t for t in known if t]) or f"its tags: {options}"),
+        )
+    classes = known[tag]
+    return replace(cfg, tag=tag, num_classes=classes if classes > 0 else cfg.num_classes)
+
+
+def default_tag(model: str) -> str:
+    """The tag timm loads for an untagged name (its first pretrained config), or ``''``."""
+    return next(iter(tags(model)), "")
 
 
 # --- overrides -----------------------------------------------------------------------------------------------
@@ -281,6 +373,28 @@ def _ratio(value: object) -> float:
     return float(value)
 
 
+def _pool(cfg: _Config, value: object) -> _Config:
+    """``global_pool = token | avg`` on a ViT, with the norms timm places for it (snapshot ``norms_<pool>``)."""
+    if cfg.family != "vit":
+        raise BadOverride(
+            "global_pool", "global_pool applies to ViT backbones (Swin always averages its last map)"
+        )
+    if value not in POOLS:
+        raise BadOverride(
+            "global_pool",
+            f"global_pool must be token or avg, found {value!r}",
+            hint="token (the class token) or avg",
+        )
+    if value == "token" and not cfg.class_token:
+        raise BadOverride(
+            "global_pool", f"{cfg.model} has no class token to pool", hint="use global_pool = avg"
+        )
+    if value == "avg" and cfg.dist_token:
+        raise BadOverride("global_pool", "a distilled DeiT's heads read its class and distillation tokens")
+    final_norm, fc_norm = _snapshot()[cfg.model][f"norms_{value}"]
+    return replace(cfg, global_pool=str(value), final_norm=final_norm, fc_norm=fc_norm)
+
+
 def _apply(cfg: _Config, overrides: dict[str, object]) -> _Config:
     """The configuration with the user's overrides applied (types checked, shapes not yet)."""
     changes: dict[str, object] = {}
@@ -292,7 +406,11 @@ def _apply(cfg: _Config, overrides: dict[str, object]) -> _Config:
                 hint=did_you_mean(key, OVERRIDE_KEYS),
                 on_value=False,
             )
-        if key == "mlp_ratio":
+        if key == "tag":
+            continue  # resolve() applies it first
+        if key == "global_pool":
+            cfg = _pool(cfg, value)
+        elif key == "mlp_ratio":
             changes["mlp_ratio"] = _ratio(value)
         elif key in ("depth", "heads"):
             field = "depths" if key == "depth" else "num_heads"
@@ -350,12 +468,22 @@ def _vit_blocks(cfg: _Config, overrides: dict[str, object]) -> tuple[BlockGeom, 
             dim=dim,
             heads=heads,
             head_dim=dim // heads,
-            hidden=_hidden(dim, cfg.mlp_ratio, overrides),
+            hidden=_vit_hidden(cfg, overrides),
             grid=(grid, grid),
             prefix_tokens=cfg.prefix_tokens,
+            layer_scale=cfg.layer_scale,
+            qkv_bias=cfg.qkv_bias,
         )
         for i in range(depth)
     )
+
+
+def _vit_hidden(cfg: _Config, overrides: dict[str, object]) -> int:
+    """The name's own FFN width unless ``embed_dim`` or ``mlp_ratio`` changes it (then ``int(C · ratio)``, which
+    :func:`_timm_kwargs` passes to timm as ``mlp_ratio`` so that timm computes the same width)."""
+    if "embed_dim" in overrides or "mlp_ratio" in overrides or not cfg.hidden:
+        return _hidden(cfg.embed_dim, cfg.mlp_ratio, overrides)
+    return cfg.hidden
 
 
 def _hidden(dim: int, ratio: float, overrides: dict[str, object]) -> int:
@@ -445,11 +573,40 @@ def _timm_kwargs(cfg: _Config, overrides: dict[str, object]) -> tuple[tuple[str,
             if value != base:
                 timm_key = field if cfg.family == "swin" else ("depth" if key == "depth" else "num_heads")
                 kwargs[timm_key] = value if cfg.family == "swin" else value[0]
-        elif key not in ("image", "classes"):
+        elif key == "global_pool":
+            if cfg.global_pool != default.global_pool:
+                kwargs["global_pool"] = cfg.global_pool
+        elif key not in ("image", "classes", "tag"):
             field, timm_key = _SCALAR_KEYS[key]
             if getattr(cfg, field) != getattr(default, field):
                 kwargs[timm_key] = getattr(cfg, field)
+    if (
+        cfg.family == "vit"
+        and cfg.embed_dim != default.embed_dim
+        and cfg.mlp_ratio != _DEFAULT_MLP_RATIO
+        and "mlp_ratio" not in kwargs
+    ):
+        # a factory's own ratio (so400m: 3.7362) may not be hidden / embed_dim exactly: say ours
+        kwargs["mlp_ratio"] = cfg.mlp_ratio
     return tuple(kwargs.items())
+
+
+def _tagged(model: str, overrides: dict[str, object]) -> _Config:
+    """The configuration of a name with its pretrained tag (``name.tag``, or ``tag = ...``, or timm's default)."""
+    name, tag = split_tag(model)
+    cfg = _from_name(name)
+    if "tag" in overrides:
+        value = overrides["tag"]
+        if not isinstance(value, str) or not value:
+            raise BadOverride("tag", f"tag must be a pretrained tag name, found {value!r}")
+        if tag and value != tag:
+            raise BadOverride("tag", f"the backbone name already says tag '{tag}'", hint="set the tag once")
+        tag = value
+    if not tag:
+        tag = default_tag(name)
+        if not tag:
+            return cfg
+    return _with_tag(cfg, tag, overrides)
 
 
 def resolve(model: str, overrides: dict[str, object] | None = None) -> Geometry:
@@ -459,7 +616,7 @@ def resolve(model: str, overrides: dict[str, object] | None = None) -> Geometry:
     override of the wrong type or one that breaks the network's shapes.
     """
     overrides = dict(overrides or {})
-    cfg = _apply(_from_name(model), overrides)
+    cfg = _apply(_tagged(model, overrides), overrides)
     blocks = _swin_blocks(cfg, overrides) if cfg.family == "swin" else _vit_blocks(cfg, overrides)
     return Geometry(
         family=cfg.family,
@@ -476,30 +633,27 @@ def resolve(model: str, overrides: dict[str, object] | None = None) -> Geometry:
         prefix_tokens=cfg.prefix_tokens,
         blocks=blocks,
         timm_kwargs=_timm_kwargs(cfg, overrides),
+        tag=cfg.tag,
+        class_token=cfg.class_token,
+        reg_tokens=cfg.reg_tokens,
+        dist_token=cfg.dist_token,
+        no_embed_class=cfg.no_embed_class,
+        global_pool=cfg.global_pool,
+        pre_norm=cfg.pre_norm,
+        final_norm=cfg.final_norm,
+        fc_norm=cfg.fc_norm,
+        act=cfg.act,
+        patch_bias=cfg.patch_bias,
     )
 
 
-# --- regenerating the name list (the only place timm is imported) ---------------------------------------------
-
-_NAMES_FILE = Path(__file__).with_name("timm_names.txt")
-_PATTERNS = ["vit_*", "deit*", "swin*"]
+# --- the installed timm (for tests; regenerating the snapshot: python -m spvit_dsl.space._timm_snapshot) ---------
 
 
 def current_timm_names() -> list[str]:
-    """timm's current list for the patterns the snapshot covers (imports timm; for tests and ``--regen``)."""
+    """timm's current list for the patterns the snapshot covers (imports timm; for tests)."""
     import timm  # noqa: PLC0415  (deliberately lazy: the module must stay torch-free)
 
-    return sorted(timm.list_models(_PATTERNS))
+    from ._timm_snapshot import PATTERNS  # noqa: PLC0415
 
-
-def _regen() -> None:
-    import timm  # noqa: PLC0415
-
-    header = f"# timm {timm.__version__}: timm.list_models({_PATTERNS}); regenerate: python -m spvit_dsl.space.backbones --regen\n"
-    _NAMES_FILE.write_text(header + "".join(n + "\n" for n in current_timm_names()), encoding="utf-8")
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] != ["--regen"]:
-        sys.exit("usage: python -m spvit_dsl.space.backbones --regen")
-    _regen()
+    return sorted(timm.list_models(PATTERNS))

@@ -165,14 +165,14 @@ def _norm(b: BlockGeom, dim: Num, convention: str) -> Tally:
 
 
 def _msa(b: BlockGeom, dim: Num, c: BlockCounts) -> Tally:
-    """qkv (C → 3D, bias), attention matmuls (2·N·M·D, M keys per query), proj (D → C, bias); D = heads·head_dim."""
+    """qkv (C → 3D, bias unless the backbone has none), attention matmuls (2·N·M·D, M keys per query), proj (D → C, bias); D = heads·head_dim."""
     inner = c.heads * c.head_dim
     tokens = b.tokens
     keys = b.window**2 if b.window else tokens  # Swin attends within windows, ViT over all tokens
     d_qkv, d_proj = c.density.get("qkv", 1), c.density.get("proj", 1)
     qkv = _nnz(3 * dim * inner, d_qkv)
     proj = _nnz(dim * inner, d_proj)
-    params = qkv + 3 * inner + proj + dim
+    params = qkv + (3 * inner if b.qkv_bias else 0) + proj + dim
     if b.window:
         params = params + (2 * b.window - 1) ** 2 * c.heads  # relative-position-bias table
     return Tally(matmul=tokens * (qkv + proj) + 2 * tokens * keys * inner, params=params)
@@ -192,7 +192,7 @@ def _conv(b: BlockGeom, dim: Num, bottleneck: Num, kernel: int, convention: str)
 
 
 def _op(b: BlockGeom, op: str, dim: Num, c: BlockCounts, convention: str) -> Tally:
-    """The attention branch running ``op``: norm1 and the branch (``skip``: nothing at all)."""
+    """The attention branch running ``op``: norm1, the branch and its layer scale ``ls1`` (``skip``: nothing)."""
     if op == "skip":
         return Tally()
     if op == "msa":
@@ -202,15 +202,25 @@ def _op(b: BlockGeom, op: str, dim: Num, c: BlockCounts, convention: str) -> Tal
         if kernel is None:
             raise ValueError(f"the cost model has no formula for op '{op}'")
         branch = _conv(b, dim, c.head_dim, kernel, convention)
-    return _norm(b, dim, convention) + branch
+    return _norm(b, dim, convention) + branch + _layer_scale(b, dim)
+
+
+def _layer_scale(b: BlockGeom, dim: Num) -> Tally:
+    """A layer scale's per-channel gamma (an elementwise product: no multiply-adds in either convention)."""
+    return Tally(params=dim) if b.layer_scale else Tally()
 
 
 def _ffn(b: BlockGeom, dim: Num, c: BlockCounts, convention: str) -> Tally:
-    """norm2, fc1 (C → w, bias), GELU, fc2 (w → C, bias); the paper leaves the prefix tokens out of the matmuls."""
+    """norm2, fc1 (C → w, bias), GELU, fc2 (w → C, bias), layer scale ``ls2``; the paper leaves the prefix tokens
+    out of the matmuls."""
     tokens = b.patches if convention == "paper" else b.tokens
     fc1 = _nnz(dim * c.ffn, c.density.get("fc1", 1))
     fc2 = _nnz(c.ffn * dim, c.density.get("fc2", 1))
-    return _norm(b, dim, convention) + Tally(matmul=tokens * (fc1 + fc2), params=fc1 + c.ffn + fc2 + dim)
+    return (
+        _norm(b, dim, convention)
+        + Tally(matmul=tokens * (fc1 + fc2), params=fc1 + c.ffn + fc2 + dim)
+        + _layer_scale(b, dim)
+    )
 
 
 def _block(b: BlockGeom, dim: Num, c: BlockCounts, convention: str) -> Tally:
@@ -235,7 +245,7 @@ def block_cost(b: BlockGeom, arch: BlockArch, convention: Convention, dim: int |
 
 
 def _linear_head(g: Geometry, width: Num, copies: int) -> Tally:
-    """Classifier(s) on one pooled/cls feature vector; distilled DeiT runs two (head, head_dist)."""
+    """Classifier(s) on one pooled/class-token feature vector; a distilled DeiT runs two (head, head_dist)."""
     if g.num_classes == 0:
         return Tally()
     return Tally(
@@ -246,17 +256,30 @@ def _linear_head(g: Geometry, width: Num, copies: int) -> Tally:
 def _patch_embed(g: Geometry, embed: Num) -> Tally:
     grid = g.blocks[0].grid
     weights = g.in_chans * g.patch_size**2 * embed
-    return Tally(matmul=grid[0] * grid[1] * weights, params=weights + embed)
+    return Tally(matmul=grid[0] * grid[1] * weights, params=weights + (embed if g.patch_bias else 0))
 
 
 def _vit_stem_head(g: Geometry, convention: str, embed: Num) -> Tally:
-    """Patch embed, cls/dist tokens + position embedding, final LayerNorm over every token, head(s)."""
+    """Patch embed, class/register/distillation tokens and the position embedding, the pre-norm (CLIP), the final
+    LayerNorm over every token or the pooled feature's norm, the average pool, head(s).
+
+    The paper's DeiT formulas leave the final norm out; the norms DeiT does not have (pre-norm, the pooled feature's
+    norm) and the average pool count in both conventions (our extension)."""
+    ln = _LAYERNORM[convention]
     tokens = g.blocks[0].tokens
-    final_norm = Tally(
-        norm=_LAYERNORM[convention] * tokens * embed if convention == "exact" else 0, params=2 * embed
-    )
-    tokens_params = Tally(params=g.prefix_tokens * embed + tokens * embed)
-    return _patch_embed(g, embed) + tokens_params + final_norm + _linear_head(g, embed, g.prefix_tokens)
+    patches = g.blocks[0].patches
+    out = _patch_embed(g, embed)
+    embedded = patches if g.no_embed_class else tokens  # timm's embed_len
+    out += Tally(params=g.prefix_tokens * embed + embedded * embed)
+    if g.pre_norm:
+        out += Tally(norm=ln * tokens * embed, params=2 * embed)
+    if g.final_norm:
+        out += Tally(norm=ln * tokens * embed if convention == "exact" else 0, params=2 * embed)
+    if g.global_pool == "avg":
+        out += Tally(pool=patches * embed)  # the mean over the patch tokens (timm leaves the prefix out)
+    if g.fc_norm:
+        out += Tally(norm=ln * embed, params=2 * embed)
+    return out + _linear_head(g, embed, g.heads_out)
 
 
 def _div(x: Num, k: int) -> Num:

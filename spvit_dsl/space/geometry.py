@@ -28,9 +28,12 @@ class BlockGeom:
     head_dim: int
     hidden: int  # dense FFN width (int(mlp_ratio * C), timm's rounding)
     grid: tuple[int, int]  # (H, W) of the patch-token map this block sees
-    prefix_tokens: int  # cls (+ distillation) tokens; 0 for Swin
+    prefix_tokens: int  # class, register and distillation tokens before the patches; 0 for Swin
     window: int = 0  # Swin window size after timm's clamping to the grid; 0 for ViT
     shift: int = 0  # Swin shift size (0 on even blocks and when the window covers the grid)
+    # per-channel residual scales ls1 (attention branch) and ls2 (FFN): DeiT-III, DINOv2
+    layer_scale: bool = False
+    qkv_bias: bool = True
 
     @property
     def tokens(self) -> int:
@@ -62,10 +65,36 @@ class Geometry:
     num_heads: tuple[int, ...]  # ViT: (heads,); Swin: per stage
     mlp_ratio: float
     window_size: int  # Swin only (0 for ViT)
-    prefix_tokens: int  # ViT: cls + distillation tokens
+    prefix_tokens: int  # ViT: class + register + distillation tokens
     blocks: tuple[BlockGeom, ...]
     # keyword arguments for timm.create_model(model, pretrained=False, **timm_kwargs)
     timm_kwargs: tuple[tuple[str, object], ...] = ()
+    tag: str = ""  # the pretrained tag ``pretrained`` loads (timm's ``model.tag``; "" when the name has none)
+    # ViT layout beyond the blocks (timm's VisionTransformer arguments; the defaults are DeiT's). Swin: unused.
+    class_token: bool = True
+    reg_tokens: int = 0  # register tokens (Darcet et al., 2024), after the class token
+    dist_token: bool = False  # DeiT's distillation token and its second head
+    no_embed_class: bool = False  # the position embedding covers the patches only (not the prefix tokens)
+    global_pool: str = (
+        "token"  # ViT: "token" (the class token) or "avg" (mean of the patch tokens); Swin: "avg"
+    )
+    pre_norm: bool = False  # a LayerNorm before the blocks (CLIP)
+    final_norm: bool = True  # the LayerNorm over every token after the blocks
+    fc_norm: bool = False  # the LayerNorm over the pooled feature instead
+    patch_bias: bool = True  # the patch embedding's bias (CLIP has none)
+    # the FFN activation's timm class name (GELU, QuickGELU, GELUTanh); free in both conventions
+    act: str = "GELU"
+
+    @property
+    def reads_patches(self) -> bool:
+        """Whether the classifier reads the patch tokens directly (Swin, or a ViT with average pooling); a ViT that
+        classifies from its class token reads the image only through attention."""
+        return self.family == "swin" or self.global_pool == "avg"
+
+    @property
+    def heads_out(self) -> int:
+        """Classifier heads: two for a distilled DeiT (head, head_dist), else one."""
+        return 2 if self.dist_token else 1
 
     @property
     def depth(self) -> int:

@@ -238,44 +238,51 @@ def slices(
             Slice(f"{m}.mlp.fc2.weight", 1),
         )
     if group.kind == "heads":
-        out = [
-            Slice(f"{m}.attn.qkv.weight", 0, 3, d),
-            Slice(f"{m}.attn.qkv.bias", 0, 3, d),
-            Slice(f"{m}.attn.proj.weight", 1, 1, d),
-        ]
+        out = [Slice(f"{m}.attn.qkv.weight", 0, 3, d), Slice(f"{m}.attn.proj.weight", 1, 1, d)]
+        if b.qkv_bias:
+            out.insert(1, Slice(f"{m}.attn.qkv.bias", 0, 3, d))
         if b.window:
             out.append(Slice(f"{m}.attn.relative_position_bias_table", 1))
         return tuple(out)
-    return (  # head_dim: channel c of every head, in q, k and v
+    out = [  # head_dim: channel c of every head, in q, k and v
         Slice(f"{m}.attn.qkv.weight", 0, 3 * h, 1),
-        Slice(f"{m}.attn.qkv.bias", 0, 3 * h, 1),
         Slice(f"{m}.attn.proj.weight", 1, h, 1),
-    )
+    ]
+    if b.qkv_bias:
+        out.insert(1, Slice(f"{m}.attn.qkv.bias", 0, 3 * h, 1))
+    return tuple(out)
 
 
-def _block_embed_slices(m: str) -> list[Slice]:
+def _block_embed_slices(b: BlockGeom) -> list[Slice]:
     names = [
         ("norm1.weight", 0), ("norm1.bias", 0), ("attn.qkv.weight", 1), ("attn.proj.weight", 0),
         ("attn.proj.bias", 0), ("norm2.weight", 0), ("norm2.bias", 0), ("mlp.fc1.weight", 1),
         ("mlp.fc2.weight", 0), ("mlp.fc2.bias", 0),
     ]  # fmt: skip
-    return [Slice(f"{m}.{name}", axis) for name, axis in names]
+    if b.layer_scale:
+        names += [("ls1.gamma", 0), ("ls2.gamma", 0)]
+    return [Slice(f"{b.module}.{name}", axis) for name, axis in names]
 
 
 def _embed_slices(g: Geometry, stage: int) -> tuple[Slice, ...]:
     out: list[Slice] = []
     if stage == 0:
-        out += [Slice("patch_embed.proj.weight", 0), Slice("patch_embed.proj.bias", 0)]
+        out.append(Slice("patch_embed.proj.weight", 0))
+        if g.patch_bias:
+            out.append(Slice("patch_embed.proj.bias", 0))
     if g.family == "vit":
-        out += [Slice("cls_token", 2)] + ([Slice("dist_token", 2)] if g.prefix_tokens > 1 else [])
+        tokens = [("cls_token", g.class_token), ("reg_token", g.reg_tokens > 0), ("dist_token", g.dist_token)]
+        out += [Slice(name, 2) for name, present in tokens if present]
         out.append(Slice("pos_embed", 2))
+        if g.pre_norm:
+            out += [Slice("norm_pre.weight", 0), Slice("norm_pre.bias", 0)]
     elif stage == 0:
         out += [Slice("patch_embed.norm.weight", 0), Slice("patch_embed.norm.bias", 0)]
     else:
         out.append(Slice(f"layers.{stage}.downsample.reduction.weight", 0))
     for b in g.blocks:
         if b.stage == stage:
-            out += _block_embed_slices(b.module)
+            out += _block_embed_slices(b)
     if stage + 1 < g.stages:  # patch merging reads the 2x2 neighbours of this stage concatenated: (4, C, 1)
         nxt = f"layers.{stage + 1}.downsample"
         out += [
@@ -284,11 +291,14 @@ def _embed_slices(g: Geometry, stage: int) -> tuple[Slice, ...]:
             Slice(f"{nxt}.reduction.weight", 1, 4),
         ]
     if stage == g.stages - 1:
-        out += [Slice("norm.weight", 0), Slice("norm.bias", 0)]
+        if g.family == "swin" or g.final_norm:
+            out += [Slice("norm.weight", 0), Slice("norm.bias", 0)]
+        if g.family == "vit" and g.fc_norm:
+            out += [Slice("fc_norm.weight", 0), Slice("fc_norm.bias", 0)]
         if g.num_classes == 0:
             pass
         elif g.family == "swin":
             out.append(Slice("head.fc.weight", 1))
         else:
-            out += [Slice("head.weight", 1)] + ([Slice("head_dist.weight", 1)] if g.prefix_tokens > 1 else [])
+            out += [Slice("head.weight", 1)] + ([Slice("head_dist.weight", 1)] if g.dist_token else [])
     return tuple(out)

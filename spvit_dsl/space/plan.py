@@ -183,12 +183,12 @@ def dense_arch(geometry: Geometry) -> FrozenArch:
 def reads_image(geometry: Geometry, arch: FrozenArch) -> bool:
     """Whether the classifier's input depends on the image at all.
 
-    ViT/DeiT classify from the class (and distillation) token, and only attention (``msa``) mixes the patch tokens
-    into it: SPViT's conv ops pass the prefix tokens through unchanged (SPViT §4; our compact modules do the same),
-    ``skip`` runs nothing and the FFN works token by token. A ViT point with no ``msa`` block therefore gives every
-    image the same logits. Swin pools every token of the last stage: always True.
+    A ViT/DeiT pooling its class token (and distillation token) reads the patches only through attention (``msa``):
+    SPViT's conv ops pass the prefix tokens through unchanged (SPViT §4; our compact modules do the same), ``skip``
+    runs nothing and the FFN works token by token. Such a point with no ``msa`` block gives every image the same
+    logits. Swin, and a ViT with average pooling, classify from the patch tokens: always True.
     """
-    if geometry.family == "swin" or geometry.prefix_tokens == 0:
+    if geometry.reads_patches:
         return True
     return any(b.op == "msa" for b in arch.blocks)
 

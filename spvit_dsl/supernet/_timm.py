@@ -54,7 +54,8 @@ def create_backbone(
         online = _hub_reachable()
         try:
             with _offline(not online):  # no network: the local cache only, at once (not a minute of retries)
-                model = timm.create_model(geometry.model, pretrained=True, **kwargs)
+                name = f"{geometry.model}.{geometry.tag}" if geometry.tag else geometry.model
+                model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:  # network, hub or shape problems all end the same way for the user
             if not online:
                 raise UsageError(

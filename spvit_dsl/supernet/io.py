@@ -54,6 +54,10 @@ def space_from_json(text: str) -> Space:
     """Inverse of :func:`space_to_json` (lists become tuples again)."""
     d = json.loads(text)
     g = dict(d["geometry"])
+    if (
+        "dist_token" not in g
+    ):  # saved before registers: the prefix was the class token (+ DeiT's distillation token)
+        g["dist_token"] = int(g.get("prefix_tokens", 1)) > 1
     g["blocks"] = tuple(_geom(b) for b in g["blocks"])
     g["depths"], g["num_heads"] = tuple(g["depths"]), tuple(g["num_heads"])
     g["timm_kwargs"] = tuple((k, _tuplify(v)) for k, v in g["timm_kwargs"])

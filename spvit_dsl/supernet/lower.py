@@ -149,14 +149,16 @@ def _mask_stream(model: nn.Module, space: Space, board: MaskBoard, active: set[s
     if g.family == "vit":
         if "embed" not in active:
             return
-        if not isinstance(model.norm_pre, nn.Identity) or not isinstance(
-            getattr(model, "fc_norm", None), nn.Identity | None
-        ):
-            raise NotImplementedError(
-                f"{g.model}: embedding widths of a pre-norm or pooled-norm ViT cannot be masked"
-            )
-        model.norm_pre = EmbedMask(board, "embed")
-        model.norm = MaskedLayerNorm(submodule(model, "norm", nn.LayerNorm), board, "embed")
+        # the stream starts after the position embedding (patch, class, register tokens): timm's norm_pre
+        model.norm_pre = (
+            MaskedLayerNorm(submodule(model, "norm_pre", nn.LayerNorm), board, "embed")
+            if g.pre_norm
+            else EmbedMask(board, "embed")
+        )
+        if g.final_norm:
+            model.norm = MaskedLayerNorm(submodule(model, "norm", nn.LayerNorm), board, "embed")
+        if g.fc_norm:
+            model.fc_norm = MaskedLayerNorm(submodule(model, "fc_norm", nn.LayerNorm), board, "embed")
         return
     for s in range(g.stages):
         path = embed_path(g, s)

@@ -20,7 +20,7 @@ from ..compact.build import build, load
 from ..compile.freeze import freeze
 from ..compile.program import Program
 from ..lang.emit import emit
-from ..runtime.data import Data, load_data
+from ..runtime.data import Data, data_options, load_data
 from ..space.plan import BlockArch, FrozenArch
 from .finetune import FinetuneSettings, Metrics, evaluate, finetune
 
@@ -78,7 +78,8 @@ def train_dense(
 
 def data_of(program: Program) -> Data:
     """The spec's data (a data-free strategy's spec names none: digits, the embedded default)."""
-    return load_data(str(program.checked.search.values.get("data", "digits")), program.space.geometry)
+    values = program.checked.search.values
+    return load_data(str(values.get("data", "digits")), program.space.geometry, **data_options(values))
 
 
 def finetune_frozen(

@@ -1,0 +1,170 @@
+"""Regenerating ``space/timm_configs.json`` from the installed timm (imports timm and torch; never at compile time).
+
+:mod:`spvit_dsl.space.backbones` resolves backbone names from that snapshot in pure Python. For every timm name of
+:data:`PATTERNS` (``vit_*``, ``deit*`` — DeiT-III included — and ``swin*``) the model is built on the meta device with
+its default arguments and read back: sizes, the token layout (class, register and distillation tokens, whether the
+position embedding covers them), the pooling and its norms, layer scale, qkv bias, the activation, and either the
+features spvit-dsl lowers or the first one it does not (``refused``, one line naming the feature). The pretrained
+tags of each name and their class counts come from timm's pretrained configs, which ship with timm (no network).
+
+Run ``python -m spvit_dsl.space._timm_snapshot`` after upgrading timm; ``tests/test_backbones.py`` checks the
+snapshot against the installed timm.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PATTERNS", "snapshot", "vit_facts"]
+
+PATTERNS = ["vit_*", "deit*", "swin*"]
+_SWIN_V2 = "SwinV2 (scaled cosine attention with a learned logit scale, a continuous position bias MLP, post-norm blocks)"
+
+
+def _refusal(model: Any) -> str | None:  # noqa: ANN401 (a timm model)
+    """The first feature of a timm model that spvit-dsl does not lower, as a short phrase; None when all are known
+    (Swin v1 is resolved from its name, not from these facts)."""
+    from timm.layers import Mlp  # noqa: PLC0415
+    from timm.layers.attention import Attention  # noqa: PLC0415
+    from timm.models.vision_transformer import Block, VisionTransformer  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+
+    name = type(model).__name__
+    if not isinstance(model, VisionTransformer):
+        kinds: dict[str, str | None] = {
+            "SwinTransformer": None,
+            "SwinTransformerV2": _SWIN_V2,
+            "SwinTransformerV2Cr": "SwinV2-CR (timm's own SwinV2 variant: " + _SWIN_V2.split("(", 1)[1],
+            "Eva": "timm's Eva blocks (rotary position embedding, SwiGLU FFN)",
+            "VisionTransformerRelPos": "relative-position attention (timm's VisionTransformerRelPos)",
+        }
+        return kinds.get(name, f"the {name} architecture")
+    patch = type(model.patch_embed).__name__
+    if patch != "PatchEmbed":
+        return (
+            "a hybrid convolutional stem (ResNet features instead of patches)"
+            if "Hybrid" in patch
+            else f"the patch embedding {patch}"
+        )
+    if not isinstance(model.patch_embed.norm, nn.Identity):
+        return "a norm after the patch embedding"
+    if model.pos_embed is None:
+        return "a ViT without a learned position embedding"
+    if getattr(model, "attn_pool", None) is not None:
+        return "an attention-pool (MAP) head"
+    block = model.blocks[0]
+    if type(block) is not Block:
+        labels = {
+            "ParallelThingsBlock": "parallel attention and FFN branches",
+            "ResPostBlock": "post-norm residual blocks",
+            "ParallelScalingBlock": "parallel attention and FFN branches",
+        }
+        return labels.get(type(block).__name__, f"the block type {type(block).__name__}")
+    attn = block.attn
+    if type(attn) is not Attention:
+        labels = {"DiffAttention": "differential attention"}
+        return labels.get(type(attn).__name__, f"the attention type {type(attn).__name__}")
+    if not all(isinstance(getattr(attn, n), nn.Identity) for n in ("q_norm", "k_norm", "norm")):
+        return "q/k or attention-output normalisation"
+    mlp = block.mlp
+    if type(mlp) is not Mlp:
+        return "a gated (SwiGLU) FFN" if "Glu" in type(mlp).__name__ else f"the FFN {type(mlp).__name__}"
+    if not isinstance(mlp.norm, nn.Identity):
+        return "a norm inside the FFN"
+    if model.global_pool not in ("token", "avg"):
+        return f"global pooling '{model.global_pool}'"
+    return None
+
+
+def vit_facts(model: Any) -> dict[str, Any]:  # noqa: ANN401 (a timm model)
+    """What :func:`spvit_dsl.space.backbones.resolve` needs of one ViT built with its default arguments."""
+    from torch import nn  # noqa: PLC0415
+
+    refused = _refusal(model)
+    if refused is not None:
+        return {"refused": refused}
+    if type(model).__name__ == "SwinTransformer":
+        return {"swin": True}
+    block = model.blocks[0]
+    grid = tuple(model.patch_embed.grid_size)
+    patch = model.patch_embed.patch_size
+    return {
+        "img_size": int(grid[0] * patch[0]),
+        "patch_size": int(patch[0]),
+        "in_chans": int(model.patch_embed.proj.in_channels),
+        "patch_bias": model.patch_embed.proj.bias is not None,
+        "embed_dim": int(model.embed_dim),
+        "depth": len(model.blocks),
+        "num_heads": int(block.attn.num_heads),
+        "hidden": int(block.mlp.fc1.out_features),
+        "class_token": model.cls_token is not None,
+        "reg_tokens": int(getattr(model, "num_reg_tokens", 0)),
+        "dist_token": getattr(model, "dist_token", None) is not None,
+        "no_embed_class": bool(model.no_embed_class),
+        "global_pool": str(model.global_pool),
+        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+        "final_norm": not isinstance(model.norm, nn.Identity),
+        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+        "layer_scale": not isinstance(block.ls1, nn.Identity),
+        "qkv_bias": block.attn.qkv.bias is not None,
+        "act": type(block.mlp.act).__name__,
+    }
+
+
+def _tags(name: str) -> list[list[Any]]:
+    """``[tag, class count of the tag's head (0: features only)]`` pairs, timm's default tag first (a list: the JSON
+    is written with sorted keys, which would reorder a mapping)."""
+    import timm.models  # noqa: PLC0415
+
+    cfgs = timm.models.get_arch_pretrained_cfgs(name)  # timm's order: the default tag first
+    return [[cfg.tag or "", int(cfg.num_classes or 0)] for cfg in cfgs.values()]
+
+
+def snapshot() -> dict[str, Any]:
+    """The whole snapshot: timm's version; per name of :data:`PATTERNS`, :func:`vit_facts` (built on the meta
+    device, also with ``global_pool='avg'`` and ``'token'`` to learn which norms timm places then) and its tags;
+    and every other timm name with its timm module (so that a real timm name is never called unknown)."""
+    import timm  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    models: dict[str, Any] = {}
+    for name in sorted(timm.list_models(PATTERNS)):
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+        facts = vit_facts(model)
+        if "refused" not in facts and "swin" not in facts:
+            for pool in ("token", "avg"):
+                if pool == "token" and not facts["class_token"] or pool == "avg" and facts["dist_token"]:
+                    continue  # timm refuses these two itself
+                with torch.device("meta"):
+                    other = timm.create_model(name, pretrained=False, global_pool=pool)
+                facts[f"norms_{pool}"] = [
+                    not isinstance(other.norm, torch.nn.Identity),
+                    not isinstance(other.fc_norm, torch.nn.Identity),
+                ]
+        facts["tags"] = _tags(name)
+        models[name] = facts
+    others = {
+        name: module
+        for module in timm.list_modules()
+        for name in timm.list_models(module=module)
+        if name not in models
+    }
+    return {"timm": timm.__version__, "models": models, "others": dict(sorted(others.items()))}
+
+
+def _regen() -> None:
+    """Rewrite ``space/timm_configs.json`` (atomically) from the installed timm."""
+    path = Path(__file__).with_name("timm_configs.json")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(snapshot(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:]:
+        sys.exit("usage: python -m spvit_dsl.space._timm_snapshot")
+    _regen()
