@@ -33,6 +33,7 @@ FAMILY_BACKBONES = {
     "reg_gap": f"backbone vit_medium_patch16_reg4_gap_256 {{ {_SMALL} }}",  # registers, no class token, fc_norm
     "so150m": f"backbone vit_so150m2_patch16_reg1_gap_256 {{ {_SMALL} }}",  # no qkv bias, register, fc_norm
     "avg_override": f"backbone vit_tiny_patch16_224 {{ {_SMALL}; global_pool = avg }}",  # avg pool on a ViT
+    "siglip_map": f"backbone vit_base_patch16_siglip_224 {{ {_SMALL} }}",  # attention-pool (MAP) head
 }
 SEARCH_BLOCKS = "blocks all { attention: one of {skip, conv1x1, conv3x3, conv5x5, msa}; ffn: per neuron }"
 
@@ -46,7 +47,10 @@ EVERY_DIMENSION = {
     VIT_BACKBONE: f"embed: 1..32\nblocks all {{ {_EVERY}; heads: 1..2 }}\n",
     DISTILLED_BACKBONE: f"embed: 1..32\nblocks all {{ {_EVERY}; heads: 1..2 }}\n",
     SWIN_BACKBONE: f"stage 0 {{ embed: 1..16 }}\nstage 1 {{ embed: 1..32; heads: 1..2 }}\nblocks all {{ {_EVERY} }}\n",
-} | {text: f"embed: 1..32\nblocks all {{ {_EVERY}; heads: 1..2 }}\n" for text in FAMILY_BACKBONES.values()}
+} | {
+    text: ("" if "siglip_224" in text else "embed: 1..32\n") + f"blocks all {{ {_EVERY}; heads: 1..2 }}\n"
+    for text in FAMILY_BACKBONES.values()
+}  # an attention-pool (MAP) head keeps the embedding width
 
 # per-block (op, ffn width as a fraction of the dense width); the last block keeps MSA so that every token
 # (the cls token included) depends on the conv branches

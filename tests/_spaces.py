@@ -38,8 +38,9 @@ DENSITIES = (0.5, 0.75, 1.0)
 
 
 def every_dimension(geometry: Geometry, ops: tuple[str, ...] = ALL_OPS) -> Space:
-    """Every dimension open: any embedding width per stage, any heads and per-head width, any FFN width
-    (per neuron), every op, densities {0.5, 0.75, 1} for each sparsifiable layer."""
+    """Every dimension open: any embedding width per stage (dense only under an attention-pool head, which
+    spvit-dsl does not prune), any heads and per-head width, any FFN width (per neuron), every op, densities
+    {0.5, 0.75, 1} for each sparsifiable layer."""
     plans = tuple(
         BlockPlan(
             b,
@@ -51,6 +52,8 @@ def every_dimension(geometry: Geometry, ops: tuple[str, ...] = ALL_OPS) -> Space
         )
         for b in geometry.blocks
     )
+    if geometry.global_pool == "map":
+        return Space(geometry, plans, tuple((d,) for d in geometry.dims))
     return Space(geometry, plans, tuple(tuple(range(1, d + 1)) for d in geometry.dims))
 
 

@@ -709,7 +709,14 @@ def eval_cmd(
         return
     out.print(
         f"top-1 {metrics.top1:.2f}%  top-5 {metrics.top5:.2f}%  loss {metrics.loss:.4f}  on {metrics.images} "
-        f"validation images of '{source}'" + ("" if data else " (the spec's data; --data to change)")
+        f"validation images of '{source}'"
+        + (
+            ""
+            if data
+            else " (the spec's data; --data to change)"
+            if "data" in program.checked.search.values
+            else " (the default: the frozen spec names no data; --data and --data-dir to change)"
+        )
     )
     out.print(
         f"cost: FLOPs (multiply-adds) {fmt_macs(costs['paper']['flops'])} (paper) / "

@@ -292,7 +292,9 @@ def measure_table(
             predicted = partial.arch_ms(geometry, arch) - t_stem
             stem[key] = t_stem
             ratio = (t_full - t_stem) / predicted if predicted > 0 else 1.0
-            if not 0.25 <= ratio <= 4.0:  # the network ran about as fast as its stem alone: a busy machine
+            if ratio <= 0:  # the whole network ran no slower than its stem alone: timings of a busy machine
+                # (a small positive ratio is real: tiny blocks timed alone carry per-call overhead they do not
+                # have inside the network)
                 ratio, miscalibrated = 1.0, True  # the blocks as measured; the table is reported unsteady
             scale[key] = ratio
             if embed == geometry.dims:

@@ -65,6 +65,10 @@ def check_buildable(geometry: Geometry, arch: FrozenArch) -> None:
         not 1 <= e <= d for e, d in zip(arch.embed, geometry.dims, strict=True)
     ):
         raise UsageError(f"embedding widths {arch.embed} do not fit {geometry.model} (dense {geometry.dims})")
+    if geometry.global_pool == "map" and arch.embed != geometry.dims:
+        raise UsageError(
+            f"{geometry.model}'s attention-pool (MAP) head keeps the embedding width {geometry.dims[0]}"
+        )
     for b, a in zip(geometry.blocks, arch.blocks, strict=True):
         where = f"blocks[{b.index}]"
         if not (1 <= a.heads <= b.heads and 1 <= a.head_dim <= b.head_dim):

@@ -944,7 +944,7 @@ def _ofb_defaults(space: Space, declared_embed: set[int], origins: dict[str, Spa
     geo = space.geometry
     embed = list(space.embed)
     for s in range(geo.stages):
-        if s not in declared_embed:
+        if s not in declared_embed and geo.global_pool != "map":  # an attention-pool head keeps its width
             embed[s] = defaults.ofb_embed(geo.stage_dim(s))
             origins[embed_path(geo, s)] = span
     plans = []
@@ -992,6 +992,13 @@ def check(spec: ast.Spec, *, loader: Loader = read_file, source: str | None = No
     if search.strategy in STRATEGY_DEFAULTS and frozen is None:  # a frozen spec is exactly its point
         declared_embed = set(stage_embed) | ({0} if any(i.kind == "embed" for i in items) else set())
         space = STRATEGY_DEFAULTS[search.strategy](space, declared_embed, origins, _strategy_span(items))
+    if geo.global_pool == "map" and space.embed[0] != (geo.embed_dim,):
+        raise SpecError(
+            f"{geo.model} pools with an attention-pool (MAP) head, whose width spvit-dsl does not prune yet: its "
+            "embedding width cannot be searched",
+            next((i.span for i in reversed(items) if i.kind == "embed"), None) or _strategy_span(items),
+            hint=f"keep it dense: embed: {geo.embed_dim}",
+        )
     if frozen is not None:
         open_ = _first_open(space, origins)
         if open_ is not None:

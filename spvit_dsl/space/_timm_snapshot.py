@@ -53,8 +53,21 @@ def _refusal(model: Any) -> str | None:  # noqa: ANN401 (a timm model)
         return "a norm after the patch embedding"
     if model.pos_embed is None:
         return "a ViT without a learned position embedding"
-    if getattr(model, "attn_pool", None) is not None:
-        return "an attention-pool (MAP) head"
+    pool: Any = getattr(model, "attn_pool", None)
+    if pool is not None:
+        plain = (
+            type(pool).__name__ == "AttentionPoolLatent"
+            and pool.pos_embed is None
+            and pool.latent_len == 1
+            and pool.pool == "token"
+            and pool.mlp is not None
+            and isinstance(pool.q, nn.Linear)
+            and isinstance(pool.q_norm, nn.Identity)
+            and not model.pool_include_prefix
+            and pool.mlp.fc1.out_features == model.blocks[0].mlp.fc1.out_features  # type: ignore[union-attr]
+        )
+        if not plain:
+            return f"the attention-pool head {type(pool).__name__} in this configuration"
     block = model.blocks[0]
     if type(block) is not Block:
         labels = {
@@ -74,7 +87,7 @@ def _refusal(model: Any) -> str | None:  # noqa: ANN401 (a timm model)
         return "a gated (SwiGLU) FFN" if "Glu" in type(mlp).__name__ else f"the FFN {type(mlp).__name__}"
     if not isinstance(mlp.norm, nn.Identity):
         return "a norm inside the FFN"
-    if model.global_pool not in ("token", "avg"):
+    if model.global_pool not in ("token", "avg", "map"):
         return f"global pooling '{model.global_pool}'"
     return None
 

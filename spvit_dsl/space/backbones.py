@@ -186,7 +186,11 @@ def refusal(name: str) -> str | None:
     if facts is None:
         return None
     if "swin" in facts and _SWIN_RE.match(name) is None:
-        return "a Swin layout outside timm's 'swin_<size>_patch4_window<W>_<img>' names"
+        return (
+            "Swin-S3 (AutoFormerV2's per-stage window sizes)"
+            if name.startswith("swin_s3")
+            else ("a Swin layout outside timm's 'swin_<size>_patch4_window<W>_<img>' names")
+        )
     refused: str | None = facts.get("refused")
     return refused
 

@@ -277,9 +277,27 @@ def _vit_stem_head(g: Geometry, convention: str, embed: Num) -> Tally:
         out += Tally(norm=ln * tokens * embed if convention == "exact" else 0, params=2 * embed)
     if g.global_pool == "avg":
         out += Tally(pool=patches * embed)  # the mean over the patch tokens (timm leaves the prefix out)
+    elif g.global_pool == "map":
+        out += _attention_pool(g, convention, embed)
     if g.fc_norm:
         out += Tally(norm=ln * embed, params=2 * embed)
     return out + _linear_head(g, embed, g.heads_out)
+
+
+def _attention_pool(g: Geometry, convention: str, embed: Num) -> Tally:
+    """SigLIP's attention pool (timm's ``AttentionPoolLatent``) over the ``HW`` patch tokens: a learned query
+    (``latent``, 1 × C), ``q`` (C → C) on it, ``kv`` (C → 2C) on every patch token, the attention matmuls
+    (2·HW·C), ``proj`` (C → C), a LayerNorm and an MLP (C → h → C, ``h`` the blocks' dense FFN width) on the one
+    pooled token; every linear layer has a bias. Not pruned: the embedding width stays dense (the checker says so)."""
+    patches, hidden = g.blocks[0].patches, g.blocks[0].hidden
+    one_token = embed * embed + embed * embed + 2 * embed * hidden  # q, proj, fc1 + fc2 on the pooled token
+    weights = one_token + 2 * embed * embed  # + kv
+    biases = embed + 2 * embed + embed + hidden + embed  # q, kv, proj, fc1, fc2
+    return Tally(
+        matmul=one_token + patches * 2 * embed * embed + 2 * patches * embed,
+        norm=_LAYERNORM[convention] * embed,
+        params=embed + weights + biases + 2 * embed,  # latent, linear layers, LayerNorm
+    )
 
 
 def _div(x: Num, k: int) -> Num:

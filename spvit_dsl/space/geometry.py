@@ -75,9 +75,9 @@ class Geometry:
     reg_tokens: int = 0  # register tokens (Darcet et al., 2024), after the class token
     dist_token: bool = False  # DeiT's distillation token and its second head
     no_embed_class: bool = False  # the position embedding covers the patches only (not the prefix tokens)
-    global_pool: str = (
-        "token"  # ViT: "token" (the class token) or "avg" (mean of the patch tokens); Swin: "avg"
-    )
+    # ViT: "token" (the class token), "avg" (mean of the patch tokens) or "map" (SigLIP's attention pool over the
+    # patch tokens: one learned query, a multi-head attention, a LayerNorm and an MLP); Swin: "avg"
+    global_pool: str = "token"
     pre_norm: bool = False  # a LayerNorm before the blocks (CLIP)
     final_norm: bool = True  # the LayerNorm over every token after the blocks
     fc_norm: bool = False  # the LayerNorm over the pooled feature instead
@@ -87,9 +87,9 @@ class Geometry:
 
     @property
     def reads_patches(self) -> bool:
-        """Whether the classifier reads the patch tokens directly (Swin, or a ViT with average pooling); a ViT that
+        """Whether the classifier reads the patch tokens directly (Swin, a ViT with average or attention pooling); a ViT that
         classifies from its class token reads the image only through attention."""
-        return self.family == "swin" or self.global_pool == "avg"
+        return self.family == "swin" or self.global_pool in ("avg", "map")
 
     @property
     def heads_out(self) -> int:

@@ -295,7 +295,11 @@ def _embed_slices(g: Geometry, stage: int) -> tuple[Slice, ...]:
             out += [Slice("norm.weight", 0), Slice("norm.bias", 0)]
         if g.family == "vit" and g.fc_norm:
             out += [Slice("fc_norm.weight", 0), Slice("fc_norm.bias", 0)]
-        if g.num_classes == 0:
+        if g.family == "vit" and g.global_pool == "map":
+            # the attention pool reads the stream through kv only; its own width (and the head's input) is not the
+            # stream's: the checker keeps the embedding width dense, so this slice only ever reorders channels
+            out.append(Slice("attn_pool.kv.weight", 1))
+        elif g.num_classes == 0:
             pass
         elif g.family == "swin":
             out.append(Slice("head.fc.weight", 1))

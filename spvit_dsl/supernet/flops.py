@@ -28,7 +28,18 @@ def _extra_formulas() -> dict[Any, Any]:
 
 
 def count_macs(module: nn.Module, *inputs: Any) -> int:
-    """Multiply-adds of one ``module(*inputs)`` forward (no grad), as FlopCounterMode counts them ÷ 2."""
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as counter:
-        module(*inputs)
+    """Multiply-adds of one ``module(*inputs)`` forward (no grad), as FlopCounterMode counts them ÷ 2.
+
+    The parameters are frozen for the count: FlopCounterMode's module tracker registers gradient hooks on every
+    tensor a module receives that requires grad, and fails on one without a grad function (SigLIP's attention pool
+    passes its learned query, expanded, to ``q``)."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as counter:
+            module(*inputs)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     return counter.get_total_flops() // 2
