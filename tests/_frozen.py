@@ -35,6 +35,11 @@ FAMILY_BACKBONES = {
     "avg_override": f"backbone vit_tiny_patch16_224 {{ {_SMALL}; global_pool = avg }}",  # avg pool on a ViT
     "siglip_map": f"backbone vit_base_patch16_siglip_224 {{ {_SMALL} }}",  # attention-pool (MAP) head
 }
+# timm pads this one: a 17x17 grid under windows of 4 (padded to 20x20), merged as 18x18 into 9x9 (padded to 12x12)
+SWIN_PADDED_BACKBONE = (
+    "backbone swin_tiny_patch4_window7_224 { weights = none; image = 34; patch = 2; embed_dim = 16; "
+    "depth = (2, 2); heads = (1, 2); window = 4; classes = 10 }"
+)
 SEARCH_BLOCKS = "blocks all { attention: one of {skip, conv1x1, conv3x3, conv5x5, msa}; ffn: per neuron }"
 
 # search specs declaring every dimension on the backbones above: embedding width(s), heads, per-head width, FFN
@@ -47,6 +52,9 @@ EVERY_DIMENSION = {
     VIT_BACKBONE: f"embed: 1..32\nblocks all {{ {_EVERY}; heads: 1..2 }}\n",
     DISTILLED_BACKBONE: f"embed: 1..32\nblocks all {{ {_EVERY}; heads: 1..2 }}\n",
     SWIN_BACKBONE: f"stage 0 {{ embed: 1..16 }}\nstage 1 {{ embed: 1..32; heads: 1..2 }}\nblocks all {{ {_EVERY} }}\n",
+    SWIN_PADDED_BACKBONE: (
+        f"stage 0 {{ embed: 1..16 }}\nstage 1 {{ embed: 1..32; heads: 1..2 }}\nblocks all {{ {_EVERY} }}\n"
+    ),
 } | {
     text: ("" if "siglip_224" in text else "embed: 1..32\n") + f"blocks all {{ {_EVERY}; heads: 1..2 }}\n"
     for text in FAMILY_BACKBONES.values()

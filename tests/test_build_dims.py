@@ -15,6 +15,7 @@ from _frozen import (
     DISTILLED_BACKBONE,
     FAMILY_BACKBONES,
     SWIN_BACKBONE,
+    SWIN_PADDED_BACKBONE,
     VIT_BACKBONE,
     every_dimension_text,
     images,
@@ -53,6 +54,7 @@ from spvit_dsl.supernet.lower import lower
 SPECS = {name: every_dimension_text(b) for name, b in (("vit", VIT_BACKBONE), ("distilled", DISTILLED_BACKBONE),
                                                        ("swin", SWIN_BACKBONE))}  # fmt: skip
 SPECS |= {name: every_dimension_text(b) for name, b in FAMILY_BACKBONES.items()}
+SPECS["swin_padded"] = every_dimension_text(SWIN_PADDED_BACKBONE)
 runner = CliRunner()
 
 

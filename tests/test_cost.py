@@ -247,6 +247,11 @@ def check_point(g: Geometry, arch: FrozenArch) -> None:
     [
         (DEIT["Ti"], TINY_VIT),
         (SWIN["T"], TINY_SWIN),
+        # timm's padding: a 17x17 grid under windows of 4 (padded to 20x20), merged as 18x18 into 9x9 (padded to 12x12)
+        (
+            SWIN["T"],
+            dict(image=34, patch=2, embed_dim=8, depth=(2, 2, 1), heads=(1, 2, 2), window=4, classes=10),
+        ),
         ("deit_tiny_distilled_patch16_224", dict(image=32, patch=8, depth=2)),
     ],
 )
@@ -269,11 +274,11 @@ VIT_SPACE = st.fixed_dictionaries(
 SWIN_SPACE = st.fixed_dictionaries(
     {
         "name": st.just(SWIN["T"]),
-        "image": st.sampled_from([16, 32]),
+        "image": st.sampled_from([16, 30, 32, 34]),  # 15x15 and 17x17 grids: padded windows, odd merges
         "patch": st.just(2),
         "embed_dim": st.sampled_from([8, 16]),
         "depth": st.sampled_from([(1, 1), (2, 1, 2), (1, 2, 1, 1)]),
-        "window": st.sampled_from([2, 4]),
+        "window": st.sampled_from([2, 3, 4]),
     }
 )
 OPS = ["skip", "conv1x1", "conv3x3", "conv5x5", "msa"]

@@ -500,37 +500,20 @@ def _hidden(dim: int, ratio: float, overrides: dict[str, object]) -> int:
     return hidden
 
 
-def _stage_window(
-    grid: int, window: int, stage: int, grids: list[int], overrides: dict[str, object]
-) -> tuple[int, int]:
-    """(window, shift) of a stage as timm 1.0.31 clamps them: a window covering the grid becomes the grid, unshifted.
-
-    timm would zero-pad a grid the window does not tile; spvit-dsl refuses it (the convolution candidates and the
-    cost model assume whole windows).
-    """
+def _stage_window(grid: int, window: int) -> tuple[int, int]:
+    """(window, shift) of a stage as timm 1.0.31 sets them: a window covering the grid becomes the grid, unshifted;
+    otherwise timm zero-pads the map to whole windows (bottom and right) inside each block's attention."""
     if grid <= window:
         return grid, 0
-    if grid % window:
-        fits = [w for w in range(2, max(grids) + 1) if all(g <= w or g % w == 0 for g in grids)]
-        raise BadOverride(
-            _blame(overrides, "window", "image", "patch"),
-            f"stage {stage} has a {grid}x{grid} token grid that window {window} does not tile",
-            hint="windows that tile every stage: " + ", ".join(map(str, fits[:8])) if fits else "",
-        )
     return window, window // 2
 
 
 def _stage_grids(cfg: _Config, overrides: dict[str, object]) -> list[int]:
-    """The token-grid side of every Swin stage; patch merging halves it, so it must stay even."""
+    """The token-grid side of every Swin stage; patch merging halves it, zero-padding an odd grid first (timm), so
+    stage s+1 sees ``ceil(grid / 2)``."""
     grids = [_check_grid(cfg, overrides)]
-    for s in range(1, len(cfg.depths)):
-        if grids[-1] % 2:
-            raise BadOverride(
-                _blame(overrides, "image", "patch", "depth"),
-                f"patch merging before stage {s} needs an even grid, found {grids[-1]}x{grids[-1]}",
-                hint="the patch grid must halve evenly at every stage",
-            )
-        grids.append(grids[-1] // 2)
+    for _ in range(1, len(cfg.depths)):
+        grids.append((grids[-1] + 1) // 2)
     return grids
 
 
@@ -546,7 +529,7 @@ def _swin_blocks(cfg: _Config, overrides: dict[str, object]) -> tuple[BlockGeom,
     for s, (depth, heads, grid) in enumerate(zip(cfg.depths, cfg.num_heads, grids, strict=True)):
         dim = cfg.embed_dim * 2**s
         _check_heads(dim, heads, overrides, f" of stage {s}")
-        window, shift = _stage_window(grid, cfg.window_size, s, grids, overrides)
+        window, shift = _stage_window(grid, cfg.window_size)
         blocks += [
             BlockGeom(
                 index=len(blocks) + i,

@@ -165,9 +165,10 @@ def _norm(b: BlockGeom, dim: Num, convention: str) -> Tally:
 
 
 def _msa(b: BlockGeom, dim: Num, c: BlockCounts) -> Tally:
-    """qkv (C → 3D, bias unless the backbone has none), attention matmuls (2·N·M·D, M keys per query), proj (D → C, bias); D = heads·head_dim."""
+    """qkv (C → 3D, bias unless the backbone has none), attention matmuls (over a Swin map padded to whole
+    windows, as timm runs them) (2·N·M·D, M keys per query), proj (D → C, bias); D = heads·head_dim."""
     inner = c.heads * c.head_dim
-    tokens = b.tokens
+    tokens = b.attention_tokens  # Swin: the map padded to whole windows
     keys = b.window**2 if b.window else tokens  # Swin attends within windows, ViT over all tokens
     d_qkv, d_proj = c.density.get("qkv", 1), c.density.get("proj", 1)
     qkv = _nnz(3 * dim * inner, d_qkv)

@@ -45,6 +45,15 @@ class BlockGeom:
         return self.grid[0] * self.grid[1]
 
     @property
+    def attention_tokens(self) -> int:
+        """Tokens the attention computes on: a Swin map is zero-padded to whole windows (timm pads the bottom and
+        right edges when the window does not tile the grid); a ViT attends over every token."""
+        if not self.window:
+            return self.tokens
+        rows, cols = (-(-side // self.window) * self.window for side in self.grid)
+        return rows * cols
+
+    @property
     def module(self) -> str:
         """The block's path in the timm model (``blocks.3``; Swin ``layers.1.blocks.0``)."""
         return f"layers.{self.stage}.blocks.{self.index_in_stage}" if self.window else f"blocks.{self.index}"
