@@ -475,3 +475,10 @@ def test_bad_override_hints():
         "global_pool",
         "tag",
     }
+
+
+@pytest.mark.parametrize("model", ["vit_" * 5000, "vit_base_patch16_224." + "x" * 100_000])
+def test_a_huge_name_or_tag_is_quoted_short(model: str):
+    with pytest.raises((UnknownBackbone, BadOverride)) as e:
+        resolve(model, {})
+    assert len(str(e.value)) < 200 and "…" in str(e.value)

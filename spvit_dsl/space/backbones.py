@@ -248,7 +248,15 @@ class _Config:
 
     @property
     def prefix_tokens(self) -> int:
+        """Class, register and distillation tokens."""
         return int(self.class_token) + self.reg_tokens + int(self.dist_token)
+
+
+# the ViT layout facts a Geometry carries as they are (the snapshot's keys, _Config's and Geometry's fields)
+_LAYOUT = (
+    "class_token", "reg_tokens", "dist_token", "no_embed_class", "global_pool", "pre_norm", "final_norm", "fc_norm",
+    "act", "patch_bias",
+)  # fmt: skip
 
 
 def _from_name(model: str) -> _Config:
@@ -279,19 +287,13 @@ def _from_name(model: str) -> _Config:
         hidden / dim,
         0,
         hidden=hidden,
-        class_token=facts["class_token"],
-        reg_tokens=facts["reg_tokens"],
-        dist_token=facts["dist_token"],
-        no_embed_class=facts["no_embed_class"],
-        global_pool=facts["global_pool"],
-        pre_norm=facts["pre_norm"],
-        final_norm=facts["final_norm"],
-        fc_norm=facts["fc_norm"],
-        layer_scale=facts["layer_scale"],
-        qkv_bias=facts["qkv_bias"],
-        act=facts["act"],
-        patch_bias=facts["patch_bias"],
+        **{name: facts[name] for name in (*_LAYOUT, "layer_scale", "qkv_bias")},
     )
+
+
+def _short(name: str, limit: int = 80) -> str:
+    """A name as an error message quotes it: at most ``limit`` characters (a hostile spec can hold megabytes)."""
+    return name if len(name) <= limit else name[:limit] + "…"
 
 
 def _stem(name: str) -> str:
@@ -311,9 +313,9 @@ def _unknown(model: str) -> UnknownBackbone:
             "DeiT-III, CLIP, SigLIP, DINOv2 and Swin v1 backbones (docs/language.md, 'Supported backbones')"
         )
     elif _stem(model) in {_stem(n) for n in supported_names()}:
-        msg = f"'{model}' is not a timm model (timm has no such variant; pick a listed name and override 'image')"
+        msg = f"'{_short(model)}' is not a timm model (timm has no such variant; pick a listed name and override 'image')"
     else:
-        msg = f"unknown backbone '{model}'"
+        msg = f"unknown backbone '{_short(model)}'"
     return UnknownBackbone(model, msg, suggestions, timm=why is not None or module is not None)
 
 
@@ -324,7 +326,7 @@ def _with_tag(cfg: _Config, tag: str, overrides: dict[str, object]) -> _Config:
         options = ", ".join(t for t in known if t) or "none"
         raise BadOverride(
             "tag",
-            f"timm has no pretrained tag '{tag}' for {cfg.model}",
+            f"timm has no pretrained tag '{_short(tag)}' for {cfg.model}",
             hint=(did_you_mean(tag, [t for t in known if t]) or f"its tags: {options}"),
         )
     classes = known[tag]
@@ -621,16 +623,7 @@ def resolve(model: str, overrides: dict[str, object] | None = None) -> Geometry:
         blocks=blocks,
         timm_kwargs=_timm_kwargs(cfg, overrides),
         tag=cfg.tag,
-        class_token=cfg.class_token,
-        reg_tokens=cfg.reg_tokens,
-        dist_token=cfg.dist_token,
-        no_embed_class=cfg.no_embed_class,
-        global_pool=cfg.global_pool,
-        pre_norm=cfg.pre_norm,
-        final_norm=cfg.final_norm,
-        fc_norm=cfg.fc_norm,
-        act=cfg.act,
-        patch_bias=cfg.patch_bias,
+        **{name: getattr(cfg, name) for name in _LAYOUT},
     )
 
 
