@@ -482,3 +482,18 @@ def test_a_huge_name_or_tag_is_quoted_short(model: str):
     with pytest.raises((UnknownBackbone, BadOverride)) as e:
         resolve(model, {})
     assert len(str(e.value)) < 200 and "…" in str(e.value)
+
+
+def test_the_attention_pool_may_be_restated_and_its_hint_keeps_it():
+    assert resolve("vit_base_patch16_siglip_224", dict(global_pool="map")).global_pool == "map"
+    with pytest.raises(BadOverride) as e:
+        resolve("vit_base_patch16_siglip_224", dict(global_pool="token"))
+    assert e.value.hint == "keep global_pool = map (its attention pool), or use avg"
+    with pytest.raises(BadOverride, match="global_pool must be token or avg, found 'map'"):
+        resolve("deit_tiny_patch16_224", dict(global_pool="map"))  # a name's own pooling only
+
+
+def test_a_divisibility_hint_stays_within_the_bounds():
+    with pytest.raises(BadOverride) as e:
+        resolve("vit_base_patch16_224", dict(image=16384, patch=14))
+    assert e.value.hint == "use a multiple of 14, e.g. 16380"

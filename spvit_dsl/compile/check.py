@@ -249,10 +249,11 @@ def _pretrained(
         base = _geometry(model, model_span, {k: s for k, s in settings.items() if k != "global_pool"})
         if (base.final_norm, base.fc_norm) != (geo.final_norm, geo.fc_norm):
             layer = "the pooled feature (fc_norm)" if geo.fc_norm else "every token (norm)"
+            dropped = "drops their attention-pool head and " if base.global_pool == "map" else ""
             raise SpecError(
                 f"the pretrained weights of {geo.model}.{geo.tag} were trained with global_pool = "
-                f"{base.global_pool}; with {geo.global_pool} timm normalises {layer} instead, a layer these "
-                "weights do not have, so they cannot load",
+                f"{base.global_pool}; with {geo.global_pool} timm {dropped}normalises {layer} instead, a layer "
+                "these weights do not have, so they cannot load",
                 pool.value.span,
                 hint="use weights = none, or a checkpoint trained with this pooling",
             )

@@ -380,11 +380,14 @@ def _ratio(value: object) -> float:
 
 
 def _pool(cfg: _Config, value: object) -> _Config:
-    """``global_pool = token | avg`` on a ViT, with the norms timm places for it (snapshot ``norms_<pool>``)."""
+    """``global_pool = token | avg`` on a ViT, with the norms timm places for it (snapshot ``norms_<pool>``); a
+    name's own pooling (``map`` for SigLIP's attention pool) may be restated."""
     if cfg.family != "vit":
         raise BadOverride(
             "global_pool", "global_pool applies to ViT backbones (Swin always averages its last map)"
         )
+    if value == cfg.global_pool:
+        return cfg
     if value not in POOLS:
         raise BadOverride(
             "global_pool",
@@ -392,8 +395,11 @@ def _pool(cfg: _Config, value: object) -> _Config:
             hint="token (the class token) or avg",
         )
     if value == "token" and not cfg.class_token:
+        hint = "keep global_pool = map (its attention pool), or use avg" if cfg.global_pool == "map" else None
         raise BadOverride(
-            "global_pool", f"{cfg.model} has no class token to pool", hint="use global_pool = avg"
+            "global_pool",
+            f"{cfg.model} has no class token to pool",
+            hint=hint or "use global_pool = avg",
         )
     if value == "avg" and cfg.dist_token:
         raise BadOverride("global_pool", "a distilled DeiT's heads read its class and distillation tokens")
@@ -444,10 +450,11 @@ def _check_grid(cfg: _Config, overrides: dict[str, object]) -> int:
     """The patch grid side; the image must tile into whole patches."""
     if cfg.img_size % cfg.patch_size:
         lo = cfg.img_size - cfg.img_size % cfg.patch_size
+        options = [w for w in (lo, lo + cfg.patch_size) if 0 < w <= LIMITS["image"][0]] or [cfg.patch_size]
         raise BadOverride(
             _blame(overrides, "image", "patch"),
             f"image {cfg.img_size} is not divisible by patch {cfg.patch_size}",
-            hint=f"use a multiple of {cfg.patch_size}, e.g. {lo or cfg.patch_size} or {lo + cfg.patch_size}",
+            hint=f"use a multiple of {cfg.patch_size}, e.g. " + " or ".join(map(str, options)),
         )
     return cfg.img_size // cfg.patch_size
 
