@@ -565,7 +565,8 @@ def finetune_cmd(
     ] = False,
 ) -> None:
     """Fine-tune a frozen network; keeps the best-by-validation model as OUT/best.safetensors."""
-    from ..runtime.data import load_data
+    from ..compile.strategies import with_data
+    from ..runtime.data import data_of_settings
     from ..train.finetune import finetune, load_teacher, recipe_settings
 
     if distill not in ("hard", "soft", "none"):
@@ -603,9 +604,7 @@ def finetune_cmd(
     dev = _device(device)
     model = _model(frozen, source, None, masks if init == "pretrained" else None).to(dev)
     program = _program_of(frozen, model)
-    dataset = load_data(
-        _data_source(program, data), model.spvit_geometry, **_data_opts(program, data, data_dir)
-    )
+    dataset = data_of_settings(with_data(program.checked.search.values, data, data_dir), model.spvit_geometry)
     g = model.spvit_geometry
     image = (g.in_chans, g.img_size, g.img_size)
     teacher_model = load_teacher(teacher, dev, g.num_classes, image) if teacher else None
@@ -654,22 +653,6 @@ def _program_of(frozen: str, model):
     return frozen_program(frozen)
 
 
-def _data_source(program: Any, flag: str | None) -> str:
-    """The data a command reads: ``--data``, else the spec's (digits when a data-free spec names none)."""
-    return flag or str(program.checked.search.values.get("data", "digits"))
-
-
-def _data_opts(program: Any, flag: str | None, data_dir: str | None) -> dict[str, str]:
-    """The spec's ``data_dir`` and splits, unless ``--data`` names other data (then timm's defaults);
-    ``--data-dir`` replaces the folder."""
-    from ..runtime.data import data_options
-
-    values = program.checked.search.values
-    if flag is not None and flag != values.get("data"):
-        values = {}
-    return data_options(values) | ({"data_dir": data_dir} if data_dir is not None else {})
-
-
 def eval_cmd(
     frozen: FrozenArg,
     weights: WeightsOpt = None,
@@ -680,14 +663,16 @@ def eval_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Top-1 / top-5 accuracy of a frozen network on the validation set, and its cost."""
-    from ..runtime.data import load_data
+    from ..compile.strategies import with_data
+    from ..runtime.data import data_of_settings
     from ..runtime.evaluate import evaluate
 
     dev = _device(device)
     model = _model(frozen, weights, None).to(dev)
     program = _program_of(frozen, model)
-    source = _data_source(program, data)
-    dataset = load_data(source, model.spvit_geometry, **_data_opts(program, data, data_dir))
+    settings = with_data(program.checked.search.values, data, data_dir)
+    source = str(settings.get("data", "digits"))
+    dataset = data_of_settings(settings, model.spvit_geometry)
     metrics = evaluate(model, dataset.val, batch_size=batch_size, device=dev)
     costs = _costs(model)
     result = metrics.as_dict() | {

@@ -352,6 +352,22 @@ def _root_hint(source: DataSource) -> tuple[str, str]:
     )
 
 
+def with_data(
+    values: Mapping[str, SettingValue], data: str | None, data_dir: str | None = None
+) -> dict[str, SettingValue]:
+    """Search settings with ``--data`` / ``--data-dir`` applied. Other data than the spec's resets ``data_dir`` and the
+    splits to their defaults: they belong to the spec's data."""
+    out = dict(values)
+    if data is not None and data != out.get("data"):
+        for key in ("data_dir", "train_split", "val_split"):
+            if key in out:
+                out[key] = DATA[key].default
+        out["data"] = data
+    if data_dir is not None:
+        out["data_dir"] = data_dir
+    return out
+
+
 def check_data(values: Mapping[str, SettingValue], spans: Mapping[str, Span], fallback: Span | None) -> None:
     """:func:`data_problem` as a :class:`SpecError` at the setting to blame (``spans``: the settings the spec
     sets; ``fallback``: the search block, for a default value)."""

@@ -45,7 +45,15 @@ from ..compile.strategies import DATA, TORCH_FILES, data_problem, data_source
 from ..lang.errors import UsageError
 from ..space.plan import Geometry
 
-__all__ = ["Data", "UnreadableImage", "data_options", "digits_tensors", "load_data", "make_loader"]
+__all__ = [
+    "Data",
+    "UnreadableImage",
+    "data_of_settings",
+    "data_options",
+    "digits_tensors",
+    "load_data",
+    "make_loader",
+]
 
 SYNTHETIC_TRAIN, SYNTHETIC_VAL = 1024, 256
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -617,6 +625,11 @@ def _wds_readers(name: str, root: str, splits: tuple[str, str]) -> tuple[Any, An
 
 
 _FORMATS: dict[str, Any] = {"torch": _torch_readers, "hfds": _hfds_readers, "wds": _wds_readers}
+
+
+def data_of_settings(settings: Mapping[str, Any], geometry: Geometry) -> Data:
+    """The data a search's settings name (``digits`` when they name none: a data-free strategy's)."""
+    return load_data(str(settings.get("data", "digits")), geometry, **data_options(settings))
 
 
 def data_options(settings: Mapping[str, Any]) -> dict[str, str]:

@@ -30,7 +30,7 @@ from .._io import write_text
 from ..compile.program import Program
 from ..compile.strategies import STRATEGIES, SettingValue
 from ..lang.errors import UsageError
-from ..runtime.data import batches_per_epoch, data_options, load_data
+from ..runtime.data import batches_per_epoch, data_of_settings
 from ..runtime.device import init_distributed, pick_device, world_info
 from ..space.latency import LatencyTable
 from ..space.plan import FrozenArch
@@ -170,11 +170,7 @@ def _setup(
     torch.manual_seed(int(settings["seed"]))
     kind = STRATEGIES.get(program.checked.search.strategy).kind
     targets = targets_of(program.budgets, latency)
-    data = (
-        load_data(str(settings["data"]), program.space.geometry, **data_options(settings))
-        if kind != "data_free"
-        else None
-    )
+    data = data_of_settings(settings, program.space.geometry) if kind != "data_free" else None
     net = lower_supernet(program, settings, init_checkpoint or program.checked.weights, dev)
     spe = batches_per_epoch(data.train, int(settings["batch_size"]), world=world) if data is not None else 0
     if data is not None and spe == 0:

@@ -12,7 +12,7 @@ import torch
 
 from ..compile.check import setting_value
 from ..compile.program import Program, unsearchable
-from ..compile.strategies import STRATEGIES
+from ..compile.strategies import STRATEGIES, with_data
 from ..lang.errors import SpecError, UsageError
 from ..lang.parse import parse
 from ..space.groups import groups
@@ -58,12 +58,11 @@ def resolve_settings(
     """The spec's search settings with command-line ``overrides`` applied (None: not given); a flag the strategy's
     kind does not use is a :class:`UsageError` (e.g. ``--epochs`` for a data-free strategy)."""
     info = STRATEGIES.get(program.checked.search.strategy)
-    values = dict(program.checked.search.values)
     accepted = info.settings()
-    if overrides.get("data") is not None and overrides["data"] != values.get("data"):
-        for key in ("data_dir", "train_split", "val_split"):  # the spec's belong to the spec's data
-            if key in values:
-                values[key] = accepted[key].default
+    data = overrides.get("data")
+    values = with_data(
+        program.checked.search.values, str(data) if data is not None and "data" in accepted else None
+    )
     for key, value in overrides.items():
         if value is None:
             continue

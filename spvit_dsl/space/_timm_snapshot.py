@@ -92,6 +92,13 @@ def _refusal(model: Any) -> str | None:  # noqa: ANN401 (a timm model)
     return None
 
 
+def _norms(model: Any) -> list[bool]:  # noqa: ANN401 (a timm VisionTransformer)
+    """[the final norm over every token, the pooled feature's norm (fc_norm)]: which of the two timm placed."""
+    from torch import nn  # noqa: PLC0415
+
+    return [not isinstance(model.norm, nn.Identity), not isinstance(model.fc_norm, nn.Identity)]
+
+
 def vit_facts(model: Any) -> dict[str, Any]:  # noqa: ANN401 (a timm model)
     """What :func:`spvit_dsl.space.backbones.resolve` needs of one ViT built with its default arguments."""
     from torch import nn  # noqa: PLC0415
@@ -119,8 +126,7 @@ def vit_facts(model: Any) -> dict[str, Any]:  # noqa: ANN401 (a timm model)
         "no_embed_class": bool(model.no_embed_class),
         "global_pool": str(model.global_pool),
         "pre_norm": not isinstance(model.norm_pre, nn.Identity),
-        "final_norm": not isinstance(model.norm, nn.Identity),
-        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+        **dict(zip(("final_norm", "fc_norm"), _norms(model), strict=True)),
         "layer_scale": not isinstance(block.ls1, nn.Identity),
         "qkv_bias": block.attn.qkv.bias is not None,
         "act": type(block.mlp.act).__name__,
@@ -154,10 +160,7 @@ def snapshot() -> dict[str, Any]:
                     continue  # timm refuses these two itself
                 with torch.device("meta"):
                     other = timm.create_model(name, pretrained=False, global_pool=pool)
-                facts[f"norms_{pool}"] = [
-                    not isinstance(other.norm, torch.nn.Identity),
-                    not isinstance(other.fc_norm, torch.nn.Identity),
-                ]
+                facts[f"norms_{pool}"] = _norms(other)
         facts["tags"] = _tags(name)
         models[name] = facts
     others = {

@@ -20,7 +20,7 @@ from ..compact.build import build, load
 from ..compile.freeze import freeze
 from ..compile.program import Program
 from ..lang.emit import emit
-from ..runtime.data import Data, data_options, load_data
+from ..runtime.data import Data, data_of_settings
 from ..space.plan import BlockArch, FrozenArch
 from .finetune import FinetuneSettings, Metrics, evaluate, finetune
 
@@ -78,8 +78,7 @@ def train_dense(
 
 def data_of(program: Program) -> Data:
     """The spec's data (a data-free strategy's spec names none: digits, the embedded default)."""
-    values = program.checked.search.values
-    return load_data(str(values.get("data", "digits")), program.space.geometry, **data_options(values))
+    return data_of_settings(program.checked.search.values, program.space.geometry)
 
 
 def finetune_frozen(
