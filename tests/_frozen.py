@@ -40,6 +40,11 @@ SWIN_PADDED_BACKBONE = (
     "backbone swin_tiny_patch4_window7_224 { weights = none; image = 34; patch = 2; embed_dim = 16; "
     "depth = (2, 2); heads = (1, 2); window = 4; classes = 10 }"
 )
+# SwinV2 (cosine attention, continuous position bias, post-norm, v2 merging), padded like the one above
+SWINV2_BACKBONE = (
+    "backbone swinv2_tiny_window8_256 { weights = none; image = 34; patch = 2; embed_dim = 16; "
+    "depth = (2, 2); heads = (1, 2); window = 4; classes = 10 }"
+)
 SEARCH_BLOCKS = "blocks all { attention: one of {skip, conv1x1, conv3x3, conv5x5, msa}; ffn: per neuron }"
 
 # search specs declaring every dimension on the backbones above: embedding width(s), heads, per-head width, FFN
@@ -53,6 +58,9 @@ EVERY_DIMENSION = {
     DISTILLED_BACKBONE: f"embed: 1..32\nblocks all {{ {_EVERY}; heads: 1..2 }}\n",
     SWIN_BACKBONE: f"stage 0 {{ embed: 1..16 }}\nstage 1 {{ embed: 1..32; heads: 1..2 }}\nblocks all {{ {_EVERY} }}\n",
     SWIN_PADDED_BACKBONE: (
+        f"stage 0 {{ embed: 1..16 }}\nstage 1 {{ embed: 1..32; heads: 1..2 }}\nblocks all {{ {_EVERY} }}\n"
+    ),
+    SWINV2_BACKBONE: (
         f"stage 0 {{ embed: 1..16 }}\nstage 1 {{ embed: 1..32; heads: 1..2 }}\nblocks all {{ {_EVERY} }}\n"
     ),
 } | {

@@ -22,6 +22,7 @@ from spvit_dsl.space.backbones import (
     timm_names,
 )
 from spvit_dsl.space.cost import breakdown, dense_arch, dense_cost
+from spvit_dsl.space.geometry import CPB_HIDDEN
 from spvit_dsl.space.plan import Geometry
 
 TINY_VIT = dict(image=32, patch=4, embed_dim=64, depth=6, heads=2, channels=1, classes=10)
@@ -85,6 +86,18 @@ def check_swin(g: Geometry, m: torch.nn.Module) -> None:
         assert blk.window_size == (b.window, b.window) and blk.shift_size == (b.shift, b.shift)
         assert blk.attn.num_heads == b.heads and blk.attn.qkv.out_features == 3 * b.heads * b.head_dim
         assert blk.mlp.fc1.out_features == b.hidden
+        assert b.swin_v2 == g.swin_v2
+        if g.swin_v2:  # scaled cosine attention: q/v biases, a logit scale and the position-bias MLP per head
+            assert blk.attn.qkv.bias is None and blk.attn.q_bias.shape == blk.attn.v_bias.shape == (b.dim,)
+            assert blk.attn.logit_scale.shape == (b.heads, 1, 1)
+            assert (
+                blk.attn.cpb_mlp[0].out_features == CPB_HIDDEN and blk.attn.cpb_mlp[2].out_features == b.heads
+            )
+            assert not hasattr(blk.attn, "relative_position_bias_table")
+    assert type(m).__name__ == ("SwinTransformerV2" if g.swin_v2 else "SwinTransformer")
+    for s, layer in enumerate(m.layers[1:], 1):  # v2 normalises the merged map after its reduction, v1 before
+        norm = layer.downsample.norm.normalized_shape[0]
+        assert norm == (g.stage_dim(s) if g.swin_v2 else 4 * g.stage_dim(s - 1))
 
 
 def check(g: Geometry) -> None:
@@ -129,10 +142,13 @@ def test_supported_names_cover_the_families():
         "vit_so400m_patch14_siglip_384",
         "swin_tiny_patch4_window7_224",
         "swin_large_patch4_window12_384",
+        "swinv2_tiny_window8_256",
+        "swinv2_base_window12to16_192to256",  # pre-trained at window 12, run at window 16
     } <= names
-    assert not [n for n in names if "swinv2" in n or "_s3_" in n or "resnet" in n or "_r50_" in n]
+    assert len([n for n in names if n.startswith("swinv2_")]) == 12
+    assert not [n for n in names if "swinv2_cr" in n or "_s3_" in n or "resnet" in n or "_r50_" in n]
     assert names <= set(timm_names())
-    assert len(names) >= 147
+    assert len(names) >= 159
     assert (
         resolve("vit_tiny_patch16_224", {}).tag == "augreg_in21k_ft_in1k"
     )  # timm's default, not the first by name
@@ -145,7 +161,8 @@ def test_every_refused_name_names_the_missing_feature():
     assert (
         refusal("vit_base_patch16_siglip_224") is None
     )  # the attention-pool (MAP) head is priced, not pruned
-    assert "SwinV2" in (refusal("swinv2_tiny_window8_256") or "")
+    assert refusal("swinv2_tiny_window8_256") is None
+    assert "SwinV2-CR" in (refusal("swinv2_cr_tiny_ns_224") or "")
     assert "hybrid" in (refusal("vit_base_r50_s16_384") or "")
     assert "rotary" in (refusal("vit_base_patch16_rope_reg1_gap_256") or "")
     for name, why in refused.items():
@@ -193,6 +210,17 @@ def test_size_tables(name: str):
     assert g.blocks[0].grid == (14, 14) and g.blocks[0].tokens == 196 + g.prefix_tokens
 
 
+def test_swinv2_geometry_from_the_name():
+    """``window12to16_192to256``: pre-trained at window 12 on 192 pixels, runs at window 16 on 256 (timm's factory)."""
+    g = resolve("swinv2_base_window12to16_192to256", {})
+    assert g.swin_v2 and all(b.swin_v2 for b in g.blocks) and (g.window_size, g.img_size) == (16, 256)
+    assert (g.embed_dim, g.depths, g.num_heads) == (128, (2, 2, 18, 2), (4, 8, 16, 32))
+    assert [(b.grid[0], b.window, b.shift) for b in g.blocks[:2]] == [(64, 16, 0), (64, 16, 8)]
+    assert {(b.grid[0], b.window, b.shift) for b in g.blocks if b.stage == 3} == {(8, 8, 0)}
+    assert g.tag == "ms_in22k_ft_in1k" and resolve("swinv2_large_window12_192", {}).num_classes == 21841
+    assert not resolve("swin_tiny_patch4_window7_224", {}).swin_v2
+
+
 def test_swin_tiny_geometry():
     g = resolve("swin_tiny_patch4_window7_224", {})
     assert [b.grid[0] for b in g.blocks] == [56] * 2 + [28] * 2 + [14] * 6 + [7] * 2
@@ -226,6 +254,11 @@ def test_swin_tiny_geometry():
             "swin_base_patch4_window12_384",
             dict(image=96, embed_dim=16, depth=(1, 1, 2, 1), heads=(1, 1, 2, 2), window=3, channels=4),
         ),
+        ("swinv2_tiny_window8_256", TINY_SWIN),
+        ("swinv2_tiny_window8_256", dict(image=36, patch=2, embed_dim=8, depth=(2, 2, 1), heads=(1, 2, 2))),
+        ("swinv2_base_window12to16_192to256", dict(window=12)),  # the pre-training window
+        ("swinv2_small_window16_256", dict(image=200, mlp_ratio=2)),  # 50x50 windows of 16 padded to 64x64
+        ("swinv2_large_window12_192.ms_in22k", dict(classes=10, image=96)),
     ],
 )
 def test_overrides_build_matching_timm_models(name: str, overrides: dict[str, object]):
@@ -274,6 +307,7 @@ def test_swin_window_clamped_like_timm():
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
+    name=st.sampled_from(["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"]),
     image=st.sampled_from([16, 24, 32, 48, 64]),
     patch=st.sampled_from([1, 2, 4]),
     embed=st.sampled_from([4, 8, 12]),
@@ -281,7 +315,7 @@ def test_swin_window_clamped_like_timm():
     heads=st.lists(st.sampled_from([1, 2, 4]), min_size=4, max_size=4),
     window=st.integers(1, 8),
 )
-def test_any_swin_resolve_accepts_matches_timm(image, patch, embed, depth, heads, window):
+def test_any_swin_resolve_accepts_matches_timm(name, image, patch, embed, depth, heads, window):
     overrides = dict(
         image=image,
         patch=patch,
@@ -291,7 +325,7 @@ def test_any_swin_resolve_accepts_matches_timm(image, patch, embed, depth, heads
         window=window,
     )
     try:
-        g = resolve("swin_tiny_patch4_window7_224", overrides)
+        g = resolve(name, overrides)
     except BadOverride:
         reject()
     check(g)
@@ -326,10 +360,10 @@ def test_a_timm_name_outside_the_families_is_never_called_unknown(name: str):
 
 
 def test_unsupported_timm_name():
-    with pytest.raises(UnknownBackbone, match="timm model 'swinv2_tiny_window8_256' is not supported") as e:
-        resolve("swinv2_tiny_window8_256", {})
+    with pytest.raises(UnknownBackbone, match="timm model 'swinv2_cr_tiny_ns_224' is not supported") as e:
+        resolve("swinv2_cr_tiny_ns_224", {})
     assert e.value.suggestions and all(s in supported_names() for s in e.value.suggestions)
-    assert "swinv2_tiny_window8_256" not in e.value.suggestions
+    assert "swinv2_cr_tiny_ns_224" not in e.value.suggestions
     assert e.value.hint.startswith("the closest supported backbones: ")
 
 

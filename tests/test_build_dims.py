@@ -16,6 +16,7 @@ from _frozen import (
     FAMILY_BACKBONES,
     SWIN_BACKBONE,
     SWIN_PADDED_BACKBONE,
+    SWINV2_BACKBONE,
     VIT_BACKBONE,
     every_dimension_text,
     images,
@@ -34,6 +35,7 @@ from spvit_dsl.cli import app
 from spvit_dsl.compact import (
     CompactAttention,
     CompactWindowAttention,
+    CompactWindowAttentionV2,
     ConvBranch,
     FfnBias,
     SkipBranch,
@@ -55,6 +57,7 @@ SPECS = {name: every_dimension_text(b) for name, b in (("vit", VIT_BACKBONE), ("
                                                        ("swin", SWIN_BACKBONE))}  # fmt: skip
 SPECS |= {name: every_dimension_text(b) for name, b in FAMILY_BACKBONES.items()}
 SPECS["swin_padded"] = every_dimension_text(SWIN_PADDED_BACKBONE)
+SPECS["swinv2"] = every_dimension_text(SWINV2_BACKBONE)
 runner = CliRunner()
 
 
@@ -215,6 +218,15 @@ def test_cut_heads_keep_the_dense_softmax_scale(name):
     kind = CompactWindowAttention if g.family == "swin" else CompactAttention
     for block, geom, a in zip(_blocks(model, g), g.blocks, arch.blocks, strict=True):
         attn = block.attn
+        if (
+            g.swin_v2
+        ):  # cosine attention: a learned per-head logit scale instead of 1/sqrt(d), cut with its heads
+            assert isinstance(attn, CompactWindowAttentionV2) and (attn.num_heads, attn.head_dim) == (
+                a.heads,
+                5,
+            )
+            assert attn.logit_scale.shape == (a.heads, 1, 1)
+            continue
         assert isinstance(attn, kind) and (attn.num_heads, attn.head_dim) == (a.heads, 5)
         assert attn.qkv.weight.shape == (3 * a.heads * 5, arch.embed[geom.stage])
         assert attn.scale == pytest.approx(geom.head_dim**-0.5) and attn.scale != pytest.approx(5**-0.5)

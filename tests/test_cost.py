@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,7 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from timm.layers import Attention
 from timm.models.swin_transformer import WindowAttention
+from timm.models.swin_transformer_v2 import WindowAttention as CosineWindowAttention
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from spvit_dsl.space.backbones import resolve, supported_names
@@ -38,7 +41,14 @@ SWIN = {
     "B": "swin_base_patch4_window7_224",
 }
 TINY_VIT = dict(image=32, patch=4, embed_dim=64, depth=6, heads=2, channels=1, classes=10)
+SWINV2 = {
+    "T": "swinv2_tiny_window8_256",
+    "B": "swinv2_base_window12to16_192to256",
+}
 TINY_SWIN = dict(image=32, patch=2, embed_dim=16, depth=(2, 2, 2), heads=(1, 2, 4), window=4, classes=10)
+# timm's padding in SwinV2: an 18x18 grid under windows of 8 (padded to 24x24), merged into 9x9 (padded to 16x16),
+# then an odd 9x9 merged as 10x10 into 5x5 (one window of 5, unshifted)
+PADDED_SWINV2 = dict(image=36, patch=2, embed_dim=8, depth=(2, 2, 1), heads=(1, 2, 2), window=8, classes=10)
 
 
 # --- the published figures (shared/reference/spvit.md §3) ----------------------------------------------------
@@ -69,6 +79,40 @@ def test_dense_paper_totals(name: str, giga: float):
 @pytest.mark.parametrize("name, giga", FVCORE_TOTALS)
 def test_dense_exact_totals(name: str, giga: float):
     assert dense_cost(resolve(name, {}), "exact").macs / 1e9 == pytest.approx(giga, rel=5e-3)
+
+
+# SwinV2: the official repository's table (its flops(), which leaves the position-bias MLP out), G and M to its
+# precision
+SWINV2_TOTALS = [
+    ("swinv2_tiny_window8_256", 5.9, 28),
+    ("swinv2_small_window8_256", 11.5, 50),
+    ("swinv2_base_window8_256", 20.3, 88),
+    ("swinv2_tiny_window16_256", 6.6, 28),
+    ("swinv2_small_window16_256", 12.6, 50),
+    ("swinv2_base_window16_256", 21.8, 88),
+    ("swinv2_base_window12to16_192to256", 21.8, 88),
+    ("swinv2_base_window12to24_192to384", 54.7, 88),
+    ("swinv2_large_window12to16_192to256", 47.5, 197),
+    ("swinv2_large_window12to24_192to384", 115.4, 197),
+]
+
+
+@pytest.mark.parametrize("name, giga, mega", SWINV2_TOTALS)
+def test_dense_swinv2_paper_totals(name: str, giga: float, mega: int):
+    cost = dense_cost(resolve(name, {}), "paper")
+    assert (round(cost.macs / 1e9, 1), round(cost.params / 1e6)) == (giga, mega)
+
+
+def test_swinv2_position_bias_mlp_runs_once_per_forward_and_only_exact_counts_it():
+    """Its multiply-adds: (2W−1)² relative offsets × (2·512 + 512·heads), per block, whatever the batch."""
+    g = resolve(SWINV2["T"], {})
+    b = g.blocks[0]  # window 8, 3 heads
+    mlp = 15**2 * (2 * 512 + 512 * 3)
+    exact, paper = branch_cost(b, "msa", "exact"), branch_cost(b, "msa", "paper")
+    assert exact.macs - paper.macs == mlp and exact.params == paper.params
+    assert branch_cost(b, "msa", "exact", heads=1).macs - branch_cost(
+        b, "msa", "paper", heads=1
+    ).macs == 15**2 * (2 * 512 + 512)
 
 
 # (model, block index, [1x1, 3x3, msa, full FFN] in M, paper convention)
@@ -131,6 +175,8 @@ def test_dense_params_equal_timm(name: str):
         ("deit_base_distilled_patch16_224", dict(image=32, embed_dim=48, heads=3, depth=2)),
         (SWIN["T"], TINY_SWIN),
         (SWIN["B"], dict(image=64, embed_dim=8, heads=(1, 1, 2, 2), mlp_ratio=3, window=4)),
+        (SWINV2["T"], TINY_SWIN),
+        (SWINV2["B"], dict(image=64, embed_dim=8, heads=(1, 1, 2, 2), mlp_ratio=3, window=4)),
     ],
 )
 def test_custom_params_equal_timm(name: str, overrides: dict[str, object]):
@@ -173,12 +219,39 @@ class ConvBranch(nn.Module):
         return torch.cat([torch.zeros_like(x[:, : self.prefix]), y], dim=1)
 
 
+class AnyWidthCosineAttention(CosineWindowAttention):
+    """timm's SwinV2 window attention (scaled cosine attention, q/v biases, the position-bias MLP) at any
+    heads × head_dim (timm ties the attention width to C): the same operations, written out."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, window: tuple[int, int]):
+        inner = heads * head_dim
+        super().__init__(inner, window_size=window, num_heads=heads)  # q/k/v biases, logit scale, cpb_mlp
+        self.qkv, self.proj = nn.Linear(dim, 3 * inner, bias=False), nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B_, N, _ = x.shape
+        qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+        attn = attn + 16 * torch.sigmoid(bias).unsqueeze(0)
+        if mask is not None:
+            windows = mask.shape[0]
+            attn = attn.view(-1, windows, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, -1))
+
+
 def branch(b, a: BlockArch, dim: int, swin_block=None) -> nn.Module:
     if a.op == "skip":
         return Zero()
     if a.op == "msa":
         if swin_block is None:
             attn = Attention(dim, num_heads=a.heads, attn_head_dim=a.head_dim, qkv_bias=True)
+        elif b.swin_v2:
+            return AnyWidthCosineAttention(dim, a.heads, a.head_dim, swin_block.window_size)
         else:
             attn = WindowAttention(
                 dim, num_heads=a.heads, head_dim=a.head_dim, window_size=swin_block.window_size
@@ -209,9 +282,10 @@ def build(g: Geometry, arch: FrozenArch) -> nn.Module:
     return m.eval()
 
 
-def measure(g: Geometry, arch: FrozenArch) -> dict[str, int]:
-    """FlopCounterMode's total ÷ 2, the parameter count and the elements each norm/pool layer reads."""
-    m = build(g, arch)
+def measure(g: Geometry, arch: FrozenArch, model: nn.Module | None = None) -> dict[str, int]:
+    """FlopCounterMode's total ÷ 2, the parameter count and the elements each norm/pool layer reads (of ``model``,
+    default: :func:`build`'s)."""
+    m = build(g, arch) if model is None else model.eval()
     seen = {"ln": 0, "bn": 0, "pool": 0}
 
     def hook(kind):
@@ -232,8 +306,8 @@ def measure(g: Geometry, arch: FrozenArch) -> dict[str, int]:
     return {"matmul": flops // 2, "params": sum(p.numel() for p in m.parameters()), **seen}
 
 
-def check_point(g: Geometry, arch: FrozenArch) -> None:
-    got = measure(g, arch)
+def check_point(g: Geometry, arch: FrozenArch, model: nn.Module | None = None) -> None:
+    got = measure(g, arch, model)
     parts = breakdown(g, arch, "exact")
     assert parts["matmul"] == got["matmul"]
     assert parts["norm"] == 5 * got["ln"] + 2 * got["bn"]
@@ -253,12 +327,44 @@ def check_point(g: Geometry, arch: FrozenArch) -> None:
             dict(image=34, patch=2, embed_dim=8, depth=(2, 2, 1), heads=(1, 2, 2), window=4, classes=10),
         ),
         ("deit_tiny_distilled_patch16_224", dict(image=32, patch=8, depth=2)),
+        (SWINV2["T"], TINY_SWIN),
+        (SWINV2["T"], PADDED_SWINV2),
+        (
+            SWINV2["B"],
+            PADDED_SWINV2 | dict(image=28, window=3),
+        ),  # 14x14 under windows of 3 (15x15), 7x7 → 4x4
     ],
 )
 def test_dense_matches_flop_counter(name: str, overrides: dict[str, object]):
     g = resolve(name, overrides)
     check_point(g, dense_arch(g))
     assert breakdown(g, dense_arch(g))["matmul"] == breakdown(g, dense_arch(g), "exact")["matmul"]
+
+
+@pytest.mark.parametrize(
+    "overrides", [PADDED_SWINV2, TINY_SWIN, PADDED_SWINV2 | dict(image=28, window=3, mlp_ratio=2)]
+)
+def test_swinv2_dense_matches_timms_own_model(overrides: dict[str, object]):
+    """timm's SwinV2 itself (no branch replaced): padded windows, odd merges, the position-bias MLP per block."""
+    g = resolve(SWINV2["T"], overrides)
+    m = timm.create_model(g.model, pretrained=False, **g.kwargs())
+    check_point(g, dense_arch(g), m)
+    merging = sum(b.grid[0] * b.grid[1] * b.dim for b in g.blocks if b.stage and not b.index_in_stage)
+    assert measure(g, dense_arch(g), m)["ln"] == sum(2 * b.tokens * b.dim for b in g.blocks) + merging + (
+        g.blocks[0].patches * g.embed_dim + g.blocks[-1].patches * g.num_features
+    )  # norm1, norm2; merging over C' (v1: 4C); patch embed's and the final norm
+
+
+def test_the_any_width_cosine_attention_is_timms_at_its_width():
+    torch.manual_seed(0)
+    ours, theirs = AnyWidthCosineAttention(16, 2, 8, (4, 4)), CosineWindowAttention(16, (4, 4), num_heads=2)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    x, mask = torch.randn(6, 16, 16), (torch.rand(3, 16, 16) < 0.3) * -100.0
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, mask), theirs(x, mask))
 
 
 VIT_SPACE = st.fixed_dictionaries(
@@ -281,6 +387,7 @@ SWIN_SPACE = st.fixed_dictionaries(
         "window": st.sampled_from([2, 3, 4]),
     }
 )
+SWINV2_SPACE = SWIN_SPACE.map(lambda spec: spec | {"name": SWINV2["T"]})
 OPS = ["skip", "conv1x1", "conv3x3", "conv5x5", "msa"]
 
 
@@ -315,6 +422,13 @@ def test_any_vit_point_matches_flop_counter(point):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(point=points(SWIN_SPACE))
 def test_any_swin_point_matches_flop_counter(point):
+    check_point(*point)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(point=points(SWINV2_SPACE))
+def test_any_swinv2_point_matches_flop_counter(point):
     check_point(*point)
 
 
@@ -403,6 +517,26 @@ def test_counts_price_the_same_as_points_and_mix_ops_linearly():
     a_conv, a_msa = arch, arch.with_block(0, op="msa")
     want = 0.25 * arch_cost(g, a_conv, "exact").macs + 0.75 * arch_cost(g, a_msa, "exact").macs
     assert tally(g, Counts(mixed.embed, mixed.blocks), "exact").macs == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("convention", ["paper", "exact"])
+def test_swinv2_expected_counts_price_like_the_point(convention: str):
+    """The SwinV2 terms (q/v biases, logit scale, position-bias MLP, merging norm) on tensors: the same cost as the
+    point, and a gradient in the head count that includes the MLP's output layer."""
+    g = resolve(SWINV2["T"], PADDED_SWINV2)
+    arch = dense_arch(g).with_block(0, op="conv3x3").with_block(2, heads=1, head_dim=3, ffn=7)
+    counts = counts_of(arch)
+    heads = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    b2 = counts.blocks[2]
+    counts.blocks[2] = BlockCounts(b2.ops, heads, b2.head_dim, b2.ffn)
+    embed = [torch.tensor(float(e), dtype=torch.float64) for e in counts.embed]
+    got = tally(g, Counts(embed, counts.blocks), convention)
+    want = arch_cost(g, arch, convention)
+    assert (float(got.macs.detach()), float(got.params.detach())) == (want.macs, want.params)
+    (grad,) = torch.autograd.grad(got.params, heads)
+    b = g.blocks[2]
+    per_head = 4 * b.dim * 3 + 2 * 3 + 1 + 512  # qkv + proj columns, q/v biases, logit scale, cpb_mlp.2 row
+    assert float(grad) == per_head
 
 
 def test_errors():

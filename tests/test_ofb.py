@@ -188,12 +188,19 @@ def test_build_finetune_eval_and_onnx_export_from_the_cli(searched, tmp_path: Pa
     assert r.exit_code == 0 and (tmp_path / "m.onnx").stat().st_size > 0, r.output
 
 
-def test_fold_leaves_the_outputs_unchanged(tmp_path: Path) -> None:
+# SwinV2's cosine attention: a per-head channel folds into its query *and* key rows (and q_bias)
+SWINV2 = (
+    "backbone swinv2_tiny_window8_256 { weights = none; image = 32; patch = 2; channels = 1; classes = 10; "
+    "embed_dim = 16; depth = (2, 2); heads = (2, 4); window = 4 }\n"
+    "blocks all { heads x head_dim: {1, 2} x {4, 6, 8}; ffn: widths {16, 32, 64} }\n"
+)
+
+
+@pytest.mark.parametrize("space", [BACKBONE + COARSE, SWINV2], ids=["vit", "swinv2"])
+def test_fold_leaves_the_outputs_unchanged(space: str, tmp_path: Path) -> None:
     """Folding a soft bi-mask into the layers (fc2 columns; proj columns; query rows and proj columns) gives the
     same logits without the mask, for every structured kind except the embedding (documented: it cannot fold)."""
-    program = compile_file(
-        _spec(tmp_path, BACKBONE + COARSE + BUDGET + SEARCH.replace("epochs = 3", "epochs = 1"))
-    )
+    program = compile_file(_spec(tmp_path, space + BUDGET + SEARCH.replace("epochs = 3", "epochs = 1")))
     checked: list[str] = []
 
     def at_first_step(info) -> None:
@@ -204,7 +211,9 @@ def test_fold_leaves_the_outputs_unchanged(tmp_path: Path) -> None:
         x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             strategy.draw(False)
-            net.set_masks({"embed": None})
+            net.set_masks(
+                {path: None for path, g in net.groups.items() if g.kind == "embed" and path in net.masked}
+            )
             for ch in strategy.choices:
                 for j, path in enumerate(ch.paths):
                     if net.groups[path].kind == "embed":

@@ -70,7 +70,7 @@ def print_summary(program) -> None:
         f", weights {g.model}.{g.tag}" if weights == "pretrained" else ""
     )  # which checkpoint pretrained loads
     out.print(
-        f"[bold]{s['spec']}[/]  backbone [cyan]{g.model}[/] ({g.family}, {g.depth} blocks, "
+        f"[bold]{s['spec']}[/]  backbone [cyan]{g.model}[/] ({'swinv2' if g.swin_v2 else g.family}, {g.depth} blocks, "
         f"{g.img_size}px, {g.num_classes} classes{loads})"
     )
     kind = (

@@ -12,17 +12,23 @@ layer folds into a plain Conv2d(C,d,k) → BN → ReLU → Conv2d(d,C,1)"):
   attention branch of a skip block and hands the full, unshifted (B, H, W, C) map to a Swin conv branch;
 * :class:`CompactAttention` / :class:`CompactWindowAttention` — timm's ``Attention`` / ``WindowAttention`` with an
   explicit head count and per-head width and the *original* softmax scale (UP-ViT and OFB keep ``1/√d`` of the dense
-  head width when they prune per-head channels).
+  head width when they prune per-head channels);
+* :class:`CompactWindowAttentionV2` / :class:`CompactSwinV2Block` — SwinV2's scaled cosine window attention and
+  res-post-norm block (timm's ``swin_transformer_v2``) with any head count and per-head width.
 
 Kept FFNs stay timm's ``Mlp`` with narrower ``fc1``/``fc2``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from timm.layers import use_fused_attn
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
+from timm.models.swin_transformer_v2 import SwinTransformerV2Block
 from timm.models.vision_transformer import Block as VitBlock
 from torch import Tensor, nn
 
@@ -31,7 +37,9 @@ __all__ = [
     "CompactAttention",
     "CompactBlock",
     "CompactSwinBlock",
+    "CompactSwinV2Block",
     "CompactWindowAttention",
+    "CompactWindowAttentionV2",
     "ConvBranch",
     "FfnBias",
     "SkipBranch",
@@ -199,6 +207,88 @@ class CompactWindowAttention(WindowAttention):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, window={self.window_size}, scale={self.scale:.6g}"
 
 
+class CompactWindowAttentionV2(nn.Module):
+    """SwinV2's window attention (Liu et al., CVPR 2022; timm's ``swin_transformer_v2.WindowAttention``) with
+    ``num_heads`` heads of ``head_dim`` channels over a ``dim``-wide stream.
+
+    Computes ``softmax(cos(q, k) · exp(min(logit_scale, ln 100)) + 16·sigmoid(B) + mask) · v`` per window, ``B`` the
+    continuous position bias ``cpb_mlp(relative_coords_table)`` gathered by ``relative_position_index``; ``qkv`` has
+    no bias of its own: ``q_bias`` and ``v_bias`` (k has none). The two index buffers are taken from the dense
+    block's attention (``like``): they depend on the window and the pre-training window only. Input (B·nW, N, C),
+    output the same; parameter names are timm's, so the dense state dict's slices load unchanged.
+    """
+
+    relative_coords_table: Tensor
+    relative_position_index: Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int,
+        like: nn.Module,
+        *,
+        qkv_bias: bool,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        inner = num_heads * head_dim
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
+        self.window_size: tuple[int, int] = tuple(like.window_size)  # type: ignore[arg-type]
+        self.fused_attn = use_fused_attn()
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        hidden = like.get_submodule("cpb_mlp.0")
+        assert isinstance(hidden, nn.Linear)
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(2, hidden.out_features, bias=True),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden.out_features, num_heads, bias=False),
+        )
+        self.qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(inner)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(inner)) if qkv_bias else None
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        for name in ("relative_coords_table", "relative_position_index"):
+            self.register_buffer(name, like.get_buffer(name).clone(), persistent=False)
+
+    def _bias(self) -> Tensor:
+        """(heads, N, N): ``16·sigmoid`` of the continuous position bias."""
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        area = self.window_size[0] * self.window_size[1]
+        bias = table[self.relative_position_index.view(-1)].view(area, area, -1).permute(2, 0, 1)
+        return 16 * torch.sigmoid(bias)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        rows, N, _ = x.shape
+        h = self.num_heads
+        bias = None
+        if self.q_bias is not None and self.v_bias is not None:
+            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        q, k, v = (
+            F.linear(x, self.qkv.weight, bias).reshape(rows, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        )
+        q = F.normalize(q, dim=-1) * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        k = F.normalize(k, dim=-1)
+        attn_bias = self._bias().unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn_bias = attn_bias + mask.view(1, nw, 1, N, N).expand(rows // nw, -1, h, -1, -1).reshape(
+                -1, h, N, N
+            )
+        if self.fused_attn:
+            dropout = self.attn_drop.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout, scale=1.0)
+        else:
+            x = self.attn_drop((q @ k.transpose(-2, -1) + attn_bias).softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(rows, N, -1)))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, window={self.window_size}, cosine"
+
+
 class SkipBranch(nn.Module):
     """The attention branch of a ``skip`` block: contributes zero (compact blocks never call it)."""
 
@@ -246,4 +336,22 @@ class CompactSwinBlock(SwinTransformerBlock):
             x = x + self.drop_path1(self._attn(self.norm1(x)))
         x = x.reshape(B, -1, C)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(B, H, W, C)
+
+
+class CompactSwinV2Block(SwinTransformerV2Block):
+    """timm's SwinV2 block (res-post-norm): conv branches see the full unshifted map; a skip block has no attention
+    branch at all (``norm1`` of a zero branch would add its bias: the supernet runs no branch either)."""
+
+    def _attn(self, x: Tensor) -> Tensor:
+        if isinstance(self.attn, ConvBranch):
+            return self.attn(x)
+        return super()._attn(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        if not isinstance(self.attn, SkipBranch):
+            x = x + self.drop_path1(self.norm1(self._attn(x)))
+        x = x.reshape(B, -1, C)
+        x = x + self.drop_path2(self.norm2(self.mlp(x)))
         return x.reshape(B, H, W, C)

@@ -27,6 +27,8 @@ import torch
 from timm.layers import Mlp, use_fused_attn
 from timm.layers.attention import Attention
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
+from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
 from timm.models.vision_transformer import Block as VitBlock
 from torch import nn
 
@@ -38,7 +40,9 @@ from .modules import (
     CompactAttention,
     CompactBlock,
     CompactSwinBlock,
+    CompactSwinV2Block,
     CompactWindowAttention,
+    CompactWindowAttentionV2,
     ConvBranch,
     FfnBias,
     SkipBranch,
@@ -94,15 +98,18 @@ def _timm_kwargs(geometry: Geometry, arch: FrozenArch) -> dict[str, Any]:
 def _resize_swin_stages(model: nn.Module, widths: tuple[int, ...]) -> None:
     """Patch merging, the final norm and the head at per-stage widths (blocks are rebuilt by :func:`_rebuild_block`)."""
     from timm.layers import ClassifierHead, trunc_normal_  # noqa: PLC0415
-    from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerStage  # noqa: PLC0415
+    from timm.models import swin_transformer, swin_transformer_v2  # noqa: PLC0415
 
-    assert isinstance(model, SwinTransformer)  # every supported Swin name is timm's Swin v1
+    # the Swin classes resolve() accepts
+    assert isinstance(model, swin_transformer.SwinTransformer | swin_transformer_v2.SwinTransformerV2)
+    v1 = isinstance(model, swin_transformer.SwinTransformer)
+    merging = swin_transformer.PatchMerging if v1 else swin_transformer_v2.PatchMerging
     for s in range(1, len(widths)):
         stage = model.layers[s]
-        assert isinstance(stage, SwinTransformerStage)
         down = stage.downsample  # a PatchMerging in every stage after the first
+        assert isinstance(down, merging)
         if down.reduction.out_features != widths[s] or down.reduction.in_features != 4 * widths[s - 1]:
-            stage.downsample = PatchMerging(widths[s - 1], widths[s], norm_layer=type(down.norm))
+            stage.downsample = merging(widths[s - 1], widths[s], norm_layer=type(down.norm))
             trunc_normal_(stage.downsample.reduction.weight, std=0.02)
     assert isinstance(model.norm, nn.LayerNorm)
     if model.norm.normalized_shape[0] != widths[-1]:
@@ -160,7 +167,7 @@ def fuse_window_attention(model: nn.Module) -> nn.Module:
     """
     enabled = use_fused_attn()
     for m in model.modules():
-        if isinstance(m, WindowAttention):
+        if isinstance(m, WindowAttention | CompactWindowAttentionV2):
             m.fused_attn = enabled  # type: ignore[misc]  # Final for TorchScript only; timm's own switch
     return model
 
@@ -169,7 +176,7 @@ def block_modules(model: nn.Module, family: str) -> list[nn.Module]:
     """The transformer blocks in global order (ViT ``blocks.i``, Swin ``layers.s.blocks.j``)."""
     if family == "swin":
         blocks = [b for stage in model.layers for b in stage.blocks]  # type: ignore[union-attr]
-        kind: type = SwinTransformerBlock
+        kind: type | tuple[type, ...] = (SwinTransformerBlock, SwinTransformerV2Block)
     else:
         blocks = list(model.blocks)  # type: ignore[arg-type]
         kind = VitBlock
@@ -180,15 +187,21 @@ def block_modules(model: nn.Module, family: str) -> list[nn.Module]:
 
 
 def _rebuild_block(block: nn.Module, geom: BlockGeom, choice: BlockArch, dim: int, family: str) -> None:
-    block.__class__ = CompactSwinBlock if family == "swin" else CompactBlock
+    if family != "swin":
+        block.__class__ = CompactBlock
+    elif geom.swin_v2:
+        block.__class__ = CompactSwinV2Block
+    else:
+        block.__class__ = CompactSwinBlock
     for name in ("norm1", "norm2"):
         norm = getattr(block, name)
         if isinstance(norm, nn.LayerNorm) and norm.normalized_shape[0] != dim:
             setattr(block, name, nn.LayerNorm(dim, eps=norm.eps))
     old = block.attn
-    assert isinstance(old, Attention | WindowAttention)  # the blocks block_modules accepts
+    # the attentions of the blocks block_modules accepts (a latency table rebuilds copies of compact blocks)
+    assert isinstance(old, Attention | WindowAttention | WindowAttentionV2 | CompactWindowAttentionV2)
     drop = float(getattr(old.proj_drop, "p", 0.0))
-    qkv_bias = old.qkv.bias is not None
+    qkv_bias = (old.q_bias if geom.swin_v2 else old.qkv.bias) is not None
     scale = geom.head_dim**-0.5  # the dense network's, whatever the kept per-head width
     if choice.op == "skip":
         block.attn = SkipBranch()
@@ -196,7 +209,11 @@ def _rebuild_block(block: nn.Module, geom: BlockGeom, choice: BlockArch, dim: in
         if hasattr(block, "ls1"):
             block.ls1 = nn.Identity()  # the layer scale belongs to the branch it scales
     elif choice.op == "msa":
-        if family == "swin":
+        if geom.swin_v2:
+            block.attn = CompactWindowAttentionV2(
+                dim, choice.heads, choice.head_dim, old, qkv_bias=qkv_bias, proj_drop=drop
+            )
+        elif family == "swin":
             block.attn = CompactWindowAttention(
                 dim,
                 choice.heads,

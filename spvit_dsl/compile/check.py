@@ -236,7 +236,9 @@ def _pretrained(
 ) -> list[SpecWarning]:
     """What ``weights = pretrained`` cannot do, said at compile time: a name without weights (an error), a pooling
     override that moves the final norm (an error: the weights cannot load), a shape the weights do not have and a
-    head of another class count (warnings)."""
+    head of another class count (warnings). Swin's ``window`` and ``image`` load (timm resizes v1's relative-position
+    table; SwinV2's position-bias MLP does not depend on the window); its ``heads`` do not (v1's table and SwinV2's
+    logit scale and position-bias MLP hold one entry per head)."""
     shipped = backbones.tags(geo.model)
     if geo.tag not in shipped or geo.tag == "untrained":
         raise SpecError(
@@ -258,7 +260,8 @@ def _pretrained(
                 hint="use weights = none, or a checkpoint trained with this pooling",
             )
     out = []
-    for key in ("embed_dim", "depth", "mlp_ratio"):
+    shaped = ("embed_dim", "depth", "mlp_ratio", *(("heads",) if geo.family == "swin" else ()))
+    for key in shaped:
         s = settings.get(key)
         if s is not None:
             out.append(

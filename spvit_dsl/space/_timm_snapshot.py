@@ -21,12 +21,15 @@ from typing import Any
 __all__ = ["PATTERNS", "snapshot", "vit_facts"]
 
 PATTERNS = ["vit_*", "deit*", "swin*"]
-_SWIN_V2 = "SwinV2 (scaled cosine attention with a learned logit scale, a continuous position bias MLP, post-norm blocks)"
+_SWIN_V2_CR = (
+    "SwinV2-CR (timm's own SwinV2 variant: a position-bias MLP over every pair of window positions without "
+    "SwinV2's 16·sigmoid, Swin v1's patch merging, extra main-branch norms)"
+)
 
 
 def _refusal(model: Any) -> str | None:  # noqa: ANN401 (a timm model)
     """The first feature of a timm model that spvit-dsl does not lower, as a short phrase; None when all are known
-    (Swin v1 is resolved from its name, not from these facts)."""
+    (Swin v1 and SwinV2 are resolved from their names, not from these facts)."""
     from timm.layers import Mlp  # noqa: PLC0415
     from timm.layers.attention import Attention  # noqa: PLC0415
     from timm.models.vision_transformer import Block, VisionTransformer  # noqa: PLC0415
@@ -36,8 +39,8 @@ def _refusal(model: Any) -> str | None:  # noqa: ANN401 (a timm model)
     if not isinstance(model, VisionTransformer):
         kinds: dict[str, str | None] = {
             "SwinTransformer": None,
-            "SwinTransformerV2": _SWIN_V2,
-            "SwinTransformerV2Cr": "SwinV2-CR (timm's own SwinV2 variant: " + _SWIN_V2.split("(", 1)[1],
+            "SwinTransformerV2": None,
+            "SwinTransformerV2Cr": _SWIN_V2_CR,
             "Eva": "timm's Eva blocks (rotary position embedding, SwiGLU FFN)",
             "VisionTransformerRelPos": "relative-position attention (timm's VisionTransformerRelPos)",
         }
@@ -108,6 +111,8 @@ def vit_facts(model: Any) -> dict[str, Any]:  # noqa: ANN401 (a timm model)
         return {"refused": refused}
     if type(model).__name__ == "SwinTransformer":
         return {"swin": True}
+    if type(model).__name__ == "SwinTransformerV2":
+        return {"swin": True, "swin_v2": True}
     block = model.blocks[0]
     grid = tuple(model.patch_embed.grid_size)
     patch = model.patch_embed.patch_size

@@ -9,8 +9,9 @@ arguments that make ``timm.create_model(name, pretrained=False, **geometry.kwarg
 Pure Python: ``space/timm_configs.json`` is a snapshot of timm 1.0.31 — every ``vit_*``, ``deit*`` and ``swin*`` name,
 what each ViT-family model is made of (read from the model built on the meta device: sizes, class/register/
 distillation tokens, pooling and its norms, layer scale, qkv bias, activation) or the first feature spvit-dsl does
-not lower, and each name's pretrained tags with their class counts. Swin v1 names are read from their pattern and
-the size table below (timm's ``swin_transformer.py`` factories). Resolving a backbone never imports torch.
+not lower, and each name's pretrained tags with their class counts. Swin v1 and SwinV2 names are read from their
+pattern and the size table below (timm's ``swin_transformer.py`` and ``swin_transformer_v2.py`` factories; timm's own
+``swinv2_cr_*`` variant is refused). Resolving a backbone never imports torch.
 ``python -m spvit_dsl.space._timm_snapshot`` rewrites the snapshot from the installed timm;
 ``tests/test_backbones.py`` checks every fact here against real timm modules built on the meta device.
 """
@@ -45,6 +46,8 @@ __all__ = [
 # --- what a name means (timm 1.0.31 factories) ---------------------------------------------------------------
 
 _SWIN_RE = re.compile(r"^swin_(tiny|small|base|large)_patch(4)_window(\d+)_(\d+)$")
+# SwinV2: ``window12to16_192to256`` was pre-trained at window 12 / image 192 and runs at window 16 / image 256
+_SWINV2_RE = re.compile(r"^swinv2_(tiny|small|base|large)_window(?:\d+to)?(\d+)_(?:\d+to)?(\d+)$")
 
 # size -> (embed_dim, depths, num_heads)
 _SWIN_SIZES: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
@@ -175,7 +178,7 @@ def timm_names() -> list[str]:
 @lru_cache(maxsize=1)
 def supported_names() -> list[str]:
     """The timm names :func:`resolve` accepts: ViTs whose every feature spvit-dsl lowers (plain ViT/DeiT, DeiT-III,
-    CLIP, SigLIP with average pooling, DINOv2, register and average-pooling ViTs, ...) and Swin v1."""
+    CLIP, SigLIP with average pooling, DINOv2, register and average-pooling ViTs, ...), Swin v1 and SwinV2."""
     return sorted(n for n in timm_names() if refusal(n) is None)
 
 
@@ -185,7 +188,7 @@ def refusal(name: str) -> str | None:
     facts = _snapshot().get(name)
     if facts is None:
         return None
-    if "swin" in facts and _SWIN_RE.match(name) is None:
+    if "swin" in facts and _swin_match(name) is None:
         return (
             "Swin-S3 (AutoFormerV2's per-stage window sizes)"
             if name.startswith("swin_s3")
@@ -193,6 +196,17 @@ def refusal(name: str) -> str | None:
         )
     refused: str | None = facts.get("refused")
     return refused
+
+
+def _swin_match(name: str) -> tuple[str, int, int, int] | None:
+    """(size, patch, window, image) of a Swin v1 or plain SwinV2 name; None for any other Swin layout."""
+    m = _SWIN_RE.match(name)
+    if m is not None:
+        return m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))
+    m = _SWINV2_RE.match(name)
+    if m is not None:
+        return m.group(1), 4, int(m.group(2)), int(m.group(3))
+    return None
 
 
 def split_tag(model: str) -> tuple[str, str]:
@@ -245,6 +259,7 @@ class _Config:
     qkv_bias: bool = True
     act: str = "GELU"
     patch_bias: bool = True
+    swin_v2: bool = False  # Swin: SwinV2 blocks and patch merging
 
     @property
     def prefix_tokens(self) -> int:
@@ -265,13 +280,14 @@ def _from_name(model: str) -> _Config:
     if facts is None or refusal(model) is not None:
         raise _unknown(model)
     if "swin" in facts:
-        m = _SWIN_RE.match(model)
-        assert m is not None  # refusal() checked it
-        size, patch, window, img = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))
+        match = _swin_match(model)
+        assert match is not None  # refusal() checked it
+        size, patch, window, img = match
         dim, depths, heads = _SWIN_SIZES[size]
         return _Config(
             "swin", model, img, patch, _DEFAULT_CHANNELS, _DEFAULT_CLASSES, dim, depths, heads,
             _DEFAULT_MLP_RATIO, window, class_token=False, global_pool="avg",  # Swin averages its last map
+            swin_v2=bool(facts.get("swin_v2")),
         )  # fmt: skip
     dim, hidden = facts["embed_dim"], facts["hidden"]
     return _Config(
@@ -310,7 +326,7 @@ def _unknown(model: str) -> UnknownBackbone:
     elif module is not None:
         msg = (
             f"timm model '{model}' (timm's {module} family) is not supported: spvit-dsl lowers timm's ViT, DeiT, "
-            "DeiT-III, CLIP, SigLIP, DINOv2 and Swin v1 backbones (docs/language.md, 'Supported backbones')"
+            "DeiT-III, CLIP, SigLIP, DINOv2, Swin v1 and SwinV2 backbones (docs/language.md, 'Supported backbones')"
         )
     elif _stem(model) in {_stem(n) for n in supported_names()}:
         msg = f"'{_short(model)}' is not a timm model (timm has no such variant; pick a listed name and override 'image')"
@@ -552,6 +568,7 @@ def _swin_blocks(cfg: _Config, overrides: dict[str, object]) -> tuple[BlockGeom,
                 prefix_tokens=0,
                 window=window,
                 shift=shift if i % 2 else 0,
+                swin_v2=cfg.swin_v2,
             )
             for i in range(depth)
         ]
@@ -630,6 +647,7 @@ def resolve(model: str, overrides: dict[str, object] | None = None) -> Geometry:
         blocks=blocks,
         timm_kwargs=_timm_kwargs(cfg, overrides),
         tag=cfg.tag,
+        swin_v2=cfg.swin_v2,
         **{name: getattr(cfg, name) for name in _LAYOUT},
     )
 

@@ -18,11 +18,22 @@ Two conventions (``docs/cost-model.md`` has every formula):
   BatchNorm, activations, softmax and biases are free; Swin adds the official code's pooling term.
 * ``exact`` — fvcore's convention on the timm module: every matmul/conv over every token (cls included),
   LayerNorm 5 MACs per element, eval-mode BatchNorm 2 per element, the global average pool one per input element.
-  Its ``matmul`` part is exactly what ``torch.utils.flop_counter.FlopCounterMode`` reports ÷ 2.
+  Its ``matmul`` part is exactly what ``torch.utils.flop_counter.FlopCounterMode`` reports ÷ 2 at batch 1.
+
+SwinV2 (Liu et al., "Swin Transformer V2", CVPR 2022; timm's ``swin_transformer_v2.py``) is priced as Swin v1 but
+for three things: its window attention learns q and v biases only and a logit scale per head; the continuous
+position bias MLP (2 → 512 → heads) replaces v1's relative-position table and runs on the window's ``(2W−1)²``
+relative coordinates once per forward, whatever the batch (``exact`` counts its multiply-adds at batch 1, as
+FlopCounterMode sees them; ``paper`` leaves them out, as the official ``flops()`` does, and so reproduces every
+published SwinV2 figure); patch merging normalises after its reduction, over ``C'`` instead of ``4C``. Its
+res-post-norm blocks (``x + norm1(attn(x))``, paper §3.2) price like v1's pre-norm ones, and what the scaled cosine
+attention adds around its matmuls (normalising q and k, the logit scale, the bias's ``16·sigmoid``) is free, like
+softmax.
 
 Accounting choices (the same in both conventions; the compact network is built to match them):
 
-* the attention branch of a block — ``norm1`` included — belongs to its op: a ``skip`` block runs neither;
+* the attention branch of a block — ``norm1`` included (before the branch, or after it in SwinV2's post-norm blocks)
+  — belongs to its op: a ``skip`` block runs neither;
 * ``norm2`` and ``fc2.bias`` belong to every block: an FFN kept at width 0 still adds ``fc2.bias``;
 * a conv op's bottleneck is the block's kept per-head width; its layers are never sparsified;
 * ``density`` (unstructured sparsity, our extension for DIMAP-style pruning) counts the non-zero weights of qkv,
@@ -35,7 +46,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .geometry import BlockGeom, Convention, Geometry
+from .geometry import CPB_HIDDEN, BlockGeom, Convention, Geometry
 from .ops import OPS
 from .plan import LAYERS, BlockArch, Cost, FrozenArch, dense_arch
 
@@ -164,19 +175,46 @@ def _norm(b: BlockGeom, dim: Num, convention: str) -> Tally:
     return Tally(norm=_LAYERNORM[convention] * b.tokens * dim, params=2 * dim)
 
 
-def _msa(b: BlockGeom, dim: Num, c: BlockCounts) -> Tally:
+def _msa(b: BlockGeom, dim: Num, c: BlockCounts, convention: str) -> Tally:
     """qkv (C → 3D, bias unless the backbone has none), attention matmuls (over a Swin map padded to whole
-    windows, as timm runs them) (2·N·M·D, M keys per query), proj (D → C, bias); D = heads·head_dim."""
+    windows, as timm runs them) (2·N·M·D, M keys per query), proj (D → C, bias); D = heads·head_dim; Swin adds
+    its position bias (:func:`_position_bias`)."""
     inner = c.heads * c.head_dim
     tokens = b.attention_tokens  # Swin: the map padded to whole windows
     keys = b.window**2 if b.window else tokens  # Swin attends within windows, ViT over all tokens
     d_qkv, d_proj = c.density.get("qkv", 1), c.density.get("proj", 1)
     qkv = _nnz(3 * dim * inner, d_qkv)
     proj = _nnz(dim * inner, d_proj)
-    params = qkv + (3 * inner if b.qkv_bias else 0) + proj + dim
-    if b.window:
-        params = params + (2 * b.window - 1) ** 2 * c.heads  # relative-position-bias table
-    return Tally(matmul=tokens * (qkv + proj) + 2 * tokens * keys * inner, params=params)
+    out = Tally(
+        matmul=tokens * (qkv + proj) + 2 * tokens * keys * inner,
+        params=qkv + _qkv_bias(b, inner) + proj + dim,
+    )
+    return out + _position_bias(b, c.heads, convention) if b.window else out
+
+
+def _qkv_bias(b: BlockGeom, inner: Num) -> Num:
+    """The learned q, k, v biases: ``3D``; SwinV2 learns q's and v's only (``q_bias``, ``v_bias``; k's is a
+    non-persistent zero buffer in timm): ``2D``."""
+    if not b.qkv_bias:
+        return 0
+    return (2 if b.swin_v2 else 3) * inner
+
+
+def _position_bias(b: BlockGeom, heads: Num, convention: str) -> Tally:
+    """A Swin block's relative position bias over its ``(2W−1)²`` relative offsets in a window.
+
+    Swin v1: a learned table of ``(2W−1)² × heads`` entries, gathered (no multiply-adds). SwinV2 (Liu et al.,
+    2022, §3.3; timm's ``WindowAttention``): the log-spaced continuous position bias, an MLP ``Linear(2, 512)`` →
+    ReLU → ``Linear(512, heads, bias=False)`` evaluated on every relative offset once per forward, whatever the
+    batch (``exact``: its multiply-adds at batch 1; ``paper``: none, as in the official ``flops()``), plus the
+    per-head ``logit_scale`` of the scaled cosine attention (the scaling and ``16·sigmoid`` are elementwise: free).
+    """
+    offsets = (2 * b.window - 1) ** 2
+    if not b.swin_v2:
+        return Tally(params=offsets * heads)
+    weights = 2 * CPB_HIDDEN + CPB_HIDDEN * heads
+    macs = offsets * weights if convention == "exact" else 0
+    return Tally(matmul=macs, params=weights + CPB_HIDDEN + heads)
 
 
 def _conv(b: BlockGeom, dim: Num, bottleneck: Num, kernel: int, convention: str) -> Tally:
@@ -197,7 +235,7 @@ def _op(b: BlockGeom, op: str, dim: Num, c: BlockCounts, convention: str) -> Tal
     if op == "skip":
         return Tally()
     if op == "msa":
-        branch = _msa(b, dim, c)
+        branch = _msa(b, dim, c, convention)
     else:
         kernel = OPS.get(op).kernel
         if kernel is None:
@@ -307,17 +345,14 @@ def _div(x: Num, k: int) -> Num:
 
 
 def _swin_stem_head(g: Geometry, convention: str, embed: Sequence[Num]) -> Tally:
-    """Patch embed + its LayerNorm, patch merging before stages 1.., final LayerNorm, global average pool, head."""
+    """Patch embed + its LayerNorm, patch merging before stages 1.., final LayerNorm, global average pool, head
+    (Swin v1 and SwinV2 alike but for the merging's norm)."""
     ln = _LAYERNORM[convention]
     grid0 = g.blocks[0].grid
     out = _patch_embed(g, embed[0]) + Tally(norm=ln * grid0[0] * grid0[1] * embed[0], params=2 * embed[0])
     stages = len(g.depths)
     for s in range(1, stages):
-        h, w = _stage_grid(g, s)
-        merged = 4 * embed[s - 1]  # 2x2 neighbours of the previous stage, concatenated
-        out += Tally(
-            matmul=h * w * merged * embed[s], norm=ln * h * w * merged, params=2 * merged + merged * embed[s]
-        )
+        out += _patch_merging(g, s, embed[s - 1], embed[s], ln)
     features = embed[stages - 1]
     h, w = _stage_grid(g, stages - 1)
     if convention == "exact":
@@ -325,6 +360,16 @@ def _swin_stem_head(g: Geometry, convention: str, embed: Sequence[Num]) -> Tally
     else:  # the official flops(): num_features · H0·W0 / 2^stages, standing in for the final norm/pool
         out += Tally(pool=_div(features * grid0[0] * grid0[1], 2**stages))
     return out + Tally(params=2 * features) + _linear_head(g, features, 1)
+
+
+def _patch_merging(g: Geometry, stage: int, before: Num, after: Num, ln: int) -> Tally:
+    """Patch merging into ``stage`` at its (padded) grid: the 2×2 neighbours of the previous stage concatenated
+    (``4C``) and ``Linear(4C, C', bias=False)``; Swin v1 normalises before it (LayerNorm over ``4C``), SwinV2 after it
+    (LayerNorm over ``C'``: timm's v2 ``PatchMerging``; the official v2 ``flops()`` counts that norm too)."""
+    h, w = _stage_grid(g, stage)
+    merged = 4 * before
+    normed = after if g.swin_v2 else merged
+    return Tally(matmul=h * w * merged * after, norm=ln * h * w * normed, params=2 * normed + merged * after)
 
 
 def _stage_grid(g: Geometry, stage: int) -> tuple[int, int]:

@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["CONVENTIONS", "BlockGeom", "Convention", "Family", "Geometry"]
+__all__ = ["CONVENTIONS", "CPB_HIDDEN", "BlockGeom", "Convention", "Family", "Geometry"]
 
 Family = Literal["vit", "swin"]
 Convention = Literal["paper", "exact"]
 CONVENTIONS: tuple[Convention, ...] = ("paper", "exact")
+CPB_HIDDEN = 512  # SwinV2's continuous-position-bias MLP width (fixed in timm's WindowAttention)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class BlockGeom:
     # per-channel residual scales ls1 (attention branch) and ls2 (FFN): DeiT-III, DINOv2
     layer_scale: bool = False
     qkv_bias: bool = True
+    # SwinV2 (Liu et al., CVPR 2022; timm's ``SwinTransformerV2Block``): res-post-norm (``x + norm1(attn(x))``),
+    # scaled cosine attention with a learned per-head logit scale, the log-spaced continuous position bias (an MLP
+    # 2 → CPB_HIDDEN → heads over the window's relative coordinates) and separate q/v biases (k has none)
+    swin_v2: bool = False
 
     @property
     def tokens(self) -> int:
@@ -93,6 +98,8 @@ class Geometry:
     patch_bias: bool = True  # the patch embedding's bias (CLIP has none)
     # the FFN activation's timm class name (GELU, QuickGELU, GELUTanh); free in both conventions
     act: str = "GELU"
+    # Swin: SwinV2 blocks (see BlockGeom.swin_v2) and SwinV2's patch merging (reduction 4C → C', then LayerNorm(C'))
+    swin_v2: bool = False
 
     @property
     def reads_patches(self) -> bool:

@@ -221,7 +221,9 @@ def slices(
 
     Heads and per-head channels together select attention channel ``h·head_dim + c`` of q, k, v and of proj's
     input; ``heads``/``head_dim`` give the block's current counts when the other group was already cut (default:
-    the dense ones). ``attention`` and ``weights`` groups return ``()``.
+    the dense ones). ``attention`` and ``weights`` groups return ``()``. SwinV2 blocks use timm's
+    ``SwinTransformerV2`` names: ``q_bias``/``v_bias`` for the qkv bias, ``logit_scale`` and ``cpb_mlp.2.weight``
+    per head, and patch merging's norm after its reduction (checked against timm in ``tests/test_groups.py``).
     """
     if group.kind == "embed":
         return _embed_slices(geometry, group.stage)
@@ -237,20 +239,40 @@ def slices(
             Slice(f"{m}.mlp.fc1.bias", 0),
             Slice(f"{m}.mlp.fc2.weight", 1),
         )
-    if group.kind == "heads":
-        out = [Slice(f"{m}.attn.qkv.weight", 0, 3, d), Slice(f"{m}.attn.proj.weight", 1, 1, d)]
-        if b.qkv_bias:
-            out.insert(1, Slice(f"{m}.attn.qkv.bias", 0, 3, d))
-        if b.window:
-            out.append(Slice(f"{m}.attn.relative_position_bias_table", 1))
-        return tuple(out)
-    out = [  # head_dim: channel c of every head, in q, k and v
+    if group.kind == "heads":  # head u: rows u·d .. u·d+d of q, k and v, columns of proj, its position bias
+        return (
+            Slice(f"{m}.attn.qkv.weight", 0, 3, d),
+            *_qkv_bias_slices(b, 1, d),
+            Slice(f"{m}.attn.proj.weight", 1, 1, d),
+            *_position_bias_slices(b),
+        )
+    return (  # head_dim: channel c of every head, in q, k and v
         Slice(f"{m}.attn.qkv.weight", 0, 3 * h, 1),
+        *_qkv_bias_slices(b, h, 1),
         Slice(f"{m}.attn.proj.weight", 1, h, 1),
-    ]
-    if b.qkv_bias:
-        out.insert(1, Slice(f"{m}.attn.qkv.bias", 0, 3 * h, 1))
-    return tuple(out)
+    )
+
+
+def _qkv_bias_slices(b: BlockGeom, outer: int, inner: int) -> list[Slice]:
+    """The q, k, v biases viewed like each of q, k, v's rows: ``(outer, units, inner)`` per projection. timm fuses
+    them in ``qkv.bias`` (so ``3·outer``); SwinV2 learns ``q_bias`` and ``v_bias`` apart (k's is a zero buffer)."""
+    if not b.qkv_bias:
+        return []
+    if b.swin_v2:
+        return [Slice(f"{b.module}.attn.{name}", 0, outer, inner) for name in ("q_bias", "v_bias")]
+    return [Slice(f"{b.module}.attn.qkv.bias", 0, 3 * outer, inner)]
+
+
+def _position_bias_slices(b: BlockGeom) -> list[Slice]:
+    """What a Swin block holds per head besides q, k, v: v1's relative-position table (one column per head);
+    SwinV2's logit scale ``(heads, 1, 1)`` and its position-bias MLP's output rows ``cpb_mlp.2.weight``
+    ``(heads, 512)`` (the MLP's first layer is shared by every head)."""
+    if not b.window:
+        return []
+    attn = f"{b.module}.attn"
+    if b.swin_v2:
+        return [Slice(f"{attn}.logit_scale", 0), Slice(f"{attn}.cpb_mlp.2.weight", 0)]
+    return [Slice(f"{attn}.relative_position_bias_table", 1)]
 
 
 def _block_embed_slices(b: BlockGeom) -> list[Slice]:
@@ -279,17 +301,12 @@ def _embed_slices(g: Geometry, stage: int) -> tuple[Slice, ...]:
     elif stage == 0:
         out += [Slice("patch_embed.norm.weight", 0), Slice("patch_embed.norm.bias", 0)]
     else:
-        out.append(Slice(f"layers.{stage}.downsample.reduction.weight", 0))
+        out += _merging_out_slices(g, stage)
     for b in g.blocks:
         if b.stage == stage:
             out += _block_embed_slices(b)
-    if stage + 1 < g.stages:  # patch merging reads the 2x2 neighbours of this stage concatenated: (4, C, 1)
-        nxt = f"layers.{stage + 1}.downsample"
-        out += [
-            Slice(f"{nxt}.norm.weight", 0, 4),
-            Slice(f"{nxt}.norm.bias", 0, 4),
-            Slice(f"{nxt}.reduction.weight", 1, 4),
-        ]
+    if stage + 1 < g.stages:
+        out += _merging_in_slices(g, stage + 1)
     if stage == g.stages - 1:
         if g.family == "swin" or g.final_norm:
             out += [Slice("norm.weight", 0), Slice("norm.bias", 0)]
@@ -306,3 +323,19 @@ def _embed_slices(g: Geometry, stage: int) -> tuple[Slice, ...]:
         else:
             out += [Slice("head.weight", 1)] + ([Slice("head_dist.weight", 1)] if g.dist_token else [])
     return tuple(out)
+
+
+def _merging_in_slices(g: Geometry, stage: int) -> list[Slice]:
+    """What the previous stage's channels own in the patch merging into ``stage``: its input, the 2x2 neighbours
+    concatenated ``(4, C, 1)`` — read by the reduction, and first normalised in Swin v1 (SwinV2 normalises after)."""
+    merging = f"layers.{stage}.downsample"
+    norm = [] if g.swin_v2 else [Slice(f"{merging}.norm.weight", 0, 4), Slice(f"{merging}.norm.bias", 0, 4)]
+    return [*norm, Slice(f"{merging}.reduction.weight", 1, 4)]
+
+
+def _merging_out_slices(g: Geometry, stage: int) -> list[Slice]:
+    """What ``stage``'s channels own in the patch merging into it: the reduction's output rows, and in SwinV2 the
+    LayerNorm over them (timm's v2 ``PatchMerging``: reduction, then norm)."""
+    merging = f"layers.{stage}.downsample"
+    norm = [Slice(f"{merging}.norm.weight", 0), Slice(f"{merging}.norm.bias", 0)] if g.swin_v2 else []
+    return [Slice(f"{merging}.reduction.weight", 0), *norm]

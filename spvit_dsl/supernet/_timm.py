@@ -3,10 +3,11 @@
 Input: a :class:`~spvit_dsl.space.plan.Geometry` and a weights source; output: the timm model and its blocks in global
 order (ViT ``blocks.i``; Swin ``layers.s.blocks.j`` numbered across stages).
 
-Swin blocks (timm 1.0.31 ``SwinTransformerBlock``) take (B, H, W, C) maps and do their shift/partition inside
-``_attn``. Lowering swaps such a block's class for :class:`GatedSwinBlock`, a subclass whose ``_attn`` runs timm's own
-``_attn`` (cyclic shift, windows, mask) for the MSA level and hands the full, unshifted map to the unified op for conv
-and skip levels. The swap keeps every attribute, buffer and state-dict key of the block.
+Swin blocks (timm 1.0.31 ``SwinTransformerBlock``, ``SwinTransformerV2Block``) take (B, H, W, C) maps and do their
+shift/partition inside ``_attn``. Lowering swaps such a block's class for :class:`GatedSwinBlock` (or
+:class:`GatedSwinV2Block`), a subclass whose ``_attn`` runs timm's own ``_attn`` (cyclic shift, windows, mask) for the
+MSA level and hands the full, unshifted map to the unified op for conv and skip levels. The swap keeps every
+attribute, buffer and state-dict key of the block.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TypeVar
 import timm
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.swin_transformer_v2 import SwinTransformerV2Block
 from timm.models.vision_transformer import Block as VitBlock
 from torch import Tensor, nn
 
@@ -29,7 +31,7 @@ from ..lang.errors import UsageError
 from ..space.plan import Geometry
 from .attention import UnifiedAttention
 
-__all__ = ["GatedSwinBlock", "backbone_blocks", "create_backbone", "submodule"]
+__all__ = ["GatedSwinBlock", "GatedSwinV2Block", "backbone_blocks", "create_backbone", "submodule"]
 
 _M = TypeVar("_M", bound=nn.Module)
 
@@ -43,6 +45,33 @@ class GatedSwinBlock(SwinTransformerBlock):
         if attn.op == "msa":
             return super()._attn(x)
         return attn.forward_map(x)
+
+
+class GatedSwinV2Block(SwinTransformerV2Block):
+    """A timm SwinV2 block (res-post-norm: ``x + norm1(attn(x))``) over the unified op: conv/skip levels see the
+    full unshifted map; a ``skip`` level runs no branch at all (``norm1`` of a zero branch would add its bias); the
+    level's straight-through weight multiplies the branch after ``norm1`` (inside, the LayerNorm would cancel it)."""
+
+    def _attn(self, x: Tensor) -> Tensor:
+        attn = self.attn
+        assert isinstance(attn, UnifiedAttention)
+        if attn.op == "msa":
+            return super()._attn(x)
+        return attn.forward_map(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        attn = self.attn
+        assert isinstance(attn, UnifiedAttention)
+        if attn.op != "skip":
+            branch = self.norm1(self._attn(x))
+            weight = attn.level_weight
+            if weight is not None:
+                branch = branch * weight.to(branch.dtype)
+            x = x + self.drop_path1(branch)
+        x = x.reshape(B, -1, C)
+        x = x + self.drop_path2(self.norm2(self.mlp(x)))
+        return x.reshape(B, H, W, C)
 
 
 def create_backbone(
@@ -139,7 +168,8 @@ def backbone_blocks(model: nn.Module, family: str) -> list[nn.Module]:
     """The transformer blocks in global order; raise NotImplementedError for layouts lowering does not know."""
     if family == "swin":
         blocks = [b for stage in model.layers for b in stage.blocks]  # type: ignore[union-attr]
-        bad = [type(b).__name__ for b in blocks if not isinstance(b, SwinTransformerBlock)]
+        kinds = (SwinTransformerBlock, SwinTransformerV2Block)
+        bad = [type(b).__name__ for b in blocks if not isinstance(b, kinds)]
     else:
         blocks = list(model.blocks)  # type: ignore[arg-type]
         bad = [type(b).__name__ for b in blocks if not isinstance(b, VitBlock)]
@@ -162,5 +192,7 @@ def patch_swin_block(block: nn.Module) -> None:
     """Route the block's conv/skip levels to the full map (class swap; keeps every attribute and key)."""
     if type(block) is SwinTransformerBlock:
         block.__class__ = GatedSwinBlock
-    elif not isinstance(block, GatedSwinBlock):
+    elif type(block) is SwinTransformerV2Block:
+        block.__class__ = GatedSwinV2Block
+    elif not isinstance(block, GatedSwinBlock | GatedSwinV2Block):
         raise NotImplementedError(f"cannot lower Swin block type {type(block).__name__}")

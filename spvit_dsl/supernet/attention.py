@@ -7,7 +7,10 @@ candidate from the *same* parameters (SPViT §1, single-path weight sharing):
 
 * ``msa`` — the backbone's own attention, from ``qkv`` and ``proj`` (adopted under their timm names, so a dense
   state dict loads unchanged); Swin keeps its relative position bias and shifted-window mask. The softmax scale is
-  always the *original* ``1/√head_dim`` (UP-ViT and OFB keep it when per-head channels are pruned);
+  always the *original* ``1/√head_dim`` (UP-ViT and OFB keep it when per-head channels are pruned). SwinV2 (Liu et
+  al., CVPR 2022, as timm computes it): scaled cosine attention, ``cos(q, k) · exp(min(logit_scale, ln 100))`` per
+  head plus ``16·sigmoid`` of the continuous position bias ``cpb_mlp(relative_coords_table)``; the qkv bias is
+  ``q_bias``, zeros, ``v_bias``;
 * ``conv{k}x{k}`` — a bottleneck conv built from the value and output projections: ``v`` is the last third of
   ``qkv`` (sliced at run time); a learnable mixing matrix ``mix`` (h × K², K the largest kernel among the
   candidates, initialised to ones) gives ``A = softmax(mix / alpha)`` over heads; kernel position ``p`` (row-major
@@ -17,8 +20,8 @@ candidate from the *same* parameters (SPViT §1, single-path weight sharing):
 * ``skip`` — the attention branch contributes zero.
 
 Masks (see :mod:`.masks`): a head's mask scales its output (proj's input columns), a per-head channel's mask scales
-its query (the term it adds to every attention logit) and its output column, so a 0 removes the channel from q, k
-and v at once; the residual-channel mask scales proj's output rows; ``weights`` masks multiply qkv and proj. For a
+its query (the term it adds to every attention logit; for cosine attention its key too, which the key's norm would
+otherwise see) and its output column, so a 0 removes the channel from q, k and v at once; the residual-channel mask scales proj's output rows; ``weights`` masks multiply qkv and proj. For a
 conv op the head mask scales ``A`` and the channel mask the expansion's columns. With 0/1 masks the module equals
 the compact attention with only the kept units.
 
@@ -30,6 +33,7 @@ straight-through weight (forward value 1), folded into the branch's final projec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +97,10 @@ class UnifiedAttention(nn.Module):
         self.decision = decision
         self.candidates = tuple(candidates)
         self.window = window  # Swin WindowAttention layout
+        # SwinV2: scaled cosine attention with a continuous position bias, and a post-norm block (the level weight
+        # is applied after norm1 by the block: a LayerNorm would cancel it here)
+        self.cosine = geom.swin_v2
+        self.post_norm = geom.swin_v2
         self.grid = geom.grid
         self.prefix = geom.prefix_tokens
         self.alpha = float(alpha)
@@ -125,10 +133,21 @@ class UnifiedAttention(nn.Module):
         if self.window:
             self.window_size: tuple[int, int] = tuple(attn.window_size)  # type: ignore[arg-type]
             self.window_area = self.window_size[0] * self.window_size[1]
-            self.relative_position_bias_table = attn.get_parameter("relative_position_bias_table")
             self.register_buffer(
                 "relative_position_index", attn.get_buffer("relative_position_index"), persistent=False
             )
+            if (
+                self.cosine
+            ):  # SwinV2: q/v biases, per-head logit scale, the position-bias MLP and its input table
+                self.q_bias: nn.Parameter | None = getattr(attn, "q_bias", None)
+                self.v_bias: nn.Parameter | None = getattr(attn, "v_bias", None)
+                self.logit_scale = attn.get_parameter("logit_scale")
+                self.cpb_mlp: nn.Module = attn.get_submodule("cpb_mlp")
+                self.register_buffer(
+                    "relative_coords_table", attn.get_buffer("relative_coords_table"), persistent=False
+                )
+            else:
+                self.relative_position_bias_table = attn.get_parameter("relative_position_bias_table")
         else:
             self.q_norm: nn.Module = attn.get_submodule("q_norm")
             self.k_norm: nn.Module = attn.get_submodule("k_norm")
@@ -222,23 +241,34 @@ class UnifiedAttention(nn.Module):
         return self.board.get(g.heads), self.board.get(g.head_dim), self.board.get(g.embed)
 
     def _q_rows(self) -> Tensor | None:
-        """The batch-wide per-head-channel mask on qkv's query rows (ones on the key and value rows), or None."""
+        """The batch-wide per-head-channel mask on qkv's query rows (ones on the value rows; on the key rows too,
+        except for cosine attention, whose key norms must not see a removed channel either), or None."""
         md = self.board.get(self.groups.head_dim)
         if md is None or per_sample(md):
             return None
         ref = self.qkv.weight
-        return torch.cat([md.to(ref.dtype).repeat(self.num_heads), ref.new_ones(2 * self.attn_dim)])
+        rows = md.to(ref.dtype).repeat(self.num_heads)
+        k_rows = rows if self.cosine else ref.new_ones(self.attn_dim)
+        return torch.cat([rows, k_rows, ref.new_ones(self.attn_dim)])
+
+    def _qkv_bias(self) -> Tensor | None:
+        """qkv's bias: ``qkv.bias``; SwinV2's separate q and v biases with a zero k bias (timm's layout)."""
+        if not self.cosine:
+            return self.qkv.bias
+        if self.q_bias is None or self.v_bias is None:
+            return None
+        return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
 
     def qkv_linear(self, x: Tensor) -> Tensor:
         """qkv with its weights mask and the query-row mask (see :func:`~._masked_ops.masked_linear`)."""
         return masked_linear(
-            x, self.qkv.weight, self.qkv.bias, row=self._q_rows(), elem=self.board.get(self.groups.qkv)
+            x, self.qkv.weight, self._qkv_bias(), row=self._q_rows(), elem=self.board.get(self.groups.qkv)
         )
 
     def qkv_params(self) -> tuple[Tensor, Tensor | None]:
         """qkv's weight and bias with its weights mask and the query-row mask applied (for folding a conv op)."""
         weight: Tensor = self.qkv.weight
-        bias: Tensor | None = self.qkv.bias
+        bias: Tensor | None = self._qkv_bias()
         w_mask = self.board.get(self.groups.qkv)
         if w_mask is not None:
             weight = weight * w_mask.to(weight.dtype)
@@ -263,7 +293,8 @@ class UnifiedAttention(nn.Module):
         expansion (``z``: (B, H, W, d); masked by :meth:`expansion` and :meth:`head_mix`)."""
         mh, md, me = self._masks()
         row = None if per_sample(me) else me
-        if self._weight is not None:  # SPViT's level weight scales the whole branch (forward value 1)
+        if self._weight is not None and not self.post_norm:  # SPViT's level weight scales the whole branch
+            # (forward value 1); a post-norm block applies it after its norm1 (see level_weight)
             w = self._weight.to(weight.dtype)
             row = w.expand(weight.shape[0]) if row is None else row.to(weight.dtype) * w
         col = elem = None
@@ -336,8 +367,17 @@ class UnifiedAttention(nn.Module):
         md = self.board.get(self.groups.head_dim)
         if per_sample(md):
             q = q * _batch_view(md, rows, 4, q.dtype)  # type: ignore[arg-type]
+            if self.cosine:
+                k = k * _batch_view(md, rows, 4, k.dtype)  # type: ignore[arg-type]
         if self.probe is not None:  # (B, H·d): removing channel j from q (its logit term) and from the output
-            q = q * _batch_view(self.probe, rows, 3, q.dtype).view(rows, h, 1, self.head_dim)
+            probe = _batch_view(self.probe, rows, 3, q.dtype).view(rows, h, 1, self.head_dim)
+            q = q * probe
+            if self.cosine:
+                k = k * probe
+        scale = self.scale
+        if self.cosine:  # SwinV2: cos(q, k) · exp(min(logit_scale, ln 100)) per head (timm's clamp)
+            q = F.normalize(q, dim=-1) * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+            k, scale = F.normalize(k, dim=-1), 1.0
         if self.window:
             attn_mask = self._rel_pos_bias()
             if window_mask is not None:
@@ -351,10 +391,10 @@ class UnifiedAttention(nn.Module):
         if self.fused_attn:
             dropout: float = self.attn_drop.p if self.training else 0.0  # type: ignore[assignment]  # nn.Dropout.p
             z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=scale
             )
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = (q * scale) @ k.transpose(-2, -1)
             bias = attn_mask if self.window else resolve_self_attn_mask(N, attn, attn_mask, is_causal)
             z = self.attn_drop(maybe_add_mask(attn, bias).softmax(dim=-1)) @ v
         z = self._per_sample_inner(z.transpose(1, 2))
@@ -363,8 +403,21 @@ class UnifiedAttention(nn.Module):
         return self._output(z, self.proj.weight, self.proj.bias, msa=True)
 
     def _rel_pos_bias(self) -> Tensor:
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(self.window_area, self.window_area, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        """(1, heads, area, area): Swin's learned table, or SwinV2's ``16·sigmoid(cpb_mlp(coords))``."""
+        table = (
+            self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+            if self.cosine
+            else self.relative_position_bias_table
+        )
+        bias = table[self.relative_position_index.view(-1)]
+        bias = bias.view(self.window_area, self.window_area, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        return 16 * torch.sigmoid(bias) if self.cosine else bias
+
+    @property
+    def level_weight(self) -> Tensor | None:
+        """The selected level's straight-through weight when the block must apply it (post-norm: after its norm1,
+        which would cancel it inside the branch); None otherwise."""
+        return self._weight if self.post_norm else None
 
     def head_mix(self, k: int) -> Tensor:
         """``A`` restricted to the centre k × k positions: (heads, k²), a softmax over the heads the heads mask keeps

@@ -166,12 +166,16 @@ def _mask_stream(model: nn.Module, space: Space, board: MaskBoard, active: set[s
             if s == 0:
                 patch_embed = model.get_submodule("patch_embed")
                 patch_embed.norm = MaskedLayerNorm(submodule(patch_embed, "norm", nn.LayerNorm), board, path)
+            elif g.swin_v2:  # SwinV2's merging: reduction, then a norm over this stage's channels
+                down = model.get_submodule(f"layers.{s}.downsample")
+                down.norm = MaskedLayerNorm(submodule(down, "norm", nn.LayerNorm), board, path)
             else:
                 down = model.get_submodule(f"layers.{s}.downsample")
                 down.reduction = MaskedLinear(submodule(down, "reduction", nn.Linear), board, path)
             if s + 1 < g.stages:
-                down = model.get_submodule(f"layers.{s + 1}.downsample")
-                down.norm = MaskedLayerNorm(submodule(down, "norm", nn.LayerNorm), board, path, repeat=4)
+                if not g.swin_v2:  # v1 normalises the 2x2 neighbours of this stage before the reduction
+                    down = model.get_submodule(f"layers.{s + 1}.downsample")
+                    down.norm = MaskedLayerNorm(submodule(down, "norm", nn.LayerNorm), board, path, repeat=4)
             else:
                 model.norm = MaskedLayerNorm(submodule(model, "norm", nn.LayerNorm), board, path)
 

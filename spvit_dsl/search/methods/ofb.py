@@ -592,8 +592,8 @@ class OfbStrategy(Strategy):
     def fold(self, path: str, mask: Tensor) -> None:
         """Fold a group's per-unit ``mask`` into the layers that read it, so the network computes without the mask
         what it computed with it, and clear the mask. FFN neuron: fc2's column; head: proj's columns of the head;
-        per-head channel: its query row of qkv (and bias) and proj's columns. The embedding mask weighs the masked
-        LayerNorms' statistics and cannot fold exactly: it is dropped."""
+        per-head channel: its query row of qkv (and bias; SwinV2: its key row too) and proj's columns. The embedding
+        mask weighs the masked LayerNorms' statistics and cannot fold exactly: it is dropped."""
         net = self.ctx.net
         g = net.groups[path]
         m = mask.detach()
@@ -606,10 +606,14 @@ class OfbStrategy(Strategy):
             per = m.repeat_interleave(d) if g.kind == "heads" else m.repeat(h)
             attn.proj.weight.mul_(per.to(attn.proj.weight.dtype)[None, :])
             if g.kind == "head_dim":
-                rows = torch.cat([per, per.new_ones(2 * h * d)]).to(attn.qkv.weight.dtype)
+                # the query rows; SwinV2's cosine attention also the key rows (its key norm would see them)
+                k_rows = per if attn.cosine else per.new_ones(h * d)
+                rows = torch.cat([per, k_rows, per.new_ones(h * d)]).to(attn.qkv.weight.dtype)
                 attn.qkv.weight.mul_(rows[:, None])
                 if attn.qkv.bias is not None:
                     attn.qkv.bias.mul_(rows)
+                if attn.cosine and attn.q_bias is not None:  # SwinV2 keeps q's bias apart (k has none)
+                    attn.q_bias.mul_(per.to(attn.q_bias.dtype))
         net.set_masks({path: None})
 
     # --- what the strategy would choose now ----------------------------------------------------------------

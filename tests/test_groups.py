@@ -1,0 +1,138 @@
+"""The coupled tensor slices of every unit group (space/groups.py) against timm's own models, one tiny configuration
+per layout (ViT, distilled DeiT, layer-scale DeiT-III, Swin v1, SwinV2):
+
+* every slice names a tensor of timm's state dict, and its axis holds ``outer · units · inner`` positions;
+* every parameter of the model belongs to some group, except the few no group prunes (the classifier's bias, the
+  first layer of SwinV2's position-bias MLP, shared by every head);
+* cutting every embedding width, per-head width and FFN width through the slices gives exactly the state dict of
+  timm's model built at the smaller sizes (a strict load).
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from spvit_dsl.space.backbones import resolve
+from spvit_dsl.space.groups import UnitGroup, groups, slices
+from spvit_dsl.space.plan import BlockPlan, FfnChoice, Geometry, Space
+
+# name → (timm model, overrides, overrides of the same backbone at half the widths)
+LAYOUTS: dict[str, tuple[str, dict[str, object], dict[str, object]]] = {
+    "vit": (
+        "deit_tiny_patch16_224",
+        dict(image=32, patch=8, embed_dim=32, depth=2, heads=2),
+        dict(embed_dim=16),
+    ),
+    "distilled": (
+        "deit_tiny_distilled_patch16_224",
+        dict(image=32, patch=8, embed_dim=32, depth=2, heads=2),
+        dict(embed_dim=16),
+    ),
+    "deit3": (
+        "deit3_small_patch16_224",
+        dict(image=32, patch=8, embed_dim=32, depth=2, heads=2),
+        dict(embed_dim=16),
+    ),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        dict(image=36, patch=2, embed_dim=16, depth=(2, 2, 1), heads=(1, 2, 2), window=4, classes=10),
+        dict(embed_dim=8),
+    ),
+    "swinv2": (
+        "swinv2_tiny_window8_256",
+        dict(image=36, patch=2, embed_dim=16, depth=(2, 2, 1), heads=(1, 2, 2), window=4, classes=10),
+        dict(embed_dim=8),
+    ),
+}
+# parameters no unit group owns (ViT: ``head.bias``; Swin: ``head.fc.bias``; SwinV2: ``cpb_mlp.0``, 2 → 512)
+UNOWNED = ("head.bias", "head_dist.bias", "head.fc.bias", "attn.cpb_mlp.0.weight", "attn.cpb_mlp.0.bias")
+
+
+def _every_dimension(g: Geometry) -> Space:
+    plans = tuple(
+        BlockPlan(
+            b, ("msa",), FfnChoice(group=1), tuple(range(1, b.heads + 1)), tuple(range(1, b.head_dim + 1))
+        )
+        for b in g.blocks
+    )
+    return Space(g, plans, tuple(tuple(range(1, d + 1)) for d in g.dims))
+
+
+def _state(g: Geometry) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return timm.create_model(g.model, pretrained=False, **g.kwargs()).state_dict()
+
+
+def _structured(g: Geometry) -> list[UnitGroup]:
+    return [grp for grp in groups(_every_dimension(g)) if grp.structured]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_slice_is_a_tensor_axis_of_the_right_length(layout: str) -> None:
+    model, overrides, _ = LAYOUTS[layout]
+    g = resolve(model, overrides)
+    state = _state(g)
+    owned = set()
+    for grp in _structured(g):
+        for s in slices(g, grp):
+            assert s.tensor in state, (grp.path, s.tensor)
+            assert state[s.tensor].shape[s.axis] == s.outer * grp.size * s.inner, (grp.path, s)
+            owned.add(s.tensor)
+    assert sorted(n for n in state if n not in owned and not n.endswith(UNOWNED)) == []
+
+
+def test_swinv2_slices_name_its_own_tensors() -> None:
+    model, overrides, _ = LAYOUTS["swinv2"]
+    g = resolve(model, overrides)
+    by_path = {grp.path: slices(g, grp) for grp in _structured(g)}
+    attn = "layers.1.blocks.0.attn"
+    assert [(s.tensor, s.axis, s.outer, s.inner) for s in by_path["blocks.2.heads"]] == [
+        (f"{attn}.qkv.weight", 0, 3, 16),
+        (f"{attn}.q_bias", 0, 1, 16),
+        (f"{attn}.v_bias", 0, 1, 16),
+        (f"{attn}.proj.weight", 1, 1, 16),
+        (f"{attn}.logit_scale", 0, 1, 1),
+        (f"{attn}.cpb_mlp.2.weight", 0, 1, 1),
+    ]
+    assert [(s.tensor, s.outer) for s in by_path["blocks.2.head_dim"]] == [
+        (f"{attn}.qkv.weight", 6),
+        (f"{attn}.q_bias", 2),
+        (f"{attn}.v_bias", 2),
+        (f"{attn}.proj.weight", 2),
+    ]
+    stage1 = [(s.tensor, s.axis, s.outer) for s in by_path["stages.1.embed"]]
+    assert stage1[:3] == [
+        ("layers.1.downsample.reduction.weight", 0, 1),
+        ("layers.1.downsample.norm.weight", 0, 1),
+        ("layers.1.downsample.norm.bias", 0, 1),
+    ]
+    assert stage1[-1] == (
+        "layers.2.downsample.reduction.weight",
+        1,
+        4,
+    )  # no norm over 4C: v2 normalises after
+    assert not any("qkv.bias" in t or "relative_position" in t for t, _, _ in stage1)
+
+
+def _cut(state: dict[str, torch.Tensor], g: Geometry, grp: UnitGroup, keep: int) -> None:
+    """Keep ``keep`` of the group's units (a random order, as a search ranks them) in every tensor it owns."""
+    kept = torch.randperm(grp.size, generator=torch.Generator().manual_seed(len(grp.path)))[:keep].tolist()
+    for s in slices(g, grp):
+        index = torch.tensor(s.positions(kept, grp.size))
+        state[s.tensor] = state[s.tensor].index_select(s.axis, index)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_cutting_through_the_slices_gives_timms_smaller_model(layout: str) -> None:
+    """Half of every embedding width, per-head width and FFN width (heads kept: timm ties head_dim to C/heads)."""
+    model, overrides, half = LAYOUTS[layout]
+    g = resolve(model, overrides)
+    small = resolve(model, overrides | half)
+    state = _state(g)
+    for grp in _structured(g):
+        if grp.kind != "heads":
+            _cut(state, g, grp, grp.size // 2)
+    target = timm.create_model(small.model, pretrained=False, **small.kwargs())
+    target.load_state_dict(state, strict=True)

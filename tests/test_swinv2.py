@@ -1,0 +1,125 @@
+"""SwinV2 (timm's ``swin_transformer_v2``: res-post-norm blocks, scaled cosine attention, the continuous position
+bias, v2 patch merging) through the supernet and the compact build, on a small padded configuration
+(``_frozen.SWINV2_BACKBONE``). Every compact point equals the masked supernet and the cost model:
+tests/test_build_dims.py (its SPECS include ``swinv2``); every timm name: tests/test_backbones.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from _frozen import SWINV2_BACKBONE, images
+from _spaces import dense_twin, every_dimension
+
+from spvit_dsl.compact.build import build
+from spvit_dsl.compile.program import compile_text
+from spvit_dsl.search import run_search
+from spvit_dsl.space.cost import arch_cost
+from spvit_dsl.supernet.lower import lower
+
+
+def _program(tail: str = ""):
+    return compile_text(f"{SWINV2_BACKBONE}\n{tail}", "/nowhere/swinv2.vit")
+
+
+def _randomised(net):
+    torch.manual_seed(0)
+    for p in net.model.parameters():  # trained-looking weights: no zero biases, no unit norms
+        torch.nn.init.normal_(p, std=0.2)
+    return net.eval()
+
+
+def test_the_supernet_with_every_unit_kept_is_the_dense_timm_model() -> None:
+    geometry = _program().space.geometry
+    assert geometry.swin_v2 and all(b.swin_v2 for b in geometry.blocks)
+    assert geometry.blocks[0].attention_tokens > geometry.blocks[0].patches  # the windows pad the map
+    net = _randomised(lower(every_dimension(geometry)))
+    dense = dense_twin(net).eval()
+    x = images(geometry)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), dense(x), rtol=0, atol=1e-5)
+
+
+def test_a_post_norm_block_applies_the_level_weight_after_its_norm() -> None:
+    """SPViT's straight-through level weight must reach the loss: inside the branch, norm1 (a LayerNorm) would cancel
+    any scale, so a SwinV2 block multiplies norm1's output (value 1 forward, a real gradient backward)."""
+    program = _program("blocks all { attention: one of {skip, conv3x3, msa} }\n")
+    net = _randomised(lower(program.space))
+    block = net.model.layers[0].blocks[0]
+    x = torch.randn(2, *program.space.geometry.blocks[0].grid, 16)
+    for level in (1, 2):  # conv3x3, msa
+        weight = torch.ones((), requires_grad=True)
+        net.set_op(0, level, weight)
+        out = block(x)
+        out.square().sum().backward()
+        net.set_op(0, level, None)
+        torch.testing.assert_close(out, block(x))  # the forward value is unchanged
+        # the reference: x + w · norm1(branch), then the FFN, with the block's own modules
+        ref_weight = torch.ones((), requires_grad=True)
+        h = (x + ref_weight * block.norm1(block._attn(x))).reshape(2, -1, 16)
+        (h + block.norm2(block.mlp(h))).square().sum().backward()
+        assert weight.grad is not None and ref_weight.grad is not None and abs(float(ref_weight.grad)) > 1e-3
+        torch.testing.assert_close(weight.grad, ref_weight.grad)
+
+
+def test_a_skip_level_adds_nothing_not_norm1_of_zero() -> None:
+    """x + norm1(0) would add norm1's bias: a skipped SwinV2 attention branch is not run at all."""
+    program = _program("blocks all { attention: one of {skip, msa} }\n")
+    net = _randomised(lower(program.space))
+    block = net.model.layers[0].blocks[0]
+    net.set_op(0, 0)  # skip
+    x = torch.randn(2, *program.space.geometry.blocks[0].grid, 16)
+    with torch.no_grad():
+        tokens = x.reshape(2, -1, 16)
+        want = (tokens + block.norm2(block.mlp(tokens))).reshape(x.shape)
+        torch.testing.assert_close(block(x), want)
+
+
+def test_per_sample_channel_masks_equal_the_batch_wide_mask() -> None:
+    """Cosine attention normalises q and k over their channels: a removed per-head channel leaves both, whether the
+    mask is batch-wide (qkv rows) or per sample (UP-ViT's probes, OFB's scoring)."""
+    program = _program("blocks all { head_dim: 1..8 }\n")
+    net = _randomised(lower(program.space))
+    g = program.space.geometry
+    path = "blocks.0.head_dim"
+    mask = torch.ones(g.blocks[0].head_dim)
+    mask[[1, 4, 5]] = 0
+    x = images(g)
+    with torch.no_grad():
+        net.set_masks({path: mask})
+        batch_wide = net(x)
+        net.set_masks({path: mask.expand(x.shape[0], -1).clone()})
+        per_sample = net(x)
+        net.set_masks({path: None})
+        dense = net(x)
+    torch.testing.assert_close(per_sample, batch_wide, rtol=0, atol=1e-5)
+    assert not torch.allclose(batch_wide, dense, atol=1e-4)
+
+
+def test_spvit_searches_freezes_and_builds_a_swinv2(tmp_path: Path) -> None:
+    tail = (
+        "blocks all { attention: one of {skip, conv3x3, msa}; ffn: groups of 8 }\n"
+        "budget { flops <= 70% }\n"
+        "search spvit { data = digits; epochs = 1; batch_size = 64 }\n"
+    )
+    program = compile_text(f"{SWINV2_BACKBONE.replace('{ ', '{ channels = 1; ')}\n{tail}", "/nowhere/v2.vit")
+    result = run_search(program, out=str(tmp_path), quiet=True)
+    (b,) = result.budgets
+    assert b["achieved"] <= b["limit"] * (1 + 1e-9) and b["achieved"] >= 0.95 * b["limit"]
+    model = build(result.frozen_path, weights=result.checkpoint_path).eval()
+    g = program.space.geometry
+    assert sum(p.numel() for p in model.parameters()) == arch_cost(g, model.spvit_arch, "exact").params
+    assert model(images(g)).shape == (2, 10)
+
+
+def test_a_swinv2_network_exports_to_onnx(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime", reason="ONNX export needs the export extra (onnx, onnxruntime)")
+    from spvit_dsl.compact.export import export_onnx, onnx_max_error
+
+    tail = "stage 1 { embed: 16..32 step 8; heads: 1..2 }\nblocks all { ffn: groups of 8 }\nbudget { flops <= 60% }\n"
+    tail += "search magnitude { }\n"
+    result = run_search(_program(tail), out=str(tmp_path / "run"), quiet=True)
+    model = build(result.frozen_path, weights=result.checkpoint_path).eval()
+    export_onnx(model, str(tmp_path / "m.onnx"))
+    assert onnx_max_error(model, str(tmp_path / "m.onnx")) < 1e-4
