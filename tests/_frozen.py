@@ -45,6 +45,11 @@ SWINV2_BACKBONE = (
     "backbone swinv2_tiny_window8_256 { weights = none; image = 34; patch = 2; embed_dim = 16; "
     "depth = (2, 2); heads = (1, 2); window = 4; classes = 10 }"
 )
+# timm's SwinV2-CR (pairwise position-bias MLP, v1 merging, main-branch norm3 at the end of every stage: "ns"), padded
+SWINV2_CR_BACKBONE = (
+    "backbone swinv2_cr_tiny_ns_224 { weights = none; image = 34; patch = 2; embed_dim = 16; "
+    "depth = (2, 2); heads = (1, 2); window = 4; classes = 10 }"
+)
 SEARCH_BLOCKS = "blocks all { attention: one of {skip, conv1x1, conv3x3, conv5x5, msa}; ffn: per neuron }"
 
 # search specs declaring every dimension on the backbones above: embedding width(s), heads, per-head width, FFN
@@ -61,6 +66,9 @@ EVERY_DIMENSION = {
         f"stage 0 {{ embed: 1..16 }}\nstage 1 {{ embed: 1..32; heads: 1..2 }}\nblocks all {{ {_EVERY} }}\n"
     ),
     SWINV2_BACKBONE: (
+        f"stage 0 {{ embed: 1..16 }}\nstage 1 {{ embed: 1..32; heads: 1..2 }}\nblocks all {{ {_EVERY} }}\n"
+    ),
+    SWINV2_CR_BACKBONE: (
         f"stage 0 {{ embed: 1..16 }}\nstage 1 {{ embed: 1..32; heads: 1..2 }}\nblocks all {{ {_EVERY} }}\n"
     ),
 } | {

@@ -22,7 +22,7 @@ from spvit_dsl.space.backbones import (
     timm_names,
 )
 from spvit_dsl.space.cost import breakdown, dense_arch, dense_cost
-from spvit_dsl.space.geometry import CPB_HIDDEN
+from spvit_dsl.space.geometry import CPB_HIDDEN, META_HIDDEN
 from spvit_dsl.space.plan import Geometry
 
 TINY_VIT = dict(image=32, patch=4, embed_dim=64, depth=6, heads=2, channels=1, classes=10)
@@ -78,6 +78,9 @@ def check_swin(g: Geometry, m: torch.nn.Module) -> None:
     assert m.patch_embed.proj.kernel_size == (g.patch_size, g.patch_size)
     assert m.num_classes == g.num_classes and m.head.fc.out_features == g.num_classes
     assert m.num_features == g.num_features
+    if g.swin_v2_cr:
+        check_swin_v2_cr(g, m)
+        return
     timm_blocks = [(s, i, blk) for s, layer in enumerate(m.layers) for i, blk in enumerate(layer.blocks)]
     assert len(timm_blocks) == g.depth and tuple(len(layer.blocks) for layer in m.layers) == g.depths
     for b, (s, i, blk) in zip(g.blocks, timm_blocks, strict=True):
@@ -86,7 +89,7 @@ def check_swin(g: Geometry, m: torch.nn.Module) -> None:
         assert blk.window_size == (b.window, b.window) and blk.shift_size == (b.shift, b.shift)
         assert blk.attn.num_heads == b.heads and blk.attn.qkv.out_features == 3 * b.heads * b.head_dim
         assert blk.mlp.fc1.out_features == b.hidden
-        assert b.swin_v2 == g.swin_v2
+        assert b.swin_v2 == g.swin_v2 and not b.swin_v2_cr and not b.extra_norm
         if g.swin_v2:  # scaled cosine attention: q/v biases, a logit scale and the position-bias MLP per head
             assert blk.attn.qkv.bias is None and blk.attn.q_bias.shape == blk.attn.v_bias.shape == (b.dim,)
             assert blk.attn.logit_scale.shape == (b.heads, 1, 1)
@@ -98,6 +101,33 @@ def check_swin(g: Geometry, m: torch.nn.Module) -> None:
     for s, layer in enumerate(m.layers[1:], 1):  # v2 normalises the merged map after its reduction, v1 before
         norm = layer.downsample.norm.normalized_shape[0]
         assert norm == (g.stage_dim(s) if g.swin_v2 else 4 * g.stage_dim(s - 1))
+    assert g.final_norm and not isinstance(m.norm, torch.nn.Identity)
+
+
+def check_swin_v2_cr(g: Geometry, m: torch.nn.Module) -> None:
+    """timm's SwinV2-CR: blocks at ``stages.{s}.blocks.{j}``, a fused qkv bias, a logit scale of shape (heads,), the
+    pairwise position-bias MLP ``meta_mlp`` (2 → 384 → heads), ``norm3`` where the geometry says, v1's merging, no
+    final norm."""
+    assert type(m).__name__ == "SwinTransformerV2Cr" and g.swin_v2_cr and not g.swin_v2 and not g.final_norm
+    assert not hasattr(m, "norm") and tuple(len(stage.blocks) for stage in m.stages) == g.depths
+    modules = dict(m.named_modules())
+    for b in g.blocks:
+        blk = modules[b.module]
+        assert (b.prefix_tokens, b.swin_v2, b.swin_v2_cr) == (0, True, True)
+        assert blk.dim == b.dim and tuple(blk.feat_size) == b.grid
+        assert blk.window_size == (b.window, b.window) and blk.shift_size == (b.shift, b.shift)
+        attn = blk.attn
+        assert attn.num_heads == b.heads and attn.qkv.out_features == 3 * b.heads * b.head_dim
+        assert attn.qkv.bias is not None and attn.logit_scale.shape == (b.heads,)
+        assert (attn.meta_mlp.fc1.in_features, attn.meta_mlp.fc1.out_features) == (2, META_HIDDEN)
+        assert attn.meta_mlp.fc2.out_features == b.heads and attn.meta_mlp.fc2.bias is not None
+        assert blk.mlp.fc1.out_features == b.hidden
+        assert (not isinstance(blk.norm3, torch.nn.Identity)) == b.extra_norm
+    assert g.blocks[-1].extra_norm  # the last stage always ends with a norm3: the network's final norm
+    assert isinstance(m.stages[0].downsample, torch.nn.Identity)
+    for s, stage in enumerate(m.stages[1:], 1):  # v1's order: LayerNorm(4C), then the reduction
+        assert stage.downsample.norm.normalized_shape == (4 * g.stage_dim(s - 1),)
+        assert stage.downsample.reduction.out_features == g.stage_dim(s)
 
 
 def check(g: Geometry) -> None:
@@ -144,11 +174,14 @@ def test_supported_names_cover_the_families():
         "swin_large_patch4_window12_384",
         "swinv2_tiny_window8_256",
         "swinv2_base_window12to16_192to256",  # pre-trained at window 12, run at window 16
+        "swinv2_cr_tiny_ns_224",  # timm's SwinV2-CR, with stage-end norms
+        "swinv2_cr_giant_384",
     } <= names
-    assert len([n for n in names if n.startswith("swinv2_")]) == 12
-    assert not [n for n in names if "swinv2_cr" in n or "_s3_" in n or "resnet" in n or "_r50_" in n]
+    assert len([n for n in names if n.startswith("swinv2_") and not n.startswith("swinv2_cr_")]) == 12
+    assert len([n for n in names if n.startswith("swinv2_cr_")]) == 16
+    assert not [n for n in names if "_s3_" in n or "resnet" in n or "_r50_" in n]
     assert names <= set(timm_names())
-    assert len(names) >= 159
+    assert len(names) >= 175
     assert (
         resolve("vit_tiny_patch16_224", {}).tag == "augreg_in21k_ft_in1k"
     )  # timm's default, not the first by name
@@ -161,8 +194,8 @@ def test_every_refused_name_names_the_missing_feature():
     assert (
         refusal("vit_base_patch16_siglip_224") is None
     )  # the attention-pool (MAP) head is priced, not pruned
-    assert refusal("swinv2_tiny_window8_256") is None
-    assert "SwinV2-CR" in (refusal("swinv2_cr_tiny_ns_224") or "")
+    assert refusal("swinv2_tiny_window8_256") is None and refusal("swinv2_cr_tiny_ns_224") is None
+    assert "Swin-S3" in (refusal("swin_s3_tiny_224") or "")
     assert "hybrid" in (refusal("vit_base_r50_s16_384") or "")
     assert "rotary" in (refusal("vit_base_patch16_rope_reg1_gap_256") or "")
     for name, why in refused.items():
@@ -221,6 +254,41 @@ def test_swinv2_geometry_from_the_name():
     assert not resolve("swin_tiny_patch4_window7_224", {}).swin_v2
 
 
+def test_swinv2_cr_geometry_from_the_snapshot():
+    """timm's SwinV2-CR sizes as its factories set them; norm3 at the stage ends of ``*_ns_*`` names, every sixth
+    block of huge/giant and the last block of every name (its final norm)."""
+    g = resolve("swinv2_cr_tiny_ns_224", {})
+    assert g.swin_v2_cr and not g.swin_v2 and not g.final_norm and g.family == "swin"
+    assert all(b.swin_v2 and b.swin_v2_cr for b in g.blocks) and g.tag == "sw_in1k"
+    assert (g.embed_dim, g.depths, g.num_heads, g.window_size, g.img_size) == (
+        96,
+        (2, 2, 6, 2),
+        (3, 6, 12, 24),
+        7,
+        224,
+    )
+    assert [b.index for b in g.blocks if b.extra_norm] == [1, 3, 9, 11]
+    assert g.blocks[0].module == "stages.0.blocks.0" and g.blocks[9].module == "stages.2.blocks.5"
+    assert [b.index for b in resolve("swinv2_cr_tiny_224", {}).blocks if b.extra_norm] == [11]
+    giant = resolve("swinv2_cr_giant_384", {})
+    assert [b.index_in_stage for b in giant.blocks if b.extra_norm] == [5, 11, 17, 23, 29, 35, 41, 1]
+    assert (giant.embed_dim, giant.window_size, giant.tag) == (512, 12, "untrained")
+    assert resolve("swinv2_cr_huge_384", {}).num_heads == (11, 22, 44, 88)
+    assert resolve("swinv2_cr_small_ns_256", {}).window_size == 8
+
+
+def test_swinv2_cr_keeps_the_names_window_and_tells_timm():
+    """timm derives a SwinV2-CR window from the image (grid // 8) unless given one; spvit-dsl keeps the name's."""
+    assert resolve("swinv2_cr_tiny_224", dict(image=256)).kwargs() == {
+        "img_size": 256,
+        "num_classes": 1000,
+        "window_size": 7,
+    }
+    assert "window_size" not in resolve("swinv2_cr_tiny_224", dict(image=256, window=8)).kwargs()
+    assert resolve("swinv2_cr_tiny_384", dict(image=224)).window_size == 12
+    assert resolve("swinv2_cr_tiny_384", dict(image=224)).kwargs()["window_size"] == 12
+
+
 def test_swin_tiny_geometry():
     g = resolve("swin_tiny_patch4_window7_224", {})
     assert [b.grid[0] for b in g.blocks] == [56] * 2 + [28] * 2 + [14] * 6 + [7] * 2
@@ -259,6 +327,14 @@ def test_swin_tiny_geometry():
         ("swinv2_base_window12to16_192to256", dict(window=12)),  # the pre-training window
         ("swinv2_small_window16_256", dict(image=200, mlp_ratio=2)),  # 50x50 windows of 16 padded to 64x64
         ("swinv2_large_window12_192.ms_in22k", dict(classes=10, image=96)),
+        ("swinv2_cr_tiny_224", TINY_SWIN),
+        ("swinv2_cr_tiny_ns_224", dict(image=36, patch=2, embed_dim=8, depth=(2, 2, 1), heads=(1, 2, 2))),
+        ("swinv2_cr_tiny_224", dict(image=256)),  # timm would derive windows of 8: the name's 7 is passed
+        ("swinv2_cr_base_384", dict(image=224, window=12)),
+        ("swinv2_cr_small_ns_256", dict(image=200, mlp_ratio=2)),  # 50x50 windows of 8 padded to 56x56
+        ("swinv2_cr_small_224.sw_in1k", dict(classes=10, image=96)),
+        # norm3 every sixth block moves with the depth: stage 1's sixth block, stage 2's sixth and twelfth
+        ("swinv2_cr_huge_224", dict(image=64, embed_dim=12, depth=(1, 7, 13, 2), heads=(1, 2, 2, 4))),
     ],
 )
 def test_overrides_build_matching_timm_models(name: str, overrides: dict[str, object]):
@@ -307,7 +383,9 @@ def test_swin_window_clamped_like_timm():
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    name=st.sampled_from(["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"]),
+    name=st.sampled_from(
+        ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "swinv2_cr_tiny_ns_224"]
+    ),
     image=st.sampled_from([16, 24, 32, 48, 64]),
     patch=st.sampled_from([1, 2, 4]),
     embed=st.sampled_from([4, 8, 12]),
@@ -360,10 +438,10 @@ def test_a_timm_name_outside_the_families_is_never_called_unknown(name: str):
 
 
 def test_unsupported_timm_name():
-    with pytest.raises(UnknownBackbone, match="timm model 'swinv2_cr_tiny_ns_224' is not supported") as e:
-        resolve("swinv2_cr_tiny_ns_224", {})
+    with pytest.raises(UnknownBackbone, match="timm model 'swin_s3_tiny_224' is not supported") as e:
+        resolve("swin_s3_tiny_224", {})
     assert e.value.suggestions and all(s in supported_names() for s in e.value.suggestions)
-    assert "swinv2_cr_tiny_ns_224" not in e.value.suggestions
+    assert "swin_s3_tiny_224" not in e.value.suggestions
     assert e.value.hint.startswith("the closest supported backbones: ")
 
 

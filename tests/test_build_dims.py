@@ -17,6 +17,7 @@ from _frozen import (
     SWIN_BACKBONE,
     SWIN_PADDED_BACKBONE,
     SWINV2_BACKBONE,
+    SWINV2_CR_BACKBONE,
     VIT_BACKBONE,
     every_dimension_text,
     images,
@@ -36,6 +37,7 @@ from spvit_dsl.compact import (
     CompactAttention,
     CompactWindowAttention,
     CompactWindowAttentionV2,
+    CompactWindowAttentionV2Cr,
     ConvBranch,
     FfnBias,
     SkipBranch,
@@ -58,6 +60,7 @@ SPECS = {name: every_dimension_text(b) for name, b in (("vit", VIT_BACKBONE), ("
 SPECS |= {name: every_dimension_text(b) for name, b in FAMILY_BACKBONES.items()}
 SPECS["swin_padded"] = every_dimension_text(SWIN_PADDED_BACKBONE)
 SPECS["swinv2"] = every_dimension_text(SWINV2_BACKBONE)
+SPECS["swinv2_cr"] = every_dimension_text(SWINV2_CR_BACKBONE)
 runner = CliRunner()
 
 
@@ -107,7 +110,7 @@ def _random_kept(net, arch, seed=0):
 
 
 def _blocks(model, geometry):
-    return [b for s in model.layers for b in s.blocks] if geometry.family == "swin" else list(model.blocks)
+    return [model.get_submodule(b.module) for b in geometry.blocks]
 
 
 def _sparse_layers(model, geometry, arch):
@@ -169,8 +172,8 @@ def _check_equal(net, model, arch, kept, x):
         net.reset()
         got_features, got = model.forward_features(x), model(x)
     channels = full.get(embed_path(g, g.stages - 1))
-    if channels is not None:
-        want_features = want_features.index_select(-1, channels)
+    if channels is not None:  # SwinV2-CR's stages hand NCHW maps on (timm's layout), the others channels last
+        want_features = want_features.index_select(1 if g.swin_v2_cr else -1, channels)
     for g_, w_ in ((got_features, want_features), (got, want)):
         torch.testing.assert_close(g_, w_, rtol=0, atol=1e-9 * max(1.0, float(w_.abs().max())))
 
@@ -218,14 +221,13 @@ def test_cut_heads_keep_the_dense_softmax_scale(name):
     kind = CompactWindowAttention if g.family == "swin" else CompactAttention
     for block, geom, a in zip(_blocks(model, g), g.blocks, arch.blocks, strict=True):
         attn = block.attn
-        if (
-            g.swin_v2
-        ):  # cosine attention: a learned per-head logit scale instead of 1/sqrt(d), cut with its heads
-            assert isinstance(attn, CompactWindowAttentionV2) and (attn.num_heads, attn.head_dim) == (
-                a.heads,
-                5,
-            )
-            assert attn.logit_scale.shape == (a.heads, 1, 1)
+        cosine = g.blocks[
+            0
+        ].swin_v2  # a learned per-head logit scale instead of 1/sqrt(d), cut with its heads
+        if cosine:
+            v2 = CompactWindowAttentionV2Cr if g.swin_v2_cr else CompactWindowAttentionV2
+            assert isinstance(attn, v2) and (attn.num_heads, attn.head_dim) == (a.heads, 5)
+            assert attn.logit_scale.numel() == a.heads
             continue
         assert isinstance(attn, kind) and (attn.num_heads, attn.head_dim) == (a.heads, 5)
         assert attn.qkv.weight.shape == (3 * a.heads * 5, arch.embed[geom.stage])

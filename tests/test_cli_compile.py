@@ -49,6 +49,20 @@ def test_compile_summary_names_the_convention() -> None:
     assert "exact convention" in result.stdout and "4.608 G" in result.stdout
 
 
+@pytest.mark.parametrize(
+    "example, label",
+    [
+        ("family_swin.vit", "swin_tiny_patch4_window7_224 (swin, "),
+        ("family_swinv2.vit", "swinv2_tiny_window8_256 (swinv2, "),
+        ("family_swinv2_cr.vit", "swinv2_cr_tiny_ns_224 (swinv2_cr, "),
+    ],
+)
+def test_compile_summary_names_the_swin_family(example: str, label: str) -> None:
+    result = runner.invoke(app, ["compile", str(ROOT / "examples" / example)])
+    assert result.exit_code == 0, result.output
+    assert label in " ".join(result.stdout.split())
+
+
 def test_budget_flag_overrides_the_spec() -> None:
     result = runner.invoke(app, ["compile", str(ROOT / "specs/deit_s.vit"), "--json", "--budget", "70%"])
     data = json.loads(result.stdout)

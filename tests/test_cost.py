@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from timm.layers import Attention
 from timm.models.swin_transformer import WindowAttention
 from timm.models.swin_transformer_v2 import WindowAttention as CosineWindowAttention
+from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention as PairwiseWindowAttention
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -49,6 +50,8 @@ TINY_SWIN = dict(image=32, patch=2, embed_dim=16, depth=(2, 2, 2), heads=(1, 2, 
 # timm's padding in SwinV2: an 18x18 grid under windows of 8 (padded to 24x24), merged into 9x9 (padded to 16x16),
 # then an odd 9x9 merged as 10x10 into 5x5 (one window of 5, unshifted)
 PADDED_SWINV2 = dict(image=36, patch=2, embed_dim=8, depth=(2, 2, 1), heads=(1, 2, 2), window=8, classes=10)
+# timm's SwinV2-CR: plain (norm3 ends the last stage only), with norm3 at every stage end, norm3 every sixth block
+SWINV2_CR = {"T": "swinv2_cr_tiny_224", "T-ns": "swinv2_cr_tiny_ns_224", "H": "swinv2_cr_huge_224"}
 
 
 # --- the published figures (shared/reference/spvit.md §3) ----------------------------------------------------
@@ -115,6 +118,29 @@ def test_swinv2_position_bias_mlp_runs_once_per_forward_and_only_exact_counts_it
     ).macs == 15**2 * (2 * 512 + 512)
 
 
+def test_swinv2_cr_position_bias_mlp_runs_on_every_pair_once_per_forward_and_only_exact_counts_it():
+    """Its multiply-adds: area² pairs of window positions × (2·384 + 384·heads), per block, whatever the batch."""
+    g = resolve(SWINV2_CR["T"], {})
+    b = g.blocks[0]  # window 7, 3 heads
+    mlp = 49**2 * (2 * 384 + 384 * 3)
+    exact, paper = branch_cost(b, "msa", "exact"), branch_cost(b, "msa", "paper")
+    assert exact.macs - paper.macs == mlp and exact.params == paper.params
+    inner = b.heads * b.head_dim
+    assert paper.params == 4 * b.dim * inner + 3 * inner + b.dim + 3 + (2 * 384 + 384 + 384 * 3 + 3)
+
+
+def test_swinv2_cr_norm3_belongs_to_its_block_whatever_runs_there():
+    """A skip block at FFN width 0 pays norm2, fc2.bias and its norm3: the main branch is normalised anyway."""
+    g = resolve(SWINV2_CR["T-ns"], {})
+    b = g.blocks[1]  # stage 0's last block: norm3
+    assert b.extra_norm and not g.blocks[0].extra_norm
+    for convention, ln in (("paper", 1), ("exact", 5)):
+        skip = block_cost(b, BlockArch("skip", 0, b.heads, b.head_dim), convention)
+        assert skip == Cost(2 * ln * b.tokens * b.dim, 2 * b.dim + b.dim + 2 * b.dim)
+        plain = block_cost(g.blocks[0], BlockArch("skip", 0, b.heads, b.head_dim), convention)
+        assert skip - plain == Cost(ln * b.tokens * b.dim, 2 * b.dim)
+
+
 # (model, block index, [1x1, 3x3, msa, full FFN] in M, paper convention)
 PER_OP = [
     (DEIT["S"], 0, [9.63, 48.17, 146.00, 231.21]),
@@ -177,6 +203,8 @@ def test_dense_params_equal_timm(name: str):
         (SWIN["B"], dict(image=64, embed_dim=8, heads=(1, 1, 2, 2), mlp_ratio=3, window=4)),
         (SWINV2["T"], TINY_SWIN),
         (SWINV2["B"], dict(image=64, embed_dim=8, heads=(1, 1, 2, 2), mlp_ratio=3, window=4)),
+        (SWINV2_CR["T-ns"], TINY_SWIN),
+        (SWINV2_CR["H"], dict(image=64, embed_dim=8, depth=(1, 7, 2), heads=(1, 1, 2), mlp_ratio=3)),
     ],
 )
 def test_custom_params_equal_timm(name: str, overrides: dict[str, object]):
@@ -244,12 +272,37 @@ class AnyWidthCosineAttention(CosineWindowAttention):
         return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, -1))
 
 
+class AnyWidthPairwiseAttention(PairwiseWindowAttention):
+    """timm's SwinV2-CR window attention (scaled cosine attention, a fused qkv bias, the position-bias MLP over every
+    pair of window positions) at any heads × head_dim (timm ties the attention width to C): the same operations,
+    written out."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, window: tuple[int, int]):
+        inner = heads * head_dim
+        super().__init__(inner, num_heads=heads, window_size=window)  # logit scale, meta_mlp, coordinates
+        self.qkv, self.proj = nn.Linear(dim, 3 * inner), nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        Bw, L, _ = x.shape
+        q, k, v = self.qkv(x).view(Bw, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(self.logit_scale.view(1, -1, 1, 1), max=math.log(100.0)).exp()
+        attn = attn + self._relative_positional_encodings()
+        if mask is not None:
+            windows = mask.shape[0]
+            attn = attn.view(-1, windows, self.num_heads, L, L) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, L, L)
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(Bw, L, -1))
+
+
 def branch(b, a: BlockArch, dim: int, swin_block=None) -> nn.Module:
     if a.op == "skip":
         return Zero()
     if a.op == "msa":
         if swin_block is None:
             attn = Attention(dim, num_heads=a.heads, attn_head_dim=a.head_dim, qkv_bias=True)
+        elif b.swin_v2_cr:
+            return AnyWidthPairwiseAttention(dim, a.heads, a.head_dim, swin_block.window_size)
         elif b.swin_v2:
             return AnyWidthCosineAttention(dim, a.heads, a.head_dim, swin_block.window_size)
         else:
@@ -268,7 +321,8 @@ def build(g: Geometry, arch: FrozenArch) -> nn.Module:
     kwargs = g.kwargs() | {"embed_dim": arch.embed[0]}
     kwargs |= {"num_heads": (1,) * len(g.depths)} if g.family == "swin" else {"num_heads": 1}
     m = timm.create_model(g.model, pretrained=False, **kwargs)
-    blocks = [blk for layer in m.layers for blk in layer.blocks] if g.family == "swin" else list(m.blocks)
+    stages = m.stages if g.swin_v2_cr else getattr(m, "layers", ())
+    blocks = [blk for layer in stages for blk in layer.blocks] if g.family == "swin" else list(m.blocks)
     for b, a, blk in zip(g.blocks, arch.blocks, blocks, strict=True):
         dim = blk.norm1.normalized_shape[0]
         blk.attn = branch(b, a, dim, blk if g.family == "swin" else None)
@@ -277,7 +331,7 @@ def build(g: Geometry, arch: FrozenArch) -> nn.Module:
         if (
             g.family == "swin" and a.op != "msa"
         ):  # timm's _attn would window-partition; convs see the full map
-            object.__setattr__(blk, "_attn", blk.attn)
+            object.__setattr__(blk, "_shifted_window_attn" if g.swin_v2_cr else "_attn", blk.attn)
         blk.mlp.fc1, blk.mlp.fc2 = nn.Linear(dim, a.ffn), nn.Linear(a.ffn, dim)
     return m.eval()
 
@@ -355,6 +409,45 @@ def test_swinv2_dense_matches_timms_own_model(overrides: dict[str, object]):
     )  # norm1, norm2; merging over C' (v1: 4C); patch embed's and the final norm
 
 
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        (SWINV2_CR["T"], PADDED_SWINV2),  # padded windows and odd merges, norm3 on the last block only
+        (SWINV2_CR["T-ns"], PADDED_SWINV2),  # norm3 at every stage end
+        (SWINV2_CR["T-ns"], TINY_SWIN),
+        (SWINV2_CR["T-ns"], PADDED_SWINV2 | dict(image=28, window=3, mlp_ratio=2)),  # 14x14 under 3 (15x15)
+        # norm3 every sixth block follows the overridden depth: stage 1's sixth block
+        (SWINV2_CR["H"], dict(image=28, patch=2, embed_dim=8, depth=(1, 7, 2), heads=(1, 2, 2), classes=10)),
+    ],
+)
+def test_swinv2_cr_dense_matches_timms_own_model(name: str, overrides: dict[str, object]):
+    """timm's SwinV2-CR itself: the pairwise position-bias MLP per block, norm3 where timm puts it, v1's merging."""
+    g = resolve(name, overrides)
+    m = timm.create_model(g.model, pretrained=False, **g.kwargs())
+    check_point(g, dense_arch(g), m)
+    merging = sum(
+        b.grid[0] * b.grid[1] * 4 * b.dim // 2 for b in g.blocks if b.stage and not b.index_in_stage
+    )
+    norm3 = sum(b.tokens * b.dim for b in g.blocks if b.extra_norm)
+    assert measure(g, dense_arch(g), m)["ln"] == sum(
+        2 * b.tokens * b.dim for b in g.blocks
+    ) + norm3 + merging + (
+        g.blocks[0].patches * g.embed_dim
+    )  # norm1, norm2, norm3; merging over 4C (v1's order); the patch embed's norm; no final norm
+
+
+def test_the_any_width_pairwise_attention_is_timms_at_its_width():
+    torch.manual_seed(0)
+    ours, theirs = AnyWidthPairwiseAttention(16, 2, 8, (4, 4)), PairwiseWindowAttention(16, 2, (4, 4))
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    x, mask = torch.randn(6, 16, 16), (torch.rand(3, 16, 16) < 0.3) * -100.0
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x, mask), theirs.eval()(x, mask))
+
+
 def test_the_any_width_cosine_attention_is_timms_at_its_width():
     torch.manual_seed(0)
     ours, theirs = AnyWidthCosineAttention(16, 2, 8, (4, 4)), CosineWindowAttention(16, (4, 4), num_heads=2)
@@ -388,6 +481,7 @@ SWIN_SPACE = st.fixed_dictionaries(
     }
 )
 SWINV2_SPACE = SWIN_SPACE.map(lambda spec: spec | {"name": SWINV2["T"]})
+SWINV2_CR_SPACE = SWIN_SPACE.map(lambda spec: spec | {"name": SWINV2_CR["T-ns"]})
 OPS = ["skip", "conv1x1", "conv3x3", "conv5x5", "msa"]
 
 
@@ -429,6 +523,13 @@ def test_any_swin_point_matches_flop_counter(point):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(point=points(SWINV2_SPACE))
 def test_any_swinv2_point_matches_flop_counter(point):
+    check_point(*point)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(point=points(SWINV2_CR_SPACE))
+def test_any_swinv2_cr_point_matches_flop_counter(point):
     check_point(*point)
 
 
@@ -536,6 +637,29 @@ def test_swinv2_expected_counts_price_like_the_point(convention: str):
     (grad,) = torch.autograd.grad(got.params, heads)
     b = g.blocks[2]
     per_head = 4 * b.dim * 3 + 2 * 3 + 1 + 512  # qkv + proj columns, q/v biases, logit scale, cpb_mlp.2 row
+    assert float(grad) == per_head
+
+
+@pytest.mark.parametrize("convention", ["paper", "exact"])
+def test_swinv2_cr_expected_counts_price_like_the_point(convention: str):
+    """The SwinV2-CR terms (fused qkv bias, logit scale, pairwise position-bias MLP, norm3) on tensors: the same
+    cost as the point, and a gradient in the head count that includes the MLP's output row and bias."""
+    g = resolve(SWINV2_CR["T-ns"], PADDED_SWINV2)
+    arch = dense_arch(g).with_block(0, op="conv3x3").with_block(2, heads=1, head_dim=3, ffn=7)
+    arch = arch.with_block(3, op="skip", ffn=0)  # stage 1's last block: its norm3 stays
+    counts = counts_of(arch)
+    heads = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    b2 = counts.blocks[2]
+    counts.blocks[2] = BlockCounts(b2.ops, heads, b2.head_dim, b2.ffn)
+    embed = [torch.tensor(float(e), dtype=torch.float64) for e in counts.embed]
+    got = tally(g, Counts(embed, counts.blocks), convention)
+    want = arch_cost(g, arch, convention)
+    assert (float(got.macs.detach()), float(got.params.detach())) == (want.macs, want.params)
+    (grad,) = torch.autograd.grad(got.params, heads)
+    b = g.blocks[2]
+    per_head = (
+        4 * b.dim * 3 + 3 * 3 + 1 + 384 + 1
+    )  # qkv + proj columns, qkv bias, logit scale, meta_mlp.fc2 row
     assert float(grad) == per_head
 
 

@@ -1,9 +1,9 @@
 """The coupled tensor slices of every unit group (space/groups.py) against timm's own models, one tiny configuration
-per layout (ViT, distilled DeiT, layer-scale DeiT-III, Swin v1, SwinV2):
+per layout (ViT, distilled DeiT, layer-scale DeiT-III, Swin v1, SwinV2, timm's SwinV2-CR):
 
 * every slice names a tensor of timm's state dict, and its axis holds ``outer · units · inner`` positions;
 * every parameter of the model belongs to some group, except the few no group prunes (the classifier's bias, the
-  first layer of SwinV2's position-bias MLP, shared by every head);
+  first layer of the SwinV2 and SwinV2-CR position-bias MLPs, shared by every head);
 * cutting every embedding width, per-head width and FFN width through the slices gives exactly the state dict of
   timm's model built at the smaller sizes (a strict load).
 """
@@ -45,9 +45,23 @@ LAYOUTS: dict[str, tuple[str, dict[str, object], dict[str, object]]] = {
         dict(image=36, patch=2, embed_dim=16, depth=(2, 2, 1), heads=(1, 2, 2), window=4, classes=10),
         dict(embed_dim=8),
     ),
+    "swinv2_cr": (  # stage-end norm3s in every stage
+        "swinv2_cr_tiny_ns_224",
+        dict(image=36, patch=2, embed_dim=16, depth=(2, 2, 1), heads=(1, 2, 2), window=4, classes=10),
+        dict(embed_dim=8),
+    ),
 }
-# parameters no unit group owns (ViT: ``head.bias``; Swin: ``head.fc.bias``; SwinV2: ``cpb_mlp.0``, 2 → 512)
-UNOWNED = ("head.bias", "head_dist.bias", "head.fc.bias", "attn.cpb_mlp.0.weight", "attn.cpb_mlp.0.bias")
+# parameters no unit group owns (ViT: ``head.bias``; Swin: ``head.fc.bias``; SwinV2: ``cpb_mlp.0``, 2 → 512;
+# SwinV2-CR: ``meta_mlp.fc1``, 2 → 384)
+UNOWNED = (
+    "head.bias",
+    "head_dist.bias",
+    "head.fc.bias",
+    "attn.cpb_mlp.0.weight",
+    "attn.cpb_mlp.0.bias",
+    "attn.meta_mlp.fc1.weight",
+    "attn.meta_mlp.fc1.bias",
+)
 
 
 def _every_dimension(g: Geometry) -> Space:
@@ -114,6 +128,41 @@ def test_swinv2_slices_name_its_own_tensors() -> None:
         4,
     )  # no norm over 4C: v2 normalises after
     assert not any("qkv.bias" in t or "relative_position" in t for t, _, _ in stage1)
+
+
+def test_swinv2_cr_slices_name_its_own_tensors() -> None:
+    model, overrides, _ = LAYOUTS["swinv2_cr"]
+    g = resolve(model, overrides)
+    by_path = {grp.path: slices(g, grp) for grp in _structured(g)}
+    attn = "stages.1.blocks.0.attn"
+    assert [(s.tensor, s.axis, s.outer, s.inner) for s in by_path["blocks.2.heads"]] == [
+        (f"{attn}.qkv.weight", 0, 3, 16),
+        (f"{attn}.qkv.bias", 0, 3, 16),
+        (f"{attn}.proj.weight", 1, 1, 16),
+        (f"{attn}.logit_scale", 0, 1, 1),
+        (f"{attn}.meta_mlp.fc2.weight", 0, 1, 1),
+        (f"{attn}.meta_mlp.fc2.bias", 0, 1, 1),
+    ]
+    assert [(s.tensor, s.outer) for s in by_path["blocks.2.head_dim"]] == [
+        (f"{attn}.qkv.weight", 6),
+        (f"{attn}.qkv.bias", 6),
+        (f"{attn}.proj.weight", 2),
+    ]
+    stage1 = [(s.tensor, s.axis, s.outer) for s in by_path["stages.1.embed"]]
+    assert stage1[0] == ("stages.1.downsample.reduction.weight", 0, 1)  # v1's merging: the norm is over 4C
+    assert ("stages.1.blocks.1.norm3.weight", 0, 1) in stage1 and (
+        "stages.1.blocks.0.norm3.weight",
+        0,
+        1,
+    ) not in stage1
+    assert stage1[-3:] == [
+        ("stages.2.downsample.norm.weight", 0, 4),
+        ("stages.2.downsample.norm.bias", 0, 4),
+        ("stages.2.downsample.reduction.weight", 1, 4),
+    ]
+    last = [s.tensor for s in by_path["stages.2.embed"]]
+    assert last[-3:] == ["stages.2.blocks.0.norm3.weight", "stages.2.blocks.0.norm3.bias", "head.fc.weight"]
+    assert not any(t.startswith("norm.") or "layers." in t for t in last)
 
 
 def _cut(state: dict[str, torch.Tensor], g: Geometry, grp: UnitGroup, keep: int) -> None:

@@ -196,7 +196,10 @@ SWINV2 = (
 )
 
 
-@pytest.mark.parametrize("space", [BACKBONE + COARSE, SWINV2], ids=["vit", "swinv2"])
+SWINV2_CR = SWINV2.replace("swinv2_tiny_window8_256", "swinv2_cr_tiny_ns_224")
+
+
+@pytest.mark.parametrize("space", [BACKBONE + COARSE, SWINV2, SWINV2_CR], ids=["vit", "swinv2", "swinv2_cr"])
 def test_fold_leaves_the_outputs_unchanged(space: str, tmp_path: Path) -> None:
     """Folding a soft bi-mask into the layers (fc2 columns; proj columns; query rows and proj columns) gives the
     same logits without the mask, for every structured kind except the embedding (documented: it cannot fold)."""

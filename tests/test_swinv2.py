@@ -1,7 +1,8 @@
 """SwinV2 (timm's ``swin_transformer_v2``: res-post-norm blocks, scaled cosine attention, the continuous position
-bias, v2 patch merging) through the supernet and the compact build, on a small padded configuration
-(``_frozen.SWINV2_BACKBONE``). Every compact point equals the masked supernet and the cost model:
-tests/test_build_dims.py (its SPECS include ``swinv2``); every timm name: tests/test_backbones.py."""
+bias, v2 patch merging) and timm's SwinV2-CR (``swin_transformer_v2_cr``: the position-bias MLP over every pair of
+window positions, v1 merging, main-branch norms) through the supernet and the compact build, on small padded
+configurations (``_frozen.SWINV2_BACKBONE``, ``SWINV2_CR_BACKBONE``). Every compact point equals the masked supernet
+and the cost model: tests/test_build_dims.py (its SPECS include both); every timm name: tests/test_backbones.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _frozen import SWINV2_BACKBONE, images
+from _frozen import SWINV2_BACKBONE, SWINV2_CR_BACKBONE, images
 from _spaces import dense_twin, every_dimension
 
 from spvit_dsl.compact.build import build
@@ -18,9 +19,16 @@ from spvit_dsl.search import run_search
 from spvit_dsl.space.cost import arch_cost
 from spvit_dsl.supernet.lower import lower
 
+BACKBONES = {"swinv2": SWINV2_BACKBONE, "swinv2_cr": SWINV2_CR_BACKBONE}
+KINDS = pytest.mark.parametrize("kind", sorted(BACKBONES))
 
-def _program(tail: str = ""):
-    return compile_text(f"{SWINV2_BACKBONE}\n{tail}", "/nowhere/swinv2.vit")
+
+def _program(kind: str, tail: str = ""):
+    return compile_text(f"{BACKBONES[kind]}\n{tail}", f"/nowhere/{kind}.vit")
+
+
+def _first_block(net):
+    return net.model.get_submodule(net.geometry.blocks[0].module)
 
 
 def _randomised(net):
@@ -30,9 +38,15 @@ def _randomised(net):
     return net.eval()
 
 
-def test_the_supernet_with_every_unit_kept_is_the_dense_timm_model() -> None:
-    geometry = _program().space.geometry
-    assert geometry.swin_v2 and all(b.swin_v2 for b in geometry.blocks)
+@KINDS
+def test_the_supernet_with_every_unit_kept_is_the_dense_timm_model(kind: str) -> None:
+    geometry = _program(kind).space.geometry
+    assert all(b.swin_v2 for b in geometry.blocks)
+    assert (geometry.swin_v2, geometry.swin_v2_cr) == (
+        (False, True) if kind == "swinv2_cr" else (True, False)
+    )
+    if kind == "swinv2_cr":  # the "ns" name ends every stage with a main-branch norm
+        assert [b.extra_norm for b in geometry.blocks] == [False, True, False, True]
     assert geometry.blocks[0].attention_tokens > geometry.blocks[0].patches  # the windows pad the map
     net = _randomised(lower(every_dimension(geometry)))
     dense = dense_twin(net).eval()
@@ -41,12 +55,13 @@ def test_the_supernet_with_every_unit_kept_is_the_dense_timm_model() -> None:
         torch.testing.assert_close(net(x), dense(x), rtol=0, atol=1e-5)
 
 
-def test_a_post_norm_block_applies_the_level_weight_after_its_norm() -> None:
+@KINDS
+def test_a_post_norm_block_applies_the_level_weight_after_its_norm(kind: str) -> None:
     """SPViT's straight-through level weight must reach the loss: inside the branch, norm1 (a LayerNorm) would cancel
     any scale, so a SwinV2 block multiplies norm1's output (value 1 forward, a real gradient backward)."""
-    program = _program("blocks all { attention: one of {skip, conv3x3, msa} }\n")
+    program = _program(kind, "blocks all { attention: one of {skip, conv3x3, msa} }\n")
     net = _randomised(lower(program.space))
-    block = net.model.layers[0].blocks[0]
+    block = _first_block(net)
     x = torch.randn(2, *program.space.geometry.blocks[0].grid, 16)
     for level in (1, 2):  # conv3x3, msa
         weight = torch.ones((), requires_grad=True)
@@ -57,17 +72,19 @@ def test_a_post_norm_block_applies_the_level_weight_after_its_norm() -> None:
         torch.testing.assert_close(out, block(x))  # the forward value is unchanged
         # the reference: x + w · norm1(branch), then the FFN, with the block's own modules
         ref_weight = torch.ones((), requires_grad=True)
-        h = (x + ref_weight * block.norm1(block._attn(x))).reshape(2, -1, 16)
+        branch = block._shifted_window_attn(x) if kind == "swinv2_cr" else block._attn(x)
+        h = (x + ref_weight * block.norm1(branch)).reshape(2, -1, 16)
         (h + block.norm2(block.mlp(h))).square().sum().backward()
         assert weight.grad is not None and ref_weight.grad is not None and abs(float(ref_weight.grad)) > 1e-3
         torch.testing.assert_close(weight.grad, ref_weight.grad)
 
 
-def test_a_skip_level_adds_nothing_not_norm1_of_zero() -> None:
+@KINDS
+def test_a_skip_level_adds_nothing_not_norm1_of_zero(kind: str) -> None:
     """x + norm1(0) would add norm1's bias: a skipped SwinV2 attention branch is not run at all."""
-    program = _program("blocks all { attention: one of {skip, msa} }\n")
+    program = _program(kind, "blocks all { attention: one of {skip, msa} }\n")
     net = _randomised(lower(program.space))
-    block = net.model.layers[0].blocks[0]
+    block = _first_block(net)
     net.set_op(0, 0)  # skip
     x = torch.randn(2, *program.space.geometry.blocks[0].grid, 16)
     with torch.no_grad():
@@ -76,10 +93,11 @@ def test_a_skip_level_adds_nothing_not_norm1_of_zero() -> None:
         torch.testing.assert_close(block(x), want)
 
 
-def test_per_sample_channel_masks_equal_the_batch_wide_mask() -> None:
+@KINDS
+def test_per_sample_channel_masks_equal_the_batch_wide_mask(kind: str) -> None:
     """Cosine attention normalises q and k over their channels: a removed per-head channel leaves both, whether the
     mask is batch-wide (qkv rows) or per sample (UP-ViT's probes, OFB's scoring)."""
-    program = _program("blocks all { head_dim: 1..8 }\n")
+    program = _program(kind, "blocks all { head_dim: 1..8 }\n")
     net = _randomised(lower(program.space))
     g = program.space.geometry
     path = "blocks.0.head_dim"
@@ -97,13 +115,14 @@ def test_per_sample_channel_masks_equal_the_batch_wide_mask() -> None:
     assert not torch.allclose(batch_wide, dense, atol=1e-4)
 
 
-def test_spvit_searches_freezes_and_builds_a_swinv2(tmp_path: Path) -> None:
+@KINDS
+def test_spvit_searches_freezes_and_builds(kind: str, tmp_path: Path) -> None:
     tail = (
         "blocks all { attention: one of {skip, conv3x3, msa}; ffn: groups of 8 }\n"
         "budget { flops <= 70% }\n"
         "search spvit { data = digits; epochs = 1; batch_size = 64 }\n"
     )
-    program = compile_text(f"{SWINV2_BACKBONE.replace('{ ', '{ channels = 1; ')}\n{tail}", "/nowhere/v2.vit")
+    program = compile_text(f"{BACKBONES[kind].replace('{ ', '{ channels = 1; ')}\n{tail}", "/nowhere/v2.vit")
     result = run_search(program, out=str(tmp_path), quiet=True)
     (b,) = result.budgets
     assert b["achieved"] <= b["limit"] * (1 + 1e-9) and b["achieved"] >= 0.95 * b["limit"]
@@ -113,13 +132,14 @@ def test_spvit_searches_freezes_and_builds_a_swinv2(tmp_path: Path) -> None:
     assert model(images(g)).shape == (2, 10)
 
 
-def test_a_swinv2_network_exports_to_onnx(tmp_path: Path) -> None:
+@KINDS
+def test_a_network_exports_to_onnx(kind: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime", reason="ONNX export needs the export extra (onnx, onnxruntime)")
     from spvit_dsl.compact.export import export_onnx, onnx_max_error
 
     tail = "stage 1 { embed: 16..32 step 8; heads: 1..2 }\nblocks all { ffn: groups of 8 }\nbudget { flops <= 60% }\n"
     tail += "search magnitude { }\n"
-    result = run_search(_program(tail), out=str(tmp_path / "run"), quiet=True)
+    result = run_search(_program(kind, tail), out=str(tmp_path / "run"), quiet=True)
     model = build(result.frozen_path, weights=result.checkpoint_path).eval()
     export_onnx(model, str(tmp_path / "m.onnx"))
     assert onnx_max_error(model, str(tmp_path / "m.onnx")) < 1e-4

@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from ..lang.errors import SpecError, SpvitError, UsageError
+from ..space.geometry import Geometry
 from ..space.units import fmt_macs, fmt_params
 from ._common import BudgetOpt, ConventionOpt, err, load_program, out, parse_convention
 
@@ -60,6 +61,11 @@ def _save_supernet(program, path: str) -> None:
     save_supernet(net, path, program.source)
 
 
+def _family(g: Geometry) -> str:
+    """The summary's family label: ``vit``, ``swin``, ``swinv2`` or ``swinv2_cr`` (timm's SwinV2-CR)."""
+    return "swinv2_cr" if g.swin_v2_cr else "swinv2" if g.swin_v2 else g.family
+
+
 def print_summary(program) -> None:
     s = program.summary()
     g = program.space.geometry
@@ -70,7 +76,7 @@ def print_summary(program) -> None:
         f", weights {g.model}.{g.tag}" if weights == "pretrained" else ""
     )  # which checkpoint pretrained loads
     out.print(
-        f"[bold]{s['spec']}[/]  backbone [cyan]{g.model}[/] ({'swinv2' if g.swin_v2 else g.family}, {g.depth} blocks, "
+        f"[bold]{s['spec']}[/]  backbone [cyan]{g.model}[/] ({_family(g)}, {g.depth} blocks, "
         f"{g.img_size}px, {g.num_classes} classes{loads})"
     )
     kind = (

@@ -42,6 +42,7 @@ from ..space.latency import (
     measured_points,
 )
 from ..space.plan import BlockArch, FrozenArch, Space
+from ..supernet._timm import swin_stages
 from .skeleton import _rebuild_block, block_modules, create_compact, fuse_window_attention
 from .speed import _sync, machine
 
@@ -319,7 +320,7 @@ def _bind(m: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
 def _without_blocks(model: nn.Module, family: str) -> nn.Module:
     bare = copy.deepcopy(model)
     if family == "swin":
-        for stage in bare.layers:  # type: ignore[union-attr]
+        for stage in swin_stages(bare):
             stage.blocks = nn.Sequential()
     else:
         bare.blocks = nn.Sequential()

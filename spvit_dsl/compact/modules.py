@@ -14,7 +14,8 @@ layer folds into a plain Conv2d(C,d,k) → BN → ReLU → Conv2d(d,C,1)"):
   explicit head count and per-head width and the *original* softmax scale (UP-ViT and OFB keep ``1/√d`` of the dense
   head width when they prune per-head channels);
 * :class:`CompactWindowAttentionV2` / :class:`CompactSwinV2Block` — SwinV2's scaled cosine window attention and
-  res-post-norm block (timm's ``swin_transformer_v2``) with any head count and per-head width.
+  res-post-norm block (timm's ``swin_transformer_v2``) with any head count and per-head width;
+  :class:`CompactWindowAttentionV2Cr` / :class:`CompactSwinV2CrBlock` likewise for timm's SwinV2-CR.
 
 Kept FFNs stay timm's ``Mlp`` with narrower ``fc1``/``fc2``.
 """
@@ -29,6 +30,7 @@ from timm.layers import use_fused_attn
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+from timm.models.swin_transformer_v2_cr import SwinTransformerV2CrBlock
 from timm.models.vision_transformer import Block as VitBlock
 from torch import Tensor, nn
 
@@ -38,8 +40,10 @@ __all__ = [
     "CompactBlock",
     "CompactSwinBlock",
     "CompactSwinV2Block",
+    "CompactSwinV2CrBlock",
     "CompactWindowAttention",
     "CompactWindowAttentionV2",
+    "CompactWindowAttentionV2Cr",
     "ConvBranch",
     "FfnBias",
     "SkipBranch",
@@ -289,6 +293,81 @@ class CompactWindowAttentionV2(nn.Module):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, window={self.window_size}, cosine"
 
 
+class CompactWindowAttentionV2Cr(nn.Module):
+    """timm's SwinV2-CR window attention (``swin_transformer_v2_cr.WindowMultiHeadAttention``) with ``num_heads``
+    heads of ``head_dim`` channels over a ``dim``-wide stream: ``softmax(cos(q, k) · exp(min(logit_scale, ln 100)) +
+    B + mask) · v``, ``B`` = ``meta_mlp`` (2 → hidden → heads, timm's ``Mlp`` with ReLU and its dropouts) over the log
+    coordinates of every pair of window positions (``relative_coordinates_log``, taken from the dense block's attention
+    ``like``). ``qkv`` has one fused bias. Input (B·nW, N, C), output the same; timm's parameter names."""
+
+    relative_coordinates_log: Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int,
+        like: nn.Module,
+        *,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        from timm.layers import Mlp  # noqa: PLC0415
+
+        inner = num_heads * head_dim
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
+        self.window_size: tuple[int, int] = tuple(like.window_size)  # type: ignore[arg-type]
+        self.fused_attn = use_fused_attn()
+        self.qkv = nn.Linear(dim, 3 * inner, bias=True)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        meta = like.get_submodule("meta_mlp")
+        fc1 = meta.get_submodule("fc1")
+        assert isinstance(fc1, nn.Linear)
+        drop = (
+            float(getattr(meta.get_submodule("drop1"), "p", 0.0)),
+            float(getattr(meta.get_submodule("drop2"), "p", 0.0)),
+        )
+        self.meta_mlp = Mlp(
+            2, hidden_features=fc1.out_features, out_features=num_heads, act_layer=nn.ReLU, drop=drop
+        )
+        self.logit_scale = nn.Parameter(torch.full((num_heads,), math.log(10.0)))
+        self.register_buffer(
+            "relative_coordinates_log", like.get_buffer("relative_coordinates_log").clone(), persistent=False
+        )
+
+    def _bias(self) -> Tensor:
+        """(heads, N, N): the position-bias MLP over every pair of window positions."""
+        area = self.window_size[0] * self.window_size[1]
+        return (
+            self.meta_mlp(self.relative_coordinates_log).transpose(1, 0).reshape(self.num_heads, area, area)
+        )
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        rows, N, _ = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).reshape(rows, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        scale = torch.clamp(self.logit_scale.view(h, 1, 1), max=math.log(100.0)).exp()
+        q, k = F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)
+        attn_bias = self._bias().unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn_bias = attn_bias + mask.view(1, nw, 1, N, N).expand(rows // nw, -1, h, -1, -1).reshape(
+                -1, h, N, N
+            )
+        if self.fused_attn:
+            dropout = self.attn_drop.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout, scale=1.0)
+        else:
+            x = self.attn_drop((q @ k.transpose(-2, -1) + attn_bias).softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(rows, N, -1)))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, window={self.window_size}, cosine, pairwise bias"
+
+
 class SkipBranch(nn.Module):
     """The attention branch of a ``skip`` block: contributes zero (compact blocks never call it)."""
 
@@ -355,3 +434,21 @@ class CompactSwinV2Block(SwinTransformerV2Block):
         x = x.reshape(B, -1, C)
         x = x + self.drop_path2(self.norm2(self.mlp(x)))
         return x.reshape(B, H, W, C)
+
+
+class CompactSwinV2CrBlock(SwinTransformerV2CrBlock):
+    """timm's SwinV2-CR block (res-post-norm, then its main-branch ``norm3``): conv branches see the full unshifted
+    map; a skip block has no attention branch at all."""
+
+    def _shifted_window_attn(self, x: Tensor) -> Tensor:
+        if isinstance(self.attn, ConvBranch):
+            return self.attn(x)
+        return super()._shifted_window_attn(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(self.attn, SkipBranch):
+            x = x + self.drop_path1(self.norm1(self._shifted_window_attn(x)))
+        B, H, W, C = x.shape
+        x = x.reshape(B, -1, C)
+        x = x + self.drop_path2(self.norm2(self.mlp(x)))
+        return self.norm3(x).reshape(B, H, W, C)

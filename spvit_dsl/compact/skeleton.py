@@ -29,6 +29,7 @@ from timm.layers.attention import Attention
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.swin_transformer_v2 import SwinTransformerV2Block
 from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
+from timm.models.swin_transformer_v2_cr import SwinTransformerV2CrBlock, WindowMultiHeadAttention
 from timm.models.vision_transformer import Block as VitBlock
 from torch import nn
 
@@ -36,13 +37,16 @@ from ..lang.errors import UsageError
 from ..space.geometry import BlockGeom, Geometry
 from ..space.ops import OPS
 from ..space.plan import BlockArch, FrozenArch
+from ..supernet._timm import swin_stages
 from .modules import (
     CompactAttention,
     CompactBlock,
     CompactSwinBlock,
     CompactSwinV2Block,
+    CompactSwinV2CrBlock,
     CompactWindowAttention,
     CompactWindowAttentionV2,
+    CompactWindowAttentionV2Cr,
     ConvBranch,
     FfnBias,
     SkipBranch,
@@ -98,25 +102,42 @@ def _timm_kwargs(geometry: Geometry, arch: FrozenArch) -> dict[str, Any]:
 def _resize_swin_stages(model: nn.Module, widths: tuple[int, ...]) -> None:
     """Patch merging, the final norm and the head at per-stage widths (blocks are rebuilt by :func:`_rebuild_block`)."""
     from timm.layers import ClassifierHead, trunc_normal_  # noqa: PLC0415
-    from timm.models import swin_transformer, swin_transformer_v2  # noqa: PLC0415
+    from timm.models import swin_transformer, swin_transformer_v2, swin_transformer_v2_cr  # noqa: PLC0415
 
     # the Swin classes resolve() accepts
-    assert isinstance(model, swin_transformer.SwinTransformer | swin_transformer_v2.SwinTransformerV2)
+    assert isinstance(
+        model,
+        swin_transformer.SwinTransformer
+        | swin_transformer_v2.SwinTransformerV2
+        | swin_transformer_v2_cr.SwinTransformerV2Cr,
+    )
+    cr = isinstance(model, swin_transformer_v2_cr.SwinTransformerV2Cr)
     v1 = isinstance(model, swin_transformer.SwinTransformer)
-    merging = swin_transformer.PatchMerging if v1 else swin_transformer_v2.PatchMerging
-    for s in range(1, len(widths)):
-        stage = model.layers[s]
-        down = stage.downsample  # a PatchMerging in every stage after the first
-        assert isinstance(down, merging)
-        if down.reduction.out_features != widths[s] or down.reduction.in_features != 4 * widths[s - 1]:
-            stage.downsample = merging(widths[s - 1], widths[s], norm_layer=type(down.norm))
-            trunc_normal_(stage.downsample.reduction.weight, std=0.02)
-    assert isinstance(model.norm, nn.LayerNorm)
-    if model.norm.normalized_shape[0] != widths[-1]:
-        model.norm = nn.LayerNorm(widths[-1], eps=model.norm.eps)
+    for s, stage in enumerate(swin_stages(model)):
+        if s == 0:
+            continue
+        down = stage.get_submodule("downsample")  # a PatchMerging in every stage after the first
+        reduction, norm = down.get_submodule("reduction"), down.get_submodule("norm")
+        assert isinstance(reduction, nn.Linear) and isinstance(norm, nn.LayerNorm)
+        if reduction.out_features == widths[s] and reduction.in_features == 4 * widths[s - 1]:
+            continue
+        if cr:  # timm's SwinV2-CR merging always doubles: resize its two layers (v1's order: norm, reduction)
+            down.norm = nn.LayerNorm(4 * widths[s - 1], eps=norm.eps)
+            down.reduction = nn.Linear(4 * widths[s - 1], widths[s], bias=False)
+        else:
+            merging = swin_transformer.PatchMerging if v1 else swin_transformer_v2.PatchMerging
+            stage.downsample = merging(widths[s - 1], widths[s], norm_layer=type(norm))
+        trunc_normal_(stage.get_submodule("downsample.reduction").weight, std=0.02)
+    if model.num_features != widths[-1]:  # timm built the final norm and the head at num_features
+        if not cr:  # SwinV2-CR has no final norm (its last block's norm3, rebuilt with the block)
+            assert isinstance(model.norm, nn.LayerNorm)
+            model.norm = nn.LayerNorm(widths[-1], eps=model.norm.eps)
         head = model.head
         model.head = ClassifierHead(
-            widths[-1], model.num_classes, pool_type=model.global_pool, input_fmt="NHWC"
+            widths[-1],
+            model.num_classes,
+            pool_type="avg" if cr else str(model.global_pool),
+            input_fmt="NCHW" if cr else "NHWC",
         )
         model.head.drop = head.drop
         if isinstance(model.head.fc, nn.Linear):
@@ -167,7 +188,7 @@ def fuse_window_attention(model: nn.Module) -> nn.Module:
     """
     enabled = use_fused_attn()
     for m in model.modules():
-        if isinstance(m, WindowAttention | CompactWindowAttentionV2):
+        if isinstance(m, WindowAttention | CompactWindowAttentionV2 | CompactWindowAttentionV2Cr):
             m.fused_attn = enabled  # type: ignore[misc]  # Final for TorchScript only; timm's own switch
     return model
 
@@ -175,8 +196,12 @@ def fuse_window_attention(model: nn.Module) -> nn.Module:
 def block_modules(model: nn.Module, family: str) -> list[nn.Module]:
     """The transformer blocks in global order (ViT ``blocks.i``, Swin ``layers.s.blocks.j``)."""
     if family == "swin":
-        blocks = [b for stage in model.layers for b in stage.blocks]  # type: ignore[union-attr]
-        kind: type | tuple[type, ...] = (SwinTransformerBlock, SwinTransformerV2Block)
+        blocks = [b for stage in swin_stages(model) for b in stage.get_submodule("blocks").children()]
+        kind: type | tuple[type, ...] = (
+            SwinTransformerBlock,
+            SwinTransformerV2Block,
+            SwinTransformerV2CrBlock,
+        )
     else:
         blocks = list(model.blocks)  # type: ignore[arg-type]
         kind = VitBlock
@@ -189,19 +214,29 @@ def block_modules(model: nn.Module, family: str) -> list[nn.Module]:
 def _rebuild_block(block: nn.Module, geom: BlockGeom, choice: BlockArch, dim: int, family: str) -> None:
     if family != "swin":
         block.__class__ = CompactBlock
+    elif geom.swin_v2_cr:
+        block.__class__ = CompactSwinV2CrBlock
     elif geom.swin_v2:
         block.__class__ = CompactSwinV2Block
     else:
         block.__class__ = CompactSwinBlock
-    for name in ("norm1", "norm2"):
-        norm = getattr(block, name)
+    for name in ("norm1", "norm2", "norm3"):
+        norm = getattr(block, name, None)
         if isinstance(norm, nn.LayerNorm) and norm.normalized_shape[0] != dim:
             setattr(block, name, nn.LayerNorm(dim, eps=norm.eps))
     old = block.attn
     # the attentions of the blocks block_modules accepts (a latency table rebuilds copies of compact blocks)
-    assert isinstance(old, Attention | WindowAttention | WindowAttentionV2 | CompactWindowAttentionV2)
+    assert isinstance(
+        old,
+        Attention
+        | WindowAttention
+        | WindowAttentionV2
+        | CompactWindowAttentionV2
+        | WindowMultiHeadAttention
+        | CompactWindowAttentionV2Cr,
+    )
     drop = float(getattr(old.proj_drop, "p", 0.0))
-    qkv_bias = (old.q_bias if geom.swin_v2 else old.qkv.bias) is not None
+    qkv_bias = (old.q_bias if geom.swin_v2 and not geom.swin_v2_cr else old.qkv.bias) is not None
     scale = geom.head_dim**-0.5  # the dense network's, whatever the kept per-head width
     if choice.op == "skip":
         block.attn = SkipBranch()
@@ -209,7 +244,9 @@ def _rebuild_block(block: nn.Module, geom: BlockGeom, choice: BlockArch, dim: in
         if hasattr(block, "ls1"):
             block.ls1 = nn.Identity()  # the layer scale belongs to the branch it scales
     elif choice.op == "msa":
-        if geom.swin_v2:
+        if geom.swin_v2_cr:
+            block.attn = CompactWindowAttentionV2Cr(dim, choice.heads, choice.head_dim, old, proj_drop=drop)
+        elif geom.swin_v2:
             block.attn = CompactWindowAttentionV2(
                 dim, choice.heads, choice.head_dim, old, qkv_bias=qkv_bias, proj_drop=drop
             )

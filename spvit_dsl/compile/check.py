@@ -237,8 +237,9 @@ def _pretrained(
     """What ``weights = pretrained`` cannot do, said at compile time: a name without weights (an error), a pooling
     override that moves the final norm (an error: the weights cannot load), a shape the weights do not have and a
     head of another class count (warnings). Swin's ``window`` and ``image`` load (timm resizes v1's relative-position
-    table; SwinV2's position-bias MLP does not depend on the window); its ``heads`` do not (v1's table and SwinV2's
-    logit scale and position-bias MLP hold one entry per head)."""
+    table; the position-bias MLPs of SwinV2 and SwinV2-CR do not depend on the window); its ``heads`` do not (v1's
+    table and the v2 logit scales and position-bias MLPs hold one entry per head). On SwinV2-CR ``depth`` also moves
+    the ``norm3`` LayerNorms (timm places them by block index), one more reason its weights cannot load."""
     shipped = backbones.tags(geo.model)
     if geo.tag not in shipped or geo.tag == "untrained":
         raise SpecError(

@@ -4,8 +4,10 @@
 :data:`PATTERNS` (``vit_*``, ``deit*`` — DeiT-III included — and ``swin*``) the model is built on the meta device with
 its default arguments and read back: sizes, the token layout (class, register and distillation tokens, whether the
 position embedding covers them), the pooling and its norms, layer scale, qkv bias, the activation, and either the
-features spvit-dsl lowers or the first one it does not (``refused``, one line naming the feature). The pretrained
-tags of each name and their class counts come from timm's pretrained configs, which ship with timm (no network).
+features spvit-dsl lowers or the first one it does not (``refused``, one line naming the feature); for timm's
+SwinV2-CR, its stem, stage sizes, window and where its extra norms sit (Swin v1 and SwinV2 names are read from their
+pattern in :mod:`~spvit_dsl.space.backbones`). The pretrained tags of each name and their class counts come from
+timm's pretrained configs, which ship with timm (no network).
 
 Run ``python -m spvit_dsl.space._timm_snapshot`` after upgrading timm; ``tests/test_backbones.py`` checks the
 snapshot against the installed timm.
@@ -18,18 +20,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PATTERNS", "snapshot", "vit_facts"]
+__all__ = ["PATTERNS", "snapshot", "swin_v2_cr_facts", "vit_facts"]
 
 PATTERNS = ["vit_*", "deit*", "swin*"]
-_SWIN_V2_CR = (
-    "SwinV2-CR (timm's own SwinV2 variant: a position-bias MLP over every pair of window positions without "
-    "SwinV2's 16·sigmoid, Swin v1's patch merging, extra main-branch norms)"
-)
 
 
 def _refusal(model: Any) -> str | None:  # noqa: ANN401 (a timm model)
     """The first feature of a timm model that spvit-dsl does not lower, as a short phrase; None when all are known
-    (Swin v1 and SwinV2 are resolved from their names, not from these facts)."""
+    (Swin v1 and SwinV2 are resolved from their names, SwinV2-CR from :func:`swin_v2_cr_facts`)."""
     from timm.layers import Mlp  # noqa: PLC0415
     from timm.layers.attention import Attention  # noqa: PLC0415
     from timm.models.vision_transformer import Block, VisionTransformer  # noqa: PLC0415
@@ -40,7 +38,7 @@ def _refusal(model: Any) -> str | None:  # noqa: ANN401 (a timm model)
         kinds: dict[str, str | None] = {
             "SwinTransformer": None,
             "SwinTransformerV2": None,
-            "SwinTransformerV2Cr": _SWIN_V2_CR,
+            "SwinTransformerV2Cr": None,
             "Eva": "timm's Eva blocks (rotary position embedding, SwiGLU FFN)",
             "VisionTransformerRelPos": "relative-position attention (timm's VisionTransformerRelPos)",
         }
@@ -113,6 +111,8 @@ def vit_facts(model: Any) -> dict[str, Any]:  # noqa: ANN401 (a timm model)
         return {"swin": True}
     if type(model).__name__ == "SwinTransformerV2":
         return {"swin": True, "swin_v2": True}
+    if type(model).__name__ == "SwinTransformerV2Cr":
+        return swin_v2_cr_facts(model)
     block = model.blocks[0]
     grid = tuple(model.patch_embed.grid_size)
     patch = model.patch_embed.patch_size
@@ -135,6 +135,57 @@ def vit_facts(model: Any) -> dict[str, Any]:  # noqa: ANN401 (a timm model)
         "layer_scale": not isinstance(block.ls1, nn.Identity),
         "qkv_bias": block.attn.qkv.bias is not None,
         "act": type(block.mlp.act).__name__,
+    }
+
+
+def swin_v2_cr_facts(model: Any) -> dict[str, Any]:  # noqa: ANN401 (a timm SwinTransformerV2Cr)
+    """The sizes of one of timm's SwinV2-CR models (``swin_transformer_v2_cr.py``), read from the model: stem, per-stage
+    depths and heads, the window timm derived from the image (``window_size``, before clamping to each stage's grid)
+    and the rule that places the main-branch ``norm3`` LayerNorms. timm keeps no record of that rule's arguments
+    (``extra_norm_period``, ``extra_norm_stage``), so they are the simplest pair that reproduces where the model has a
+    ``norm3`` (the smallest period, 0 for none; stage ends only when needed); an override of ``depth`` applies it to
+    the new depths, as timm does (``tests/test_backbones.py`` checks it against timm)."""
+    from torch import nn  # noqa: PLC0415
+
+    from .backbones import cr_extra_norms  # noqa: PLC0415 (pure Python; backbones imports this module lazily)
+
+    stages = list(model.stages)
+    depths = [len(stage.blocks) for stage in stages]
+    placed = [[not isinstance(blk.norm3, nn.Identity) for blk in stage.blocks] for stage in stages]
+    window = tuple(model.window_size)
+    patch = model.patch_embed.patch_size
+    blocks = [blk for stage in stages for blk in stage.blocks]
+    clamped = all(tuple(b.window_size) == tuple(min(f, window[0]) for f in b.feat_size) for b in blocks)
+    if window[0] != window[1] or not clamped:
+        raise ValueError(
+            f"{type(model).__name__}: a window that is not square or not the same in every stage"
+        )
+    rule = next(
+        (
+            (period, ends)
+            for period in range(max(depths) + 1)
+            for ends in (False, True)
+            if placed
+            == [cr_extra_norms(d, period, ends or s == len(depths) - 1) for s, d in enumerate(depths)]
+        ),
+        None,
+    )
+    if rule is None:
+        raise ValueError(
+            f"{type(model).__name__}: norm3 placed by a rule other than timm's period / stage ends"
+        )
+    return {
+        "swin": True,
+        "swin_v2_cr": True,
+        "img_size": int(model.patch_embed.img_size[0]),
+        "patch_size": int(patch[0]),
+        "embed_dim": int(model.patch_embed.proj.out_channels),
+        "depths": depths,
+        "num_heads": [int(stage.blocks[0].attn.num_heads) for stage in stages],
+        "mlp_ratio": blocks[0].mlp.fc1.out_features / blocks[0].dim,
+        "window_size": int(window[0]),
+        "extra_norm_period": rule[0],
+        "extra_norm_stage": rule[1],
     }
 
 

@@ -10,8 +10,9 @@ Pure Python: ``space/timm_configs.json`` is a snapshot of timm 1.0.31 — every 
 what each ViT-family model is made of (read from the model built on the meta device: sizes, class/register/
 distillation tokens, pooling and its norms, layer scale, qkv bias, activation) or the first feature spvit-dsl does
 not lower, and each name's pretrained tags with their class counts. Swin v1 and SwinV2 names are read from their
-pattern and the size table below (timm's ``swin_transformer.py`` and ``swin_transformer_v2.py`` factories; timm's own
-``swinv2_cr_*`` variant is refused). Resolving a backbone never imports torch.
+pattern and the size table below (timm's ``swin_transformer.py`` and ``swin_transformer_v2.py`` factories); timm's own
+SwinV2-CR (``swinv2_cr_*``, ``swin_transformer_v2_cr.py``) from the model built on the meta device (sizes, window,
+where its extra norms sit). Resolving a backbone never imports torch.
 ``python -m spvit_dsl.space._timm_snapshot`` rewrites the snapshot from the installed timm;
 ``tests/test_backbones.py`` checks every fact here against real timm modules built on the meta device.
 """
@@ -32,6 +33,7 @@ from .geometry import BlockGeom, Family, Geometry
 __all__ = [
     "OVERRIDE_KEYS",
     "BadOverride",
+    "cr_extra_norms",
     "UnknownBackbone",
     "resolve",
     "POOLS",
@@ -59,6 +61,9 @@ _SWIN_SIZES: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
 _DEFAULT_CLASSES = 1000  # ImageNet-1k; always passed to timm (some default tags ship a 0-class head)
 _DEFAULT_CHANNELS = 3
 _DEFAULT_MLP_RATIO = 4.0
+# SwinV2-CR: without a ``window_size`` argument timm derives the window from the image, ``max(1, grid // 8)``
+# (``SwinTransformerV2Cr(window_ratio=8)``); spvit-dsl keeps the name's window and passes it whenever the two differ
+_CR_WINDOW_RATIO = 8
 
 OVERRIDE_KEYS: tuple[str, ...] = (
     "image",
@@ -178,7 +183,8 @@ def timm_names() -> list[str]:
 @lru_cache(maxsize=1)
 def supported_names() -> list[str]:
     """The timm names :func:`resolve` accepts: ViTs whose every feature spvit-dsl lowers (plain ViT/DeiT, DeiT-III,
-    CLIP, SigLIP with average pooling, DINOv2, register and average-pooling ViTs, ...), Swin v1 and SwinV2."""
+    CLIP, SigLIP with average pooling, DINOv2, register and average-pooling ViTs, ...), Swin v1, SwinV2 and timm's
+    SwinV2-CR."""
     return sorted(n for n in timm_names() if refusal(n) is None)
 
 
@@ -188,7 +194,7 @@ def refusal(name: str) -> str | None:
     facts = _snapshot().get(name)
     if facts is None:
         return None
-    if "swin" in facts and _swin_match(name) is None:
+    if "swin" in facts and not facts.get("swin_v2_cr") and _swin_match(name) is None:
         return (
             "Swin-S3 (AutoFormerV2's per-stage window sizes)"
             if name.startswith("swin_s3")
@@ -260,6 +266,10 @@ class _Config:
     act: str = "GELU"
     patch_bias: bool = True
     swin_v2: bool = False  # Swin: SwinV2 blocks and patch merging
+    swin_v2_cr: bool = False  # Swin: timm's SwinV2-CR (cosine-attention blocks, v1's merging, norm3)
+    # SwinV2-CR's norm3 rule (timm's ``extra_norm_period`` and ``extra_norm_stage``; the last stage always ends with one)
+    extra_norm_period: int = 0
+    extra_norm_stage: bool = False
 
     @property
     def prefix_tokens(self) -> int:
@@ -279,6 +289,8 @@ def _from_name(model: str) -> _Config:
     facts = _snapshot().get(model)
     if facts is None or refusal(model) is not None:
         raise _unknown(model)
+    if facts.get("swin_v2_cr"):
+        return _cr_config(model, facts)
     if "swin" in facts:
         match = _swin_match(model)
         assert match is not None  # refusal() checked it
@@ -307,6 +319,23 @@ def _from_name(model: str) -> _Config:
     )
 
 
+def _cr_config(model: str, facts: dict[str, Any]) -> _Config:
+    """A SwinV2-CR name as the snapshot read it from timm's model: Swin v1's layout, no final norm (the last block's
+    ``norm3`` normalises the last map)."""
+    return _Config(
+        "swin", model, facts["img_size"], facts["patch_size"], _DEFAULT_CHANNELS, _DEFAULT_CLASSES,
+        facts["embed_dim"], tuple(facts["depths"]), tuple(facts["num_heads"]), facts["mlp_ratio"],
+        facts["window_size"], class_token=False, global_pool="avg", final_norm=False, swin_v2_cr=True,
+        extra_norm_period=facts["extra_norm_period"], extra_norm_stage=facts["extra_norm_stage"],
+    )  # fmt: skip
+
+
+def cr_extra_norms(depth: int, period: int, stage_end: bool) -> list[bool]:
+    """Which blocks of a SwinV2-CR stage of ``depth`` blocks have the main-branch LayerNorm ``norm3``: every
+    ``period``-th (0: none) and the stage's last when ``stage_end`` (timm's ``SwinTransformerV2CrStage._extra_norm``)."""
+    return [bool(period and (i + 1) % period == 0) or (stage_end and i + 1 == depth) for i in range(depth)]
+
+
 def _short(name: str, limit: int = 80) -> str:
     """A name as an error message quotes it: at most ``limit`` characters (a hostile spec can hold megabytes)."""
     return name if len(name) <= limit else name[:limit] + "…"
@@ -326,7 +355,8 @@ def _unknown(model: str) -> UnknownBackbone:
     elif module is not None:
         msg = (
             f"timm model '{model}' (timm's {module} family) is not supported: spvit-dsl lowers timm's ViT, DeiT, "
-            "DeiT-III, CLIP, SigLIP, DINOv2, Swin v1 and SwinV2 backbones (docs/language.md, 'Supported backbones')"
+            "DeiT-III, CLIP, SigLIP, DINOv2, Swin v1, SwinV2 and SwinV2-CR backbones (docs/language.md, 'Supported "
+            "backbones')"
         )
     elif _stem(model) in {_stem(n) for n in supported_names()}:
         msg = f"'{_short(model)}' is not a timm model (timm has no such variant; pick a listed name and override 'image')"
@@ -555,6 +585,8 @@ def _swin_blocks(cfg: _Config, overrides: dict[str, object]) -> tuple[BlockGeom,
         dim = cfg.embed_dim * 2**s
         _check_heads(dim, heads, overrides, f" of stage {s}")
         window, shift = _stage_window(grid, cfg.window_size)
+        last = s == len(cfg.depths) - 1  # SwinV2-CR's last stage always ends with a norm3
+        extra = cr_extra_norms(depth, cfg.extra_norm_period, cfg.extra_norm_stage or last)
         blocks += [
             BlockGeom(
                 index=len(blocks) + i,
@@ -568,7 +600,9 @@ def _swin_blocks(cfg: _Config, overrides: dict[str, object]) -> tuple[BlockGeom,
                 prefix_tokens=0,
                 window=window,
                 shift=shift if i % 2 else 0,
-                swin_v2=cfg.swin_v2,
+                swin_v2=cfg.swin_v2 or cfg.swin_v2_cr,
+                swin_v2_cr=cfg.swin_v2_cr,
+                extra_norm=cfg.swin_v2_cr and extra[i],
             )
             for i in range(depth)
         ]
@@ -601,6 +635,10 @@ def _timm_kwargs(cfg: _Config, overrides: dict[str, object]) -> tuple[tuple[str,
     ):
         # a factory's own ratio (so400m: 3.7362) may not be hidden / embed_dim exactly: say ours
         kwargs["mlp_ratio"] = cfg.mlp_ratio
+    if cfg.swin_v2_cr:  # timm derives a window from the image unless told: keep ours
+        kwargs.pop("window_size", None)
+        if cfg.window_size != max(1, cfg.img_size // cfg.patch_size // _CR_WINDOW_RATIO):
+            kwargs["window_size"] = cfg.window_size
     return tuple(kwargs.items())
 
 
@@ -648,6 +686,7 @@ def resolve(model: str, overrides: dict[str, object] | None = None) -> Geometry:
         timm_kwargs=_timm_kwargs(cfg, overrides),
         tag=cfg.tag,
         swin_v2=cfg.swin_v2,
+        swin_v2_cr=cfg.swin_v2_cr,
         **{name: getattr(cfg, name) for name in _LAYOUT},
     )
 

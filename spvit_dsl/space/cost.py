@@ -30,11 +30,19 @@ res-post-norm blocks (``x + norm1(attn(x))``, paper §3.2) price like v1's pre-n
 attention adds around its matmuls (normalising q and k, the logit scale, the bias's ``16·sigmoid``) is free, like
 softmax.
 
+timm's SwinV2-CR (``swin_transformer_v2_cr.py``, its own re-implementation of SwinV2) has the same post-norm cosine
+attention blocks with a fused qkv bias (k's included), a logit scale per head and a position-bias MLP
+(2 → 384 → heads, both layers biased) evaluated on every *pair* of window positions (``area²`` inputs, ``area`` the
+window's ``W²``), once per forward (``exact``: at batch 1; ``paper``: none, as for SwinV2 — no official FLOPs code
+exists for it); some blocks end with a LayerNorm ``norm3`` over every token, which belongs to the block whatever
+runs in it; patch merging is v1's; there is no final norm (the last block's ``norm3`` normalises the last map).
+
 Accounting choices (the same in both conventions; the compact network is built to match them):
 
 * the attention branch of a block — ``norm1`` included (before the branch, or after it in SwinV2's post-norm blocks)
   — belongs to its op: a ``skip`` block runs neither;
-* ``norm2`` and ``fc2.bias`` belong to every block: an FFN kept at width 0 still adds ``fc2.bias``;
+* ``norm2`` and ``fc2.bias`` belong to every block: an FFN kept at width 0 still adds ``fc2.bias``; so does
+  SwinV2-CR's ``norm3``;
 * a conv op's bottleneck is the block's kept per-head width; its layers are never sparsified;
 * ``density`` (unstructured sparsity, our extension for DIMAP-style pruning) counts the non-zero weights of qkv,
   proj, fc1 and fc2 and their multiply-adds; a cost with a density below 1 is reported as sparse.
@@ -46,7 +54,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .geometry import CPB_HIDDEN, BlockGeom, Convention, Geometry
+from .geometry import CPB_HIDDEN, META_HIDDEN, BlockGeom, Convention, Geometry
 from .ops import OPS
 from .plan import LAYERS, BlockArch, Cost, FrozenArch, dense_arch
 
@@ -194,10 +202,10 @@ def _msa(b: BlockGeom, dim: Num, c: BlockCounts, convention: str) -> Tally:
 
 def _qkv_bias(b: BlockGeom, inner: Num) -> Num:
     """The learned q, k, v biases: ``3D``; SwinV2 learns q's and v's only (``q_bias``, ``v_bias``; k's is a
-    non-persistent zero buffer in timm): ``2D``."""
+    non-persistent zero buffer in timm): ``2D``; SwinV2-CR fuses all three in ``qkv.bias``: ``3D``."""
     if not b.qkv_bias:
         return 0
-    return (2 if b.swin_v2 else 3) * inner
+    return (2 if b.swin_v2 and not b.swin_v2_cr else 3) * inner
 
 
 def _position_bias(b: BlockGeom, heads: Num, convention: str) -> Tally:
@@ -208,13 +216,28 @@ def _position_bias(b: BlockGeom, heads: Num, convention: str) -> Tally:
     ReLU → ``Linear(512, heads, bias=False)`` evaluated on every relative offset once per forward, whatever the
     batch (``exact``: its multiply-adds at batch 1; ``paper``: none, as in the official ``flops()``), plus the
     per-head ``logit_scale`` of the scaled cosine attention (the scaling and ``16·sigmoid`` are elementwise: free).
+    SwinV2-CR: :func:`_pairwise_position_bias`.
     """
+    if b.swin_v2_cr:
+        return _pairwise_position_bias(b, heads, convention)
     offsets = (2 * b.window - 1) ** 2
     if not b.swin_v2:
         return Tally(params=offsets * heads)
     weights = 2 * CPB_HIDDEN + CPB_HIDDEN * heads
     macs = offsets * weights if convention == "exact" else 0
     return Tally(matmul=macs, params=weights + CPB_HIDDEN + heads)
+
+
+def _pairwise_position_bias(b: BlockGeom, heads: Num, convention: str) -> Tally:
+    """SwinV2-CR's position bias (timm's ``WindowMultiHeadAttention``): the MLP ``meta_mlp``, ``Linear(2, 384)`` →
+    ReLU → ``Linear(384, heads)`` (both biased), on the log-spaced coordinates of every pair of window positions
+    (``area²`` rows, ``area = W²``: ``relative_coordinates_log``), once per forward whatever the batch (``exact``:
+    its multiply-adds at batch 1; ``paper``: none, as SwinV2's), and the per-head ``logit_scale`` (``heads`` values;
+    the scaling is elementwise: free)."""
+    pairs = (b.window * b.window) ** 2
+    weights = 2 * META_HIDDEN + META_HIDDEN * heads
+    macs = pairs * weights if convention == "exact" else 0
+    return Tally(matmul=macs, params=weights + META_HIDDEN + heads + heads)
 
 
 def _conv(b: BlockGeom, dim: Num, bottleneck: Num, kernel: int, convention: str) -> Tally:
@@ -264,6 +287,8 @@ def _ffn(b: BlockGeom, dim: Num, c: BlockCounts, convention: str) -> Tally:
 
 def _block(b: BlockGeom, dim: Num, c: BlockCounts, convention: str) -> Tally:
     total = _ffn(b, dim, c, convention)
+    if b.extra_norm:  # SwinV2-CR's norm3 on the main branch: the block's whatever its op and FFN width
+        total = total + _norm(b, dim, convention)
     for op, weight in c.ops.items():
         if isinstance(weight, int | float) and weight == 0:
             continue
@@ -346,7 +371,7 @@ def _div(x: Num, k: int) -> Num:
 
 def _swin_stem_head(g: Geometry, convention: str, embed: Sequence[Num]) -> Tally:
     """Patch embed + its LayerNorm, patch merging before stages 1.., final LayerNorm, global average pool, head
-    (Swin v1 and SwinV2 alike but for the merging's norm)."""
+    (Swin v1 and SwinV2 alike but for the merging's norm; SwinV2-CR merges as v1 and has no final norm)."""
     ln = _LAYERNORM[convention]
     grid0 = g.blocks[0].grid
     out = _patch_embed(g, embed[0]) + Tally(norm=ln * grid0[0] * grid0[1] * embed[0], params=2 * embed[0])
@@ -355,11 +380,12 @@ def _swin_stem_head(g: Geometry, convention: str, embed: Sequence[Num]) -> Tally
         out += _patch_merging(g, s, embed[s - 1], embed[s], ln)
     features = embed[stages - 1]
     h, w = _stage_grid(g, stages - 1)
+    final = g.final_norm  # SwinV2-CR has none
     if convention == "exact":
-        out += Tally(norm=ln * h * w * features, pool=h * w * features)
+        out += Tally(norm=ln * h * w * features if final else 0, pool=h * w * features)
     else:  # the official flops(): num_features · H0·W0 / 2^stages, standing in for the final norm/pool
         out += Tally(pool=_div(features * grid0[0] * grid0[1], 2**stages))
-    return out + Tally(params=2 * features) + _linear_head(g, features, 1)
+    return out + Tally(params=2 * features if final else 0) + _linear_head(g, features, 1)
 
 
 def _patch_merging(g: Geometry, stage: int, before: Num, after: Num, ln: int) -> Tally:

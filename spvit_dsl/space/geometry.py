@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["CONVENTIONS", "CPB_HIDDEN", "BlockGeom", "Convention", "Family", "Geometry"]
+__all__ = ["CONVENTIONS", "CPB_HIDDEN", "META_HIDDEN", "BlockGeom", "Convention", "Family", "Geometry"]
 
 Family = Literal["vit", "swin"]
 Convention = Literal["paper", "exact"]
 CONVENTIONS: tuple[Convention, ...] = ("paper", "exact")
 CPB_HIDDEN = 512  # SwinV2's continuous-position-bias MLP width (fixed in timm's WindowAttention)
+META_HIDDEN = 384  # SwinV2-CR's position-bias MLP width (timm's WindowMultiHeadAttention default)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,12 @@ class BlockGeom:
     # scaled cosine attention with a learned per-head logit scale, the log-spaced continuous position bias (an MLP
     # 2 → CPB_HIDDEN → heads over the window's relative coordinates) and separate q/v biases (k has none)
     swin_v2: bool = False
+    # timm's SwinV2-CR (``swin_transformer_v2_cr``; swin_v2 is True too): a fused qkv bias, a per-head logit scale of
+    # shape (heads,), and its position-bias MLP ``meta_mlp`` (2 → META_HIDDEN → heads, both layers biased) over every
+    # pair of window positions, with no 16·sigmoid; blocks live at ``stages.{s}.blocks.{j}``
+    swin_v2_cr: bool = False
+    # SwinV2-CR: a LayerNorm ``norm3`` on the main branch after the block (x = norm3(x))
+    extra_norm: bool = False
 
     @property
     def tokens(self) -> int:
@@ -60,7 +67,10 @@ class BlockGeom:
 
     @property
     def module(self) -> str:
-        """The block's path in the timm model (``blocks.3``; Swin ``layers.1.blocks.0``)."""
+        """The block's path in the timm model (``blocks.3``; Swin ``layers.1.blocks.0``; SwinV2-CR
+        ``stages.1.blocks.0``)."""
+        if self.swin_v2_cr:
+            return f"stages.{self.stage}.blocks.{self.index_in_stage}"
         return f"layers.{self.stage}.blocks.{self.index_in_stage}" if self.window else f"blocks.{self.index}"
 
 
@@ -100,6 +110,10 @@ class Geometry:
     act: str = "GELU"
     # Swin: SwinV2 blocks (see BlockGeom.swin_v2) and SwinV2's patch merging (reduction 4C → C', then LayerNorm(C'))
     swin_v2: bool = False
+    # Swin: timm's SwinV2-CR (its blocks: BlockGeom.swin_v2 and swin_v2_cr): Swin v1's patch merging (LayerNorm(4C),
+    # then the reduction) at ``stages.{s}.downsample``, no final norm (the last block's norm3 plays it), the head
+    # reads an NCHW map; swin_v2 stays False (it names the other merging)
+    swin_v2_cr: bool = False
 
     @property
     def reads_patches(self) -> bool:

@@ -223,7 +223,9 @@ def slices(
     input; ``heads``/``head_dim`` give the block's current counts when the other group was already cut (default:
     the dense ones). ``attention`` and ``weights`` groups return ``()``. SwinV2 blocks use timm's
     ``SwinTransformerV2`` names: ``q_bias``/``v_bias`` for the qkv bias, ``logit_scale`` and ``cpb_mlp.2.weight``
-    per head, and patch merging's norm after its reduction (checked against timm in ``tests/test_groups.py``).
+    per head, and patch merging's norm after its reduction; SwinV2-CR blocks timm's ``SwinTransformerV2Cr`` names
+    (``stages.{s}``, a fused ``qkv.bias``, ``logit_scale`` and ``meta_mlp.fc2`` per head, ``norm3``, v1's merging, no
+    final ``norm``) (checked against timm in ``tests/test_groups.py``).
     """
     if group.kind == "embed":
         return _embed_slices(geometry, group.stage)
@@ -255,10 +257,11 @@ def slices(
 
 def _qkv_bias_slices(b: BlockGeom, outer: int, inner: int) -> list[Slice]:
     """The q, k, v biases viewed like each of q, k, v's rows: ``(outer, units, inner)`` per projection. timm fuses
-    them in ``qkv.bias`` (so ``3·outer``); SwinV2 learns ``q_bias`` and ``v_bias`` apart (k's is a zero buffer)."""
+    them in ``qkv.bias`` (so ``3·outer``), as SwinV2-CR does; SwinV2 learns ``q_bias`` and ``v_bias`` apart (k's is a
+    zero buffer)."""
     if not b.qkv_bias:
         return []
-    if b.swin_v2:
+    if b.swin_v2 and not b.swin_v2_cr:
         return [Slice(f"{b.module}.attn.{name}", 0, outer, inner) for name in ("q_bias", "v_bias")]
     return [Slice(f"{b.module}.attn.qkv.bias", 0, 3 * outer, inner)]
 
@@ -266,10 +269,14 @@ def _qkv_bias_slices(b: BlockGeom, outer: int, inner: int) -> list[Slice]:
 def _position_bias_slices(b: BlockGeom) -> list[Slice]:
     """What a Swin block holds per head besides q, k, v: v1's relative-position table (one column per head);
     SwinV2's logit scale ``(heads, 1, 1)`` and its position-bias MLP's output rows ``cpb_mlp.2.weight``
-    ``(heads, 512)`` (the MLP's first layer is shared by every head)."""
+    ``(heads, 512)`` (the MLP's first layer is shared by every head); SwinV2-CR's logit scale ``(heads,)`` and its
+    MLP's output layer ``meta_mlp.fc2`` (weight ``(heads, 384)`` and bias)."""
     if not b.window:
         return []
     attn = f"{b.module}.attn"
+    if b.swin_v2_cr:
+        names = ("logit_scale", "meta_mlp.fc2.weight", "meta_mlp.fc2.bias")
+        return [Slice(f"{attn}.{name}", 0) for name in names]
     if b.swin_v2:
         return [Slice(f"{attn}.logit_scale", 0), Slice(f"{attn}.cpb_mlp.2.weight", 0)]
     return [Slice(f"{attn}.relative_position_bias_table", 1)]
@@ -283,6 +290,8 @@ def _block_embed_slices(b: BlockGeom) -> list[Slice]:
     ]  # fmt: skip
     if b.layer_scale:
         names += [("ls1.gamma", 0), ("ls2.gamma", 0)]
+    if b.extra_norm:
+        names += [("norm3.weight", 0), ("norm3.bias", 0)]
     return [Slice(f"{b.module}.{name}", axis) for name, axis in names]
 
 
@@ -308,7 +317,7 @@ def _embed_slices(g: Geometry, stage: int) -> tuple[Slice, ...]:
     if stage + 1 < g.stages:
         out += _merging_in_slices(g, stage + 1)
     if stage == g.stages - 1:
-        if g.family == "swin" or g.final_norm:
+        if g.final_norm:  # Swin v1 and SwinV2 have one; SwinV2-CR's last block's norm3 stands in
             out += [Slice("norm.weight", 0), Slice("norm.bias", 0)]
         if g.family == "vit" and g.fc_norm:
             out += [Slice("fc_norm.weight", 0), Slice("fc_norm.bias", 0)]
@@ -325,10 +334,16 @@ def _embed_slices(g: Geometry, stage: int) -> tuple[Slice, ...]:
     return tuple(out)
 
 
+def _merging(g: Geometry, stage: int) -> str:
+    """The patch merging into ``stage``: ``layers.{s}.downsample`` (SwinV2-CR: ``stages.{s}.downsample``)."""
+    return f"{'stages' if g.swin_v2_cr else 'layers'}.{stage}.downsample"
+
+
 def _merging_in_slices(g: Geometry, stage: int) -> list[Slice]:
     """What the previous stage's channels own in the patch merging into ``stage``: its input, the 2x2 neighbours
-    concatenated ``(4, C, 1)`` — read by the reduction, and first normalised in Swin v1 (SwinV2 normalises after)."""
-    merging = f"layers.{stage}.downsample"
+    concatenated ``(4, C, 1)`` — read by the reduction, and first normalised in Swin v1 and SwinV2-CR (SwinV2
+    normalises after)."""
+    merging = _merging(g, stage)
     norm = [] if g.swin_v2 else [Slice(f"{merging}.norm.weight", 0, 4), Slice(f"{merging}.norm.bias", 0, 4)]
     return [*norm, Slice(f"{merging}.reduction.weight", 1, 4)]
 
@@ -336,6 +351,6 @@ def _merging_in_slices(g: Geometry, stage: int) -> list[Slice]:
 def _merging_out_slices(g: Geometry, stage: int) -> list[Slice]:
     """What ``stage``'s channels own in the patch merging into it: the reduction's output rows, and in SwinV2 the
     LayerNorm over them (timm's v2 ``PatchMerging``: reduction, then norm)."""
-    merging = f"layers.{stage}.downsample"
+    merging = _merging(g, stage)
     norm = [Slice(f"{merging}.norm.weight", 0), Slice(f"{merging}.norm.bias", 0)] if g.swin_v2 else []
     return [Slice(f"{merging}.reduction.weight", 0), *norm]

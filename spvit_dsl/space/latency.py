@@ -10,7 +10,7 @@ Prediction (``docs/latency.md``): ``stem + scale · Σ_blocks (attention(op, hea
 
 * ``attention`` is a whole block measured with its FFN at width 0 (norm1 + the op + residual + what width 0 still
   runs); ``ffn(width)`` is the same block with a ``skip`` op at that FFN width minus its width-0 time, so the two
-  add. Blocks with the same shape facts (stage, grid, window, shift) share entries.
+  add. Blocks with the same shape facts (stage, grid, window, shift, SwinV2-CR's norm3) share entries.
 * Widths between measured ones are interpolated linearly (heads × head_dim bilinearly); measured widths are exact
   lookups. Sparsity does not change a prediction: dense kernels do not run faster for zeros.
 * ``stem`` (patch embedding, position embedding, patch merging, final norm, pooling and head) is measured with the
@@ -85,8 +85,10 @@ class LatencySetting:
 
 
 def block_kind(b: BlockGeom, embed: int) -> str:
-    """The key of a block's entries: blocks with the same shape facts at the same residual width run alike."""
-    return f"stage{b.stage}:grid{b.grid[0]}x{b.grid[1]}:prefix{b.prefix_tokens}:window{b.window}:shift{b.shift}:C{embed}"
+    """The key of a block's entries: blocks with the same shape facts at the same residual width run alike (a
+    SwinV2-CR block with its extra ``norm3`` is a kind of its own)."""
+    norm3 = ":norm3" if b.extra_norm else ""
+    return f"stage{b.stage}:grid{b.grid[0]}x{b.grid[1]}:prefix{b.prefix_tokens}:window{b.window}:shift{b.shift}{norm3}:C{embed}"
 
 
 def interpolate(points: Sequence[tuple[float, float]], x: Any) -> Any:

@@ -3,10 +3,11 @@
 Input: a :class:`~spvit_dsl.space.plan.Geometry` and a weights source; output: the timm model and its blocks in global
 order (ViT ``blocks.i``; Swin ``layers.s.blocks.j`` numbered across stages).
 
-Swin blocks (timm 1.0.31 ``SwinTransformerBlock``, ``SwinTransformerV2Block``) take (B, H, W, C) maps and do their
-shift/partition inside ``_attn``. Lowering swaps such a block's class for :class:`GatedSwinBlock` (or
-:class:`GatedSwinV2Block`), a subclass whose ``_attn`` runs timm's own ``_attn`` (cyclic shift, windows, mask) for the
-MSA level and hands the full, unshifted map to the unified op for conv and skip levels. The swap keeps every
+Swin blocks (timm 1.0.31 ``SwinTransformerBlock``, ``SwinTransformerV2Block``, ``SwinTransformerV2CrBlock``) take
+(B, H, W, C) maps and do their shift/partition inside ``_attn`` (SwinV2-CR: ``_shifted_window_attn``). Lowering swaps
+such a block's class for :class:`GatedSwinBlock` (:class:`GatedSwinV2Block`, :class:`GatedSwinV2CrBlock`), a subclass
+that runs timm's own windowed attention (cyclic shift, windows, mask) for the MSA level and hands the full, unshifted
+map to the unified op for conv and skip levels. The swap keeps every
 attribute, buffer and state-dict key of the block.
 """
 
@@ -23,6 +24,7 @@ import timm
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+from timm.models.swin_transformer_v2_cr import SwinTransformerV2CrBlock
 from timm.models.vision_transformer import Block as VitBlock
 from torch import Tensor, nn
 
@@ -31,7 +33,15 @@ from ..lang.errors import UsageError
 from ..space.plan import Geometry
 from .attention import UnifiedAttention
 
-__all__ = ["GatedSwinBlock", "GatedSwinV2Block", "backbone_blocks", "create_backbone", "submodule"]
+__all__ = [
+    "GatedSwinBlock",
+    "GatedSwinV2Block",
+    "GatedSwinV2CrBlock",
+    "backbone_blocks",
+    "create_backbone",
+    "submodule",
+    "swin_stages",
+]
 
 _M = TypeVar("_M", bound=nn.Module)
 
@@ -72,6 +82,39 @@ class GatedSwinV2Block(SwinTransformerV2Block):
         x = x.reshape(B, -1, C)
         x = x + self.drop_path2(self.norm2(self.mlp(x)))
         return x.reshape(B, H, W, C)
+
+
+class GatedSwinV2CrBlock(SwinTransformerV2CrBlock):
+    """A timm SwinV2-CR block over the unified op, as :class:`GatedSwinV2Block` (res-post-norm: no branch for
+    ``skip``, the level weight after ``norm1``), with the block's main-branch ``norm3`` (an identity unless the
+    block has one)."""
+
+    def _shifted_window_attn(self, x: Tensor) -> Tensor:
+        attn = self.attn
+        assert isinstance(attn, UnifiedAttention)
+        if attn.op == "msa":
+            return super()._shifted_window_attn(x)
+        return attn.forward_map(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        attn = self.attn
+        assert isinstance(attn, UnifiedAttention)
+        if attn.op != "skip":
+            branch = self.norm1(self._shifted_window_attn(x))
+            weight = attn.level_weight
+            if weight is not None:
+                branch = branch * weight.to(branch.dtype)
+            x = x + self.drop_path1(branch)
+        B, H, W, C = x.shape
+        x = x.reshape(B, -1, C)
+        x = x + self.drop_path2(self.norm2(self.mlp(x)))
+        return self.norm3(x).reshape(B, H, W, C)
+
+
+def swin_stages(model: nn.Module) -> list[nn.Module]:
+    """A Swin model's stages: ``layers`` (Swin, SwinV2) or ``stages`` (SwinV2-CR)."""
+    stages = model.get_submodule("stages" if hasattr(model, "stages") else "layers")
+    return list(stages.children())
 
 
 def create_backbone(
@@ -167,8 +210,8 @@ def _one_line(e: BaseException) -> str:
 def backbone_blocks(model: nn.Module, family: str) -> list[nn.Module]:
     """The transformer blocks in global order; raise NotImplementedError for layouts lowering does not know."""
     if family == "swin":
-        blocks = [b for stage in model.layers for b in stage.blocks]  # type: ignore[union-attr]
-        kinds = (SwinTransformerBlock, SwinTransformerV2Block)
+        blocks = [b for stage in swin_stages(model) for b in stage.get_submodule("blocks").children()]
+        kinds = (SwinTransformerBlock, SwinTransformerV2Block, SwinTransformerV2CrBlock)
         bad = [type(b).__name__ for b in blocks if not isinstance(b, kinds)]
     else:
         blocks = list(model.blocks)  # type: ignore[arg-type]
@@ -194,5 +237,7 @@ def patch_swin_block(block: nn.Module) -> None:
         block.__class__ = GatedSwinBlock
     elif type(block) is SwinTransformerV2Block:
         block.__class__ = GatedSwinV2Block
-    elif not isinstance(block, GatedSwinBlock | GatedSwinV2Block):
+    elif type(block) is SwinTransformerV2CrBlock:
+        block.__class__ = GatedSwinV2CrBlock
+    elif not isinstance(block, GatedSwinBlock | GatedSwinV2Block | GatedSwinV2CrBlock):
         raise NotImplementedError(f"cannot lower Swin block type {type(block).__name__}")

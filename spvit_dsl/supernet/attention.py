@@ -79,6 +79,10 @@ class UnifiedAttention(nn.Module):
     """One block's attention candidates over shared weights; ``candidates`` are sorted along the single path."""
 
     relative_position_index: Tensor  # Swin: the buffer adopted from WindowAttention
+    q_bias: (
+        nn.Parameter | None
+    )  # SwinV2: adopted from its WindowAttention (None: no qkv bias, or SwinV2-CR's fused one)
+    v_bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -101,6 +105,9 @@ class UnifiedAttention(nn.Module):
         # is applied after norm1 by the block: a LayerNorm would cancel it here)
         self.cosine = geom.swin_v2
         self.post_norm = geom.swin_v2
+        self.cr = (
+            geom.swin_v2_cr
+        )  # SwinV2-CR: fused qkv bias, a position-bias MLP over every pair of positions
         self.grid = geom.grid
         self.prefix = geom.prefix_tokens
         self.alpha = float(alpha)
@@ -133,14 +140,22 @@ class UnifiedAttention(nn.Module):
         if self.window:
             self.window_size: tuple[int, int] = tuple(attn.window_size)  # type: ignore[arg-type]
             self.window_area = self.window_size[0] * self.window_size[1]
+            # SwinV2-CR: per-head logit scale (heads,), the pairwise position-bias MLP and its input
+            if self.cr:
+                self.q_bias = self.v_bias = None
+                self.logit_scale = attn.get_parameter("logit_scale")
+                self.meta_mlp: nn.Module = attn.get_submodule("meta_mlp")
+                self.register_buffer(
+                    "relative_coordinates_log", attn.get_buffer("relative_coordinates_log"), persistent=False
+                )
+                return
             self.register_buffer(
                 "relative_position_index", attn.get_buffer("relative_position_index"), persistent=False
             )
-            if (
-                self.cosine
-            ):  # SwinV2: q/v biases, per-head logit scale, the position-bias MLP and its input table
-                self.q_bias: nn.Parameter | None = getattr(attn, "q_bias", None)
-                self.v_bias: nn.Parameter | None = getattr(attn, "v_bias", None)
+            # SwinV2: q/v biases, per-head logit scale, the position-bias MLP and its input table
+            if self.cosine:
+                self.q_bias = getattr(attn, "q_bias", None)
+                self.v_bias = getattr(attn, "v_bias", None)
                 self.logit_scale = attn.get_parameter("logit_scale")
                 self.cpb_mlp: nn.Module = attn.get_submodule("cpb_mlp")
                 self.register_buffer(
@@ -253,7 +268,7 @@ class UnifiedAttention(nn.Module):
 
     def _qkv_bias(self) -> Tensor | None:
         """qkv's bias: ``qkv.bias``; SwinV2's separate q and v biases with a zero k bias (timm's layout)."""
-        if not self.cosine:
+        if not self.cosine or self.cr:
             return self.qkv.bias
         if self.q_bias is None or self.v_bias is None:
             return None
@@ -376,7 +391,8 @@ class UnifiedAttention(nn.Module):
                 k = k * probe
         scale = self.scale
         if self.cosine:  # SwinV2: cos(q, k) · exp(min(logit_scale, ln 100)) per head (timm's clamp)
-            q = F.normalize(q, dim=-1) * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+            logit_scale = self.logit_scale.view(-1, 1, 1)  # (heads, 1, 1); SwinV2-CR keeps it as (heads,)
+            q = F.normalize(q, dim=-1) * torch.clamp(logit_scale, max=math.log(100.0)).exp()
             k, scale = F.normalize(k, dim=-1), 1.0
         if self.window:
             attn_mask = self._rel_pos_bias()
@@ -403,7 +419,13 @@ class UnifiedAttention(nn.Module):
         return self._output(z, self.proj.weight, self.proj.bias, msa=True)
 
     def _rel_pos_bias(self) -> Tensor:
-        """(1, heads, area, area): Swin's learned table, or SwinV2's ``16·sigmoid(cpb_mlp(coords))``."""
+        """(1, heads, area, area): Swin's learned table, SwinV2's ``16·sigmoid(cpb_mlp(coords))``, or SwinV2-CR's
+        ``meta_mlp`` over every pair of window positions."""
+        if self.cr:
+            pairs = self.meta_mlp(self.relative_coordinates_log)  # (area², heads)
+            return (
+                pairs.transpose(1, 0).reshape(self.num_heads, self.window_area, self.window_area).unsqueeze(0)
+            )
         table = (
             self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
             if self.cosine

@@ -138,6 +138,8 @@ def _lower_block(
     if embed in active:
         block.norm1 = MaskedLayerNorm(submodule(block, "norm1", nn.LayerNorm), board, embed)
         block.norm2 = MaskedLayerNorm(submodule(block, "norm2", nn.LayerNorm), board, embed)
+        if b.extra_norm:  # SwinV2-CR's main-branch norm3
+            block.norm3 = MaskedLayerNorm(submodule(block, "norm3", nn.LayerNorm), board, embed)
     if family == "swin":
         patch_swin_block(block)
     return BlockRow(plan, attn, mlp)
@@ -160,6 +162,7 @@ def _mask_stream(model: nn.Module, space: Space, board: MaskBoard, active: set[s
         if g.fc_norm:
             model.fc_norm = MaskedLayerNorm(submodule(model, "fc_norm", nn.LayerNorm), board, "embed")
         return
+    stages = "stages" if g.swin_v2_cr else "layers"
     for s in range(g.stages):
         path = embed_path(g, s)
         if path in active:
@@ -167,16 +170,18 @@ def _mask_stream(model: nn.Module, space: Space, board: MaskBoard, active: set[s
                 patch_embed = model.get_submodule("patch_embed")
                 patch_embed.norm = MaskedLayerNorm(submodule(patch_embed, "norm", nn.LayerNorm), board, path)
             elif g.swin_v2:  # SwinV2's merging: reduction, then a norm over this stage's channels
-                down = model.get_submodule(f"layers.{s}.downsample")
+                down = model.get_submodule(f"{stages}.{s}.downsample")
                 down.norm = MaskedLayerNorm(submodule(down, "norm", nn.LayerNorm), board, path)
             else:
-                down = model.get_submodule(f"layers.{s}.downsample")
+                down = model.get_submodule(f"{stages}.{s}.downsample")
                 down.reduction = MaskedLinear(submodule(down, "reduction", nn.Linear), board, path)
             if s + 1 < g.stages:
                 if not g.swin_v2:  # v1 normalises the 2x2 neighbours of this stage before the reduction
-                    down = model.get_submodule(f"layers.{s + 1}.downsample")
+                    down = model.get_submodule(f"{stages}.{s + 1}.downsample")
                     down.norm = MaskedLayerNorm(submodule(down, "norm", nn.LayerNorm), board, path, repeat=4)
-            else:
+            elif (
+                not g.swin_v2_cr
+            ):  # SwinV2-CR has no final norm: its last block's norm3 (masked with the block)
                 model.norm = MaskedLayerNorm(submodule(model, "norm", nn.LayerNorm), board, path)
 
 

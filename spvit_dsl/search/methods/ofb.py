@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ...lang.errors import UsageError
 from ...runtime.optim import adamw, param_groups
 from ...space.cost import BlockCounts, Counts
+from ...space.geometry import Geometry
 from ...space.groups import UnitGroup, embed_path, value_of, with_value
 from ...space.plan import LAYERS, FrozenArch, dense_arch
 from ...supernet._shrink import replace_parameter
@@ -247,7 +248,7 @@ class OfbStrategy(Strategy):
         if self.mim:
             self._hooks = [
                 net.model.get_submodule("patch_embed").register_forward_hook(self._mask_tokens),
-                net.model.get_submodule("norm").register_forward_hook(self._decode),
+                net.model.get_submodule(_final_norm(net.geometry)).register_forward_hook(self._decode),
             ]
         self._costs: dict[str, float] = {}
         self._dense = ctx.price(dense_arch(net.geometry))
@@ -396,11 +397,12 @@ class OfbStrategy(Strategy):
         return torch.where(where, token.to(out.dtype), out)
 
     def _decode(self, _module: nn.Module, _args: object, out: Tensor) -> Tensor | None:
-        """Forward hook on the final norm: decode the patch features of a masked step into pixels. The output gains
-        ``0 · Σ pred``, so the decoder is part of the forward's graph (DDP finds its gradients from the output)."""
+        """Forward hook on the final norm (:func:`_final_norm`): decode the patch features of a masked step into
+        pixels. The output gains ``0 · Σ pred``, so the decoder is part of the forward's graph (DDP finds its gradients
+        from the output)."""
         if self._token_mask is None or self.tensors.decoder is None:
             return None
-        if out.dim() == 3:  # ViT: (B, prefix + N, C)
+        if out.dim() == 3:  # ViT: (B, prefix + N, C); SwinV2-CR's norm3: (B, H·W, C), no prefix
             tokens = out[:, self.ctx.net.geometry.prefix_tokens :]
             gh, gw = _square(tokens.shape[1])
             fmap = tokens.reshape(out.shape[0], gh, gw, -1)
@@ -612,8 +614,9 @@ class OfbStrategy(Strategy):
                 attn.qkv.weight.mul_(rows[:, None])
                 if attn.qkv.bias is not None:
                     attn.qkv.bias.mul_(rows)
-                if attn.cosine and attn.q_bias is not None:  # SwinV2 keeps q's bias apart (k has none)
-                    attn.q_bias.mul_(per.to(attn.q_bias.dtype))
+                q_bias = getattr(attn, "q_bias", None)  # SwinV2 keeps q's bias apart (k has none)
+                if attn.cosine and q_bias is not None:
+                    q_bias.mul_(per.to(q_bias.dtype))
         net.set_masks({path: None})
 
     # --- what the strategy would choose now ----------------------------------------------------------------
@@ -703,3 +706,9 @@ def _square(n: int) -> tuple[int, int]:
     if side * side != n:
         raise UsageError(f"ofb's masked image modelling needs a square token grid, got {n} patch tokens")
     return side, side
+
+
+def _final_norm(geometry: Geometry) -> str:
+    """The module whose output is the backbone's last feature map: ``norm``, or SwinV2-CR's last block's ``norm3``
+    (it has no model-level norm)."""
+    return f"{geometry.blocks[-1].module}.norm3" if geometry.swin_v2_cr else "norm"
