@@ -34,6 +34,7 @@ FAMILY_BACKBONES = {
     "so150m": f"backbone vit_so150m2_patch16_reg1_gap_256 {{ {_SMALL} }}",  # no qkv bias, register, fc_norm
     "avg_override": f"backbone vit_tiny_patch16_224 {{ {_SMALL}; global_pool = avg }}",  # avg pool on a ViT
     "siglip_map": f"backbone vit_base_patch16_siglip_224 {{ {_SMALL} }}",  # attention-pool (MAP) head
+    "swiglu": f"backbone vit_giant_patch14_dinov2 {{ {_SMALL} }}",  # packed SwiGLU FFN (85 neurons), layer scale
 }
 # timm pads this one: a 17x17 grid under windows of 4 (padded to 20x20), merged as 18x18 into 9x9 (padded to 12x12)
 SWIN_PADDED_BACKBONE = (

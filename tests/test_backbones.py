@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from _spaces import every_dimension
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,7 +24,9 @@ from spvit_dsl.space.backbones import (
 )
 from spvit_dsl.space.cost import breakdown, dense_arch, dense_cost
 from spvit_dsl.space.geometry import CPB_HIDDEN, META_HIDDEN
+from spvit_dsl.space.groups import groups
 from spvit_dsl.space.plan import Geometry
+from spvit_dsl.supernet.lower import lower
 
 TINY_VIT = dict(image=32, patch=4, embed_dim=64, depth=6, heads=2, channels=1, classes=10)
 TINY_SWIN = dict(image=32, patch=2, embed_dim=16, depth=(2, 2, 2), heads=(1, 2, 4), window=4, classes=10)
@@ -69,7 +72,11 @@ def check_vit(g: Geometry, m: torch.nn.Module) -> None:
         assert blk.norm1.normalized_shape == (b.dim,)
         assert (blk.attn.num_heads, blk.attn.head_dim) == (b.heads, b.head_dim)
         assert blk.attn.qkv.in_features == b.dim and blk.attn.qkv.out_features == 3 * b.heads * b.head_dim
-        assert blk.mlp.fc1.out_features == b.hidden and blk.mlp.fc2.out_features == b.dim
+        assert blk.mlp.fc2.in_features == b.hidden and blk.mlp.fc2.out_features == b.dim
+        # timm's packed SwiGLU: fc1 holds every neuron's value and gate rows, SiLU on the first half
+        assert (type(blk.mlp).__name__ == "GluMlp") == b.ffn_glu
+        assert blk.mlp.fc1.out_features == b.fc1_per_neuron * b.hidden
+        assert not b.ffn_glu or (not blk.mlp.gate_last and g.act == "SiLU")
 
 
 def check_swin(g: Geometry, m: torch.nn.Module) -> None:
@@ -181,7 +188,12 @@ def test_supported_names_cover_the_families():
     assert len([n for n in names if n.startswith("swinv2_cr_")]) == 16
     assert not [n for n in names if "_s3_" in n or "resnet" in n or "_r50_" in n]
     assert names <= set(timm_names())
-    assert len(names) >= 175
+    assert {
+        "vit_giant_patch14_dinov2",
+        "vit_giant_patch14_reg4_dinov2",
+        "vit_giant_patch14_reg1_tipsv2",
+    } <= names
+    assert len(names) >= 178
     assert (
         resolve("vit_tiny_patch16_224", {}).tag == "augreg_in21k_ft_in1k"
     )  # timm's default, not the first by name
@@ -230,6 +242,9 @@ def test_every_supported_name_matches_timm(name: str):
     params, macs = _count(g)
     assert dense_cost(g, "exact").params == dense_cost(g, "paper").params == params
     assert breakdown(g, dense_arch(g), "exact")["matmul"] == macs
+    space = every_dimension(g)  # the supernet lowers with every dimension open (on the meta device)
+    net = lower(space, device="meta")
+    assert len(net.rows) == g.depth and set(net.groups) == {grp.path for grp in groups(space)}
 
 
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_tiny_distilled_patch16_224"])
@@ -313,6 +328,10 @@ def test_swin_tiny_geometry():
         ),  # mlp_ratio 3.7362
         ("vit_small_patch14_reg4_dinov2", dict(image=28, depth=2, global_pool="avg")),
         ("vit_base_patch16_clip_224.openai", dict(image=32, depth=1)),
+        # timm's packed SwiGLU: fc1 int(C · 16/3) = 170 wide, 85 neurons; fc1 int(1536 · 4) = 6144, 3072 neurons
+        ("vit_giant_patch14_dinov2", dict(image=32, patch=8, embed_dim=32, depth=3, heads=2, classes=10)),
+        ("vit_giant_patch14_reg4_dinov2", dict(image=28, depth=2, mlp_ratio=4, global_pool="avg")),
+        ("vit_giant_patch14_reg1_tipsv2", dict(image=28, embed_dim=48, heads=2, depth=1)),
         ("swin_tiny_patch4_window7_224", TINY_SWIN),
         ("swin_tiny_patch4_window7_224", SWIN_CLAMPED),
         ("swin_tiny_patch4_window7_224", dict(image=256)),  # a 64x64 grid: windows of 7 padded to 70x70
@@ -539,6 +558,19 @@ def test_pattern_name_timm_lacks():
         ("deit_tiny_patch16_224", dict(depth=True), "depth", "depth must be a positive integer, found True"),
         ("deit_tiny_patch16_224", dict(mlp_ratio=-1.0), "mlp_ratio", "mlp_ratio must be a positive number"),
         ("deit_tiny_patch16_224", dict(mlp_ratio=0.001), "mlp_ratio", "mlp_ratio 0.001 leaves an empty FFN"),
+        (
+            "vit_giant_patch14_dinov2",
+            dict(embed_dim=34, heads=2),
+            "embed_dim",
+            "vit_giant_patch14_dinov2's SwiGLU FFN splits fc1's int(34 · 5.33333) = 181 outputs into two equal "
+            "halves: the width must be even",
+        ),
+        (
+            "vit_giant_patch14_dinov2",
+            dict(mlp_ratio=4.0007),
+            "mlp_ratio",
+            "vit_giant_patch14_dinov2's SwiGLU FFN splits fc1's int(1536 · 4.0007) = 6145 outputs",
+        ),
         (
             "swin_tiny_patch4_window7_224",
             dict(depth=12),

@@ -136,7 +136,8 @@ def _support(net, kept, i, layer):
         keep(f"blocks.{i}.heads", b.heads)[:, None] & keep(f"blocks.{i}.head_dim", b.head_dim)[None]
     ).flatten()
     ffn = keep(f"blocks.{i}.ffn", b.hidden)
-    return {"qkv": (inner.repeat(3), e), "proj": (e, inner), "fc1": (ffn, e), "fc2": (e, ffn)}[layer]
+    fc1 = ffn.repeat(b.fc1_per_neuron)  # a packed SwiGLU: value and gate rows
+    return {"qkv": (inner.repeat(3), e), "proj": (e, inner), "fc1": (fc1, e), "fc2": (e, ffn)}[layer]
 
 
 def _check_sparse(model, geometry, arch):
@@ -488,6 +489,7 @@ def test_real_random_search_then_cli_build(tmp_path, monkeypatch):
     ("name", "path", "size"),
     [
         ("vit", "blocks.0.ffn", 100),
+        ("swiglu", "blocks.0.ffn", 60),  # a packed SwiGLU neuron's two fc1 rows go together
         ("vit", "embed", 28),
         ("vit", "blocks.1.heads", 1),
         ("vit", "blocks.2.head_dim", 10),

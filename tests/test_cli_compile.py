@@ -55,9 +55,10 @@ def test_compile_summary_names_the_convention() -> None:
         ("family_swin.vit", "swin_tiny_patch4_window7_224 (swin, "),
         ("family_swinv2.vit", "swinv2_tiny_window8_256 (swinv2, "),
         ("family_swinv2_cr.vit", "swinv2_cr_tiny_ns_224 (swinv2_cr, "),
+        ("family_swiglu.vit", "vit_giant_patch14_dinov2 (vit, SwiGLU FFN, "),
     ],
 )
-def test_compile_summary_names_the_swin_family(example: str, label: str) -> None:
+def test_compile_summary_names_the_family(example: str, label: str) -> None:
     result = runner.invoke(app, ["compile", str(ROOT / "examples" / example)])
     assert result.exit_code == 0, result.output
     assert label in " ".join(result.stdout.split())

@@ -52,6 +52,12 @@ TINY_SWIN = dict(image=32, patch=2, embed_dim=16, depth=(2, 2, 2), heads=(1, 2, 
 PADDED_SWINV2 = dict(image=36, patch=2, embed_dim=8, depth=(2, 2, 1), heads=(1, 2, 2), window=8, classes=10)
 # timm's SwinV2-CR: plain (norm3 ends the last stage only), with norm3 at every stage end, norm3 every sixth block
 SWINV2_CR = {"T": "swinv2_cr_tiny_224", "T-ns": "swinv2_cr_tiny_ns_224", "H": "swinv2_cr_huge_224"}
+# timm's packed SwiGLU FFN (GluMlp, SiLU on fc1's first half): DINOv2-g, with 4 registers, TIPSv2-g (1 register)
+SWIGLU = {
+    "g": "vit_giant_patch14_dinov2",
+    "g-reg4": "vit_giant_patch14_reg4_dinov2",
+    "tips": "vit_giant_patch14_reg1_tipsv2",
+}
 
 
 # --- the published figures (shared/reference/spvit.md §3) ----------------------------------------------------
@@ -205,6 +211,8 @@ def test_dense_params_equal_timm(name: str):
         (SWINV2["B"], dict(image=64, embed_dim=8, heads=(1, 1, 2, 2), mlp_ratio=3, window=4)),
         (SWINV2_CR["T-ns"], TINY_SWIN),
         (SWINV2_CR["H"], dict(image=64, embed_dim=8, depth=(1, 7, 2), heads=(1, 1, 2), mlp_ratio=3)),
+        (SWIGLU["g"], dict(image=28, embed_dim=48, heads=2, depth=2)),  # fc1 256 rows: 128 neurons
+        (SWIGLU["g-reg4"], dict(image=28, depth=1, mlp_ratio=4)),  # fc1 6144 rows: 3072 neurons
     ],
 )
 def test_custom_params_equal_timm(name: str, overrides: dict[str, object]):
@@ -317,22 +325,27 @@ def branch(b, a: BlockArch, dim: int, swin_block=None) -> nn.Module:
 
 def build(g: Geometry, arch: FrozenArch) -> nn.Module:
     """timm's model at the residual widths of ``arch`` (stage 0's; the later Swin stages double it), every attention
-    branch and FFN replaced per ``arch``; a skip block's norm1 is never run, so it is removed."""
+    branch and FFN replaced per ``arch``; a skip block's norm1 (and layer scale ls1) is never run, so it is removed."""
     kwargs = g.kwargs() | {"embed_dim": arch.embed[0]}
     kwargs |= {"num_heads": (1,) * len(g.depths)} if g.family == "swin" else {"num_heads": 1}
+    if g.blocks[0].ffn_glu:  # timm's GluMlp needs an even fc1 at this width; every FFN is replaced below
+        kwargs["mlp_ratio"] = 2.0
     m = timm.create_model(g.model, pretrained=False, **kwargs)
     stages = m.stages if g.swin_v2_cr else getattr(m, "layers", ())
     blocks = [blk for layer in stages for blk in layer.blocks] if g.family == "swin" else list(m.blocks)
     for b, a, blk in zip(g.blocks, arch.blocks, blocks, strict=True):
         dim = blk.norm1.normalized_shape[0]
         blk.attn = branch(b, a, dim, blk if g.family == "swin" else None)
-        if a.op == "skip":
+        if a.op == "skip":  # nor its layer scale (DINOv2): both belong to the branch
             blk.norm1 = nn.Identity()
+            if hasattr(blk, "ls1"):
+                blk.ls1 = nn.Identity()
         if (
             g.family == "swin" and a.op != "msa"
         ):  # timm's _attn would window-partition; convs see the full map
             object.__setattr__(blk, "_shifted_window_attn" if g.swin_v2_cr else "_attn", blk.attn)
-        blk.mlp.fc1, blk.mlp.fc2 = nn.Linear(dim, a.ffn), nn.Linear(a.ffn, dim)
+        # a packed SwiGLU's fc1 holds every neuron's value and gate rows (timm's GluMlp splits it in halves)
+        blk.mlp.fc1, blk.mlp.fc2 = nn.Linear(dim, b.fc1_per_neuron * a.ffn), nn.Linear(a.ffn, dim)
     return m.eval()
 
 
@@ -387,6 +400,7 @@ def check_point(g: Geometry, arch: FrozenArch, model: nn.Module | None = None) -
             SWINV2["B"],
             PADDED_SWINV2 | dict(image=28, window=3),
         ),  # 14x14 under windows of 3 (15x15), 7x7 → 4x4
+        (SWIGLU["tips"], dict(image=28, embed_dim=48, heads=2, depth=2, classes=10)),  # class + register
     ],
 )
 def test_dense_matches_flop_counter(name: str, overrides: dict[str, object]):
@@ -480,6 +494,10 @@ SWIN_SPACE = st.fixed_dictionaries(
         "window": st.sampled_from([2, 3, 4]),
     }
 )
+# timm's packed SwiGLU at widths whose fc1, int(C · 16/3), is even (as timm's GluMlp requires)
+SWIGLU_SPACE = VIT_SPACE.map(
+    lambda spec: spec | {"name": SWIGLU["g-reg4"], "embed_dim": 3 * spec["embed_dim"] // 2}
+)
 SWINV2_SPACE = SWIN_SPACE.map(lambda spec: spec | {"name": SWINV2["T"]})
 SWINV2_CR_SPACE = SWIN_SPACE.map(lambda spec: spec | {"name": SWINV2_CR["T-ns"]})
 OPS = ["skip", "conv1x1", "conv3x3", "conv5x5", "msa"]
@@ -509,6 +527,13 @@ def points(draw, space):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(point=points(VIT_SPACE))
 def test_any_vit_point_matches_flop_counter(point):
+    check_point(*point)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(point=points(SWIGLU_SPACE))
+def test_any_swiglu_point_matches_flop_counter(point):
     check_point(*point)
 
 
@@ -568,6 +593,20 @@ def test_ffn_is_linear_in_width_and_keeps_fc2_bias():
         assert c0.macs == 0 and c0.params == b.dim
         assert c7 - c0 == Cost(7 * c1.macs, 7 * (c1.params - c0.params))
     assert ffn_cost(b, 10, "exact").macs - ffn_cost(b, 10, "paper").macs == 2 * b.dim * 10  # the cls token
+
+
+def test_a_swiglu_neuron_prices_its_value_and_gate_rows():
+    """timm's packed SwiGLU: fc1 C → 2w (weights and bias), fc2 w → C; the gate is free; fc1's density counts its
+    2w·C weights."""
+    b = resolve(SWIGLU["g"], {}).blocks[0]
+    assert (b.dim, b.hidden, b.fc1_per_neuron) == (1536, 4096, 2)
+    for convention in ("paper", "exact"):
+        tokens = b.patches if convention == "paper" else b.tokens
+        assert ffn_cost(b, 10, convention) == Cost(
+            tokens * 3 * 10 * b.dim, 2 * 10 * b.dim + 20 + 10 * b.dim + b.dim
+        )
+    dense, half = ffn_cost(b, 10, "exact"), ffn_cost(b, 10, "exact", fc1=0.5)
+    assert (dense.macs - half.macs, dense.params - half.params) == (b.tokens * 10 * b.dim, 10 * b.dim)
 
 
 def test_skip_blocks_run_no_attention_norm():

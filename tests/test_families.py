@@ -1,5 +1,6 @@
 """The ViT families beyond plain ViT/DeiT (DeiT-III, CLIP, SigLIP with average pooling, DINOv2 with registers,
-register/average-pooling ViTs, so150m, a global_pool override), one small configuration each, on real tensors:
+register/average-pooling ViTs, so150m, a global_pool override, SigLIP's attention pool, DINOv2-g's packed SwiGLU
+FFN), one small configuration each, on real tensors:
 the supernet with every unit kept is timm's dense model, a search → freeze → build round trip runs, and the
 convolution ops treat register tokens like the class token. (Every compact point equals the masked supernet:
 tests/test_build_dims.py, whose SPECS include these families; every timm name: tests/test_backbones.py.)"""
@@ -39,7 +40,7 @@ def test_the_supernet_with_every_unit_kept_is_the_dense_timm_model(name: str) ->
         torch.testing.assert_close(net(x), dense(x), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["reg_gap", "dinov2_reg", "clip", "siglip_map"])
+@pytest.mark.parametrize("name", ["reg_gap", "dinov2_reg", "clip", "siglip_map", "swiglu"])
 def test_a_search_freezes_and_builds_at_the_priced_cost(name: str, tmp_path: Path) -> None:
     space = SEARCH if name != "siglip_map" else SEARCH.split("embed:")[0]  # a MAP head keeps its width
     program = _program(name, space + "budget { flops <= 60% }\nsearch magnitude { }\n")

@@ -1,5 +1,6 @@
 """The coupled tensor slices of every unit group (space/groups.py) against timm's own models, one tiny configuration
-per layout (ViT, distilled DeiT, layer-scale DeiT-III, Swin v1, SwinV2, timm's SwinV2-CR):
+per layout (ViT, distilled DeiT, layer-scale DeiT-III, DINOv2-g's packed SwiGLU FFN, Swin v1, SwinV2, timm's
+SwinV2-CR):
 
 * every slice names a tensor of timm's state dict, and its axis holds ``outer · units · inner`` positions;
 * every parameter of the model belongs to some group, except the few no group prunes (the classifier's bias, the
@@ -34,6 +35,11 @@ LAYOUTS: dict[str, tuple[str, dict[str, object], dict[str, object]]] = {
         "deit3_small_patch16_224",
         dict(image=32, patch=8, embed_dim=32, depth=2, heads=2),
         dict(embed_dim=16),
+    ),
+    "swiglu": (  # fc1 int(48 · 16/3) = 256 rows: 128 neurons of a value and a gate row each; 64 at width 24
+        "vit_giant_patch14_dinov2",
+        dict(image=32, patch=8, embed_dim=48, depth=2, heads=2),
+        dict(embed_dim=24),
     ),
     "swin": (
         "swin_tiny_patch4_window7_224",
@@ -185,3 +191,26 @@ def test_cutting_through_the_slices_gives_timms_smaller_model(layout: str) -> No
             _cut(state, g, grp, grp.size // 2)
     target = timm.create_model(small.model, pretrained=False, **small.kwargs())
     target.load_state_dict(state, strict=True)
+
+
+def test_a_swiglu_neuron_owns_its_value_and_gate_rows() -> None:
+    """timm's packed SwiGLU (``GluMlp``, SiLU on fc1's first half): the FFN cut through the slices to any neurons, in
+    any order, computes what the dense FFN computes with the other neurons' fc2 columns zeroed."""
+    model, overrides, _ = LAYOUTS["swiglu"]
+    g = resolve(model, overrides)
+    (grp,) = [grp for grp in _structured(g) if grp.path == "blocks.0.ffn"]
+    assert grp.size == g.blocks[0].hidden == 128 and g.blocks[0].ffn_glu
+    torch.manual_seed(0)
+    dense = timm.create_model(g.model, pretrained=False, **g.kwargs()).blocks[0].mlp
+    assert type(dense).__name__ == "GluMlp" and not dense.gate_last
+    kept = [5, 127, 0, 64, 63]
+    state = {f"blocks.0.mlp.{k}": v for k, v in dense.state_dict().items()}
+    for s in slices(g, grp):
+        assert s.outer == (2 if ".fc1." in s.tensor else 1)
+        state[s.tensor] = state[s.tensor].index_select(s.axis, torch.tensor(s.positions(kept, grp.size)))
+    small = type(dense)(48, 2 * len(kept), act_layer=torch.nn.SiLU, gate_last=False)
+    small.load_state_dict({k.removeprefix("blocks.0.mlp."): v for k, v in state.items()}, strict=True)
+    x = torch.randn(2, 5, 48)
+    with torch.no_grad():
+        dense.fc2.weight[:, [j for j in range(grp.size) if j not in kept]] = 0
+        torch.testing.assert_close(small(x), dense(x), rtol=0, atol=1e-6)

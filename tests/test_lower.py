@@ -31,8 +31,9 @@ from spvit_dsl.space.backbones import resolve
 from spvit_dsl.space.plan import FfnChoice
 from spvit_dsl.supernet import GatedMlp, MaskedLayerNorm, UnifiedAttention
 from spvit_dsl.supernet._timm import GatedSwinBlock
+from spvit_dsl.supernet.ffn import FfnGroups
 from spvit_dsl.supernet.lower import check_lowerable, lower
-from spvit_dsl.supernet.masks import EmbedMask, MaskedLinear
+from spvit_dsl.supernet.masks import EmbedMask, MaskBoard, MaskedLinear
 
 SPACES = {"deit": tiny_vit_space, "deit_distilled": tiny_distilled_space, "swin": tiny_swin_space}
 GEOMETRIES = {
@@ -213,6 +214,35 @@ def test_real_shapes_on_the_meta_device(name, model):
     gates.draw(net, training=True)  # no host sync on meta: every block stays at msa
     assert all(r.attn.op == "msa" for r in net.rows)
     assert net(torch.empty(1, 3, 224, 224, device="meta")).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("gate_last", [False, True])
+def test_a_packed_glu_masks_each_neuron_with_its_two_fc1_rows(gate_last: bool) -> None:
+    """timm's GluMlp (SwiGLUPacked: SiLU on fc1's first half; gate_last: on the second): a batch-wide or per-sample
+    neuron mask equals zeroing fc2's columns of the dropped neurons; the importance reads both fc1 rows."""
+    from timm.layers import GluMlp
+
+    torch.manual_seed(0)
+    mlp = GluMlp(8, 12, act_layer=torch.nn.SiLU, gate_last=gate_last)
+    dense = GluMlp(8, 12, act_layer=torch.nn.SiLU, gate_last=gate_last)
+    dense.load_state_dict(mlp.state_dict())
+    board = MaskBoard()
+    gated = GatedMlp(mlp, "blocks.0.ffn", board, FfnGroups(ffn="blocks.0.ffn"))
+    assert (gated.hidden, gated.glu, gated.gate_last) == (6, True, gate_last)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x), dense(x), rtol=0, atol=0)
+        keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+        board.set("blocks.0.ffn", keep)
+        batch = gated(x)
+        board.set("blocks.0.ffn", keep.expand(2, 6))
+        sample = gated(x)
+        dense.fc2.weight.mul_(keep)
+        torch.testing.assert_close(batch, dense(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(sample, dense(x), rtol=0, atol=1e-6)
+    w1, w2 = mlp.fc1.weight.detach(), mlp.fc2.weight.detach()
+    want = torch.stack([torch.cat([w1[j], w1[6 + j]]).norm() * w2[:, j].norm() for j in range(6)])
+    torch.testing.assert_close(gated.importance(), want)
 
 
 def test_check_lowerable_refuses_what_the_supernet_cannot_represent():

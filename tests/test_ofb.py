@@ -197,9 +197,14 @@ SWINV2 = (
 
 
 SWINV2_CR = SWINV2.replace("swinv2_tiny_window8_256", "swinv2_cr_tiny_ns_224")
+# timm's packed SwiGLU (85 neurons at width 32): a neuron folds into its fc2 column, its two fc1 rows untouched
+SWIGLU_COARSE = COARSE.replace("96, 128", "85")
+SWIGLU = BACKBONE.replace("vit_tiny_patch16_224", "vit_giant_patch14_dinov2") + SWIGLU_COARSE
 
 
-@pytest.mark.parametrize("space", [BACKBONE + COARSE, SWINV2, SWINV2_CR], ids=["vit", "swinv2", "swinv2_cr"])
+@pytest.mark.parametrize(
+    "space", [BACKBONE + COARSE, SWINV2, SWINV2_CR, SWIGLU], ids=["vit", "swinv2", "swinv2_cr", "swiglu"]
+)
 def test_fold_leaves_the_outputs_unchanged(space: str, tmp_path: Path) -> None:
     """Folding a soft bi-mask into the layers (fc2 columns; proj columns; query rows and proj columns) gives the
     same logits without the mask, for every structured kind except the embedding (documented: it cannot fold)."""

@@ -160,6 +160,44 @@ def test_batched_kl_equals_removing_the_unit_from_a_copy(init: str, folder: Path
         torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-5, msg=name)
 
 
+def test_swiglu_neuron_scores_equal_removing_the_neuron_from_a_copy(tmp_path: Path) -> None:
+    """timm's packed SwiGLU (DINOv2-g at width 24: fc1 128 rows, 64 neurons): the batched KL of FFN neuron j, whose
+    per-sample mask covers both of its fc1 rows, is the KL of the dense twin with fc2's column j zeroed."""
+    text = (
+        BACKBONE.replace("vit_tiny_patch16_224", "vit_giant_patch14_dinov2").replace(
+            "embed_dim = 16", "embed_dim = 24"
+        )
+        + "blocks all { ffn: per neuron }\nbudget { flops <= 80% }\n"
+        + 'search upvit { units_per_pass = 7; groups = "ffn" }\n'
+    )
+    program = compile_text(text, str(tmp_path / "swiglu.vit"))
+    assert program.space.geometry.blocks[0].ffn_glu and program.space.geometry.blocks[0].hidden == 64
+    net = lower(program.space).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():  # larger than timm's init, so that the scores are far from 0
+            p.add_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() > 1 else 0.1))
+    dense = dense_twin(net).eval()
+    assert type(dense.blocks[0].mlp).__name__ == "GluMlp"
+    strategy = UpvitStrategy(
+        SearchContext(program, net, [], resolve_settings(program, {}), torch.device("cpu"), None)
+    )
+    x = _images(3, 2)
+    strategy.score(0, Batch(x, torch.zeros(3, dtype=torch.long)))
+    scores = dict(strategy.scores.named_buffers())
+    teacher = _log_probs(dense, x)
+    for i in range(2):
+        want = []
+        for j in range(64):
+            model = copy.deepcopy(dense)
+            with torch.no_grad():
+                model.blocks[i].mlp.fc2.weight[:, j] = 0
+            want.append(float((teacher.exp() * (teacher - _log_probs(model, x))).sum()))
+        got = scores[f"ffn_{i}"]
+        assert float(got.max()) > 1e-3
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
 # --- 2. regrouping -------------------------------------------------------------------------------------------
 
 

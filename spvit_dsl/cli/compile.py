@@ -62,7 +62,10 @@ def _save_supernet(program, path: str) -> None:
 
 
 def _family(g: Geometry) -> str:
-    """The summary's family label: ``vit``, ``swin``, ``swinv2`` or ``swinv2_cr`` (timm's SwinV2-CR)."""
+    """The summary's family label: ``vit``, ``swin``, ``swinv2`` or ``swinv2_cr`` (timm's SwinV2-CR); a ViT with timm's
+    packed SwiGLU FFN adds ``SwiGLU FFN`` (its widths count neurons, each two rows of fc1)."""
+    if g.blocks[0].ffn_glu:
+        return f"{g.family}, SwiGLU FFN"
     return "swinv2_cr" if g.swin_v2_cr else "swinv2" if g.swin_v2 else g.family
 
 

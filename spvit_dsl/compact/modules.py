@@ -17,7 +17,7 @@ layer folds into a plain Conv2d(C,d,k) → BN → ReLU → Conv2d(d,C,1)"):
   res-post-norm block (timm's ``swin_transformer_v2``) with any head count and per-head width;
   :class:`CompactWindowAttentionV2Cr` / :class:`CompactSwinV2CrBlock` likewise for timm's SwinV2-CR.
 
-Kept FFNs stay timm's ``Mlp`` with narrower ``fc1``/``fc2``.
+Kept FFNs stay timm's ``Mlp`` (or packed SwiGLU ``GluMlp``) with narrower ``fc1``/``fc2``.
 """
 
 from __future__ import annotations

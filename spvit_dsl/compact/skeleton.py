@@ -9,8 +9,9 @@ Input: the dense backbone's :class:`~spvit_dsl.space.geometry.Geometry` and one 
   kept heads × per-head width and the dense network's softmax scale; ``conv{k}x{k}`` — a
   :class:`~.modules.ConvBranch` whose bottleneck is the kept per-head width; ``skip`` — a :class:`~.modules.SkipBranch`
   (no parameters) and no ``norm1``;
-* FFN width ``w`` — timm's ``Mlp`` with ``fc1 = Linear(E, w)`` and ``fc2 = Linear(w, E)``; width 0 —
-  :class:`~.modules.FfnBias` (fc2's bias only).
+* FFN width ``w`` — timm's ``Mlp`` with ``fc1 = Linear(E, w)`` and ``fc2 = Linear(w, E)`` (timm's packed SwiGLU
+  ``GluMlp``: ``fc1 = Linear(E, 2w)``, its value and gate halves); width 0 — :class:`~.modules.FfnBias` (fc2's bias
+  only).
 
 The result keeps timm's interface (``forward_features``, ``forward_head``, ``num_classes``, ``reset_classifier``) and
 carries ``spvit_geometry`` and ``spvit_arch`` attributes. Its parameter count is ``cost.arch_cost(...).params`` for
@@ -24,7 +25,7 @@ from typing import Any
 
 import timm
 import torch
-from timm.layers import Mlp, use_fused_attn
+from timm.layers import GluMlp, Mlp, use_fused_attn
 from timm.layers.attention import Attention
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.swin_transformer_v2 import SwinTransformerV2Block
@@ -96,6 +97,10 @@ def _timm_kwargs(geometry: Geometry, arch: FrozenArch) -> dict[str, Any]:
     if arch.embed != geometry.dims:
         heads: object = (1,) * geometry.stages if geometry.family == "swin" else 1
         kwargs |= {"embed_dim": arch.embed[0], "num_heads": heads}
+        if any(b.ffn_glu for b in geometry.blocks):
+            kwargs["mlp_ratio"] = (
+                2.0  # timm's GluMlp needs an even int(E · ratio); every FFN is rebuilt anyway
+            )
     return kwargs
 
 
@@ -276,16 +281,19 @@ def _rebuild_block(block: nn.Module, geom: BlockGeom, choice: BlockArch, dim: in
 
 
 def _narrow_mlp(block: nn.Module, dim: int, width: int) -> None:
+    """The block's FFN at ``width`` neurons over ``dim`` channels: timm's own module with resized fc1/fc2 (a packed
+    GLU's fc1 keeps both halves, ``2·width`` rows, which its ``forward`` splits), or :class:`FfnBias` at width 0."""
     mlp = block.mlp
     if width == 0:
         block.mlp = FfnBias(dim)
         return
-    assert isinstance(mlp, Mlp)  # the FFN of the blocks block_modules accepts
+    assert isinstance(mlp, Mlp | GluMlp)  # the FFNs of the blocks block_modules accepts
     fc1, fc2 = mlp.fc1, mlp.fc2
-    assert isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)  # timm's Mlp without use_conv
-    if (fc1.in_features, fc1.out_features) == (dim, width):
+    assert isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)  # timm's MLPs without use_conv
+    rows = 2 * width if isinstance(mlp, GluMlp) else width
+    if (fc1.in_features, fc1.out_features) == (dim, rows):
         return
-    mlp.fc1 = nn.Linear(dim, width, bias=fc1.bias is not None)
+    mlp.fc1 = nn.Linear(dim, rows, bias=fc1.bias is not None)
     mlp.fc2 = nn.Linear(width, dim, bias=fc2.bias is not None)
 
 

@@ -3,8 +3,9 @@
 :mod:`spvit_dsl.space.backbones` resolves backbone names from that snapshot in pure Python. For every timm name of
 :data:`PATTERNS` (``vit_*``, ``deit*`` — DeiT-III included — and ``swin*``) the model is built on the meta device with
 its default arguments and read back: sizes, the token layout (class, register and distillation tokens, whether the
-position embedding covers them), the pooling and its norms, layer scale, qkv bias, the activation, and either the
-features spvit-dsl lowers or the first one it does not (``refused``, one line naming the feature); for timm's
+position embedding covers them), the pooling and its norms, layer scale, qkv bias, the FFN (timm's ``Mlp`` or the
+packed SwiGLU ``GluMlp``: ``ffn_glu``; ``hidden``, its neurons, is fc2's input width) and its activation, and either
+the features spvit-dsl lowers or the first one it does not (``refused``, one line naming the feature); for timm's
 SwinV2-CR, its stem, stage sizes, window and where its extra norms sit (Swin v1 and SwinV2 names are read from their
 pattern in :mod:`~spvit_dsl.space.backbones`). The pretrained tags of each name and their class counts come from
 timm's pretrained configs, which ship with timm (no network).
@@ -28,7 +29,6 @@ PATTERNS = ["vit_*", "deit*", "swin*"]
 def _refusal(model: Any) -> str | None:  # noqa: ANN401 (a timm model)
     """The first feature of a timm model that spvit-dsl does not lower, as a short phrase; None when all are known
     (Swin v1 and SwinV2 are resolved from their names, SwinV2-CR from :func:`swin_v2_cr_facts`)."""
-    from timm.layers import Mlp  # noqa: PLC0415
     from timm.layers.attention import Attention  # noqa: PLC0415
     from timm.models.vision_transformer import Block, VisionTransformer  # noqa: PLC0415
     from torch import nn  # noqa: PLC0415
@@ -83,13 +83,29 @@ def _refusal(model: Any) -> str | None:  # noqa: ANN401 (a timm model)
         return labels.get(type(attn).__name__, f"the attention type {type(attn).__name__}")
     if not all(isinstance(getattr(attn, n), nn.Identity) for n in ("q_norm", "k_norm", "norm")):
         return "q/k or attention-output normalisation"
-    mlp = block.mlp
-    if type(mlp) is not Mlp:
-        return "a gated (SwiGLU) FFN" if "Glu" in type(mlp).__name__ else f"the FFN {type(mlp).__name__}"
-    if not isinstance(mlp.norm, nn.Identity):
-        return "a norm inside the FFN"
+    ffn = _ffn_refusal(block.mlp)
+    if ffn is not None:
+        return ffn
     if model.global_pool not in ("token", "avg", "map"):
         return f"global pooling '{model.global_pool}'"
+    return None
+
+
+def _ffn_refusal(mlp: Any) -> str | None:  # noqa: ANN401 (a timm FFN module)
+    """What spvit-dsl does not lower in a ViT block's FFN: anything but timm's ``Mlp`` and its packed GLU ``GluMlp``
+    over tokens (``SwiGLUPacked``: ``SiLU(first half of fc1) * second half``; the supernet follows the module's
+    ``gate_last`` either way), and a norm over the hidden neurons (masking neurons would move its statistics)."""
+    from timm.layers import GluMlp, Mlp  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+
+    if type(mlp) is GluMlp:
+        if not isinstance(mlp.fc1, nn.Linear):
+            return "a convolutional GLU FFN"
+    elif type(mlp) is not Mlp:
+        labels = {"SwiGLU": "a SwiGLU FFN with separate gate and value layers (timm's SwiGLU)"}
+        return labels.get(type(mlp).__name__, f"the FFN {type(mlp).__name__}")
+    if not isinstance(mlp.norm, nn.Identity):
+        return "a norm inside the FFN"
     return None
 
 
@@ -124,7 +140,8 @@ def vit_facts(model: Any) -> dict[str, Any]:  # noqa: ANN401 (a timm model)
         "embed_dim": int(model.embed_dim),
         "depth": len(model.blocks),
         "num_heads": int(block.attn.num_heads),
-        "hidden": int(block.mlp.fc1.out_features),
+        "hidden": int(block.mlp.fc2.in_features),  # FFN neurons (a packed GLU's fc1 has twice as many rows)
+        "ffn_glu": type(block.mlp).__name__ == "GluMlp",
         "class_token": model.cls_token is not None,
         "reg_tokens": int(getattr(model, "num_reg_tokens", 0)),
         "dist_token": getattr(model, "dist_token", None) is not None,

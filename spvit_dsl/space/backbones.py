@@ -8,11 +8,11 @@ arguments that make ``timm.create_model(name, pretrained=False, **geometry.kwarg
 
 Pure Python: ``space/timm_configs.json`` is a snapshot of timm 1.0.31 — every ``vit_*``, ``deit*`` and ``swin*`` name,
 what each ViT-family model is made of (read from the model built on the meta device: sizes, class/register/
-distillation tokens, pooling and its norms, layer scale, qkv bias, activation) or the first feature spvit-dsl does
-not lower, and each name's pretrained tags with their class counts. Swin v1 and SwinV2 names are read from their
-pattern and the size table below (timm's ``swin_transformer.py`` and ``swin_transformer_v2.py`` factories); timm's own
-SwinV2-CR (``swinv2_cr_*``, ``swin_transformer_v2_cr.py``) from the model built on the meta device (sizes, window,
-where its extra norms sit). Resolving a backbone never imports torch.
+distillation tokens, pooling and its norms, layer scale, qkv bias, the FFN's kind, width and activation) or the
+first feature spvit-dsl does not lower, and each name's pretrained tags with their class counts. Swin v1 and SwinV2
+names are read from their pattern and the size table below (timm's ``swin_transformer.py`` and
+``swin_transformer_v2.py`` factories); timm's own SwinV2-CR (``swinv2_cr_*``, ``swin_transformer_v2_cr.py``) from the
+model built on the meta device (sizes, window, where its extra norms sit). Resolving a backbone never imports torch.
 ``python -m spvit_dsl.space._timm_snapshot`` rewrites the snapshot from the installed timm;
 ``tests/test_backbones.py`` checks every fact here against real timm modules built on the meta device.
 """
@@ -264,6 +264,7 @@ class _Config:
     layer_scale: bool = False
     qkv_bias: bool = True
     act: str = "GELU"
+    ffn_glu: bool = False  # ViT: timm's packed SwiGLU FFN (mlp_ratio is then fc1's width / C: 2·hidden / C)
     patch_bias: bool = True
     swin_v2: bool = False  # Swin: SwinV2 blocks and patch merging
     swin_v2_cr: bool = False  # Swin: timm's SwinV2-CR (cosine-attention blocks, v1's merging, norm3)
@@ -301,7 +302,7 @@ def _from_name(model: str) -> _Config:
             _DEFAULT_MLP_RATIO, window, class_token=False, global_pool="avg",  # Swin averages its last map
             swin_v2=bool(facts.get("swin_v2")),
         )  # fmt: skip
-    dim, hidden = facts["embed_dim"], facts["hidden"]
+    dim, hidden, glu = facts["embed_dim"], facts["hidden"], facts["ffn_glu"]
     return _Config(
         "vit",
         model,
@@ -312,10 +313,10 @@ def _from_name(model: str) -> _Config:
         dim,
         (facts["depth"],),
         (facts["num_heads"],),
-        hidden / dim,
+        (2 if glu else 1) * hidden / dim,  # timm's mlp_ratio: fc1's width over C
         0,
         hidden=hidden,
-        **{name: facts[name] for name in (*_LAYOUT, "layer_scale", "qkv_bias")},
+        **{name: facts[name] for name in (*_LAYOUT, "layer_scale", "qkv_bias", "ffn_glu")},
     )
 
 
@@ -532,6 +533,7 @@ def _vit_blocks(cfg: _Config, overrides: dict[str, object]) -> tuple[BlockGeom, 
             prefix_tokens=cfg.prefix_tokens,
             layer_scale=cfg.layer_scale,
             qkv_bias=cfg.qkv_bias,
+            ffn_glu=cfg.ffn_glu,
         )
         for i in range(depth)
     )
@@ -539,9 +541,22 @@ def _vit_blocks(cfg: _Config, overrides: dict[str, object]) -> tuple[BlockGeom, 
 
 def _vit_hidden(cfg: _Config, overrides: dict[str, object]) -> int:
     """The name's own FFN width unless ``embed_dim`` or ``mlp_ratio`` changes it (then ``int(C · ratio)``, which
-    :func:`_timm_kwargs` passes to timm as ``mlp_ratio`` so that timm computes the same width)."""
+    :func:`_timm_kwargs` passes to timm as ``mlp_ratio`` so that timm computes the same width).
+
+    timm's packed SwiGLU (``SwiGLUPacked``, DINOv2-g) takes ``int(C · ratio)`` as fc1's width and splits it into two
+    halves (``GluMlp`` asserts it is even): its FFN has half as many neurons."""
     if "embed_dim" in overrides or "mlp_ratio" in overrides or not cfg.hidden:
-        return _hidden(cfg.embed_dim, cfg.mlp_ratio, overrides)
+        width = _hidden(cfg.embed_dim, cfg.mlp_ratio, overrides)
+        if not cfg.ffn_glu:
+            return width
+        if width % 2:
+            raise BadOverride(
+                _blame(overrides, "mlp_ratio", "embed_dim"),
+                f"{cfg.model}'s SwiGLU FFN splits fc1's int({cfg.embed_dim} · {cfg.mlp_ratio:g}) = {width} outputs "
+                "into two equal halves: the width must be even",
+                hint="pick an embed_dim or mlp_ratio whose product rounds down to an even number",
+            )
+        return width // 2
     return cfg.hidden
 
 

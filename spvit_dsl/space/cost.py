@@ -37,6 +37,9 @@ window's ``W²``), once per forward (``exact``: at batch 1; ``paper``: none, as 
 exists for it); some blocks end with a LayerNorm ``norm3`` over every token, which belongs to the block whatever
 runs in it; patch merging is v1's; there is no final norm (the last block's ``norm3`` normalises the last map).
 
+timm's packed SwiGLU FFN (``SwiGLUPacked``: DINOv2-g, TIPSv2-g) has fc1 = Linear(C, 2w) — each of the ``w`` neurons
+owns a value row and a gate row — and fc2 = Linear(w, C); its gate ``SiLU(a) ⊙ b`` is free, like GELU.
+
 Accounting choices (the same in both conventions; the compact network is built to match them):
 
 * the attention branch of a block — ``norm1`` included (before the branch, or after it in SwinV2's post-norm blocks)
@@ -45,7 +48,8 @@ Accounting choices (the same in both conventions; the compact network is built t
   SwinV2-CR's ``norm3``;
 * a conv op's bottleneck is the block's kept per-head width; its layers are never sparsified;
 * ``density`` (unstructured sparsity, our extension for DIMAP-style pruning) counts the non-zero weights of qkv,
-  proj, fc1 and fc2 and their multiply-adds; a cost with a density below 1 is reported as sparse.
+  proj, fc1 and fc2 and their multiply-adds (a packed SwiGLU's fc1: of its 2w·C weights); a cost with a density
+  below 1 is reported as sparse.
 """
 
 from __future__ import annotations
@@ -274,13 +278,15 @@ def _layer_scale(b: BlockGeom, dim: Num) -> Tally:
 
 def _ffn(b: BlockGeom, dim: Num, c: BlockCounts, convention: str) -> Tally:
     """norm2, fc1 (C → w, bias), GELU, fc2 (w → C, bias), layer scale ``ls2``; the paper leaves the prefix tokens
-    out of the matmuls."""
+    out of the matmuls. A packed SwiGLU's fc1 is C → 2w (bias 2w: each neuron's value and gate rows); its gate
+    ``SiLU(a) ⊙ b`` is elementwise, free like GELU."""
     tokens = b.patches if convention == "paper" else b.tokens
-    fc1 = _nnz(dim * c.ffn, c.density.get("fc1", 1))
+    rows = b.fc1_per_neuron * c.ffn
+    fc1 = _nnz(dim * rows, c.density.get("fc1", 1))
     fc2 = _nnz(c.ffn * dim, c.density.get("fc2", 1))
     return (
         _norm(b, dim, convention)
-        + Tally(matmul=tokens * (fc1 + fc2), params=fc1 + c.ffn + fc2 + dim)
+        + Tally(matmul=tokens * (fc1 + fc2), params=fc1 + rows + fc2 + dim)
         + _layer_scale(b, dim)
     )
 

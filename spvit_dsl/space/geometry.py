@@ -28,7 +28,9 @@ class BlockGeom:
     dim: int  # C, the dense residual width
     heads: int
     head_dim: int
-    hidden: int  # dense FFN width (int(mlp_ratio * C), timm's rounding)
+    hidden: (
+        int  # dense FFN width, fc2's input (int(mlp_ratio * C), timm's rounding; a packed GLU: half of that)
+    )
     grid: tuple[int, int]  # (H, W) of the patch-token map this block sees
     prefix_tokens: int  # class, register and distillation tokens before the patches; 0 for Swin
     window: int = 0  # Swin window size after timm's clamping to the grid; 0 for ViT
@@ -36,6 +38,10 @@ class BlockGeom:
     # per-channel residual scales ls1 (attention branch) and ls2 (FFN): DeiT-III, DINOv2
     layer_scale: bool = False
     qkv_bias: bool = True
+    # timm's packed SwiGLU FFN (``GluMlp`` as ``SwiGLUPacked`` builds it; DINOv2-g, TIPSv2-g; Shazeer, "GLU Variants
+    # Improve Transformer", 2020): fc1 = Linear(C, 2·hidden) whose output halves a, b give ``SiLU(a) ⊙ b``, then
+    # fc2 = Linear(hidden, C). Neuron j owns fc1 rows j and hidden + j and fc2 column j.
+    ffn_glu: bool = False
     # SwinV2 (Liu et al., CVPR 2022; timm's ``SwinTransformerV2Block``): res-post-norm (``x + norm1(attn(x))``),
     # scaled cosine attention with a learned per-head logit scale, the log-spaced continuous position bias (an MLP
     # 2 → CPB_HIDDEN → heads over the window's relative coordinates) and separate q/v biases (k has none)
@@ -46,6 +52,11 @@ class BlockGeom:
     swin_v2_cr: bool = False
     # SwinV2-CR: a LayerNorm ``norm3`` on the main branch after the block (x = norm3(x))
     extra_norm: bool = False
+
+    @property
+    def fc1_per_neuron(self) -> int:
+        """fc1 rows one FFN neuron owns: 2 for a packed GLU (its value and gate rows), else 1."""
+        return 2 if self.ffn_glu else 1
 
     @property
     def tokens(self) -> int:
@@ -106,7 +117,8 @@ class Geometry:
     final_norm: bool = True  # the LayerNorm over every token after the blocks
     fc_norm: bool = False  # the LayerNorm over the pooled feature instead
     patch_bias: bool = True  # the patch embedding's bias (CLIP has none)
-    # the FFN activation's timm class name (GELU, QuickGELU, GELUTanh); free in both conventions
+    # the FFN activation's timm class name (GELU, QuickGELU, GELUTanh; SiLU for a packed SwiGLU); free in both
+    # conventions
     act: str = "GELU"
     # Swin: SwinV2 blocks (see BlockGeom.swin_v2) and SwinV2's patch merging (reduction 4C → C', then LayerNorm(C'))
     swin_v2: bool = False

@@ -12,7 +12,7 @@ path                        kind         units
 ``blocks.{i}.attention``    attention    levels of the block's nested attention ops (SPViT)
 ``blocks.{i}.heads``        heads        the block's attention heads
 ``blocks.{i}.head_dim``     head_dim     per-head channels (the same index in every kept head)
-``blocks.{i}.ffn``          ffn          hidden FFN neurons
+``blocks.{i}.ffn``          ffn          hidden FFN neurons (packed SwiGLU: two fc1 rows each)
 ``blocks.{i}.attn.qkv``     weights      single weights of qkv (likewise ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``)
 ==========================  ===========  ==============================================================
 
@@ -173,7 +173,7 @@ def _weights(b: BlockGeom, layer: str) -> int:
     return {
         "qkv": 3 * inner * b.dim,
         "proj": b.dim * inner,
-        "fc1": b.dim * b.hidden,
+        "fc1": b.dim * b.fc1_per_neuron * b.hidden,
         "fc2": b.hidden * b.dim,
     }[layer]
 
@@ -225,7 +225,8 @@ def slices(
     ``SwinTransformerV2`` names: ``q_bias``/``v_bias`` for the qkv bias, ``logit_scale`` and ``cpb_mlp.2.weight``
     per head, and patch merging's norm after its reduction; SwinV2-CR blocks timm's ``SwinTransformerV2Cr`` names
     (``stages.{s}``, a fused ``qkv.bias``, ``logit_scale`` and ``meta_mlp.fc2`` per head, ``norm3``, v1's merging, no
-    final ``norm``) (checked against timm in ``tests/test_groups.py``).
+    final ``norm``) (checked against timm in ``tests/test_groups.py``). A packed SwiGLU FFN's neuron owns two rows of
+    fc1, its value and gate rows ``(2, hidden, 1)``.
     """
     if group.kind == "embed":
         return _embed_slices(geometry, group.stage)
@@ -235,10 +236,10 @@ def slices(
     m = b.module
     h = b.heads if heads is None else heads
     d = b.head_dim if head_dim is None else head_dim
-    if group.kind == "ffn":
+    if group.kind == "ffn":  # neuron j: fc1 row j (a packed GLU: rows j and hidden + j), fc2 column j
         return (
-            Slice(f"{m}.mlp.fc1.weight", 0),
-            Slice(f"{m}.mlp.fc1.bias", 0),
+            Slice(f"{m}.mlp.fc1.weight", 0, b.fc1_per_neuron),
+            Slice(f"{m}.mlp.fc1.bias", 0, b.fc1_per_neuron),
             Slice(f"{m}.mlp.fc2.weight", 1),
         )
     if group.kind == "heads":  # head u: rows u·d .. u·d+d of q, k and v, columns of proj, its position bias

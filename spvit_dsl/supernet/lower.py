@@ -126,7 +126,6 @@ def _lower_block(
         board=board,
         groups=AttentionGroups(path("heads"), path("head_dim"), path("embed"), path("qkv"), path("proj")),
     )
-    _check_geometry(attn, block, plan)
     _check_maskable(attn, plan, path("heads") or path("head_dim"))
     mlp = GatedMlp(
         block.get_submodule("mlp"),
@@ -134,6 +133,7 @@ def _lower_block(
         board,
         FfnGroups(path("ffn"), path("embed"), path("fc1"), path("fc2")),
     )
+    _check_geometry(attn, mlp, plan)
     block.attn, block.mlp = attn, mlp
     if embed in active:
         block.norm1 = MaskedLayerNorm(submodule(block, "norm1", nn.LayerNorm), board, embed)
@@ -202,18 +202,15 @@ def _fix_reduced(net: Supernet) -> None:
     net.reset()
 
 
-def _check_geometry(attn: UnifiedAttention, block: nn.Module, plan: BlockPlan) -> None:
+def _check_geometry(attn: UnifiedAttention, mlp: GatedMlp, plan: BlockPlan) -> None:
+    """The timm block has the space's shapes: (dim, heads, head_dim, FFN neurons, fc1 rows, packed GLU or not)."""
     b = plan.geom
-    found = (
-        attn.qkv.in_features,
-        attn.num_heads,
-        attn.head_dim,
-        submodule(block, "mlp.fc1", nn.Linear).out_features,
-    )
-    if found != (b.dim, b.heads, b.head_dim, b.hidden):
+    found = (attn.qkv.in_features, attn.num_heads, attn.head_dim, mlp.hidden, mlp.fc1.out_features, mlp.glu)
+    want = (b.dim, b.heads, b.head_dim, b.hidden, b.fc1_per_neuron * b.hidden, b.ffn_glu)
+    if found != want:
         raise ValueError(
-            f"blocks.{b.index}: timm block has (dim, heads, head_dim, hidden) = {found}, "
-            f"the space says {(b.dim, b.heads, b.head_dim, b.hidden)}"
+            f"blocks.{b.index}: timm block has (dim, heads, head_dim, hidden, fc1 rows, glu) = {found}, "
+            f"the space says {want}"
         )
 
 

@@ -498,7 +498,10 @@ class Supernet(nn.Module):
         return {
             "qkv": (inner.repeat(3), e),
             "proj": (e, inner),
-            "fc1": (ffn, e),
+            "fc1": (
+                ffn.repeat(self.geometry.blocks[i].fc1_per_neuron),
+                e,
+            ),  # a packed GLU: value and gate rows
             "fc2": (e, ffn),
         }[group.layer or ""]
 
@@ -523,7 +526,7 @@ class Supernet(nn.Module):
         return {
             "qkv": (torch.cat([inner + t * D for t in range(3)]), embed),
             "proj": (embed, inner),
-            "fc1": (ffn, embed),
+            "fc1": (torch.cat([ffn + t * b.hidden for t in range(b.fc1_per_neuron)]), embed),
             "fc2": (embed, ffn),
         }[group.layer]
 
@@ -624,7 +627,8 @@ def _dense_shape(geometry, group: UnitGroup) -> tuple[int, int]:  # noqa: ANN001
     assert group.block is not None
     b = geometry.blocks[group.block]
     D = b.heads * b.head_dim
-    return {"qkv": (3 * D, b.dim), "proj": (b.dim, D), "fc1": (b.hidden, b.dim), "fc2": (b.dim, b.hidden)}[
+    fc1 = b.fc1_per_neuron * b.hidden  # a packed GLU's value and gate rows
+    return {"qkv": (3 * D, b.dim), "proj": (b.dim, D), "fc1": (fc1, b.dim), "fc2": (b.dim, b.hidden)}[
         group.layer or ""
     ]
 
