@@ -128,3 +128,20 @@ def images(program_or_geometry, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(
         batch, g.in_chans, g.img_size, g.img_size, generator=torch.Generator().manual_seed(seed)
     )
+
+
+def search_and_build(program: Program, out: Path) -> torch.nn.Module:
+    """Search ``program`` into ``out``, check the frozen point sits at or under its one budget and within 5% of it,
+    build it from the search checkpoint and check its parameters are the cost model's and it classifies 10 classes."""
+    from spvit_dsl.compact.build import build  # noqa: PLC0415
+    from spvit_dsl.search import run_search  # noqa: PLC0415
+    from spvit_dsl.space.cost import arch_cost  # noqa: PLC0415
+
+    result = run_search(program, out=str(out), quiet=True)
+    (b,) = result.budgets
+    assert b["achieved"] <= b["limit"] * (1 + 1e-9) and b["achieved"] >= 0.95 * b["limit"]
+    model = build(result.frozen_path, weights=result.checkpoint_path).eval()
+    g = program.space.geometry
+    assert sum(p.numel() for p in model.parameters()) == arch_cost(g, model.spvit_arch, "exact").params
+    assert model(images(g)).shape == (2, 10)
+    return model

@@ -523,39 +523,21 @@ def points(draw, space):
     return g, FrozenArch(blocks, tuple(embed * 2**s for s in range(g.stages)))
 
 
-@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(point=points(VIT_SPACE))
-def test_any_vit_point_matches_flop_counter(point):
-    check_point(*point)
+RANDOM_SPACES = {
+    "vit": VIT_SPACE,
+    "swiglu": SWIGLU_SPACE,
+    "swin": SWIN_SPACE,
+    "swinv2": SWINV2_SPACE,
+    "swinv2_cr": SWINV2_CR_SPACE,
+}
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("family", sorted(RANDOM_SPACES))
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(point=points(SWIGLU_SPACE))
-def test_any_swiglu_point_matches_flop_counter(point):
-    check_point(*point)
-
-
-@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(point=points(SWIN_SPACE))
-def test_any_swin_point_matches_flop_counter(point):
-    check_point(*point)
-
-
-@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(point=points(SWINV2_SPACE))
-def test_any_swinv2_point_matches_flop_counter(point):
-    check_point(*point)
-
-
-@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(point=points(SWINV2_CR_SPACE))
-def test_any_swinv2_cr_point_matches_flop_counter(point):
-    check_point(*point)
+@given(data=st.data())
+def test_any_point_matches_flop_counter(family, data):
+    check_point(*data.draw(points(RANDOM_SPACES[family])))
 
 
 def test_conv_module_by_hand():

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from _frozen import SWINV2_BACKBONE, SWINV2_CR_BACKBONE, images
+from _frozen import SWINV2_BACKBONE, SWINV2_CR_BACKBONE, images, search_and_build
 from _spaces import dense_twin, every_dimension
 
 from spvit_dsl.compact.build import build
 from spvit_dsl.compile.program import compile_text
 from spvit_dsl.search import run_search
-from spvit_dsl.space.cost import arch_cost
 from spvit_dsl.supernet.lower import lower
 
 BACKBONES = {"swinv2": SWINV2_BACKBONE, "swinv2_cr": SWINV2_CR_BACKBONE}
@@ -123,13 +122,7 @@ def test_spvit_searches_freezes_and_builds(kind: str, tmp_path: Path) -> None:
         "search spvit { data = digits; epochs = 1; batch_size = 64 }\n"
     )
     program = compile_text(f"{BACKBONES[kind].replace('{ ', '{ channels = 1; ')}\n{tail}", "/nowhere/v2.vit")
-    result = run_search(program, out=str(tmp_path), quiet=True)
-    (b,) = result.budgets
-    assert b["achieved"] <= b["limit"] * (1 + 1e-9) and b["achieved"] >= 0.95 * b["limit"]
-    model = build(result.frozen_path, weights=result.checkpoint_path).eval()
-    g = program.space.geometry
-    assert sum(p.numel() for p in model.parameters()) == arch_cost(g, model.spvit_arch, "exact").params
-    assert model(images(g)).shape == (2, 10)
+    search_and_build(program, tmp_path)
 
 
 @KINDS

@@ -211,6 +211,31 @@ class CompactWindowAttention(WindowAttention):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, window={self.window_size}, scale={self.scale:.6g}"
 
 
+def _cosine_attention(
+    attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, logit_scale: Tensor, bias: Tensor, mask: Tensor | None
+) -> Tensor:
+    """SwinV2's scaled cosine attention over windows (timm's two SwinV2 window attentions compute the same):
+    ``softmax(cos(q, k) · exp(min(logit_scale, ln 100)) + bias + mask) · v``.
+
+    ``q, k, v``: (rows, heads, N, d), rows = B·nW image-major; ``logit_scale``: ``heads`` values (any shape);
+    ``bias``: (heads, N, N); ``mask``: the shifted-window mask (nW, N, N) or None. ``attn`` supplies
+    ``fused_attn``, ``attn_drop`` and ``training``. Returns (rows, heads, N, d)."""
+    rows, h, N, _ = q.shape
+    q = F.normalize(q, dim=-1) * torch.clamp(logit_scale.view(h, 1, 1), max=math.log(100.0)).exp()
+    k = F.normalize(k, dim=-1)
+    attn_bias = bias.unsqueeze(0)
+    if mask is not None:
+        nw = mask.shape[0]
+        attn_bias = attn_bias + mask.view(1, nw, 1, N, N).expand(rows // nw, -1, h, -1, -1).reshape(
+            -1, h, N, N
+        )
+    drop = attn.get_submodule("attn_drop")
+    if attn.fused_attn:
+        p = float(getattr(drop, "p", 0.0)) if attn.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=p, scale=1.0)
+    return drop((q @ k.transpose(-2, -1) + attn_bias).softmax(dim=-1)) @ v
+
+
 class CompactWindowAttentionV2(nn.Module):
     """SwinV2's window attention (Liu et al., CVPR 2022; timm's ``swin_transformer_v2.WindowAttention``) with
     ``num_heads`` heads of ``head_dim`` channels over a ``dim``-wide stream.
@@ -274,19 +299,7 @@ class CompactWindowAttentionV2(nn.Module):
         q, k, v = (
             F.linear(x, self.qkv.weight, bias).reshape(rows, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
         )
-        q = F.normalize(q, dim=-1) * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
-        k = F.normalize(k, dim=-1)
-        attn_bias = self._bias().unsqueeze(0)
-        if mask is not None:
-            nw = mask.shape[0]
-            attn_bias = attn_bias + mask.view(1, nw, 1, N, N).expand(rows // nw, -1, h, -1, -1).reshape(
-                -1, h, N, N
-            )
-        if self.fused_attn:
-            dropout = self.attn_drop.p if self.training else 0.0
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout, scale=1.0)
-        else:
-            x = self.attn_drop((q @ k.transpose(-2, -1) + attn_bias).softmax(dim=-1)) @ v
+        x = _cosine_attention(self, q, k, v, self.logit_scale, self._bias(), mask)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(rows, N, -1)))
 
     def extra_repr(self) -> str:
@@ -349,19 +362,7 @@ class CompactWindowAttentionV2Cr(nn.Module):
         rows, N, _ = x.shape
         h = self.num_heads
         q, k, v = self.qkv(x).reshape(rows, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        scale = torch.clamp(self.logit_scale.view(h, 1, 1), max=math.log(100.0)).exp()
-        q, k = F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)
-        attn_bias = self._bias().unsqueeze(0)
-        if mask is not None:
-            nw = mask.shape[0]
-            attn_bias = attn_bias + mask.view(1, nw, 1, N, N).expand(rows // nw, -1, h, -1, -1).reshape(
-                -1, h, N, N
-            )
-        if self.fused_attn:
-            dropout = self.attn_drop.p if self.training else 0.0
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout, scale=1.0)
-        else:
-            x = self.attn_drop((q @ k.transpose(-2, -1) + attn_bias).softmax(dim=-1)) @ v
+        x = _cosine_attention(self, q, k, v, self.logit_scale, self._bias(), mask)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(rows, N, -1)))
 
     def extra_repr(self) -> str:
