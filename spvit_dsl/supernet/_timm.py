@@ -57,6 +57,13 @@ class GatedSwinBlock(SwinTransformerBlock):
         return attn.forward_map(x)
 
 
+def _post_norm_branch(attn: UnifiedAttention, branch: Tensor) -> Tensor:
+    """A res-post-norm block's attention branch after its ``norm1``, times the selected level's straight-through
+    weight when a search sets one (inside the branch, the LayerNorm would cancel it)."""
+    weight = attn.level_weight
+    return branch if weight is None else branch * weight.to(branch.dtype)
+
+
 class GatedSwinV2Block(SwinTransformerV2Block):
     """A timm SwinV2 block (res-post-norm: ``x + norm1(attn(x))``) over the unified op: conv/skip levels see the
     full unshifted map; a ``skip`` level runs no branch at all (``norm1`` of a zero branch would add its bias); the
@@ -74,11 +81,7 @@ class GatedSwinV2Block(SwinTransformerV2Block):
         attn = self.attn
         assert isinstance(attn, UnifiedAttention)
         if attn.op != "skip":
-            branch = self.norm1(self._attn(x))
-            weight = attn.level_weight
-            if weight is not None:
-                branch = branch * weight.to(branch.dtype)
-            x = x + self.drop_path1(branch)
+            x = x + self.drop_path1(_post_norm_branch(attn, self.norm1(self._attn(x))))
         x = x.reshape(B, -1, C)
         x = x + self.drop_path2(self.norm2(self.mlp(x)))
         return x.reshape(B, H, W, C)
@@ -100,11 +103,7 @@ class GatedSwinV2CrBlock(SwinTransformerV2CrBlock):
         attn = self.attn
         assert isinstance(attn, UnifiedAttention)
         if attn.op != "skip":
-            branch = self.norm1(self._shifted_window_attn(x))
-            weight = attn.level_weight
-            if weight is not None:
-                branch = branch * weight.to(branch.dtype)
-            x = x + self.drop_path1(branch)
+            x = x + self.drop_path1(_post_norm_branch(attn, self.norm1(self._shifted_window_attn(x))))
         B, H, W, C = x.shape
         x = x.reshape(B, -1, C)
         x = x + self.drop_path2(self.norm2(self.mlp(x)))
