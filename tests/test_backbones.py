@@ -444,16 +444,49 @@ def test_unknown_name_suggests_supported_names_only():
 
 
 @pytest.mark.parametrize(
-    "name", ["eva02_base_patch14_224", "beit_base_patch16_224", "resnet50", "convnext_tiny"]
+    ("name", "feature"),
+    [
+        ("eva02_base_patch14_224", "rotary position embedding"),
+        ("beit_base_patch16_224", "relative-position bias"),
+        ("xcit_small_12_p16_224", "cross-covariance attention"),
+        ("levit_128", "attention bias"),
+        ("aimv2_large_patch14_224", "RMSNorm"),
+        ("beit3_base_patch16_224", "sub-LayerNorms"),
+        ("flexivit_base", "plain VisionTransformer"),
+        ("resnet50", "convolutional network (timm's resnet family)"),
+        ("convnext_tiny", "convolutional network (timm's convnext family)"),
+    ],
 )
-def test_a_timm_name_outside_the_families_is_never_called_unknown(name: str):
+def test_a_timm_name_outside_the_families_names_the_missing_feature(name: str, feature: str):
     import timm
 
     assert timm.is_model(name)
     with pytest.raises(UnknownBackbone) as e:
         resolve(name, {})
-    assert str(e.value).startswith(f"timm model '{name}' (timm's ") and "is not supported" in str(e.value)
-    assert not e.value.hint.startswith("did you mean")
+    assert str(e.value).startswith(f"timm model '{name}' ") and feature in str(e.value)
+    assert "family) is not supported" not in str(e.value)  # the old message named only the family
+    assert e.value.timm and not e.value.hint.startswith("did you mean")
+    if (
+        "plain VisionTransformer" in feature
+    ):  # the message says to start from the closest vit_* name: it is offered
+        assert e.value.hint.startswith("the closest supported backbones: 'vit_base_patch")
+
+
+def test_every_timm_module_without_a_feature_phrase_is_convolutional():
+    """A module missing from ``_others._MODULES`` is refused as a convolutional network: its source may define no
+    attention, transformer or token-mixer class (byobnet's SelfAttnBlock serves the byoanet family, mapped)."""
+    import importlib
+    import inspect
+    import re
+
+    from spvit_dsl.space import _others, backbones
+
+    modules = set(backbones._others().values())
+    assert set(_others._MODULES) <= modules  # no stale entries
+    for module in sorted(modules - set(_others._MODULES) - {"vision_transformer"}):
+        source = inspect.getsource(importlib.import_module(f"timm.models.{module}"))
+        found = set(re.findall(r"^class (\w*(?:Attn|Attention|Transformer|Former|Mixer)\w*)", source, re.M))
+        assert found <= {"SelfAttnBlock", "ConvMixer"}, (module, found)
 
 
 def test_unsupported_timm_name():

@@ -136,3 +136,43 @@ def test_a_network_exports_to_onnx(kind: str, tmp_path: Path) -> None:
     model = build(result.frozen_path, weights=result.checkpoint_path).eval()
     export_onnx(model, str(tmp_path / "m.onnx"))
     assert onnx_max_error(model, str(tmp_path / "m.onnx")) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("model", "warns"),
+    [
+        ("vit_small_patch16_224", False),
+        ("swin_tiny_patch4_window7_224", False),
+        ("swinv2_tiny_window8_256", False),
+        ("swinv2_cr_tiny_ns_224", True),
+    ],
+)
+def test_a_patch_override_warns_only_where_timm_cannot_resample_the_pretrained_patch_embedding(
+    model: str, warns: bool
+):
+    program = compile_text(
+        f"backbone {model} {{ weights = pretrained; patch = 8 }}\nblocks all {{ ffn: groups of 96 }}\nbudget {{ flops <= 90% }}\nsearch random {{ }}",
+        "/nowhere/patch.vit",
+    )
+    found = [w for w in program.warnings if w.message.startswith("patch changes the patch embedding")]
+    assert bool(found) == warns
+    if warns:
+        assert (
+            found[0].span.line == 1 and "SwinV2-CR checkpoint filter does not resample it" in found[0].message
+        )
+
+
+def test_timm_resamples_the_patch_embedding_of_swinv2_checkpoints_but_not_of_swinv2_cr_ones():
+    """The fact the warning above rests on, read from timm (meta-device models, one real weight tensor)."""
+    import timm
+    from timm.models import swin_transformer_v2, swin_transformer_v2_cr
+
+    checkpoint = {"patch_embed.proj.weight": torch.randn(96, 3, 4, 4)}
+    for module, name in (
+        (swin_transformer_v2, "swinv2_tiny_window8_256"),
+        (swin_transformer_v2_cr, "swinv2_cr_tiny_ns_224"),
+    ):
+        with torch.device("meta"):
+            model = timm.create_model(name, patch_size=8)
+        out = module.checkpoint_filter_fn(dict(checkpoint), model)["patch_embed.proj.weight"]
+        assert out.shape[-2:] == ((8, 8) if module is swin_transformer_v2 else (4, 4))

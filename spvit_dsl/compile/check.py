@@ -239,7 +239,9 @@ def _pretrained(
     head of another class count (warnings). Swin's ``window`` and ``image`` load (timm resizes v1's relative-position
     table; the position-bias MLPs of SwinV2 and SwinV2-CR do not depend on the window); its ``heads`` do not (v1's
     table and the v2 logit scales and position-bias MLPs hold one entry per head). On SwinV2-CR ``depth`` also moves
-    the ``norm3`` LayerNorms (timm places them by block index), one more reason its weights cannot load."""
+    the ``norm3`` LayerNorms (timm places them by block index), one more reason its weights cannot load, and ``patch``
+    cannot load either (timm's CR checkpoint filter, unlike the ViT, Swin v1 and SwinV2 ones, does not resample the
+    patch embedding)."""
     shipped = backbones.tags(geo.model)
     if geo.tag not in shipped or geo.tag == "untrained":
         raise SpecError(
@@ -282,6 +284,17 @@ def _pretrained(
                 "created (randomly initialised, trained by the search and fine-tuning)",
                 span,
                 hint=None if "classes" in settings else "set classes = N for your data",
+            )
+        )
+    patch = settings.get("patch")
+    if patch is not None and geo.swin_v2_cr:
+        out.append(
+            SpecWarning(
+                f"patch changes the patch embedding the pretrained weights {geo.model}.{geo.tag} were trained with, "
+                "and timm's SwinV2-CR checkpoint filter does not resample it (ViT, Swin v1 and SwinV2 ones do): "
+                "loading them will fail",
+                patch.value.span,
+                hint="use weights = none, or a checkpoint of this patch size",
             )
         )
     return out

@@ -28,6 +28,7 @@ from importlib import resources
 from typing import Any
 
 from ..lang.errors import did_you_mean
+from ._others import PLAIN_VIT, other_refusal
 from .geometry import BlockGeom, Family, Geometry
 
 __all__ = [
@@ -228,8 +229,16 @@ def tags(name: str) -> dict[str, int]:
 
 
 def _suggest(name: str) -> list[str]:
-    """Close supported names (at most 5): a hint never offers a name that is itself refused."""
-    return difflib.get_close_matches(name, supported_names(), n=5, cutoff=0.6)
+    """Close supported names (at most 5): a hint never offers a name that is itself refused. When no name is close
+    as a string (``flexivit_base``), the supported names sharing most of its ``_``-separated words (``base``,
+    ``patch14``, ``224``), the most similar first."""
+    close = difflib.get_close_matches(name, supported_names(), n=5, cutoff=0.6)
+    if close:
+        return close
+    words = set(name.split("_"))
+    shared = {n: len(words & set(n.split("_"))) for n in supported_names()}
+    similar = {n: difflib.SequenceMatcher(None, name, n).ratio() for n, k in shared.items() if k}
+    return sorted(similar, key=lambda n: (-shared[n], -similar[n], n))[:5]
 
 
 # --- the resolved configuration ------------------------------------------------------------------------------
@@ -354,11 +363,21 @@ def _unknown(model: str) -> UnknownBackbone:
     if why is not None:
         msg = f"timm model '{model}' is not supported: spvit-dsl does not lower {why} yet"
     elif module is not None:
-        msg = (
-            f"timm model '{model}' (timm's {module} family) is not supported: spvit-dsl lowers timm's ViT, DeiT, "
-            "DeiT-III, CLIP, SigLIP, DINOv2, Swin v1, SwinV2 and SwinV2-CR backbones (docs/language.md, 'Supported "
-            "backbones')"
-        )
+        feature = other_refusal(model, module)
+        if feature == PLAIN_VIT:
+            msg = (
+                f"timm model '{model}' is not supported: spvit-dsl reads the configurations of timm's vit_*, deit* "
+                "and swin* names only (timm builds this one as a plain VisionTransformer: start from the closest "
+                "vit_* name and override its shape)"
+            )
+        elif feature is not None:
+            msg = f"timm model '{model}' is not supported: spvit-dsl does not lower {feature} yet"
+        else:
+            msg = (
+                f"timm model '{model}' is a convolutional network (timm's {module} family): spvit-dsl prunes timm's "
+                "ViT, DeiT, DeiT-III, CLIP, SigLIP, DINOv2, Swin v1, SwinV2 and SwinV2-CR backbones (docs/language.md, "
+                "'Supported backbones')"
+            )
     elif _stem(model) in {_stem(n) for n in supported_names()}:
         msg = f"'{_short(model)}' is not a timm model (timm has no such variant; pick a listed name and override 'image')"
     else:
