@@ -6,6 +6,13 @@ import pytest
 
 os.environ.setdefault("TIMM_FUSED_ATTN", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One math thread per xdist worker, for torch here and every CLI subprocess a test starts: two workers with
+    # torch's default (a thread per core) oversubscribe a 2-core machine, and small-tensor training then runs many
+    # times slower. Tests that measure at a thread count (latency tables, benches) set theirs explicitly.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

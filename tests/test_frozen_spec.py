@@ -76,3 +76,36 @@ def test_a_sparse_density_round_trips_to_the_exact_kept_count():
     back = arch_of(compile_text(text, "frozen.vit").checked)
     assert round(back.blocks[0].density.qkv * weights) == kept
     assert arch_cost(g, back, "exact") == arch_cost(g, arch, "exact")
+
+
+def test_another_convention_shows_a_frozen_specs_costs_but_checks_its_budget_in_its_own(tmp_path):
+    """A frozen spec searched under `convention = paper` sits at its paper budget; `--convention exact` (which
+    prices more: norms, biases, softmax) must not turn that into "budget not met", and an edit over the paper budget
+    must still fail."""
+    import re
+
+    import pytest
+    from _frozen import VIT_BACKBONE, pattern_arch, search_program
+
+    from spvit_dsl.lang.errors import SpecError
+
+    program = search_program(
+        VIT_BACKBONE + "\nbudget { flops <= 90%; convention = paper }", tmp_path / "s.vit"
+    )
+    text = emit(
+        freeze(program.checked, pattern_arch(program), {"source": "s.vit", "strategy": "test", "seed": 0})
+    )
+    paper = compile_text(text, "f.vit").bounds("paper").of("flops").min
+    exact = compile_text(text, "f.vit", convention="exact").bounds("exact").of("flops").min
+    assert exact > paper  # the case: met in paper, over the same limit in exact
+
+    def at(limit: float) -> str:
+        return re.sub(r"flops <= [^;}]+", f"flops <= {limit / 1e6:.6f}M", text)
+
+    met = compile_text(at(paper), "f.vit", convention="exact")  # exactly at its paper budget
+    (budget,) = met.budgets
+    assert budget.checked_in == "paper" and budget.absolute == pytest.approx(
+        exact
+    )  # at the network's own ratio
+    with pytest.raises(SpecError, match="is not met"):
+        compile_text(at(paper * 0.99), "f.vit", convention="exact")

@@ -520,3 +520,55 @@ def test_bench_predict_reads_a_built_model_and_defaults_to_the_specs_setting(tmp
     report = json.loads(done.stdout)
     assert report["batch_size"] == 4 and report["machine"]["torch_threads"] == 1  # the spec's latency setting
     assert report["predicted"]["ms"] > 0 and report["predicted"]["setting"]["batch"] == 4
+
+
+def test_latency_of_a_narrower_frozen_spec_says_the_dense_network_was_not_measured(tmp_path: Path) -> None:
+    """A frozen spec's table times its own embedding widths only: the dense network is not measured, and the
+    command says so instead of printing 0 ms."""
+    from _frozen import VIT_BACKBONE, search_program, write_frozen
+
+    program = search_program(VIT_BACKBONE + "\nembed: 16..32 step 8", tmp_path / "space.vit")
+    g = program.space.geometry
+    arch = FrozenArch(tuple(BlockArch("msa", b.hidden, b.heads, b.head_dim) for b in g.blocks), (16,))
+    frozen = write_frozen(program, arch, tmp_path / "narrow.frozen.vit")
+    args = ("latency", str(frozen), "--threads", "1", "--batch-size", "2")
+    done = _cli(*args, "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["dense_measured_ms"] is None and info["largest_predicted_ms"] > 0
+    text = _cli(*args, cwd=tmp_path)
+    assert "dense network: not measured" in text.stdout and "0 ms" not in text.stdout
+
+
+def test_bench_predict_falls_back_to_the_frozen_networks_table_when_its_space_cannot_be_tabled(
+    tmp_path: Path,
+) -> None:
+    """A Swin space with more than 16 stage-width combinations has no latency table: ``bench --predict`` predicts
+    from the frozen network's own table and says so in one line (and in the JSON)."""
+    from _frozen import SWIN_BACKBONE, search_program, write_frozen
+
+    stages = "stage 0 { embed: 8..16 step 2 }\nstage 1 { embed: 16..32 step 4 }"  # 5 × 5 = 25 combinations
+    program = search_program(f"{SWIN_BACKBONE}\n{stages}", tmp_path / "space.vit")
+    g = program.space.geometry
+    arch = FrozenArch(tuple(BlockArch("msa", b.hidden, b.heads, b.head_dim) for b in g.blocks), g.dims)
+    frozen = write_frozen(program, arch, tmp_path / "swin.frozen.vit")
+    made = _cli(
+        "build", str(frozen), "--weights", "none", "--out", str(tmp_path / "m.safetensors"), cwd=tmp_path
+    )
+    assert made.returncode == 0, made.stderr
+    args = [
+        "bench",
+        str(tmp_path / "m.safetensors"),
+        "--predict",
+        "--json",
+        "--threads",
+        "1",
+        "--batch-size",
+        "2",
+    ]
+    done = _cli(*args, "--repeats", "2", "--warmup", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    predicted = json.loads(done.stdout)["predicted"]
+    assert predicted["table_of"] == "the frozen network" and predicted["ms"] > 0
+    assert "at most 16" in predicted["note"]
+    assert done.stderr.count("--predict: ") == 1

@@ -186,6 +186,7 @@ def test_version_and_list(capsys):
         (["--set", "gate_lr"], "expected KEY=VALUE"),
         (["--set", "gate_lrr=0.1"], "did you mean 'gate_lr'"),
         (["--precision", "fp16"], "'precision' takes one of auto, fp32, bf16"),
+        (["--threads", "0"], "--threads: expected a whole number in 1..1024, found 0"),
     ],
 )
 def test_setting_flags_are_checked_like_the_spec(capsys, tmp_path, flags, words):
@@ -197,13 +198,19 @@ def test_setting_flags_are_checked_like_the_spec(capsys, tmp_path, flags, words)
 
 
 def test_setting_flags_override_the_spec(tmp_path, capsys):
+    import torch
+
     spec = write_spec(tmp_path)
     out = tmp_path / "o"
+    before = torch.get_num_threads()
+    want = 2 if before == 1 else 1
     try:
         main(
             [
                 "search",
                 spec,
+                "--threads",
+                str(want),
                 "--steps",
                 "1",
                 "--lr",
@@ -219,6 +226,9 @@ def test_setting_flags_override_the_spec(tmp_path, capsys):
         )
     except SystemExit as exc:
         assert exc.code in (0, None), capsys.readouterr().err
+    finally:
+        threads, _ = torch.get_num_threads(), torch.set_num_threads(before)
+    assert threads == want  # --threads set torch's CPU threads for the search
     settings = read_state(str(out / "search.ckpt"))["settings"]
     assert settings["lr"] == 3e-4 and settings["gate_lr"] == 0.07 and settings["precision"] == "bf16"
 

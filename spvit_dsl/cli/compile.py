@@ -109,7 +109,12 @@ def print_summary(program) -> None:
             )
             continue
         ratio = bud.absolute / b.of(bud.metric).dense
-        out.print(f"budget {bud.describe()}: [green]feasible[/] ({ratio:.0%} of dense)")
+        where = (
+            f"; checked in the spec's {bud.checked_in} convention, where it was searched"
+            if bud.checked_in
+            else ""
+        )
+        out.print(f"budget {bud.describe()}: [green]feasible[/] ({ratio:.0%} of dense{where})")
     if not program.budgets:
         out.print("no budget declared")
     out.print(_blocks_table(program))

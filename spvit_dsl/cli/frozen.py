@@ -413,13 +413,23 @@ def _predicted(
             except SpvitError:
                 continue
     setting = LatencySetting(device, threads or None, batch, "fp32")
+    note = ""
     try:
         table = latency_table(space_program, setting, quiet=quiet)
         ms = table.arch_ms(model.spvit_geometry, model.spvit_arch)
-    except KeyError:  # e.g. --round auto moved widths outside what the source's space offers
+    except (KeyError, UsageError) as exc:
+        # KeyError: e.g. --round auto moved widths outside what the source's space offers; UsageError: the space
+        # cannot be tabled (a Swin space with more than 16 stage-width combinations)
+        if space_program is program:
+            raise
+        if isinstance(exc, UsageError):
+            note = f"{exc.args[0]} (the space of {which}); predicted from the frozen network's own table"
+            err.print(f"--predict: {note}", markup=False)
         table = latency_table(program, setting, quiet=quiet)
         ms, which = table.arch_ms(model.spvit_geometry, model.spvit_arch), "the frozen network"
-    return {"ms": round(ms, 4), "table_of": which, "setting": setting.as_dict()}
+    return {"ms": round(ms, 4), "table_of": which, "setting": setting.as_dict()} | (
+        {"note": note} if note else {}
+    )
 
 
 def _bench(model, device, batch_size: int, repeats: int, warmup: int, vs_dense: bool) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def latency_cmd(
     info = {
         "spec": program.path,
         "setting": setting.as_dict(),
-        "dense_measured_ms": round(table.dense_ms, 4),
+        "dense_measured_ms": round(table.dense_ms, 4) if table.dense_ms > 0 else None,
         "largest_predicted_ms": round(largest, 4),
         "fastest_predicted_ms": round(fastest, 4),
         "budget_ms": min((b.absolute for b in limits), default=None),
@@ -85,9 +85,17 @@ def latency_cmd(
     out.print(
         f"{g.model} on {setting.describe()}" + (f" (table measured {when})" if when else ""), markup=False
     )
-    out.print(
-        f"  dense network: measured {fmt_ms(table.dense_ms)} (the table is calibrated on it)", markup=False
-    )
+    if table.dense_ms > 0:
+        out.print(
+            f"  dense network: measured {fmt_ms(table.dense_ms)} (the table is calibrated on it)",
+            markup=False,
+        )
+    else:  # a frozen spec with a narrower embedding: the table times its own widths only
+        out.print(
+            "  dense network: not measured (this table times the spec's embedding widths only; run latency on the "
+            "searched space's spec for the dense network)",
+            markup=False,
+        )
     if program.frozen:
         out.print(f"  this network: predicted {fmt_ms(largest)}", markup=False)
     else:

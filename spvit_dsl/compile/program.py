@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..lang import ast
@@ -30,6 +30,9 @@ class Budget:
     absolute: float  # MACs, parameters or milliseconds
     feasible: bool
     span: Any = None  # Span in the spec, None when given on the command line
+    checked_in: str = (
+        ""  # a frozen spec read in another convention: the one its budget was checked in (its own)
+    )
 
     @property
     def metric(self) -> str:
@@ -126,7 +129,7 @@ def _budget_json(b: Budget) -> dict[str, Any]:
         "unit": unit,
         "absolute": round(absolute, 6),
         "feasible": b.feasible,
-    }
+    } | ({"checked_in": b.checked_in} if b.checked_in else {})
 
 
 def compile_text(
@@ -143,7 +146,11 @@ def compile_text(
         graph = build_graph(checked.space)
         conv: Convention = convention or checked.convention or DEFAULT_CONVENTION  # type: ignore[assignment]
         items = _merge_budgets(checked.budgets, budgets or [])
-        resolved, warnings = _resolve_budgets(items, graph.bounds(conv), conv)
+        own: Convention = checked.convention or DEFAULT_CONVENTION  # type: ignore[assignment]
+        if checked.frozen is not None and conv != own:
+            resolved, warnings = _frozen_budgets(items, graph, own, conv)
+        else:
+            resolved, warnings = _resolve_budgets(items, graph.bounds(conv), conv)
     except SpecError as exc:
         raise exc.with_source(text) if exc.span is None or exc.span.path == path else exc from None
     warnings += _unsupported(checked, graph) + _blind(checked)
@@ -200,6 +207,22 @@ def compile_file(path: str, **kw: Any) -> Program:
 def _merge_budgets(items: tuple[BudgetItem, ...], flags: list[Limit]) -> list[tuple[Limit, Any]]:
     out = [(b.limit, b.span) for b in items if b.limit.metric not in {f.metric for f in flags}]
     return out + [(f, None) for f in flags]
+
+
+def _frozen_budgets(
+    items: list[tuple[Limit, Any]], graph: SearchGraph, own: Convention, conv: Convention
+) -> tuple[list[Budget], list[SpecWarning]]:
+    """A frozen spec read in another convention than its own (``compile FROZEN --convention exact``): its FLOPs
+    budgets were met in ``own``, the convention the search priced, so they are checked there; each is carried into
+    ``conv`` at this one network's own ratio of the two (it meets the carried limit exactly when it meets its own),
+    so the flag changes what is shown, never the verdict."""
+    resolved, warnings = _resolve_budgets(items, graph.bounds(own), own)
+    ratio = graph.bounds(conv).of("flops").min / graph.bounds(own).of("flops").min
+    carried = [
+        replace(b, absolute=b.absolute * ratio, checked_in=own) if b.limit.metric == "flops" else b
+        for b in resolved
+    ]
+    return carried, warnings
 
 
 def _resolve_budgets(

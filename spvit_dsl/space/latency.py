@@ -169,7 +169,8 @@ class LatencyTable:
     """A device's measurements for one backbone (see the module docstring); JSON via :meth:`to_json`.
 
     ``stem[embed]`` and ``scale[embed]`` are keyed by the residual widths of the stages (``"384"``;
-    ``"96,192,384,768"``); ``dense_ms`` is the dense network as measured whole, for the record.
+    ``"96,192,384,768"``); ``dense_ms`` is the dense network as measured whole, for the record (0.0: not measured, a
+    frozen spec whose embedding widths are narrower than the dense ones times those widths only).
     """
 
     model: str
