@@ -34,6 +34,8 @@ from timm.models.swin_transformer_v2_cr import SwinTransformerV2CrBlock
 from timm.models.vision_transformer import Block as VitBlock
 from torch import Tensor, nn
 
+from ..supernet.attention import window_bias
+
 __all__ = [
     "PREFIX_PASSTHROUGH",
     "CompactAttention",
@@ -196,10 +198,7 @@ class CompactWindowAttention(WindowAttention):
         rows, N, _ = x.shape
         h = self.num_heads
         q, k, v = self.qkv(x).reshape(rows, N, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self._get_rel_pos_bias()
-        if mask is not None:
-            nw = mask.shape[0]
-            bias = bias + mask.view(1, nw, 1, N, N).expand(rows // nw, -1, h, -1, -1).reshape(-1, h, N, N)
+        bias = window_bias(self._get_rel_pos_bias(), mask, rows)
         if self.fused_attn:
             dropout = self.attn_drop.p if self.training else 0.0
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scale)
@@ -223,12 +222,7 @@ def _cosine_attention(
     rows, h, N, _ = q.shape
     q = F.normalize(q, dim=-1) * torch.clamp(logit_scale.view(h, 1, 1), max=math.log(100.0)).exp()
     k = F.normalize(k, dim=-1)
-    attn_bias = bias.unsqueeze(0)
-    if mask is not None:
-        nw = mask.shape[0]
-        attn_bias = attn_bias + mask.view(1, nw, 1, N, N).expand(rows // nw, -1, h, -1, -1).reshape(
-            -1, h, N, N
-        )
+    attn_bias = window_bias(bias, mask, rows)
     drop = attn.get_submodule("attn_drop")
     if attn.fused_attn:
         p = float(getattr(drop, "p", 0.0)) if attn.training else 0.0

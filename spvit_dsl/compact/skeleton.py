@@ -27,18 +27,16 @@ import timm
 import torch
 from timm.layers import GluMlp, Mlp, use_fused_attn
 from timm.layers.attention import Attention
-from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
-from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+from timm.models.swin_transformer import WindowAttention
 from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
-from timm.models.swin_transformer_v2_cr import SwinTransformerV2CrBlock, WindowMultiHeadAttention
-from timm.models.vision_transformer import Block as VitBlock
+from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
 from torch import nn
 
 from ..lang.errors import UsageError
 from ..space.geometry import BlockGeom, Geometry
 from ..space.ops import OPS
 from ..space.plan import BlockArch, FrozenArch
-from ..supernet._timm import swin_stages
+from ..supernet._timm import backbone_blocks, swin_stages
 from .modules import (
     CompactAttention,
     CompactBlock,
@@ -199,21 +197,12 @@ def fuse_window_attention(model: nn.Module) -> nn.Module:
 
 
 def block_modules(model: nn.Module, family: str) -> list[nn.Module]:
-    """The transformer blocks in global order (ViT ``blocks.i``, Swin ``layers.s.blocks.j``)."""
-    if family == "swin":
-        blocks = [b for stage in swin_stages(model) for b in stage.get_submodule("blocks").children()]
-        kind: type | tuple[type, ...] = (
-            SwinTransformerBlock,
-            SwinTransformerV2Block,
-            SwinTransformerV2CrBlock,
-        )
-    else:
-        blocks = list(model.blocks)  # type: ignore[arg-type]
-        kind = VitBlock
-    bad = [type(b).__name__ for b in blocks if not isinstance(b, kind)]
-    if bad:
-        raise UsageError(f"cannot build {type(model).__name__}: unsupported block type {bad[0]}")
-    return blocks
+    """The transformer blocks in global order (ViT ``blocks.i``, Swin ``layers.s.blocks.j``), as lowering lists them
+    (:func:`~spvit_dsl.supernet._timm.backbone_blocks`); a block type neither knows is a :class:`UsageError`."""
+    try:
+        return backbone_blocks(model, family)
+    except NotImplementedError as exc:
+        raise UsageError(str(exc).replace("cannot lower", "cannot build", 1)) from None
 
 
 def _rebuild_block(block: nn.Module, geom: BlockGeom, choice: BlockArch, dim: int, family: str) -> None:

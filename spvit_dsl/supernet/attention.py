@@ -46,7 +46,7 @@ from ..space.ops import OPS
 from ._masked_ops import masked_linear
 from .masks import MaskBoard, per_sample, scale_axis
 
-__all__ = ["AttentionGroups", "UnifiedAttention"]
+__all__ = ["AttentionGroups", "UnifiedAttention", "window_bias"]
 
 
 def _kernel(op: str) -> int:
@@ -62,6 +62,18 @@ def _batch_view(mask: Tensor, rows: int, dims: int, dtype: torch.dtype) -> Tenso
     if m.shape[0] != rows:
         m = m.repeat_interleave(rows // m.shape[0], dim=0)
     return m.view(rows, *([1] * (dims - 2)), m.shape[1])
+
+
+def window_bias(bias: Tensor, mask: Tensor | None, rows: int) -> Tensor:
+    """A Swin window attention's additive bias: the position bias plus, in shifted blocks, the shifted-window mask.
+
+    ``bias``: (heads, N, N) or (1, heads, N, N); ``mask``: (nW, N, N) (0 or -100, timm's) or None; ``rows``: B·nW
+    windows, image-major (timm's window partition). Returns (1, heads, N, N) without a mask, else (rows, heads, N, N)."""
+    bias = bias.reshape(1, *bias.shape[-3:])
+    if mask is None:
+        return bias
+    nw, h, n = mask.shape[0], bias.shape[1], mask.shape[-1]
+    return bias + mask.view(1, nw, 1, n, n).expand(rows // nw, -1, h, -1, -1).reshape(-1, h, n, n)
 
 
 @dataclass(frozen=True)
@@ -395,12 +407,7 @@ class UnifiedAttention(nn.Module):
             q = F.normalize(q, dim=-1) * torch.clamp(logit_scale, max=math.log(100.0)).exp()
             k, scale = F.normalize(k, dim=-1), 1.0
         if self.window:
-            attn_mask = self._rel_pos_bias()
-            if window_mask is not None:
-                nw = window_mask.shape[0]
-                attn_mask = attn_mask + window_mask.view(1, nw, 1, N, N).expand(
-                    rows // nw, -1, h, -1, -1
-                ).reshape(-1, h, N, N)
+            attn_mask = window_bias(self._rel_pos_bias(), window_mask, rows)
             is_causal = False
         else:
             q, k = self.q_norm(q), self.k_norm(k)
