@@ -464,11 +464,15 @@ def test_an_unsteady_table_is_reported_in_one_line(capsys, tiny) -> None:
     from spvit_dsl.cli._common import warn_unsteady
 
     _, table = tiny
-    warn_unsteady(replace(table, environment={**table.environment, "spread": 0.05}))
+    idle = {k: v for k, v in table.environment.items() if k != "load_average"}
+    warn_unsteady(replace(table, environment={**idle, "spread": 0.05}))
     assert capsys.readouterr().err == ""
-    warn_unsteady(replace(table, environment={**table.environment, "spread": 0.4}))
+    warn_unsteady(replace(table, environment={**idle, "spread": 0.4}))
     err = capsys.readouterr().err
     assert "unsteady (rounds spread 40%" in err and "--rebuild" in err and len(err.strip().splitlines()) == 1
+    warn_unsteady(replace(table, environment={**idle, "spread": 0.3, "load_average": 3.5, "cores": 2}))
+    err = capsys.readouterr().err
+    assert "busy machine (load average 3.5 on 2 cores)" in err and len(err.strip().splitlines()) == 1
     assert all(
         ms >= 0 for entry in table.blocks.values() for _, ms in entry.ffn
     )  # never a negative increment
@@ -572,3 +576,23 @@ def test_bench_predict_falls_back_to_the_frozen_networks_table_when_its_space_ca
     assert predicted["table_of"] == "the frozen network" and predicted["ms"] > 0
     assert "at most 16" in predicted["note"]
     assert done.stderr.count("--predict: ") == 1
+
+
+@pytest.mark.parametrize(
+    ("load", "threads", "busy"), [(3.2, 2, True), (1.2, 2, False), (2.2, 1, False), (3.6, 1, True)]
+)
+def test_a_table_measured_on_oversubscribed_cores_is_marked_busy(monkeypatch, load, threads, busy) -> None:
+    """Oversubscribed cores slow every round alike (a low spread): the load average before timing tells. On 2 cores,
+    a 2-thread table needs both free (this process counts half), a 1-thread table one."""
+    from spvit_dsl.compact import latency as measuring
+
+    monkeypatch.setattr(measuring.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(measuring, "_cores", lambda: 2)
+    assert (measuring.busy_load(LatencySetting("cpu", threads, 1, "fp32")) == load) is busy
+    space = compile_text(
+        BACKBONE.replace("depth = 3", "depth = 1") + "blocks all { ffn: groups of 96 }", "b.vit"
+    ).space
+    table = measuring.measure_table(space, LatencySetting("cpu", threads, 1, "fp32"), warmup=0, repeats=1)
+    assert (table.environment.get("load_average") == load) is busy
+    if busy:
+        assert table.spread > measuring.UNSTEADY  # every command reading it says so

@@ -137,7 +137,15 @@ def warn_unsteady(table: Any) -> None:
     """One line when a latency table was measured on a busy machine (its rounds spread widely)."""
     from ..space.latency import UNSTEADY
 
-    if table.spread > UNSTEADY:
+    load = table.environment.get("load_average")
+    if load is not None:
+        err.print(
+            f"warning: the latency table was measured on a busy machine (load average {load} on "
+            f"{table.environment.get('cores', '?')} cores): its milliseconds may be many times the idle ones; measure it again on an "
+            "idle machine with 'spvit-dsl latency SPEC --rebuild' (fewer --threads than free cores also helps)",
+            markup=False,
+        )
+    elif table.spread > UNSTEADY:
         err.print(
             f"warning: the latency table's timings were unsteady (rounds spread {table.spread:.0%} around their "
             "median): something else was using the cores; measure it again on an idle machine with "

@@ -44,7 +44,7 @@ from ..space.latency import (
 from ..space.plan import BlockArch, FrozenArch, Space
 from ..supernet._timm import swin_stages
 from .skeleton import _rebuild_block, block_modules, create_compact, fuse_window_attention
-from .speed import _sync, machine
+from .speed import _cores, _sync, machine
 
 __all__ = ["cache_dir", "measure_table", "table_for"]
 
@@ -208,6 +208,7 @@ def measure_table(
     offers more than 16 combinations of its stages' embedding widths (a ViT's are measured on a grid).
     """
     device = _device(setting)
+    busy = busy_load(setting) if device.type == "cpu" else None
     geometry = space.geometry
     embeds = _embeds(space)
     points = measured_points(space)
@@ -307,10 +308,26 @@ def measure_table(
     env = {k: v for k, v in machine(device).items() if k != "host"} | {"timm": timm.__version__}
     env["measured_at"] = time.strftime("%Y-%m-%d %H:%M", time.localtime())
     spread = round(statistics.median(spreads), 4) if spreads else 0.0
-    if miscalibrated:
+    if miscalibrated or busy is not None:
         spread = max(spread, 2 * UNSTEADY)  # so every command that reads the table says it is unsteady
+    if busy is not None:
+        env["load_average"] = busy
     env["spread"] = spread
     return LatencyTable(geometry.model, setting, blocks, stem, scale, dense_ms, env)
+
+
+def busy_load(setting: LatencySetting) -> float | None:
+    """The 1-minute load average when other processes already occupy the cores this table's threads need (load
+    above ``cores - threads + 1.5``: the half is this process's own share before it starts timing), else None.
+
+    Oversubscribed cores slow every forward alike, so the rounds can agree with each other (a low spread) and still
+    be many times the idle figures: the spread alone misses it."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    threads = setting.threads or torch.get_num_threads()
+    cores = _cores()
+    return round(load, 2) if load > cores - min(threads, cores) + 1.5 else None
 
 
 def _bind(m: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
