@@ -446,12 +446,17 @@ def test_unknown_name_suggests_supported_names_only():
 @pytest.mark.parametrize(
     ("name", "feature"),
     [
-        ("eva02_base_patch14_224", "rotary position embedding"),
+        ("eva02_base_patch14_224", "Eva blocks: rotary position embeddings and a SwiGLU FFN"),
+        ("eva_giant_patch14_224", "timm's Eva model class"),  # EVA-01: neither rotary embeddings nor SwiGLU
+        (
+            "vit_base_patch16_rope_reg1_gap_256",
+            "Eva blocks: rotary position embeddings yet",
+        ),  # no SwiGLU there
         ("beit_base_patch16_224", "relative-position bias"),
         ("xcit_small_12_p16_224", "cross-covariance attention"),
         ("levit_128", "attention bias"),
-        ("aimv2_large_patch14_224", "RMSNorm"),
-        ("beit3_base_patch16_224", "sub-LayerNorms"),
+        ("aimv2_large_patch14_224", "a norm after the patch embedding"),
+        ("beit3_base_patch16_224", "q/k or attention-output normalisation"),
         ("flexivit_base", "plain VisionTransformer"),
         ("resnet50", "convolutional network (timm's resnet family)"),
         ("convnext_tiny", "convolutional network (timm's convnext family)"),
@@ -466,10 +471,23 @@ def test_a_timm_name_outside_the_families_names_the_missing_feature(name: str, f
     assert str(e.value).startswith(f"timm model '{name}' ") and feature in str(e.value)
     assert "family) is not supported" not in str(e.value)  # the old message named only the family
     assert e.value.timm and not e.value.hint.startswith("did you mean")
-    if (
-        "plain VisionTransformer" in feature
-    ):  # the message says to start from the closest vit_* name: it is offered
+    if "plain VisionTransformer" in feature:  # the message says to start from the closest vit_* name: offered
         assert e.value.hint.startswith("the closest supported backbones: 'vit_base_patch")
+    if "convolutional network" in feature:  # no ViT is close to a ConvNet
+        assert e.value.hint == ""
+    assert all(s in supported_names() for s in e.value.suggestions)
+
+
+@pytest.mark.parametrize(
+    "name", ["eva_giant_patch14_224", "eva02_tiny_patch14_224", "aimv2_large_patch14_224"]
+)
+def test_the_snapshot_reads_the_missing_feature_of_other_vits_from_the_model(name: str):
+    """timm's VisionTransformer and Eva networks under other names: the snapshot's phrase is what the model says."""
+    from spvit_dsl.space import _timm_snapshot, backbones
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    assert backbones._raw()["others_refused"][name] == _timm_snapshot._refusal(model)
 
 
 def test_every_timm_module_without_a_feature_phrase_is_convolutional():
@@ -483,7 +501,11 @@ def test_every_timm_module_without_a_feature_phrase_is_convolutional():
 
     modules = set(backbones._others().values())
     assert set(_others._MODULES) <= modules  # no stale entries
-    for module in sorted(modules - set(_others._MODULES) - {"vision_transformer"}):
+    read = {
+        backbones._others()[n] for n in backbones._raw()["others_refused"]
+    }  # read from the models themselves
+    assert read == {"vision_transformer", "eva"}
+    for module in sorted(modules - set(_others._MODULES) - read):
         source = inspect.getsource(importlib.import_module(f"timm.models.{module}"))
         found = set(re.findall(r"^class (\w*(?:Attn|Attention|Transformer|Former|Mixer)\w*)", source, re.M))
         assert found <= {"SelfAttnBlock", "ConvMixer"}, (module, found)

@@ -55,9 +55,27 @@ def test_bench_json_report(frozen):
         r["timings"]["dense"]["median_ms"] / r["timings"]["compact"]["median_ms"], rel=1e-3, abs=1e-4
     )
     assert r["efficiency"] == pytest.approx(r["speedup"] / r["flops_speedup"], rel=1e-3, abs=1e-4)
+    t = r["timings"]
+    assert r["latency_cut"] == pytest.approx(
+        1 - t["compact"]["median_ms"] / t["dense"]["median_ms"], abs=1e-3
+    )
+    assert r["flops_cut"] == pytest.approx(1 - 1 / ideal, abs=1e-3)
     assert r["machine"]["device"] == "cpu" and r["machine"]["torch"] == torch.__version__
     assert r["costs"]["params"] == arch_cost(g, arch, "exact").params
     assert r["costs"]["paper"]["flops"] == arch_cost(g, arch, "paper").macs
+
+
+def test_bench_table_states_both_ratios_and_says_when_the_network_is_slower(frozen):
+    import re
+
+    _, _, path = frozen
+    result = runner.invoke(app, ["bench", str(path), *FAST])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    m = re.search(r"speed-up (\d+\.\d+)x measured vs (\d+\.\d+)x by FLOPs: efficiency (-?\d+)%", text)
+    assert m is not None, text
+    assert "(measured ÷ promised speed-up); latency cut" in text
+    assert ("runs slower than the dense one" in text) == (float(m.group(1)) < 1)
 
 
 def test_bench_table_without_dense(frozen):

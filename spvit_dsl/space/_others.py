@@ -2,8 +2,9 @@
 
 The snapshot (``space/timm_configs.json``) records every other timm name with the timm module that defines it. A
 spec naming one of them is refused with the feature spvit-dsl lacks, not only the family: each phrase below was read
-from the module's source in timm 1.0.31 (its docstring and block classes). Names of timm's ``vision_transformer``
-module outside ``vit_*``/``deit*`` (AIMv2, BEiT-3, FlexiViT, EVA-01, timm's test models) are told apart by prefix.
+from the module's source in timm 1.0.31 (its docstring and block classes). The networks timm builds as ``VisionTransformer``
+or ``Eva`` under other names (AIMv2, BEiT-3, FlexiViT, EVA-01, EVA-02) are read from the models themselves by the
+snapshot (``others_refused``).
 """
 
 from __future__ import annotations
@@ -14,20 +15,10 @@ PLAIN_VIT = (
     "plain"  # a name timm builds as a plain VisionTransformer that spvit-dsl could lower under a vit_* name
 )
 
-# names of timm's vision_transformer module that are not vit_*/deit*, by prefix
-_VIT_MODULE: dict[str, str] = {
-    "aimv2": "AIMv2's RMSNorm (also after the patch embedding) and SwiGLU FFN with separate gate and value layers",
-    "beit3": "BEiT-3's sub-LayerNorms inside attention and the FFN (scale_attn_norm, scale_mlp_norm)",
-    "flexivit": PLAIN_VIT,
-    "eva_large": PLAIN_VIT,
-    "test_vit": PLAIN_VIT,
-}
-
 _CONV = "convolutional stages"  # shared by the hybrids below
 
 # timm module -> the feature spvit-dsl does not lower (transformers and hybrids first, then the convolutional families)
 _MODULES: dict[str, str] = {
-    "eva": "timm's Eva blocks (rotary position embedding, SwiGLU FFN)",
     "beit": "BEiT's per-block relative-position bias",
     "naflexvit": "NaFlex's variable-resolution patch sequences (packed tokens, factorised position embedding)",
     "vision_transformer_relpos": "relative-position attention (timm's VisionTransformerRelPos)",
@@ -80,10 +71,13 @@ _MODULES: dict[str, str] = {
 }
 
 
-def other_refusal(name: str, module: str) -> str | None:
+def other_refusal(name: str, module: str, snapshot: dict[str, str | None]) -> str | None:
     """The feature spvit-dsl does not lower in the timm network ``name`` of timm module ``module``, as a phrase that
     completes "spvit-dsl does not lower ... yet"; :data:`PLAIN_VIT` for a plain ViT outside the ``vit_*`` names; None
-    for a module without an entry: a convolutional network (ResNet, EfficientNet, ConvNeXt, RegNet, ...)."""
-    if module == "vision_transformer":
-        return next((why for prefix, why in _VIT_MODULE.items() if name.startswith(prefix)), PLAIN_VIT)
+    for a module without an entry: a convolutional network (ResNet, EfficientNet, ConvNeXt, RegNet, ...).
+
+    ``snapshot`` holds what the snapshot read from the models timm builds as ``VisionTransformer`` or ``Eva`` (AIMv2,
+    BEiT-3, FlexiViT, EVA-01, EVA-02, ...): their first missing feature, or None for a plain ViT."""
+    if name in snapshot:
+        return snapshot[name] or PLAIN_VIT
     return _MODULES.get(module)

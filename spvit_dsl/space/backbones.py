@@ -363,7 +363,7 @@ def _unknown(model: str) -> UnknownBackbone:
     if why is not None:
         msg = f"timm model '{model}' is not supported: spvit-dsl does not lower {why} yet"
     elif module is not None:
-        feature = other_refusal(model, module)
+        feature = other_refusal(model, module, _raw().get("others_refused", {}))
         if feature == PLAIN_VIT:
             msg = (
                 f"timm model '{model}' is not supported: spvit-dsl reads the configurations of timm's vit_*, deit* "
@@ -372,7 +372,8 @@ def _unknown(model: str) -> UnknownBackbone:
             )
         elif feature is not None:
             msg = f"timm model '{model}' is not supported: spvit-dsl does not lower {feature} yet"
-        else:
+        else:  # no ViT is "close" to a ConvNet, whatever the shared words (convnext_tiny, swinv2_cr_tiny_224)
+            suggestions = []
             msg = (
                 f"timm model '{model}' is a convolutional network (timm's {module} family): spvit-dsl prunes timm's "
                 "ViT, DeiT, DeiT-III, CLIP, SigLIP, DINOv2, Swin v1, SwinV2 and SwinV2-CR backbones (docs/language.md, "
