@@ -248,7 +248,8 @@ def test_cli_finetune_then_eval(frozen: Path, tmp_path: Path) -> None:
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert 0 <= data["top1"] <= data["top5"] <= 100 and data["images"] == 360 and data["flops_paper"] > 0
     text = runner.invoke(app, ["eval", str(out / "best.safetensors")])
-    assert "data" not in frozen.read_text()  # a frozen spec records no data: eval's is the default, and says so
+    # a frozen spec records no data: eval's is the default, and it says so
+    assert "data" not in frozen.read_text()
     assert "(the default: the frozen spec names no data" in " ".join(text.stdout.split())
 
 
