@@ -176,3 +176,19 @@ def test_timm_resamples_the_patch_embedding_of_swinv2_checkpoints_but_not_of_swi
             model = timm.create_model(name, patch_size=8)
         out = module.checkpoint_filter_fn(dict(checkpoint), model)["patch_embed.proj.weight"]
         assert out.shape[-2:] == ((8, 8) if module is swin_transformer_v2 else (4, 4))
+
+
+def test_a_vit_head_count_override_on_pretrained_weights_warns_that_they_load_into_another_function():
+    program = compile_text(
+        "backbone vit_small_patch16_224 { weights = pretrained; heads = 3 }\nblocks all { ffn: groups of 96 }\n"
+        "budget { flops <= 90% }\nsearch random { }",
+        "/nowhere/heads.vit",
+    )
+    (found,) = [w for w in program.warnings if w.message.startswith("heads changes")]
+    assert "they load" in found.message and "another function" in found.message and found.span.line == 1
+    plain = compile_text(
+        "backbone vit_small_patch16_224 { weights = none; heads = 3 }\nblocks all { ffn: groups of 96 }\n"
+        "budget { flops <= 90% }\nsearch random { }",
+        "/nowhere/heads.vit",
+    )
+    assert not [w for w in plain.warnings if w.message.startswith("heads changes")]

@@ -286,6 +286,17 @@ def _pretrained(
                 hint=None if "classes" in settings else "set classes = N for your data",
             )
         )
+    heads = settings.get("heads")
+    if heads is not None and geo.family != "swin":
+        out.append(
+            SpecWarning(
+                f"heads changes how the pretrained weights {geo.model}.{geo.tag} split their attention channels: "
+                "they load (the shapes do not change), but the network computes another function than the one "
+                "they were trained as, until fine-tuning retrains it",
+                heads.value.span,
+                hint="keep the name's head count with pretrained weights, or use weights = none",
+            )
+        )
     patch = settings.get("patch")
     if patch is not None and geo.swin_v2_cr:
         out.append(
