@@ -464,15 +464,15 @@ def test_an_unsteady_table_is_reported_in_one_line(capsys, tiny) -> None:
     from spvit_dsl.cli._common import warn_unsteady
 
     _, table = tiny
-    idle = {k: v for k, v in table.environment.items() if k != "load_average"}
+    idle = {k: v for k, v in table.environment.items() if k != "others_running"}
     warn_unsteady(replace(table, environment={**idle, "spread": 0.05}))
     assert capsys.readouterr().err == ""
     warn_unsteady(replace(table, environment={**idle, "spread": 0.4}))
     err = capsys.readouterr().err
     assert "unsteady (rounds spread 40%" in err and "--rebuild" in err and len(err.strip().splitlines()) == 1
-    warn_unsteady(replace(table, environment={**idle, "spread": 0.3, "load_average": 3.5, "cores": 2}))
+    warn_unsteady(replace(table, environment={**idle, "spread": 0.3, "others_running": 2.0, "cores": 2}))
     err = capsys.readouterr().err
-    assert "busy machine (load average 3.5 on 2 cores)" in err and len(err.strip().splitlines()) == 1
+    assert "busy machine (2 other processes running on 2 cores)" in err and len(err.strip().splitlines()) == 1
     assert all(
         ms >= 0 for entry in table.blocks.values() for _, ms in entry.ffn
     )  # never a negative increment
@@ -579,20 +579,36 @@ def test_bench_predict_falls_back_to_the_frozen_networks_table_when_its_space_ca
 
 
 @pytest.mark.parametrize(
-    ("load", "threads", "busy"), [(3.2, 2, True), (1.2, 2, False), (2.2, 1, False), (3.6, 1, True)]
+    ("others", "threads", "busy"), [(1.0, 2, True), (0.0, 2, False), (1.0, 1, False), (2.0, 1, True)]
 )
-def test_a_table_measured_on_oversubscribed_cores_is_marked_busy(monkeypatch, load, threads, busy) -> None:
-    """Oversubscribed cores slow every round alike (a low spread): the load average before timing tells. On 2 cores,
-    a 2-thread table needs both free (this process counts half), a 1-thread table one."""
+def test_a_table_measured_on_oversubscribed_cores_is_marked_busy(monkeypatch, others, threads, busy) -> None:
+    """Oversubscribed cores slow every round alike (a low spread): the processes running beside this one tell. On 2
+    cores, a 2-thread table needs both free, a 1-thread table one."""
     from spvit_dsl.compact import latency as measuring
 
-    monkeypatch.setattr(measuring.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(measuring, "others_running", lambda: others)
     monkeypatch.setattr(measuring, "_cores", lambda: 2)
-    assert (measuring.busy_load(LatencySetting("cpu", threads, 1, "fp32")) == load) is busy
-    space = compile_text(
-        BACKBONE.replace("depth = 3", "depth = 1") + "blocks all { ffn: groups of 96 }", "b.vit"
-    ).space
-    table = measuring.measure_table(space, LatencySetting("cpu", threads, 1, "fp32"), warmup=0, repeats=1)
-    assert (table.environment.get("load_average") == load) is busy
+    setting = LatencySetting("cpu", threads, 1, "fp32")
+    assert (measuring.busy_load(setting) == others) is busy
+    text = BACKBONE.replace("depth = 3", "depth = 1") + "blocks all { ffn: groups of 96 }"
+    table = measuring.measure_table(compile_text(text, "b.vit").space, setting, warmup=0, repeats=1)
+    assert (table.environment.get("others_running") == others) is busy
     if busy:
         assert table.spread > measuring.UNSTEADY  # every command reading it says so
+
+
+@pytest.mark.skipif(not Path("/proc/loadavg").exists(), reason="needs Linux's /proc/loadavg")
+def test_a_process_spinning_beside_this_one_is_counted_at_once() -> None:
+    """The runnable count has no lag: a busy loop started a moment ago is seen (the load average would take a
+    minute to move)."""
+    from spvit_dsl.compact.latency import others_running
+
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert (others_running() or 0) >= 1
+    finally:
+        spin.kill()
+        spin.wait()

@@ -137,12 +137,13 @@ def warn_unsteady(table: Any) -> None:
     """One line when a latency table was measured on a busy machine (its rounds spread widely)."""
     from ..space.latency import UNSTEADY
 
-    load = table.environment.get("load_average")
-    if load is not None:
+    others = table.environment.get("others_running")
+    if others is not None:
         err.print(
-            f"warning: the latency table was measured on a busy machine (load average {load} on "
-            f"{table.environment.get('cores', '?')} cores): its milliseconds may be many times the idle ones; measure it again on an "
-            "idle machine with 'spvit-dsl latency SPEC --rebuild' (fewer --threads than free cores also helps)",
+            f"warning: the latency table was measured on a busy machine ({others:g} other processes running on "
+            f"{table.environment.get('cores', '?')} cores): its milliseconds may be many times the idle ones; "
+            "measure it again on an idle machine with 'spvit-dsl latency SPEC --rebuild' (fewer --threads than free "
+            "cores also helps)",
             markup=False,
         )
     elif table.spread > UNSTEADY:

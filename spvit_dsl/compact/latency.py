@@ -311,23 +311,38 @@ def measure_table(
     if miscalibrated or busy is not None:
         spread = max(spread, 2 * UNSTEADY)  # so every command that reads the table says it is unsteady
     if busy is not None:
-        env["load_average"] = busy
+        env["others_running"] = busy
     env["spread"] = spread
     return LatencyTable(geometry.model, setting, blocks, stem, scale, dense_ms, env)
 
 
+def others_running(samples: int = 20, interval: float = 0.02) -> float | None:
+    """How many other processes run right now, beside this one: the median over ``samples`` reads of the runnable
+    count in ``/proc/loadavg`` (instantaneous, unlike the load averages, which lag a minute behind), minus this
+    process's own thread. None where there is no ``/proc/loadavg`` (not Linux)."""
+    counts = []
+    for _ in range(samples):
+        try:
+            with open("/proc/loadavg", encoding="ascii") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+        except (OSError, IndexError, ValueError):
+            return None
+        time.sleep(interval)
+    return float(statistics.median(counts))
+
+
 def busy_load(setting: LatencySetting) -> float | None:
-    """The 1-minute load average when other processes already occupy the cores this table's threads need (load
-    above ``cores - threads + 1.5``: the half is this process's own share before it starts timing), else None.
+    """How many other processes were running (:func:`others_running`) when they already hold cores this table's
+    threads need (more than ``cores - threads``), else None.
 
     Oversubscribed cores slow every forward alike, so the rounds can agree with each other (a low spread) and still
     be many times the idle figures: the spread alone misses it."""
-    if not hasattr(os, "getloadavg"):
+    others = others_running()
+    if others is None:
         return None
-    load = os.getloadavg()[0]
     threads = setting.threads or torch.get_num_threads()
     cores = _cores()
-    return round(load, 2) if load > cores - min(threads, cores) + 1.5 else None
+    return others if others > cores - min(threads, cores) else None
 
 
 def _bind(m: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
