@@ -6,7 +6,10 @@ timed interleaved; each is predicted from the table. Reported per model and batc
 relative error ``predicted / measured − 1``. Target (issue "Latency as a first-class budget"): median |error| ≤ 10%.
 
     python bench/latency.py [--parts tables search] [--models deit_s swin_t] [--batch-sizes 8 1] [--threads 2]
-                            [--points 20] [--repeats 5] [--search-epochs 4]
+                            [--points 20] [--repeats 5] [--search-epochs 4] [--cached]
+
+Tables are measured again in every run (``--cached`` reuses the cache): a table from another day of a drifting VM
+says more about that day than about the model.
 
 Part ``search``: a latency-budget SPViT search on digits (``examples/latency_digits.vit``, the budget at 60% of the
 dense network's predicted latency), whose frozen network is then timed beside the dense one: at or under the budget
@@ -62,11 +65,13 @@ def random_point(space: Space, rng: random.Random) -> FrozenArch:
     return FrozenArch(tuple(blocks), tuple(e[-1] for e in space.embed))
 
 
-def run(model: str, batch: int, threads: int, points: int, repeats: int, seed: int) -> dict[str, object]:
+def run(
+    model: str, batch: int, threads: int, points: int, repeats: int, seed: int, cached: bool = False
+) -> dict[str, object]:
     space = compile_text(SPACES[model], f"{model}.vit").space
     setting = LatencySetting("cpu", threads, batch, "fp32")
     t0 = time.perf_counter()
-    table, path, measured = table_for(space, setting)
+    table, path, measured = table_for(space, setting, rebuild=not cached)
     built = time.perf_counter() - t0
     g = space.geometry
     rng = random.Random(seed)
@@ -127,7 +132,7 @@ def run(model: str, batch: int, threads: int, points: int, repeats: int, seed: i
     }
 
 
-def search_part(epochs: int, share: float, repeats: int) -> dict[str, object]:
+def search_part(epochs: int, share: float, repeats: int, cached: bool = False) -> dict[str, object]:
     """A latency-budget SPViT search on digits (``examples/latency_digits.vit``, its budget set to ``share`` of the
     dense network's predicted latency) in a fresh process, then the frozen network timed beside the dense one here.
     (Timing in the process that just trained runs 20-30% slow on this VM: the search has its own process.)"""
@@ -142,7 +147,7 @@ def search_part(epochs: int, share: float, repeats: int) -> dict[str, object]:
     base = compile_file(spec)
     setting = base.latency
     assert setting is not None and setting.threads  # the example says where it is measured
-    table, _, _ = table_for(base.space, setting)
+    table, _, _ = table_for(base.space, setting, rebuild=not cached)
     g = base.space.geometry
     dense_ms, fastest = table.arch_ms(g, base.space.dense()), table.fastest_ms(base.space)
     limit, budget_note = share * dense_ms, None
@@ -206,11 +211,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--search-epochs", type=int, default=4)
+    ap.add_argument(
+        "--cached",
+        action="store_true",
+        help="reuse cached latency tables (default: measure them again in this run)",
+    )
     args = ap.parse_args(argv)
 
     def tables() -> dict[str, object]:
         rows = [
-            run(m, b, args.threads, args.points, args.repeats, args.seed)
+            run(m, b, args.threads, args.points, args.repeats, args.seed, args.cached)
             for m in args.models
             for b in args.batch_sizes
         ]
@@ -221,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         args.parts,
         {
             "tables": tables,
-            "search": lambda: search_part(args.search_epochs, 0.6, 4 * args.repeats),
+            "search": lambda: search_part(args.search_epochs, 0.6, 4 * args.repeats, args.cached),
         },
     )
 
