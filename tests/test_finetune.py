@@ -377,3 +377,36 @@ def test_cli_finetune_refuses_a_teacher_that_does_not_fit(frozen: Path, tmp_path
     ckpt.write_bytes(b"x")
     result = runner.invoke(app, [*base, "--teacher", str(ckpt), "--distill", "soft"])
     assert result.exit_code != 0 and "expected a built model" in str(result.exception)
+
+
+def test_threads_flag_of_finetune_and_eval(frozen: Path, tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    want = 2 if before == 1 else 1
+    try:
+        out = tmp_path / "run"
+        args = [
+            "finetune",
+            str(frozen),
+            "--init",
+            "none",
+            "--steps",
+            "1",
+            "--threads",
+            str(want),
+            "--out",
+            str(out),
+        ]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == want
+        torch.set_num_threads(before)
+        result = runner.invoke(app, ["eval", str(out / "best.safetensors"), "--threads", str(want), "--json"])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+    for command in (["finetune", str(frozen)], ["eval", str(out / "best.safetensors")]):
+        bad = runner.invoke(app, [*command, "--threads", "0"])
+        assert "--threads: expected a whole number in 1..1024, found 0" in str(
+            bad.exception
+        )  # main() prints it

@@ -43,6 +43,27 @@ BudgetOpt = Annotated[
 ]
 
 
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="torch CPU threads (default: torch's, one per core; fewer when other jobs share the machine, which "
+        "otherwise slows small networks many times over)",
+    ),
+]
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` (1..1024) to torch; a one-line error otherwise; nothing when not given."""
+    if threads is None:
+        return
+    if not 1 <= threads <= 1024:
+        raise UsageError(f"--threads: expected a whole number in 1..1024, found {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 DATA_HELP = "digits | synthetic | an image folder | torch/NAME, hfds/NAME, wds/NAME with --data-dir (default: the spec's)"
 DATA_DIR_HELP = (
     "the root of a torch/, hfds/ or wds/ dataset (timm's --data-dir; default: the spec's data_dir)"

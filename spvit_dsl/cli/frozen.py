@@ -22,7 +22,7 @@ from rich.table import Table
 from .._io import input_problem
 from ..lang.errors import UsageError
 from ..space.units import fmt_macs, fmt_params
-from ._common import DATA_DIR_HELP, DATA_HELP, err, out
+from ._common import DATA_DIR_HELP, DATA_HELP, ThreadsOpt, err, out, set_threads
 
 __all__ = ["register"]
 
@@ -577,11 +577,13 @@ def finetune_cmd(
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/finetune.ckpt")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    threads: ThreadsOpt = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="print one JSON object with the result (no progress bar)")
     ] = False,
 ) -> None:
     """Fine-tune a frozen network; keeps the best-by-validation model as OUT/best.safetensors."""
+    set_threads(threads)
     from ..compile.strategies import with_data
     from ..runtime.data import data_of_settings
     from ..train.finetune import finetune, load_teacher, recipe_settings
@@ -677,6 +679,7 @@ def eval_cmd(
     data_dir: Annotated[str | None, typer.Option("--data-dir", help=DATA_DIR_HELP)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    threads: ThreadsOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Top-1 / top-5 accuracy of a frozen network on the validation set, and its cost."""
@@ -684,6 +687,7 @@ def eval_cmd(
     from ..runtime.data import data_of_settings
     from ..runtime.evaluate import evaluate
 
+    set_threads(threads)
     dev = _device(device)
     model = _model(frozen, weights, None).to(dev)
     program = _program_of(frozen, model)

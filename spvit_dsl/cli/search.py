@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import DATA_DIR_HELP, DATA_HELP
+from ._common import DATA_DIR_HELP, DATA_HELP, ThreadsOpt, set_threads
 
 __all__ = ["register", "summary_tables"]
 
@@ -164,14 +164,7 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option("--warmup-epochs", help="spvit: weight-only epochs before the gates learn"),
         ] = None,
-        threads: Annotated[
-            int | None,
-            typer.Option(
-                "--threads",
-                help="torch CPU threads for training (default: torch's, one per core; fewer when other jobs share "
-                "the machine, which otherwise slows small networks many times over)",
-            ),
-        ] = None,
+        threads: ThreadsOpt = None,
         set_: Annotated[
             list[str] | None,
             typer.Option(
@@ -181,15 +174,13 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Search the spec's space for its budget and write the frozen spec, checkpoint, metrics and report."""
-        from ..lang.errors import UsageError
         from ..search.loop import SearchInterrupted, check_latency_space, run_search
         from ..search.setup import check_searchable, parse_setting
         from ._common import err, latency_table, warn
         from ._common import out as console
 
         rank0 = int(os.environ.get("RANK", "0")) == 0
-        if threads is not None and not 1 <= threads <= 1024:
-            raise UsageError(f"--threads: expected a whole number in 1..1024, found {threads}")
+        set_threads(threads)
         program = _quiet_program(spec, convention, budget)
         check_searchable(program)  # refuse before the compiler's warnings repeat the same point
         _check_out(program, out, resume, force)
@@ -212,10 +203,6 @@ def register(app: typer.Typer) -> None:
                         f"{top:.3g} ms on {program.latency.describe()}: every network of the space meets it",
                         markup=False,
                     )
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
         try:
             result = run_search(
                 program,
