@@ -69,7 +69,7 @@ def test_a_latency_budget_compiles_with_where_it_is_measured() -> None:
 @pytest.mark.parametrize(
     ("budget", "message"),
     [
-        ("latency <= 50%", "a latency budget is in time"),
+        ("latency <= 0%", "a latency budget must be positive"),
         ("latency <= 8", "a latency budget needs a unit"),
         ("latency <= 8GB", "unknown unit 'GB' for latency"),
         ("flops <= 50%; threads = 2", "says where a latency budget is measured"),
@@ -612,3 +612,54 @@ def test_a_process_spinning_beside_this_one_is_counted_at_once() -> None:
     finally:
         spin.kill()
         spin.wait()
+
+
+def test_a_share_of_the_dense_latency_becomes_milliseconds_from_the_table(tmp_path: Path) -> None:
+    """`latency <= 60%`: pending at compile time (no table yet), then 60% of the dense network's predicted latency;
+    the search meets those milliseconds and the frozen spec records them."""
+    program = compile_text(
+        SPACE + "budget { latency <= 60%; threads = 1; batch = 4 }\nsearch magnitude { }\n", "s.vit"
+    )
+    (b,) = program.budgets
+    assert b.pending and b.limit.relative and b.limit.value == pytest.approx(0.6)
+    assert "of the dense network's predicted latency" in b.describe()
+    assert program.summary()["budgets"] == [
+        {"metric": "latency", "limit": 60.0, "unit": "%", "absolute": None}
+    ]
+    json.dumps(program.summary(), allow_nan=False)  # no NaN leaks into --json
+    table = _steady_table(program.space)
+    dense = table.arch_ms(program.space.geometry, program.space.dense())
+    resolved = program.with_latency(table)
+    (r,) = resolved.budgets
+    assert not r.pending and r.absolute == pytest.approx(0.6 * dense) and r.limit.text.endswith("ms")
+    assert "60% of the dense network's predicted" in r.describe()
+    assert resolved.with_latency(table) is resolved and program.with_latency(None) is program
+    result = run_search(program, out=str(tmp_path / "run"), quiet=True, latency=table)
+    (met,) = result.budgets
+    assert met["achieved"] <= r.absolute
+    frozen = compile_file(result.frozen_path)
+    (kept,) = frozen.budgets
+    assert not kept.pending and kept.absolute == pytest.approx(
+        r.absolute, rel=1e-5
+    )  # milliseconds, not a share
+
+
+def test_a_share_of_the_dense_latency_needs_the_dense_network_in_the_table() -> None:
+    program = compile_text(
+        BACKBONE
+        + "embed: 24..36 step 12\nblocks all { ffn: groups of 48 }\nbudget { latency <= 60%; threads = 1 }",
+        "s.vit",
+    )
+    g = program.space.geometry
+    entry = BlockTable(msa={(3, 8): 0.25, (3, 16): 0.3}, skip=0.05, ffn=[(0, 0.0), (48, 0.1)])
+    kinds = {block_kind(g.blocks[0], w): entry for w in (24, 36)}  # the space's widths, not the dense 48
+    table = LatencyTable(g.model, SETTING, kinds, {"24": 0.3, "36": 0.3}, {"24": 1.0, "36": 1.0}, 0.0)
+    assert table.arch_ms(g, program.space.largest()) > 0
+    with pytest.raises(UsageError, match="needs the dense network in the latency table"):
+        program.with_latency(table)
+
+
+def test_the_budget_flag_reads_a_share_of_the_dense_latency() -> None:
+    limit = parse_budget_flag("60%latency")
+    assert (limit.metric, limit.relative, limit.text) == ("latency", True, "60%")
+    assert parse_budget_flag("60%").metric == "flops"

@@ -62,6 +62,7 @@ def latency_cmd(
     program = compile_file(spec)  # the compiler's warnings concern the search, not what a table measures
     setting = setting_of(program, device, threads, batch_size, precision)
     table = latency_table(program, setting, quiet=json_out, rebuild=rebuild)
+    program = program.with_latency(table)
     g = program.space.geometry
     largest = table.arch_ms(g, program.space.largest())
     fastest = table.fastest_ms(program.space)
@@ -110,7 +111,7 @@ def latency_cmd(
             verdict = "at or above the largest network: every network meets it"
         else:
             verdict = f"{b.absolute / largest:.0%} of the largest network"
-        out.print(f"  budget latency <= {b.limit.text}: {verdict}", markup=False)
+        out.print(f"  budget {b.describe()}: {verdict}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

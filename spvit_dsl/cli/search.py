@@ -194,6 +194,7 @@ def register(app: typer.Typer) -> None:
             warn(program)
         check_latency_space(program)  # before measuring a table it would not use
         table = latency_table(program, quiet=quiet or json_out or not rank0)
+        program = program.with_latency(table)  # a share of the dense latency becomes milliseconds here
         if table is not None and rank0:
             top = table.arch_ms(program.space.geometry, program.space.largest())
             for b in program.budgets:

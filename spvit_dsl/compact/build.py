@@ -385,7 +385,7 @@ def latency_rounded(
         c = program.graph.cost(a, program.convention)
         return {"flops": float(c.macs), "params": float(c.params), "latency": table.arch_ms(geometry, a)}
 
-    limits = {b.metric: b.absolute for b in program.budgets}
+    limits = {b.metric: b.absolute for b in program.with_latency(table).budgets}
     return round_for_latency(geometry, arch, table, price, limits)
 
 

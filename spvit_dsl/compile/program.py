@@ -33,12 +33,22 @@ class Budget:
     checked_in: str = (
         ""  # a frozen spec read in another convention: the one its budget was checked in (its own)
     )
+    share: str = ""  # a latency budget given as a share of the dense network's, once resolved: what it was
 
     @property
     def metric(self) -> str:
         return self.limit.metric
 
+    @property
+    def pending(self) -> bool:
+        """A share of the dense latency not yet resolved (no table read yet: :meth:`Program.with_latency`)."""
+        return self.metric == "latency" and self.limit.relative
+
     def describe(self) -> str:
+        if self.pending:
+            return f"latency <= {self.limit.text} (of the dense network's predicted latency)"
+        if self.share:
+            return f"latency <= {self.limit.text} ({self.share})"
         value = fmt_metric(self.metric, self.absolute)
         return f"{self.metric} <= {self.limit.text}" + (f" ({value})" if self.limit.relative else "")
 
@@ -87,6 +97,33 @@ class Program:
     def feasible(self) -> bool:
         return all(b.feasible for b in self.budgets)
 
+    def with_latency(self, table: Any) -> Program:
+        """This program with every latency budget given as a share (``latency <= 60%``) turned into milliseconds:
+        the share of the dense network's latency as ``table`` (a :class:`~spvit_dsl.space.latency.LatencyTable` of
+        this space, or None) predicts it. The frozen spec then records the milliseconds. Raises
+        :class:`UsageError` when the table cannot price the dense network (the space's embedding widths stop below
+        the backbone's)."""
+        if table is None or not any(b.pending for b in self.budgets):
+            return self
+        g = self.space.geometry
+        try:
+            dense = table.arch_ms(g, self.space.dense())
+        except (KeyError, ValueError):
+            raise UsageError(
+                "a latency budget given as a share of the dense network needs the dense network in the latency "
+                "table, and this space's embedding widths stop below the backbone's: write milliseconds "
+                f"('spvit-dsl latency {self.path}' prints the space's predictions)"
+            ) from None
+        out = []
+        for b in self.budgets:
+            if b.pending:
+                ms = b.limit.value * dense
+                limit = Limit("latency", ms, False, f"{ms:.6g}ms")
+                share = f"{b.limit.text} of the dense network's predicted {dense:.4g} ms"
+                b = replace(b, limit=limit, absolute=ms, share=share)
+            out.append(b)
+        return replace(self, budgets=tuple(out))
+
     def summary(self) -> dict[str, Any]:
         """The ``compile --json`` object."""
         b = self.bounds()
@@ -109,6 +146,8 @@ class Program:
 
 def _budget_json(b: Budget) -> dict[str, Any]:
     lim = b.limit
+    if b.pending:  # a share of the dense latency: milliseconds once a table is read
+        return {"metric": "latency", "limit": round(lim.value * 100, 6), "unit": "%", "absolute": None}
     if lim.metric == "latency":  # predicted at search time; compile knows only the limit
         return {
             "metric": "latency",
@@ -233,7 +272,8 @@ def _resolve_budgets(
         if (
             limit.metric == "latency"
         ):  # priced by a measured table, at search time (spvit_dsl.compact.latency)
-            out.append(Budget(limit, limit.value, True, span))
+            # a share of the dense latency stays pending (NaN) until Program.with_latency reads the table
+            out.append(Budget(limit, float("nan") if limit.relative else limit.value, True, span))
             continue
         rng = bounds.of(limit.metric)
         absolute = limit.absolute(rng.dense)

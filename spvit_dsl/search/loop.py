@@ -100,6 +100,7 @@ def run_search(
     spec's ``weights``). ``callback``: called after every training step with a :class:`StepInfo`. ``latency``: the
     device's latency table (``spvit_dsl.compact.latency.table_for``), required when a budget is a latency.
     """
+    program = program.with_latency(latency)  # `latency <= 60%`: milliseconds from the table's dense network
     if program.latency is not None:
         _check_latency_budget(program, latency)
     check_searchable(program)
