@@ -180,7 +180,8 @@ def test_timm_resamples_the_patch_embedding_of_swinv2_checkpoints_but_not_of_swi
 
 def test_a_vit_head_count_override_on_pretrained_weights_warns_that_they_load_into_another_function():
     program = compile_text(
-        "backbone vit_small_patch16_224 { weights = pretrained; heads = 3 }\nblocks all { ffn: groups of 96 }\n"
+        "backbone vit_small_patch16_224 { weights = pretrained; heads = 3; classes = 10 }\n"
+        "blocks all { ffn: groups of 96 }\n"
         "budget { flops <= 90% }\nsearch random { }",
         "/nowhere/heads.vit",
     )

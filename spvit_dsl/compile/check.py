@@ -275,6 +275,7 @@ def _pretrained(
                     hint="use weights = none, or a checkpoint of this shape",
                 )
             )
+    reshaped = bool(out)  # the weights cannot load at all: nothing more to say about them
     classes, span = shipped[geo.tag], settings["classes"].value.span if "classes" in settings else model_span
     if classes != geo.num_classes:
         has = f"a {classes}-class head" if classes else "no classifier head"
@@ -287,7 +288,7 @@ def _pretrained(
             )
         )
     heads = settings.get("heads")
-    if heads is not None and geo.family != "swin":
+    if heads is not None and geo.family != "swin" and not reshaped:
         out.append(
             SpecWarning(
                 f"heads changes how the pretrained weights {geo.model}.{geo.tag} split their attention channels: "
