@@ -95,6 +95,12 @@ def test_bench_failures(tmp_path, capsys):
             "--device: expected auto, cpu, cuda or cuda:N, found 'tpu'",
         ),
         (["bench", str(path), *FAST, "--round", "0"], "--round"),
+        (
+            ["bench", str(path), *FAST, "--threads", "99999"],
+            "--threads: expected 0 (torch's default) to 1024",
+        ),
+        (["bench", str(path), *FAST, "--threads", "-1"], "--threads: expected 0 (torch's default) to 1024"),
+        (["bench", str(path), *FAST, "--warmup", "-1"], "--warmup: expected 0 or more"),
     ]
     if not torch.cuda.is_available():
         cases.append((["bench", str(path), "--device", "cuda"], "--device cuda: CUDA is not available"))

@@ -507,7 +507,7 @@ def test_cli_refusals_come_before_any_measurement(tmp_path: Path) -> None:
     assert done.returncode == 1 and "sparsity alone cannot lower a latency" in done.stderr
     assert not cache.exists()  # refused before measuring a table it would not use
     bad = _cli("search", str(env_spec), "--budget", "8msec", cwd=tmp_path)
-    assert bad.returncode == 1 and "expected e.g. 3.3GFLOPs, 16Mparams, 70% or 8ms" in bad.stderr
+    assert bad.returncode == 1 and "expected e.g. 3.3GFLOPs, 16Mparams, 70%, 8ms or 60%latency" in bad.stderr
 
 
 def test_bench_predict_reads_a_built_model_and_defaults_to_the_specs_setting(tmp_path: Path, tiny) -> None:
@@ -542,6 +542,14 @@ def test_latency_of_a_narrower_frozen_spec_says_the_dense_network_was_not_measur
     assert info["dense_measured_ms"] is None and info["largest_predicted_ms"] > 0
     text = _cli(*args, cwd=tmp_path)
     assert "dense network: not measured" in text.stdout and "0 ms" not in text.stdout
+    # a frozen spec's budget is judged by its one network's prediction, never by a "fastest network"
+    ms = info["largest_predicted_ms"]
+    for limit, verdict in ((ms * 1.5, "met ("), (ms * 0.5, "not met: this network is predicted at")):
+        assert "budget {" not in frozen.read_text()
+        budget = f"budget {{ latency <= {limit:.6f}ms; threads = 1; batch = 2 }}\n"
+        (tmp_path / "b.frozen.vit").write_text(frozen.read_text() + budget)
+        done = _cli("latency", str(tmp_path / "b.frozen.vit"), cwd=tmp_path)
+        assert done.returncode == 0 and verdict in done.stdout and "fastest" not in done.stdout, done.stdout
 
 
 def test_bench_predict_falls_back_to_the_frozen_networks_table_when_its_space_cannot_be_tabled(

@@ -343,8 +343,10 @@ def bench_cmd(
     for name, value in (("--batch-size", batch_size), ("--repeats", repeats)):
         if value < 1:
             raise UsageError(f"{name}: expected a positive integer, found {value}")
-    if warmup < 0 or threads < 0:
-        raise UsageError(f"--warmup/--threads: expected 0 or more, found {min(warmup, threads)}")
+    if warmup < 0:
+        raise UsageError(f"--warmup: expected 0 or more, found {warmup}")
+    if not 0 <= threads <= 1024:  # (torch crashes far above the cores it has)
+        raise UsageError(f"--threads: expected 0 (torch's default) to 1024, found {threads}")
     dev = _device(device)
     if threads:
         import torch

@@ -93,7 +93,9 @@ def parse_budget_flag(text: str) -> Limit:
     ``8ms`` (latency), ``60%latency`` (of the dense network's predicted latency)."""
     m = _FLAG.match(text)
     if not m:
-        raise UnitError(f"cannot read budget '{text}'; expected e.g. 3.3GFLOPs, 16Mparams, 70% or 8ms")
+        raise UnitError(
+            f"cannot read budget '{text}'; expected e.g. 3.3GFLOPs, 16Mparams, 70%, 8ms or 60%latency"
+        )
     number, unit = float(m.group(1)), m.group(2)
     if unit in LATENCY_UNITS and unit != "%":
         return to_limit("latency", number, unit, text)
@@ -110,7 +112,7 @@ def parse_budget_flag(text: str) -> Limit:
         return Limit(limit.metric, limit.value, limit.relative, m.group(1) + unit.removesuffix("params"))
     if unit not in FLOPS_UNITS:
         raise UnitError(
-            f"unknown unit '{unit}' in budget '{text}'; expected e.g. 3.3GFLOPs, 16Mparams, 70% or 8ms"
+            f"unknown unit '{unit}' in budget '{text}'; expected e.g. 3.3GFLOPs, 16Mparams, 70%, 8ms or 60%latency"
         )
     limit = to_limit("flops", number, unit, text)
     return Limit(limit.metric, limit.value, limit.relative, m.group(1) + re.sub(r"(FLOPs|MACs)$", "", unit))
