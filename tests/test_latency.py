@@ -671,3 +671,27 @@ def test_the_budget_flag_reads_a_share_of_the_dense_latency() -> None:
     limit = parse_budget_flag("60%latency")
     assert (limit.metric, limit.relative, limit.text) == ("latency", True, "60%")
     assert parse_budget_flag("60%").metric == "flops"
+
+
+def test_round_auto_says_when_its_own_table_puts_the_network_over_the_latency_budget(tmp_path: Path) -> None:
+    """--round auto keeps a latency budget on the table it measures, unless the network starts over it there (a table
+    measured at another time than the search's): then one line says so instead of a silent over-budget build."""
+    from _frozen import VIT_BACKBONE, pattern_arch, search_program, write_frozen
+
+    program = search_program(VIT_BACKBONE, tmp_path / "space.vit")
+    frozen = write_frozen(program, pattern_arch(program), tmp_path / "net.frozen.vit")
+    frozen.write_text(frozen.read_text() + "budget { latency <= 0.0001ms; threads = 1; batch = 2 }\n")
+    args = (
+        "build",
+        str(frozen),
+        "--weights",
+        "none",
+        "--round",
+        "auto",
+        "--out",
+        str(tmp_path / "m.safetensors"),
+    )
+    done = _cli(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if line.startswith("warning: --round auto:")]
+    assert len(said) == 1 and "over the budget latency <= 0.0001ms" in said[0]

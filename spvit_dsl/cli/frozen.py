@@ -193,13 +193,26 @@ def build_cmd(
 def _warn_rounding_over_budget(frozen: str, model: Any, round_to: int | str) -> None:
     """One line on stderr per budget of the frozen spec that rounding the widths up pushed the network over."""
     from ..compact.build import frozen_program
+    from ..compile.freeze import arch_of
     from ..space import cost
 
     program = frozen_program(frozen)
     c = cost.arch_cost(program.space.geometry, model.spvit_arch, program.convention)
     for b in program.budgets:
         if b.limit.metric == "latency":
-            continue  # --round auto keeps a latency budget by construction; --round N is not priced in time
+            if round_to == "auto":  # kept by construction on the rounding table, unless it starts over
+                table = _rounding_table(frozen, quiet=True)
+                g = program.space.geometry
+                after, before = table.arch_ms(g, model.spvit_arch), table.arch_ms(g, arch_of(program.checked))
+                if after > b.absolute:
+                    err.print(
+                        f"warning: --round auto: the rounded network is predicted at {after:.3g} ms, over the budget "
+                        f"latency <= {b.limit.text}, by the table rounding measured (the unrounded network: "
+                        f"{before:.3g} ms on it); the search's table, measured at another time, had it within the "
+                        "budget: rebuild both on an idle machine ('spvit-dsl latency SPEC --rebuild')",
+                        markup=False,
+                    )
+            continue  # --round N is not priced in time
         value = c.macs if b.limit.metric == "flops" else c.params
         if value > b.absolute:
             err.print(
