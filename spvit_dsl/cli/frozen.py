@@ -53,7 +53,7 @@ RoundOpt = Annotated[
 
 def _model(frozen: str, weights: str | None, round_to: int | str | None, masks: str | None = None):
     """A compact model from a frozen .vit (built) or a built .safetensors (loaded)."""
-    from ..compact.build import build, load
+    from ..compact.build import build, frozen_program, load
 
     problem = input_problem(frozen)
     if problem:
@@ -67,18 +67,17 @@ def _model(frozen: str, weights: str | None, round_to: int | str | None, masks: 
     if (
         round_to == "auto"
     ):  # measure (or read) the table of the widths in reach first: its progress and one line
-        _rounding_table(frozen, quiet=False)
+        _rounding_table(frozen_program(frozen), quiet=False)
     return build(frozen, weights=weights, masks=masks, round_to=round_to)  # type: ignore[arg-type]
 
 
-def _rounding_table(frozen: str, *, quiet: bool) -> Any:
-    """The latency table ``--round auto`` chooses widths from (measured once, then cached)."""
-    from ..compact.build import frozen_program, latency_setting_of
+def _rounding_table(program: Any, *, quiet: bool) -> Any:
+    """The latency table ``--round auto`` chooses widths from for a frozen program (measured once, then cached)."""
+    from ..compact.build import latency_setting_of
     from ..compile.freeze import arch_of
     from ..space.latency import rounding_space
     from ._common import latency_table
 
-    program = frozen_program(frozen)
     space = rounding_space(program.space, arch_of(program.checked))
     return latency_table(program, latency_setting_of(program), quiet=quiet, space=space)
 
@@ -110,14 +109,12 @@ def _costs(model) -> dict[str, Any]:
     }
 
 
-def _rounding_rows(frozen: str, model, auto: bool = False) -> list[tuple[str, str, str]] | None:
-    """Before/after rows of a rounded build: FLOPs (paper, exact), params, and with ``--round auto`` the predicted
-    latency."""
-    from ..compact.build import frozen_program
+def _rounding_rows(program: Any, model, table: Any = None) -> list[tuple[str, str, str]] | None:
+    """Before/after rows of a rounded build: FLOPs (paper, exact), params, and with ``--round auto`` (``table``: its
+    rounding table) the predicted latency."""
     from ..compile.freeze import arch_of
     from ..space import cost
 
-    program = frozen_program(frozen)
     g, before, after = program.space.geometry, arch_of(program.checked), model.spvit_arch
     rows = []
     for conv in ("paper", "exact"):
@@ -125,8 +122,7 @@ def _rounding_rows(frozen: str, model, auto: bool = False) -> list[tuple[str, st
         rows.append((f"FLOPs ({conv})", fmt_macs(b), f"{fmt_macs(a)} ({(a - b) / b:+.2%})"))
     b, a = cost.arch_cost(g, before, "exact").params, cost.arch_cost(g, after, "exact").params
     rows.append(("params", fmt_params(b), f"{fmt_params(a)} ({(a - b) / b:+.2%})"))
-    if auto:  # the prediction the widths were chosen by (the cached table)
-        table = _rounding_table(frozen, quiet=True)
+    if table is not None:  # the prediction the widths were chosen by
         b, a = table.arch_ms(g, before), table.arch_ms(g, after)
         rows.append(("latency (predicted)", f"{b:.3g} ms", f"{a:.3g} ms ({(a - b) / b:+.2%})"))
     return rows
@@ -160,7 +156,8 @@ def build_cmd(
     from ..compact.build import frozen_program
     from ._common import warn
 
-    warn(frozen_program(frozen))  # e.g. a ViT whose class token never reads the image (no msa block)
+    program = frozen_program(frozen)
+    warn(program)  # e.g. a ViT whose class token never reads the image (no msa block)
     save(model, out_path)
     counted = sum(p.numel() for p in model.parameters())
     info = {
@@ -182,26 +179,25 @@ def build_cmd(
             "density": "kept fraction of a layer's weights",
         },
     }
+    table = _rounding_table(program, quiet=True) if rounding == "auto" else None  # read from the cache
     if rounding:
-        _warn_rounding_over_budget(frozen, model, rounding)
+        _warn_rounding_over_budget(program, model, rounding, table)
     if json_out:
         print(json.dumps(info))
         return
-    _print_build(info, _rounding_rows(frozen, model, rounding == "auto") if rounding else None)
+    _print_build(info, _rounding_rows(program, model, table) if rounding else None)
 
 
-def _warn_rounding_over_budget(frozen: str, model: Any, round_to: int | str) -> None:
-    """One line on stderr per budget of the frozen spec that rounding the widths up pushed the network over."""
-    from ..compact.build import frozen_program
+def _warn_rounding_over_budget(program: Any, model: Any, round_to: int | str, table: Any = None) -> None:
+    """One line on stderr per budget of the frozen spec that rounding the widths up pushed the network over
+    (``table``: the rounding table of ``--round auto``)."""
     from ..compile.freeze import arch_of
     from ..space import cost
 
-    program = frozen_program(frozen)
     c = cost.arch_cost(program.space.geometry, model.spvit_arch, program.convention)
     for b in program.budgets:
         if b.limit.metric == "latency":
-            if round_to == "auto":  # kept by construction on the rounding table, unless it starts over
-                table = _rounding_table(frozen, quiet=True)
+            if table is not None:  # kept by construction on the rounding table, unless it starts over
                 g = program.space.geometry
                 after, before = table.arch_ms(g, model.spvit_arch), table.arch_ms(g, arch_of(program.checked))
                 if after > b.absolute:
@@ -361,10 +357,7 @@ def bench_cmd(
     if not 0 <= threads <= 1024:  # (torch crashes far above the cores it has)
         raise UsageError(f"--threads: expected 0 (torch's default) to 1024, found {threads}")
     dev = _device(device)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads or None)  # 0: torch's default
     model = _model(
         frozen, weights if weights is not None else ("none" if frozen.endswith(".vit") else None), rounding
     )
