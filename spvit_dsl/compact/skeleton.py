@@ -95,10 +95,9 @@ def _timm_kwargs(geometry: Geometry, arch: FrozenArch) -> dict[str, Any]:
     if arch.embed != geometry.dims:
         heads: object = (1,) * geometry.stages if geometry.family == "swin" else 1
         kwargs |= {"embed_dim": arch.embed[0], "num_heads": heads}
+        # timm's GluMlp needs an even int(E · ratio); every FFN is rebuilt anyway
         if any(b.ffn_glu for b in geometry.blocks):
-            kwargs["mlp_ratio"] = (
-                2.0  # timm's GluMlp needs an even int(E · ratio); every FFN is rebuilt anyway
-            )
+            kwargs["mlp_ratio"] = 2.0
     return kwargs
 
 

@@ -30,9 +30,8 @@ class Budget:
     absolute: float  # MACs, parameters or milliseconds
     feasible: bool
     span: Any = None  # Span in the spec, None when given on the command line
-    checked_in: str = (
-        ""  # a frozen spec read in another convention: the one its budget was checked in (its own)
-    )
+    # a frozen spec read in another convention: the one its budget was checked in (its own)
+    checked_in: str = ""
     share: str = ""  # a latency budget given as a share of the dense network's, once resolved: what it was
 
     @property

@@ -28,9 +28,8 @@ class BlockGeom:
     dim: int  # C, the dense residual width
     heads: int
     head_dim: int
-    hidden: (
-        int  # dense FFN width, fc2's input (int(mlp_ratio * C), timm's rounding; a packed GLU: half of that)
-    )
+    # dense FFN width, fc2's input (int(mlp_ratio * C), timm's rounding; a packed GLU: half of that)
+    hidden: int
     grid: tuple[int, int]  # (H, W) of the patch-token map this block sees
     prefix_tokens: int  # class, register and distillation tokens before the patches; 0 for Swin
     window: int = 0  # Swin window size after timm's clamping to the grid; 0 for ViT

@@ -498,10 +498,8 @@ class Supernet(nn.Module):
         return {
             "qkv": (inner.repeat(3), e),
             "proj": (e, inner),
-            "fc1": (
-                ffn.repeat(self.geometry.blocks[i].fc1_per_neuron),
-                e,
-            ),  # a packed GLU: value and gate rows
+            # a packed GLU's fc1: each neuron's value and gate rows
+            "fc1": (ffn.repeat(self.geometry.blocks[i].fc1_per_neuron), e),
             "fc2": (e, ffn),
         }[group.layer or ""]
 
