@@ -32,7 +32,8 @@ def result_path(name: str) -> str:
 
 def run_parts(name: str, parts: list[str], runners: dict[str, Callable[[], dict[str, Any]]]) -> str:
     """Run the named ``parts`` of benchmark ``name`` and merge their results into its JSON (parts not re-run keep
-    their last figures), written atomically; returns the path. SystemExit: an unknown part."""
+    their last figures; each part records the machine and the day it ran on, the top-level ``machine`` is the last
+    run's), written atomically; returns the path. SystemExit: an unknown part."""
     unknown = [p for p in parts if p not in runners]
     if unknown:
         raise SystemExit(f"unknown part {', '.join(unknown)}: expected {', '.join(runners)}")
@@ -46,6 +47,8 @@ def run_parts(name: str, parts: list[str], runners: dict[str, Callable[[], dict[
         started = time.time()
         out = runners[part]()
         out["seconds"] = round(time.time() - started, 1)
+        out["machine"] = machine("cpu")
+        out["measured_at"] = time.strftime("%Y-%m-%d", time.gmtime(started))
         result["results"][part] = out
         print(part, json.dumps(out.get("summary", out), indent=1)[:3000])
     with open(path + ".tmp", "w") as fh:

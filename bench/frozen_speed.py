@@ -6,7 +6,10 @@ linearly with depth (pruned hardest late), and one global FFN scale is bisected 
 Each network is timed raw (arbitrary widths, as a search leaves them) and with ``--round 8`` widths, interleaved with
 the dense model (torch.inference_mode, warm-up, median of repeats).
 
-    python bench/frozen_speed.py [--batch-size 8] [--repeats 7] [--warmup 2] [--threads 1 2] [--models deit_s swin_s]
+    python bench/frozen_speed.py [--batch-sizes 8 1] [--repeats 7] [--warmup 2] [--threads 1 2] [--models deit_s swin_s]
+
+``--repeats`` counts rounds at batch 8; a smaller batch times ``repeats · 8 / batch`` rounds (56 at batch 1), so
+every row sees as many images.
 
 Target: the measured speed-up reaches at least 90% of the FLOPs reduction, i.e.
 ``(t_dense / t_compact) / (F_dense / F_compact) >= 0.9``. Writes bench/results/frozen_speed-<host>.json.
@@ -196,10 +199,12 @@ def main() -> None:
     results = []
     for device, threads, batch_size in _runs(args):
         torch.set_num_threads(threads)
-        run = argparse.Namespace(**{**vars(args), "batch_size": batch_size})
+        # as many images per network at every batch size: a batch-1 forward is short, and a few of them are noise
+        repeats = max(args.repeats, args.repeats * 8 // batch_size)
+        run = argparse.Namespace(**{**vars(args), "batch_size": batch_size, "repeats": repeats})
         for key in args.models:
             r = bench_model(key, device, run)
-            r.update(batch_size=batch_size, threads=threads)
+            r.update(batch_size=batch_size, threads=threads, repeats=repeats)
             _print(r)
             results.append(r)
     out = {
@@ -207,7 +212,7 @@ def main() -> None:
         "machine": machine(),
         "convention": CONVENTION,
         "target_efficiency": 0.9,
-        "repeats": args.repeats,
+        "repeats": args.repeats,  # at batch 8 and above; smaller batches time more (each run records its own)
         "warmup": args.warmup,
         "results": results,
     }

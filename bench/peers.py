@@ -12,6 +12,8 @@ At 70% and 50% of DeiT-S's FLOPs (exact convention), timed interleaved with the 
 Efficiency = measured speed-up / FLOPs speed-up. Writes bench/results/peers-<host>.json.
 
     python bench/peers.py [--threads 2] [--batch-sizes 8 1] [--repeats 7]
+
+``--repeats`` counts rounds at batch 8; a smaller batch times ``repeats · 8 / batch`` rounds.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def main() -> None:
         import torch_pruning  # noqa: F401
     except ImportError:
         raise SystemExit('bench/peers.py needs Torch-Pruning: pip install -e ".[peers]"') from None
-    results = [run(args.threads, b, args.repeats) for b in args.batch_sizes]
+    # as many images per network at every batch size (as bench/frozen_speed.py): 56 rounds at batch 1
+    results = [run(args.threads, b, max(args.repeats, args.repeats * 8 // b)) for b in args.batch_sizes]
     out = {
         "benchmark": "peers",
         "machine": machine("cpu") | {"torch_threads": args.threads},

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spvit_dsl.compact.build import build
-from spvit_dsl.compact.latency import table_for
+from spvit_dsl.compact.latency import calibration_points, solve_scales, table_for
 from spvit_dsl.compile.program import compile_file, compile_text
 from spvit_dsl.lang.errors import SpecError, UsageError
 from spvit_dsl.search import run_search
@@ -28,6 +28,7 @@ from spvit_dsl.space.latency import (
     LatencyTable,
     block_kind,
     interpolate,
+    measured_points,
     round_for_latency,
     rounding_space,
 )
@@ -121,15 +122,15 @@ def test_the_table_covers_every_candidate_and_predicts_the_sum_of_its_parts(tiny
     arch = FrozenArch(
         (BlockArch("msa", 100, 3, 8), BlockArch("conv1x1", 64, 3, 16), BlockArch("skip", 0, 3, 16)), (48,)
     )
-    parts = entry.msa[(3, 8)] + interpolate([(float(w), t) for w, t in entry.ffn], 100)
-    parts += entry.conv["conv1x1"][16] + dict(entry.ffn)[64] + entry.skip
-    assert table.arch_ms(g, arch) == pytest.approx(table.stem["48"] + table.scale["48"] * parts)
+    s = table.part_scale["48"]
+    assert set(s) == {"msa", "conv1x1", "skip", "ffn"}  # one factor per part, each calibrated
+    ffn = interpolate([(float(w), t) for w, t in entry.ffn], 100) + dict(entry.ffn)[64]
+    parts = s["msa"] * entry.msa[(3, 8)] + s["conv1x1"] * entry.conv["conv1x1"][16] + s["skip"] * entry.skip
+    assert table.arch_ms(g, arch) == pytest.approx(table.stem["48"] + parts + s["ffn"] * ffn)
     assert table.arch_ms(g, space.dense()) == pytest.approx(table.dense_ms)  # the calibration point
 
 
 def test_declared_widths_are_measured_one_by_one() -> None:
-    from spvit_dsl.space.latency import measured_points
-
     spec = BACKBONE + "blocks all { ffn: widths {10, 97, 150} }\nblock 1 { ffn: groups of 24 }"
     (pts,) = measured_points(compile_text(spec, "w.vit").space).values()
     assert sorted(pts.ffn) == sorted({0, 10, 97, 150, 192, *range(24, 192, 24)})
@@ -148,8 +149,73 @@ def test_expected_counts_are_differentiable_and_agree_with_the_frozen_point(tiny
     entry = table.blocks[block_kind(g.blocks[0], 48)]
     ffn = [(float(w), t) for w, t in entry.ffn]
     slope = (interpolate(ffn, 104.0) - interpolate(ffn, 96.0)) / 8  # 99 lies inside the segment 96..104
-    assert width.grad.item() == pytest.approx(3 * table.scale["48"] * slope, rel=1e-6)
-    assert p.grad.item() == pytest.approx(3 * table.scale["48"] * (entry.msa[(3, 16)] - entry.skip), rel=1e-6)
+    s = table.part_scale["48"]
+    assert width.grad.item() == pytest.approx(3 * s["ffn"] * slope, rel=1e-6)
+    assert p.grad.item() == pytest.approx(
+        3 * (s["msa"] * entry.msa[(3, 16)] - s["skip"] * entry.skip), rel=1e-6
+    )
+
+
+def test_the_calibration_networks_determine_one_factor_per_part(tiny) -> None:
+    space, table = tiny
+    g = space.geometry
+    archs = calibration_points(g, (48,), measured_points(space))
+    assert archs[0] == space.dense()
+    assert [a.blocks[0].op for a in archs] == ["msa", "conv1x1", "skip", "skip"]
+    assert [a.blocks[0].ffn for a in archs[2:]] == [192, 0]
+    parts = [table.part_ms(g, a) for a in archs]
+    assert all(set(p) <= {"msa", "conv1x1", "skip", "ffn"} for p in parts)
+    # priced with the factors, every calibration network is predicted at what it measured: here, the dense one
+    assert table.arch_ms(g, archs[0]) == pytest.approx(table.dense_ms)
+
+
+@given(
+    st.lists(st.floats(0.2, 5.0), min_size=3, max_size=3),
+    st.lists(st.floats(0.5, 50.0), min_size=6, max_size=6),
+)
+@settings(max_examples=50, deadline=None)
+def test_solve_scales_recovers_the_factors_that_made_the_times(factors, sums) -> None:
+    names = ["conv1x1", "ffn", "msa"]
+    truth = dict(zip(names, factors, strict=True))
+    parts = [  # dense, one op network, and an FFN-only network: as many equations as parts
+        {"msa": sums[0], "ffn": sums[1]},
+        {"conv1x1": sums[2], "ffn": sums[3]},
+        {"ffn": sums[4] + sums[5]},
+    ]
+    times = [sum(truth[k] * v for k, v in p.items()) for p in parts]
+    got = solve_scales(parts, times)
+    assert got is not None
+    for k in names:
+        assert got[k] == pytest.approx(truth[k], rel=1e-4)
+
+
+def test_solve_scales_refuses_undetermined_or_unphysical_factors() -> None:
+    assert solve_scales([{"msa": 1.0, "ffn": 1.0}], [2.0]) is None  # two parts, one network
+    assert (
+        solve_scales([{"msa": 1.0, "ffn": 1.0}, {"msa": 2.0, "ffn": 2.0}], [2.0, 4.0]) is None
+    )  # one direction
+    assert solve_scales([{"msa": 1.0}, {"msa": 1.0, "ffn": 1.0}], [5.0, 1.0]) is None  # ffn would be −4
+    assert solve_scales([], []) is None
+
+
+def test_a_part_with_its_own_factor_is_priced_by_it_and_a_table_without_factors_by_the_one(tiny) -> None:
+    space, table = tiny
+    g = space.geometry
+    conv = FrozenArch(tuple(BlockArch("conv1x1", 96, 3, 16) for _ in range(3)), (48,))
+    msa = FrozenArch(tuple(BlockArch("msa", 96, 3, 16) for _ in range(3)), (48,))
+    s = dict(table.part_scale["48"])
+    slower = replace(table, part_scale={"48": s | {"conv1x1": 2 * s["conv1x1"]}})
+    conv_part = table.part_ms(g, conv)["conv1x1"]
+    assert slower.arch_ms(g, conv) - table.arch_ms(g, conv) == pytest.approx(s["conv1x1"] * conv_part)
+    assert slower.arch_ms(g, msa) == pytest.approx(table.arch_ms(g, msa))  # no conv1x1 block: unchanged
+    assert slower.counts_ms(g, counts_of(conv)) == pytest.approx(slower.arch_ms(g, conv))
+    one = replace(table, part_scale={})  # a table from before per-part factors: one factor for every part
+    total = sum(one.part_ms(g, conv).values())
+    assert one.arch_ms(g, conv) == pytest.approx(one.stem["48"] + one.scale["48"] * total)
+    again = LatencyTable.from_json(json.loads(slower.dumps()))
+    assert again.part_scale == slower.part_scale and again.arch_ms(g, conv) == pytest.approx(
+        slower.arch_ms(g, conv)
+    )
 
 
 def test_the_table_is_cached_per_setting_and_a_broken_file_is_measured_again(tmp_path: Path) -> None:

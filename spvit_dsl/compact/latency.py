@@ -38,6 +38,7 @@ from ..space.latency import (
     LatencySetting,
     LatencyTable,
     Points,
+    block_kind,
     measured_embeds,
     measured_points,
 )
@@ -46,7 +47,7 @@ from ..supernet._timm import swin_stages
 from .skeleton import _rebuild_block, block_modules, create_compact, fuse_window_attention
 from .speed import _cores, _sync, machine
 
-__all__ = ["cache_dir", "measure_table", "table_for"]
+__all__ = ["cache_dir", "calibration_points", "measure_table", "solve_scales", "table_for"]
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 MIN_SAMPLE_MS = 2.0
@@ -100,6 +101,7 @@ def table_key(space: Space, setting: LatencySetting, device: torch.device) -> st
             k: v for k, v in machine(device).items() if k in ("cpu", "cores", "gpu", "torch", "platform")
         },
         "timm": timm.__version__,
+        "calibration": "per-part",  # tables with one factor for the whole network are measured again
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -245,6 +247,7 @@ def measure_table(
     miscalibrated = False
     stem: dict[str, float] = {}
     scale: dict[str, float] = {}
+    part_scale: dict[str, dict[str, float]] = {}
     dense_ms = 0.0
     with _threads(setting.threads), torch.inference_mode(), autocast(device, setting.precision):
         for embed in embeds:
@@ -278,33 +281,48 @@ def measure_table(
                     elif what != "skip":
                         table.conv.setdefault(what, {})[arg] = t
                 blocks[kind] = table
-            # calibration: the dense network at this width, whole and without its blocks
+            # calibration: whole networks at this width (the dense one, one per op, two all-skip ones) against the
+            # sum of their blocks timed alone, and the network without its blocks (the stem)
+            archs = calibration_points(geometry, embed, points)
             bare = _without_blocks(model, geometry.family)
             x = _sample_input(
                 (setting.batch, geometry.in_chans, geometry.img_size, geometry.img_size), device
             )
+            nets = [model] + [create_compact(geometry, a).eval() for a in archs[1:]] + [bare]
             key = ",".join(map(str, embed))
+            parts: dict[str, float] | None = None
             for attempt in range(CALIBRATION_TRIES):
-                t_full, t_stem = _time_interleaved(
-                    [_bind(model.to(device), x), _bind(bare.to(device), x)],
+                times = _time_interleaved(
+                    [_bind(m.to(device), x) for m in nets],
                     device,
                     warmup=warmup,
                     repeats=repeats,
                     tick=tick("calibration") if attempt == 0 else None,
                 )
+                t_full, t_stem = times[0], times[-1]
                 partial = LatencyTable(geometry.model, setting, blocks, {key: t_stem}, {key: 1.0}, t_full)
                 predicted = partial.arch_ms(geometry, arch) - t_stem
                 ratio = (t_full - t_stem) / predicted if predicted > 0 else 1.0
-                if ratio > 0:  # (a small positive ratio is real: tiny blocks timed alone carry per-call
-                    break  # overhead they do not have inside the network)
-                # the whole network ran no slower than its stem alone: timings of a busy machine; time again
+                parts = solve_scales(
+                    [partial.part_ms(geometry, a) for a in archs], [t - t_stem for t in times[:-1]]
+                )
+                if (
+                    ratio > 0 and parts is not None
+                ):  # (a small positive ratio is real: tiny blocks timed alone
+                    break  # carry per-call overhead they do not have inside the network)
+                # a network ran no slower than its stem alone, or the factors came out unphysical: timings of a busy
+                # machine; time again
             stem[key] = t_stem
-            if ratio <= 0:  # still so after every try: the blocks as measured, the table reported unsteady
-                ratio, miscalibrated = 1.0, True
+            if (
+                ratio <= 0 or parts is None
+            ):  # still so after every try: one factor (or none), table reported unsteady
+                ratio, miscalibrated = (ratio if ratio > 0 else 1.0), True
             scale[key] = ratio
+            if parts is not None:
+                part_scale[key] = parts
             if embed == geometry.dims:
                 dense_ms = t_full
-            del model, bare, base
+            del model, bare, base, nets
     env = {k: v for k, v in machine(device).items() if k != "host"} | {"timm": timm.__version__}
     env["measured_at"] = time.strftime("%Y-%m-%d %H:%M", time.localtime())
     spread = round(statistics.median(spreads), 4) if spreads else 0.0
@@ -313,7 +331,51 @@ def measure_table(
     if busy is not None:
         env["others_running"] = busy
     env["spread"] = spread
-    return LatencyTable(geometry.model, setting, blocks, stem, scale, dense_ms, env)
+    return LatencyTable(geometry.model, setting, blocks, stem, scale, dense_ms, env, part_scale=part_scale)
+
+
+def calibration_points(
+    geometry: Geometry, embed: tuple[int, ...], points: dict[str, Points]
+) -> list[FrozenArch]:
+    """The whole networks that calibrate a table at residual widths ``embed``: the dense network first; then, per op
+    the table measured besides ``msa`` and ``skip``, every block whose kind was measured with it takes it at the
+    widest measured bottleneck (the others stay ``msa``), FFN at full width; then every block ``skip`` at full FFN
+    width, and at FFN width 0. As many networks as parts (the ops and the FFN): :func:`solve_scales` has one
+    answer."""
+    dense = _dense_blocks(geometry)
+    kinds = [points[block_kind(b, embed[b.stage])] for b in geometry.blocks]
+    ops = sorted({op for p in kinds for op in p.ops} - {"msa", "skip"})
+    archs = [FrozenArch(dense, embed)]
+    for op in ops:
+        blocks = tuple(
+            BlockArch(op, b.hidden, b.heads, max(p.conv_dims)) if op in p.ops else d
+            for b, d, p in zip(geometry.blocks, dense, kinds, strict=True)
+        )
+        archs.append(FrozenArch(blocks, embed))
+    for full in (True, False):
+        blocks = tuple(
+            BlockArch("skip", b.hidden if full else 0, b.heads, b.head_dim) for b in geometry.blocks
+        )
+        archs.append(FrozenArch(blocks, embed))
+    return archs
+
+
+def solve_scales(parts: list[dict[str, float]], block_ms: list[float]) -> dict[str, float] | None:
+    """Per-part calibration factors: the least-squares solution of ``Σ_part scale[part] · parts[i][part] =
+    block_ms[i]`` over the calibration networks (``parts``: :meth:`LatencyTable.part_ms` of each; ``block_ms``: each
+    network's time minus its stem's). None when the networks do not determine every factor or a factor is not
+    positive and finite (noise: the caller times again)."""
+    names = sorted({k for p in parts for k, v in p.items() if v > 0})
+    if not names:
+        return None
+    a = torch.tensor([[p.get(k, 0.0) for k in names] for p in parts], dtype=torch.float64)
+    y = torch.tensor(block_ms, dtype=torch.float64).unsqueeze(1)
+    if int(torch.linalg.matrix_rank(a)) < len(names):
+        return None
+    s = torch.linalg.lstsq(a, y, driver="gelsd").solution.squeeze(1)
+    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+        return None
+    return {k: round(float(v), 6) for k, v in zip(names, s, strict=True)}
 
 
 def others_running(samples: int = 20, interval: float = 0.02) -> float | None:

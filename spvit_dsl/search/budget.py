@@ -160,8 +160,8 @@ class Projection:
         c = cost_model.block_cost(b, a.blocks[i], self.convention, a.embed[b.stage])
         out = {"flops": float(c.macs), "params": float(c.params)}
         if self.table is not None:
-            out["latency"] = self.table.block_ms(b, a.blocks[i], a.embed[b.stage]) * self.table.scale_of(
-                a.embed
+            out["latency"] = self.table.block_ms(
+                b, a.blocks[i], a.embed[b.stage], self.table.scales_of(a.embed)
             )
         return out
 

@@ -6,7 +6,8 @@ Input: a :class:`LatencyTable` — what one device measured for the backbone's b
 milliseconds. This is our extension; SPViT, UP-ViT, OFB and DIMAP budget FLOPs only. The table's layout follows the
 latency lookup tables of hardware-aware NAS (ProxylessNAS, FBNet: one measured entry per candidate layer, summed).
 
-Prediction (``docs/latency.md``): ``stem + scale · Σ_blocks (attention(op, heads, head_dim) + ffn(width))``.
+Prediction (``docs/latency.md``): ``stem + Σ_blocks (scale[op] · attention(op, heads, head_dim) + scale[ffn] ·
+ffn(width))``.
 
 * ``attention`` is a whole block measured with its FFN at width 0 (norm1 + the op + residual + what width 0 still
   runs); ``ffn(width)`` is the same block with a ``skip`` op at that FFN width minus its width-0 time, so the two
@@ -14,8 +15,12 @@ Prediction (``docs/latency.md``): ``stem + scale · Σ_blocks (attention(op, hea
 * Widths between measured ones are interpolated linearly (heads × head_dim bilinearly); measured widths are exact
   lookups. Sparsity does not change a prediction: dense kernels do not run faster for zeros.
 * ``stem`` (patch embedding, position embedding, patch merging, final norm, pooling and head) is measured with the
-  blocks removed; ``scale`` is the measured dense network's block time over the sum of its measured blocks (blocks
-  timed alone run a few percent apart from blocks inside the network). Both are measured per embedding width.
+  blocks removed. ``scale`` calibrates blocks timed alone to blocks inside the network, one factor per part (each op
+  and the FFN): whole networks are timed with every block at one op (FFN at full width), plus every block ``skip``
+  at FFN width 0 and at full width, and the factors solve those equations. Blocks timed alone can run far apart
+  from the same blocks inside a network (in one Swin-T table, 2 threads, batch 8: convolution ops about 2× slower
+  inside), so one factor for the whole network (the dense network's, kept as ``scale`` for the record and for
+  tables from before) under-predicts networks rich in such ops. Both are measured per embedding width.
 
 The function is piecewise linear in every width, so a block's latency is also defined at expected (fractional)
 widths: :meth:`LatencyTable.block_ms` takes floats.
@@ -102,6 +107,11 @@ def interpolate(points: Sequence[tuple[float, float]], x: Any) -> Any:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
+def _part(scales: Mapping[str, float], part: str) -> float:
+    """The calibration factor of ``part`` in :meth:`LatencyTable.scales_of`'s mapping (``"*"`` when uncalibrated)."""
+    return scales.get(part, scales["*"])
+
+
 def _number(x: Any) -> float:
     """A number or a 0-d tensor's value (detached: it only locates a segment)."""
     return float(x.detach()) if hasattr(x, "detach") else float(x)
@@ -169,8 +179,10 @@ class LatencyTable:
     """A device's measurements for one backbone (see the module docstring); JSON via :meth:`to_json`.
 
     ``stem[embed]`` and ``scale[embed]`` are keyed by the residual widths of the stages (``"384"``;
-    ``"96,192,384,768"``); ``dense_ms`` is the dense network as measured whole, for the record (0.0: not measured, a
-    frozen spec whose embedding widths are narrower than the dense ones times those widths only).
+    ``"96,192,384,768"``); ``part_scale[embed]`` maps a part (an op name or ``"ffn"``) to its own calibration factor
+    (a part it lacks, or an embedding width it lacks, uses ``scale``: one factor for every part); ``dense_ms`` is the
+    dense network as measured whole, for the record (0.0: not measured, a frozen spec whose embedding widths are
+    narrower than the dense ones times those widths only).
     """
 
     model: str
@@ -181,6 +193,7 @@ class LatencyTable:
     dense_ms: float
     environment: dict[str, Any] = field(default_factory=dict)
     key: str = ""
+    part_scale: dict[str, dict[str, float]] = field(default_factory=dict)
 
     # -- prediction
     def _entry(self, b: BlockGeom, embed: int) -> BlockTable:
@@ -211,10 +224,16 @@ class LatencyTable:
         t = (embed - lo) / (hi - lo)
         return [(1 - t, self.blocks[f"{family}:C{lo}"]), (t, self.blocks[f"{family}:C{hi}"])]
 
-    def block_ms(self, b: BlockGeom, arch: BlockArch, embed: int) -> float:
-        """Predicted milliseconds of one block before the network's ``scale`` (fractional widths interpolate)."""
+    def block_ms(
+        self, b: BlockGeom, arch: BlockArch, embed: int, scales: Mapping[str, float] | None = None
+    ) -> float:
+        """Predicted milliseconds of one block (fractional widths interpolate): inside the network with ``scales``
+        (:meth:`scales_of` of the point's residual widths), as timed alone without."""
+        s_op = s_ffn = 1.0
+        if scales is not None:
+            s_op, s_ffn = _part(scales, arch.op), _part(scales, "ffn")
         return sum(
-            w * (e.attention_ms(arch.op, arch.heads, arch.head_dim) + e.ffn_ms(arch.ffn))
+            w * (s_op * e.attention_ms(arch.op, arch.heads, arch.head_dim) + s_ffn * e.ffn_ms(arch.ffn))
             for w, e in self._brackets(b, embed)
         )
 
@@ -233,7 +252,32 @@ class LatencyTable:
         return self._per_embed(self.stem, embed)
 
     def scale_of(self, embed: Sequence[int]) -> float:
+        """The one factor of the dense network at these residual widths (see :meth:`scales_of`)."""
         return self._per_embed(self.scale, embed)
+
+    def scales_of(self, embed: Sequence[int]) -> dict[str, float]:
+        """Part (an op name or ``"ffn"``) → calibration factor at these residual widths; ``"*"``: the factor of a
+        part the table did not calibrate on its own (:meth:`scale_of`). Raises :class:`KeyError` like
+        :meth:`stem_ms`."""
+        out = {"*": self.scale_of(embed)}
+        parts = sorted({p for v in self.part_scale.values() for p in v})
+        for part in parts:
+            values = {k: v[part] for k, v in self.part_scale.items() if part in v}
+            try:
+                out[part] = self._per_embed(values, embed)
+            except KeyError:
+                pass  # not calibrated at these widths: the network's one factor
+        return out
+
+    def part_ms(self, geometry: Geometry, arch: FrozenArch) -> dict[str, float]:
+        """Milliseconds of the point's blocks as timed alone, summed per part: each op's attention entries under its
+        name, every FFN under ``"ffn"`` (the terms the calibration factors multiply). Raises like :meth:`arch_ms`."""
+        sums: dict[str, float] = {}
+        for b, a in zip(geometry.blocks, arch.blocks, strict=True):
+            for w, e in self._brackets(b, arch.embed[b.stage]):
+                sums[a.op] = sums.get(a.op, 0.0) + w * e.attention_ms(a.op, a.heads, a.head_dim)
+                sums["ffn"] = sums.get("ffn", 0.0) + w * e.ffn_ms(a.ffn)
+        return sums
 
     def arch_ms(self, geometry: Geometry, arch: FrozenArch) -> float:
         """Predicted milliseconds of one forward of ``setting.batch`` images of the point ``arch``.
@@ -241,12 +285,9 @@ class LatencyTable:
         Raises :class:`KeyError` when the point leaves what the table measured (another residual width, an op it
         never timed): build the table for the space the point comes from.
         """
-        scale = self.scale_of(arch.embed)
-        blocks = sum(
-            self.block_ms(b, a, arch.embed[b.stage])
-            for b, a in zip(geometry.blocks, arch.blocks, strict=True)
-        )
-        return self.stem_ms(arch.embed) + scale * blocks
+        scales = self.scales_of(arch.embed)
+        parts = self.part_ms(geometry, arch)
+        return self.stem_ms(arch.embed) + sum(_part(scales, k) * ms for k, ms in parts.items())
 
     def counts_ms(self, geometry: Geometry, counts: Counts) -> Any:
         """The predicted milliseconds of expected counts (op probabilities, expected heads, per-head and FFN widths;
@@ -254,14 +295,16 @@ class LatencyTable:
         differentiable in the op weights and the widths. The residual widths are read as integers (rounded; not
         differentiable); at a frozen point's counts this is :meth:`arch_ms`."""
         embed = tuple(int(round(_number(e))) for e in counts.embed)
+        scales = self.scales_of(embed)
+        s_ffn = _part(scales, "ffn")
         total: Any = 0.0
         for b, c in zip(geometry.blocks, counts.blocks, strict=True):
             for weight, entry in self._brackets(b, embed[b.stage]):
-                part: Any = entry.ffn_ms(c.ffn)
+                part: Any = s_ffn * entry.ffn_ms(c.ffn)
                 for op, w in c.ops.items():
-                    part = part + w * entry.attention_ms(op, c.heads, c.head_dim)
+                    part = part + w * _part(scales, op) * entry.attention_ms(op, c.heads, c.head_dim)
                 total = total + weight * part
-        return self.stem_ms(embed) + self.scale_of(embed) * total
+        return self.stem_ms(embed) + total
 
     def fastest_ms(self, space: Space) -> float:
         """The predicted milliseconds of the fastest point of ``space`` (blocks choose independently, so each takes
@@ -269,19 +312,20 @@ class LatencyTable:
         Raises :class:`KeyError` when the space leaves what the table measured."""
         best = math.inf
         for embed in itertools.product(*space.embed):
+            scales = self.scales_of(embed)
             total = 0.0
             for p in space.plans:
                 b, dim = p.geom, embed[p.geom.stage]
                 pairs = self._brackets(b, dim)
                 attn = min(
-                    sum(w * e.attention_ms(op, h, d) for w, e in pairs)
+                    _part(scales, op) * sum(w * e.attention_ms(op, h, d) for w, e in pairs)
                     for op in p.attention
                     for h in p.heads
                     for d in p.head_dim
                 )
                 ffn = min(sum(w * e.ffn_ms(f) for w, e in pairs) for f in p.ffn.candidates(b.hidden))
-                total += attn + ffn
-            best = min(best, self.stem_ms(embed) + self.scale_of(embed) * total)
+                total += attn + _part(scales, "ffn") * ffn
+            best = min(best, self.stem_ms(embed) + total)
         return best
 
     def ffn_widths(self, b: BlockGeom, embed: int) -> list[int]:
@@ -299,6 +343,7 @@ class LatencyTable:
             "dense_ms": self.dense_ms,
             "stem": self.stem,
             "scale": self.scale,
+            "part_scale": self.part_scale,
             "blocks": {k: v.to_json() for k, v in sorted(self.blocks.items())},
         }
 
@@ -321,6 +366,9 @@ class LatencyTable:
             dense_ms=float(d["dense_ms"]),
             environment=dict(d.get("environment", {})),
             key=str(d.get("key", "")),
+            part_scale={
+                k: {part: float(x) for part, x in v.items()} for k, v in d.get("part_scale", {}).items()
+            },
         )
 
 
@@ -449,11 +497,12 @@ def round_for_latency(
     point to its costs (metric → absolute, e.g. ``{"flops": ..., "params": ...}``); ``limits``: metric → the
     budget's absolute limit. The result never breaks a limit ``arch`` met."""
     fronts: list[list[int]] = []
+    scales = table.scales_of(arch.embed)
     for b, a in zip(geometry.blocks, arch.blocks, strict=True):
         embed = arch.embed[b.stage]
         lo, hi = _reach(a.ffn, b.hidden)  # blocks of one kind share entries: keep each to its own reach
         measured = sorted({w for w in table.ffn_widths(b, embed) if lo <= w <= hi} | {a.ffn})
-        ms = {w: table.block_ms(b, replace(a, ffn=w), embed) for w in measured}
+        ms = {w: table.block_ms(b, replace(a, ffn=w), embed, scales) for w in measured}
         front = [w for w in measured if all(ms[w] < ms[v] for v in measured if v > w)]
         fronts.append(front)
     level = [
@@ -483,8 +532,8 @@ def round_for_latency(
             if gain <= 0:
                 continue
             b = geometry.blocks[i]
-            extra = table.block_ms(b, cand.blocks[i], arch.embed[b.stage]) - table.block_ms(
-                b, current.blocks[i], arch.embed[b.stage]
+            extra = table.block_ms(b, cand.blocks[i], arch.embed[b.stage], scales) - table.block_ms(
+                b, current.blocks[i], arch.embed[b.stage], scales
             )
             if best is None or extra / gain < best[0]:
                 best = (extra / gain, i, cand, c)
