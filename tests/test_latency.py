@@ -671,6 +671,21 @@ def test_a_table_measured_on_oversubscribed_cores_is_marked_busy(monkeypatch, ot
         assert table.spread > measuring.UNSTEADY  # every command reading it says so
 
 
+def test_factors_that_never_solve_leave_one_factor_and_an_unsteady_table(monkeypatch) -> None:
+    """A busy machine can time the calibration networks so that no positive factors fit: after every try the table
+    keeps the dense network's one factor for every part, and says it is unsteady."""
+    from spvit_dsl.compact import latency as measuring
+
+    tries: list[int] = []
+    monkeypatch.setattr(measuring, "solve_scales", lambda parts, ms: tries.append(len(parts)))
+    monkeypatch.setattr(measuring, "others_running", lambda: 0.0)
+    text = BACKBONE.replace("depth = 3", "depth = 1") + "blocks all { attention: one of {msa, conv1x1} }"
+    table = measuring.measure_table(compile_text(text, "u.vit").space, SETTING, warmup=0, repeats=1)
+    assert tries == [4] * measuring.CALIBRATION_TRIES  # dense, all conv1x1, all skip, skip at FFN width 0
+    assert table.part_scale == {} and table.scale["48"] > 0
+    assert table.spread > measuring.UNSTEADY
+
+
 @pytest.mark.skipif(not Path("/proc/loadavg").exists(), reason="needs Linux's /proc/loadavg")
 def test_a_process_spinning_beside_this_one_is_counted_at_once() -> None:
     """The runnable count has no lag: a busy loop started a moment ago is seen (the load average would take a
