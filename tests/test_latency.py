@@ -5,6 +5,7 @@ logic under test (predicted-against-measured accuracy is ``bench/latency.py``'s 
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -46,11 +47,22 @@ SPACE = (
 SETTING = LatencySetting("cpu", 1, 4, "fp32")
 
 
+FACTORS = {"msa": 1.1, "conv1x1": 1.7, "skip": 0.9, "ffn": 1.05}  # unlike each other, as calibrations can be
+
+
 @pytest.fixture(scope="module")
 def tiny() -> tuple[object, LatencyTable]:
     space = compile_text(SPACE, "tiny.vit").space
     table, _, _ = table_for(space, SETTING)
     return space, table
+
+
+@pytest.fixture(scope="module")
+def factored(tiny) -> tuple[object, LatencyTable]:
+    """The tiny table with fixed per-part factors: the arithmetic under test does not hang on whether this machine's
+    calibration solved (a busy one falls back to one factor)."""
+    space, table = tiny
+    return space, replace(table, part_scale={"48": dict(FACTORS)})
 
 
 # ---------------------------------------------------------------------------------------------- the language
@@ -111,8 +123,9 @@ def test_interpolation_is_exact_at_measured_points_and_between_its_neighbours(po
         assert min(y0, y1) - 1e-9 <= mid <= max(y0, y1) + 1e-9
 
 
-def test_the_table_covers_every_candidate_and_predicts_the_sum_of_its_parts(tiny) -> None:
-    space, table = tiny
+def test_the_table_covers_every_candidate_and_predicts_the_sum_of_its_parts(tiny, factored) -> None:
+    space, measured = tiny
+    _, table = factored
     g = space.geometry
     entry = table.blocks[block_kind(g.blocks[0], 48)]
     assert set(entry.conv) == {"conv1x1"} and set(entry.conv["conv1x1"]) == {8, 16}
@@ -122,12 +135,15 @@ def test_the_table_covers_every_candidate_and_predicts_the_sum_of_its_parts(tiny
     arch = FrozenArch(
         (BlockArch("msa", 100, 3, 8), BlockArch("conv1x1", 64, 3, 16), BlockArch("skip", 0, 3, 16)), (48,)
     )
-    s = table.part_scale["48"]
-    assert set(s) == {"msa", "conv1x1", "skip", "ffn"}  # one factor per part, each calibrated
+    s = FACTORS
     ffn = interpolate([(float(w), t) for w, t in entry.ffn], 100) + dict(entry.ffn)[64]
     parts = s["msa"] * entry.msa[(3, 8)] + s["conv1x1"] * entry.conv["conv1x1"][16] + s["skip"] * entry.skip
     assert table.arch_ms(g, arch) == pytest.approx(table.stem["48"] + parts + s["ffn"] * ffn)
-    assert table.arch_ms(g, space.dense()) == pytest.approx(table.dense_ms)  # the calibration point
+    scales = table.scales_of((48,))
+    blocks = sum(table.block_ms(b, a, 48, scales) for b, a in zip(g.blocks, arch.blocks, strict=True))
+    assert table.arch_ms(g, arch) == pytest.approx(table.stem["48"] + blocks)
+    # the dense network is a calibration point: per-part factors solved exactly, or one factor fitted to it
+    assert measured.arch_ms(g, space.dense()) == pytest.approx(measured.dense_ms)
 
 
 def test_declared_widths_are_measured_one_by_one() -> None:
@@ -136,8 +152,8 @@ def test_declared_widths_are_measured_one_by_one() -> None:
     assert sorted(pts.ffn) == sorted({0, 10, 97, 150, 192, *range(24, 192, 24)})
 
 
-def test_expected_counts_are_differentiable_and_agree_with_the_frozen_point(tiny) -> None:
-    space, table = tiny
+def test_expected_counts_are_differentiable_and_agree_with_the_frozen_point(factored) -> None:
+    space, table = factored
     g = space.geometry
     arch = FrozenArch(tuple(BlockArch("msa", 99, 3, 16) for _ in range(3)), (48,))
     assert table.counts_ms(g, counts_of(arch)) == pytest.approx(table.arch_ms(g, arch))
@@ -149,7 +165,7 @@ def test_expected_counts_are_differentiable_and_agree_with_the_frozen_point(tiny
     entry = table.blocks[block_kind(g.blocks[0], 48)]
     ffn = [(float(w), t) for w, t in entry.ffn]
     slope = (interpolate(ffn, 104.0) - interpolate(ffn, 96.0)) / 8  # 99 lies inside the segment 96..104
-    s = table.part_scale["48"]
+    s = FACTORS
     assert width.grad.item() == pytest.approx(3 * s["ffn"] * slope, rel=1e-6)
     assert p.grad.item() == pytest.approx(
         3 * (s["msa"] * entry.msa[(3, 16)] - s["skip"] * entry.skip), rel=1e-6
@@ -164,9 +180,12 @@ def test_the_calibration_networks_determine_one_factor_per_part(tiny) -> None:
     assert [a.blocks[0].op for a in archs] == ["msa", "conv1x1", "skip", "skip"]
     assert [a.blocks[0].ffn for a in archs[2:]] == [192, 0]
     parts = [table.part_ms(g, a) for a in archs]
-    assert all(set(p) <= {"msa", "conv1x1", "skip", "ffn"} for p in parts)
-    # priced with the factors, every calibration network is predicted at what it measured: here, the dense one
-    assert table.arch_ms(g, archs[0]) == pytest.approx(table.dense_ms)
+    names = {k for p in parts for k in p}
+    assert names == set(FACTORS) and len(archs) == len(names)  # as many networks as parts
+    # networks that ran exactly as these factors say give the factors back
+    times = [sum(FACTORS[k] * v for k, v in p.items()) for p in parts]
+    got = solve_scales(parts, times)
+    assert got is not None and got == pytest.approx(FACTORS, rel=1e-6)
 
 
 @given(
@@ -198,8 +217,8 @@ def test_solve_scales_refuses_undetermined_or_unphysical_factors() -> None:
     assert solve_scales([], []) is None
 
 
-def test_a_part_with_its_own_factor_is_priced_by_it_and_a_table_without_factors_by_the_one(tiny) -> None:
-    space, table = tiny
+def test_a_part_with_its_own_factor_is_priced_by_it_and_a_table_without_factors_by_the_one(factored) -> None:
+    space, table = factored
     g = space.geometry
     conv = FrozenArch(tuple(BlockArch("conv1x1", 96, 3, 16) for _ in range(3)), (48,))
     msa = FrozenArch(tuple(BlockArch("msa", 96, 3, 16) for _ in range(3)), (48,))
@@ -216,6 +235,39 @@ def test_a_part_with_its_own_factor_is_priced_by_it_and_a_table_without_factors_
     assert again.part_scale == slower.part_scale and again.arch_ms(g, conv) == pytest.approx(
         slower.arch_ms(g, conv)
     )
+    written = json.loads(slower.dumps())
+    del written["part_scale"]  # a table written before per-part factors
+    assert LatencyTable.from_json(written).arch_ms(g, conv) == pytest.approx(one.arch_ms(g, conv))
+    fastest = slower.fastest_ms(space)  # the fastest point under these factors: no point is faster
+    rng = random.Random(0)
+    for _ in range(20):
+        point = FrozenArch(
+            tuple(
+                BlockArch(rng.choice(["msa", "conv1x1", "skip"]), rng.randint(0, 192), 3, rng.choice([8, 16]))
+                for _ in range(3)
+            ),
+            (48,),
+        )
+        assert fastest <= slower.arch_ms(g, point) + 1e-9
+
+
+def test_factors_between_calibrated_widths_interpolate_and_missing_ones_use_the_one_factor() -> None:
+    g = compile_text(BACKBONE + "embed: 24..36 step 12", "w.vit").space.geometry
+    entry = BlockTable(msa={(3, 16): 0.25}, skip=0.05, ffn=[(0, 0.0), (48, 0.1)])
+    kinds = {block_kind(g.blocks[0], w): entry for w in (24, 36)}
+    table = LatencyTable(
+        g.model,
+        SETTING,
+        kinds,
+        {"24": 0.3, "36": 0.3},
+        {"24": 1.0, "36": 2.0},
+        0.0,
+        part_scale={"24": {"ffn": 1.0, "msa": 3.0}, "36": {"ffn": 2.0}},
+    )
+    s = table.scales_of((30,))
+    assert s["*"] == pytest.approx(1.5) and s["ffn"] == pytest.approx(1.5)  # halfway between 24 and 36
+    assert "msa" not in s  # calibrated at 24 only: the one factor
+    assert table.scales_of((24,))["msa"] == 3.0 and "msa" not in table.scales_of((36,))
 
 
 def test_the_table_is_cached_per_setting_and_a_broken_file_is_measured_again(tmp_path: Path) -> None:
@@ -677,7 +729,11 @@ def test_factors_that_never_solve_leave_one_factor_and_an_unsteady_table(monkeyp
     from spvit_dsl.compact import latency as measuring
 
     tries: list[int] = []
-    monkeypatch.setattr(measuring, "solve_scales", lambda parts, ms: tries.append(len(parts)))
+
+    def never(parts: list[dict[str, float]], block_ms: list[float]) -> None:
+        tries.append(len(parts))  # and no factors: as if every try had timed unphysical ones
+
+    monkeypatch.setattr(measuring, "solve_scales", never)
     monkeypatch.setattr(measuring, "others_running", lambda: 0.0)
     text = BACKBONE.replace("depth = 3", "depth = 1") + "blocks all { attention: one of {msa, conv1x1} }"
     table = measuring.measure_table(compile_text(text, "u.vit").space, SETTING, warmup=0, repeats=1)

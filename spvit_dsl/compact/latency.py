@@ -51,7 +51,7 @@ __all__ = ["cache_dir", "calibration_points", "measure_table", "solve_scales", "
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 MIN_SAMPLE_MS = 2.0
-CALIBRATION_TRIES = 3  # a calibration where the network times no slower than its stem is timed again
+CALIBRATION_TRIES = 3  # a calibration whose networks time no slower than the stem, or fit no positive factors
 
 
 def cache_dir() -> Path:
@@ -306,16 +306,16 @@ def measure_table(
                 parts = solve_scales(
                     [partial.part_ms(geometry, a) for a in archs], [t - t_stem for t in times[:-1]]
                 )
-                if (
-                    ratio > 0 and parts is not None
-                ):  # (a small positive ratio is real: tiny blocks timed alone
-                    break  # carry per-call overhead they do not have inside the network)
+                # (a small positive ratio is real: tiny blocks timed alone carry per-call overhead they do not
+                # have inside the network)
+                if ratio > 0 and parts is not None:
+                    break
                 # a network ran no slower than its stem alone, or the factors came out unphysical: timings of a busy
-                # machine; time again
+                # machine; time again (the last try's timings are kept)
             stem[key] = t_stem
-            if (
-                ratio <= 0 or parts is None
-            ):  # still so after every try: one factor (or none), table reported unsteady
+            # still so after every try: the dense network's one factor (1.0 when even that is not positive), and the
+            # table reported unsteady
+            if ratio <= 0 or parts is None:
                 ratio, miscalibrated = (ratio if ratio > 0 else 1.0), True
             scale[key] = ratio
             if parts is not None:
@@ -375,7 +375,7 @@ def solve_scales(parts: list[dict[str, float]], block_ms: list[float]) -> dict[s
     s = torch.linalg.lstsq(a, y, driver="gelsd").solution.squeeze(1)
     if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
         return None
-    return {k: round(float(v), 6) for k, v in zip(names, s, strict=True)}
+    return {k: float(v) for k, v in zip(names, s, strict=True)}
 
 
 def others_running(samples: int = 20, interval: float = 0.02) -> float | None:

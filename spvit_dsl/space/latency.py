@@ -18,8 +18,8 @@ ffn(width))``.
   blocks removed. ``scale`` calibrates blocks timed alone to blocks inside the network, one factor per part (each op
   and the FFN): whole networks are timed with every block at one op (FFN at full width), plus every block ``skip``
   at FFN width 0 and at full width, and the factors solve those equations. Blocks timed alone can run far apart
-  from the same blocks inside a network (in one Swin-T table, 2 threads, batch 8: convolution ops about 2× slower
-  inside), so one factor for the whole network (the dense network's, kept as ``scale`` for the record and for
+  from the same blocks inside a network (in one Swin-T table, 2 threads, batch 8: convolution blocks 1.8–2.4×
+  slower inside), so one factor for the whole network (the dense network's, kept as ``scale`` for the record and for
   tables from before) under-predicts networks rich in such ops. Both are measured per embedding width.
 
 The function is piecewise linear in every width, so a block's latency is also defined at expected (fractional)
@@ -179,8 +179,10 @@ class LatencyTable:
     """A device's measurements for one backbone (see the module docstring); JSON via :meth:`to_json`.
 
     ``stem[embed]`` and ``scale[embed]`` are keyed by the residual widths of the stages (``"384"``;
-    ``"96,192,384,768"``); ``part_scale[embed]`` maps a part (an op name or ``"ffn"``) to its own calibration factor
-    (a part it lacks, or an embedding width it lacks, uses ``scale``: one factor for every part); ``dense_ms`` is the
+    ``"96,192,384,768"``); ``part_scale[embed]`` maps a part (an op name or ``"ffn"``) to its own calibration factor.
+    A ViT width between measured ones interpolates each part's factor between the nearest widths that calibrated
+    it; a part without such a factor (none at all: a table whose calibration never solved, or one written before
+    per-part factors) uses ``scale``, the dense network's one factor. ``dense_ms`` is the
     dense network as measured whole, for the record (0.0: not measured, a frozen spec whose embedding widths are
     narrower than the dense ones times those widths only).
     """
@@ -194,6 +196,7 @@ class LatencyTable:
     environment: dict[str, Any] = field(default_factory=dict)
     key: str = ""
     part_scale: dict[str, dict[str, float]] = field(default_factory=dict)
+    _scales: dict[str, dict[str, float]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # -- prediction
     def _entry(self, b: BlockGeom, embed: int) -> BlockTable:
@@ -224,14 +227,10 @@ class LatencyTable:
         t = (embed - lo) / (hi - lo)
         return [(1 - t, self.blocks[f"{family}:C{lo}"]), (t, self.blocks[f"{family}:C{hi}"])]
 
-    def block_ms(
-        self, b: BlockGeom, arch: BlockArch, embed: int, scales: Mapping[str, float] | None = None
-    ) -> float:
-        """Predicted milliseconds of one block (fractional widths interpolate): inside the network with ``scales``
-        (:meth:`scales_of` of the point's residual widths), as timed alone without."""
-        s_op = s_ffn = 1.0
-        if scales is not None:
-            s_op, s_ffn = _part(scales, arch.op), _part(scales, "ffn")
+    def block_ms(self, b: BlockGeom, arch: BlockArch, embed: int, scales: Mapping[str, float]) -> float:
+        """Predicted milliseconds of one block inside the network (fractional widths interpolate); ``scales``:
+        :meth:`scales_of` of the point's residual widths (``{"*": 1.0}``: the block as timed alone)."""
+        s_op, s_ffn = _part(scales, arch.op), _part(scales, "ffn")
         return sum(
             w * (s_op * e.attention_ms(arch.op, arch.heads, arch.head_dim) + s_ffn * e.ffn_ms(arch.ffn))
             for w, e in self._brackets(b, embed)
@@ -258,7 +257,13 @@ class LatencyTable:
     def scales_of(self, embed: Sequence[int]) -> dict[str, float]:
         """Part (an op name or ``"ffn"``) → calibration factor at these residual widths; ``"*"``: the factor of a
         part the table did not calibrate on its own (:meth:`scale_of`). Raises :class:`KeyError` like
-        :meth:`stem_ms`."""
+        :meth:`stem_ms`. Memoised per widths (the budget projection asks once per block and move)."""
+        key = _embed_key(embed)
+        if key not in self._scales:
+            self._scales[key] = self._solve_scales_of(embed)
+        return self._scales[key]
+
+    def _solve_scales_of(self, embed: Sequence[int]) -> dict[str, float]:
         out = {"*": self.scale_of(embed)}
         parts = sorted({p for v in self.part_scale.values() for p in v})
         for part in parts:
