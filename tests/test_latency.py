@@ -420,6 +420,13 @@ def test_the_latency_command_prints_predictions_and_refuses_bad_flags(tmp_path: 
     said = _cli("latency", str(tight), cwd=tmp_path)
     assert said.returncode == 0 and "cannot be met: below the fastest network's" in said.stdout
     assert json.loads(_cli("latency", str(tight), "--json", cwd=tmp_path).stdout)["budget_feasible"] is False
+    # --budget checks a budget the way search would take it: it replaces the spec's latency budget
+    flagged = json.loads(_cli("latency", str(tight), "--budget", "1 s", "--json", cwd=tmp_path).stdout)
+    assert flagged["budget_ms"] == 1000.0 and flagged["budget_feasible"] is True
+    share = _cli("latency", str(spec), "--budget", "50%latency", cwd=tmp_path)
+    assert share.returncode == 0 and "50% of the dense network's predicted" in share.stdout
+    bad = _cli("latency", str(spec), "--budget", "5xs", cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --budget: unknown unit")
     for flag, value in (("--precision", "fp16"), ("--batch-size", "0"), ("--device", "tpu")):
         bad = _cli("latency", str(spec), flag, value, cwd=tmp_path)
         assert bad.returncode == 1 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
@@ -544,6 +551,14 @@ def test_bench_predict_reports_the_searched_spaces_prediction_beside_the_measure
     assert p["ms"] == pytest.approx(table.arch_ms(space.geometry, result.arch), rel=1e-3)
     measured = report["timings"]["compact"]["median_ms"]
     assert p["error"] == pytest.approx(p["ms"] / measured - 1, abs=1e-3)
+    assert "--predict: " not in done.stderr
+    # the searched space gone: the frozen network's own table, and one line saying so
+    (tmp_path / "lat.vit").rename(tmp_path / "moved.vit")
+    done = _cli(*args, "--repeats", "2", "--warmup", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    p = json.loads(done.stdout)["predicted"]
+    assert p["table_of"] == "the frozen network" and "was not found" in p["note"]
+    assert done.stderr.count("--predict: ") == 1
 
 
 def test_the_projection_handles_latencies_that_do_not_fall_with_the_width() -> None:

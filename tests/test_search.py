@@ -78,6 +78,42 @@ def test_the_user_is_told_when_the_projection_did_the_work(searched, capsys):
     assert f"{derived:.0%}" in notice and derived > 1.02
 
 
+def _run_for_notice(limit: float, largest: float) -> object:
+    """What :func:`spvit_dsl.search.loop._projection_notice` reads of a run: a training strategy, one FLOPs target,
+    the price of the space's largest network."""
+    from types import SimpleNamespace
+
+    from spvit_dsl.search.budget import Target
+
+    ctx = SimpleNamespace(
+        targets=[Target("flops", limit, "x")],
+        price=lambda arch: {"flops": largest},
+        program=SimpleNamespace(space=SimpleNamespace(largest=lambda: None)),
+    )
+    return SimpleNamespace(strategy=SimpleNamespace(kind="train"), ctx=ctx, settings={})
+
+
+def test_a_network_the_projection_gave_attention_back_is_announced_in_one_line():
+    from spvit_dsl.search.loop import _projection_notice
+
+    info = {"derived_cost": {"flops": 100.0}, "raised_msa": "blocks.3.attention", "added": 1, "removed": 0}
+    notice = _projection_notice(_run_for_notice(100.0, 200.0), info)
+    assert notice is not None and "\n" not in notice
+    assert "no msa block" in notice and "blocks.3.attention" in notice and "--epochs" in notice
+    assert _projection_notice(_run_for_notice(100.0, 200.0), info | {"raised_msa": None}) is None  # on budget
+
+
+def test_no_train_longer_advice_when_the_budget_is_above_the_largest_network():
+    """`--budget 150%latency`: the searched network uses 67% of it because nothing larger exists; training longer
+    cannot help, so there is no line. Under a budget the space could use, the line stays."""
+    from spvit_dsl.search.loop import _projection_notice
+
+    info = {"derived_cost": {"flops": 100.0}, "added": 0, "removed": 0}
+    assert _projection_notice(_run_for_notice(150.0, 100.0), info) is None
+    under = _projection_notice(_run_for_notice(150.0, 300.0), info)
+    assert under is not None and "used only 67%" in under
+
+
 def test_outputs(searched):
     program, result = searched["60%"]
     files = sorted(os.listdir(result.out_dir))
@@ -213,8 +249,24 @@ def test_budget_flags_read_their_unit(flag, want):
     assert program.budgets[0].metric == limit.metric
 
 
+@pytest.mark.parametrize("flag", ["6 ms", " 6ms ", "6\tms"])
+def test_a_space_between_number_and_unit_is_read_and_written_back_without_it(flag):
+    """`--budget "6 ms"`: the limit's text is quoted into the frozen spec, where `latency <= 6 ms` would not parse
+    (the search would fail after its training)."""
+    limit = parse_budget_flag(flag)
+    assert (limit.metric, limit.value, limit.text) == ("latency", 6.0, "6ms")
+    assert parse_budget_flag("70 %params").text == "70%" and parse_budget_flag("3.3 GFLOPs").text == "3.3G"
+
+
 @pytest.mark.parametrize(
-    ("flag", "message"), [("50", "has no unit; write e.g. 50%"), ("fifty%", "cannot read")]
+    ("flag", "message"),
+    [
+        ("50", "has no unit; write e.g. 50%"),
+        ("50", "50ms"),
+        ("fifty%", "cannot read"),
+        ("-3ms", "must be positive"),
+        ("-50%", "must be positive"),
+    ],
 )
 def test_budget_flags_without_a_readable_unit_are_refused(flag, message):
     from spvit_dsl.space.units import UnitError

@@ -84,8 +84,11 @@ def test_projection_keeps_the_class_token_reading_the_image(order):
     res = project(GEOMETRY, start, steps, [target], "paper", order=order, seed=3)
     ops = [b.op for b in res.arch.blocks]
     assert ops.count("msa") >= 1, ops
+    assert res.raised_msa is not None and res.arch.blocks[int(res.raised_msa.split(".")[1])].op == "msa"
     if order == "score":  # the block whose msa step scores highest is the one raised
-        assert ops[-1] == "msa"
+        assert ops[-1] == "msa" and res.raised_msa == "blocks.2.attention"
+    dense = project(GEOMETRY, start, _steps(lambda k, j: 0.0), [target], "paper")
+    assert dense.raised_msa is None  # a start point that reads the image needs nothing raised
 
 
 def test_projection_drops_the_least_score_per_cost_first():

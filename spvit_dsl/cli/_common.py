@@ -38,7 +38,7 @@ BudgetOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--budget",
-        help="e.g. 3.3GFLOPs, 16Mparams, 70%, 8ms (repeatable; replaces the spec's budget of that metric)",
+        help="e.g. 3.3GFLOPs, 16Mparams, 70%, 8ms, 60%latency (repeatable; replaces the spec's budget of that metric)",
     ),
 ]
 

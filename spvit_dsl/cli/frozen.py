@@ -422,6 +422,14 @@ def _predicted(
                 continue
     setting = LatencySetting(device, threads or None, batch, "fp32")
     note = ""
+    if (
+        source and space_program is program
+    ):  # the searched space is gone or no longer compiles: say whose table
+        note = (
+            f"the source spec {source} was not found or does not compile (looked from here and beside {frozen}); "
+            "predicted from the frozen network's own table, which may differ from the one the search priced with"
+        )
+        err.print(f"--predict: {note}", markup=False)
     try:
         table = latency_table(space_program, setting, quiet=quiet)
         ms = table.arch_ms(model.spvit_geometry, model.spvit_arch)

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ..lang.errors import UsageError
+from ._common import BudgetOpt
 
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: the spec's, else cpu)")]
 ThreadsOpt = Annotated[
@@ -48,18 +49,22 @@ def latency_cmd(
     threads: ThreadsOpt = None,
     batch_size: BatchOpt = None,
     precision: PrecisionOpt = None,
+    budget: BudgetOpt = None,
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="measure again even when the table is cached")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Measure this device's latency table for the spec's space (cached) and print its predictions."""
+    """Measure this device's latency table for the spec's space (cached) and print its predictions, and whether each
+    latency budget (the spec's, or --budget's, as search would take it) can be met."""
     from ..compile.program import compile_file
     from ..space.latency import UNSTEADY
     from ..space.units import fmt_ms
     from ._common import latency_table, out
+    from ._common import limits as flag_limits
 
-    program = compile_file(spec)  # the compiler's warnings concern the search, not what a table measures
+    # the compiler's warnings concern the search, not what a table measures
+    program = compile_file(spec, budgets=flag_limits(budget))
     setting = setting_of(program, device, threads, batch_size, precision)
     table = latency_table(program, setting, quiet=json_out, rebuild=rebuild)
     program = program.with_latency(table)

@@ -112,7 +112,8 @@ def register(app: typer.Typer) -> None:
     def search_cmd(
         spec: Annotated[str, typer.Argument(help="the .vit spec to search")],
         budget: Annotated[
-            list[str] | None, typer.Option("--budget", help="e.g. 3.3GFLOPs, 16Mparams, 70% (repeatable)")
+            list[str] | None,
+            typer.Option("--budget", help="e.g. 3.3GFLOPs, 16Mparams, 70%, 8ms, 60%latency (repeatable)"),
         ] = None,
         data: Annotated[str | None, typer.Option("--data", help=DATA_HELP)] = None,
         data_dir: Annotated[str | None, typer.Option("--data-dir", help=DATA_DIR_HELP)] = None,

@@ -22,6 +22,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -281,48 +282,15 @@ def measure_table(
                     elif what != "skip":
                         table.conv.setdefault(what, {})[arg] = t
                 blocks[kind] = table
-            # calibration: whole networks at this width (the dense one, one per op, two all-skip ones) against the
-            # sum of their blocks timed alone, and the network without its blocks (the stem)
-            archs = calibration_points(geometry, embed, points)
-            bare = _without_blocks(model, geometry.family)
-            x = _sample_input(
-                (setting.batch, geometry.in_chans, geometry.img_size, geometry.img_size), device
-            )
-            nets = [model] + [create_compact(geometry, a).eval() for a in archs[1:]] + [bare]
             key = ",".join(map(str, embed))
-            parts: dict[str, float] | None = None
-            for attempt in range(CALIBRATION_TRIES):
-                times = _time_interleaved(
-                    [_bind(m.to(device), x) for m in nets],
-                    device,
-                    warmup=warmup,
-                    repeats=repeats,
-                    tick=tick("calibration") if attempt == 0 else None,
-                )
-                t_full, t_stem = times[0], times[-1]
-                partial = LatencyTable(geometry.model, setting, blocks, {key: t_stem}, {key: 1.0}, t_full)
-                predicted = partial.arch_ms(geometry, arch) - t_stem
-                ratio = (t_full - t_stem) / predicted if predicted > 0 else 1.0
-                parts = solve_scales(
-                    [partial.part_ms(geometry, a) for a in archs], [t - t_stem for t in times[:-1]]
-                )
-                # (a small positive ratio is real: tiny blocks timed alone carry per-call overhead they do not
-                # have inside the network)
-                if ratio > 0 and parts is not None:
-                    break
-                # a network ran no slower than its stem alone, or the factors came out unphysical: timings of a busy
-                # machine; time again (the last try's timings are kept)
-            stem[key] = t_stem
-            # still so after every try: the dense network's one factor (1.0 when even that is not positive), and the
-            # table reported unsteady
-            if ratio <= 0 or parts is None:
-                ratio, miscalibrated = (ratio if ratio > 0 else 1.0), True
-            scale[key] = ratio
-            if parts is not None:
-                part_scale[key] = parts
+            cal = _calibrate(geometry, setting, device, blocks, points, model, embed, warmup, repeats, tick)
+            stem[key], scale[key], t_full = cal.stem_ms, cal.scale, cal.dense_ms
+            if cal.parts is not None:
+                part_scale[key] = cal.parts
+            miscalibrated |= cal.failed
             if embed == geometry.dims:
                 dense_ms = t_full
-            del model, bare, base, nets
+            del model, base
     env = {k: v for k, v in machine(device).items() if k != "host"} | {"timm": timm.__version__}
     env["measured_at"] = time.strftime("%Y-%m-%d %H:%M", time.localtime())
     spread = round(statistics.median(spreads), 4) if spreads else 0.0
@@ -332,6 +300,59 @@ def measure_table(
         env["others_running"] = busy
     env["spread"] = spread
     return LatencyTable(geometry.model, setting, blocks, stem, scale, dense_ms, env, part_scale=part_scale)
+
+
+@dataclass
+class _Calibration:
+    stem_ms: float  # the network without its blocks
+    dense_ms: float  # the dense network, whole
+    scale: float  # the dense network's one factor
+    parts: dict[str, float] | None  # per-part factors (None: they never solved)
+    failed: bool  # the table falls back: report it unsteady
+
+
+def _calibrate(
+    geometry: Geometry,
+    setting: LatencySetting,
+    device: torch.device,
+    blocks: dict[str, BlockTable],
+    points: dict[str, Points],
+    model: nn.Module,
+    embed: tuple[int, ...],
+    warmup: int,
+    repeats: int,
+    tick: Callable[[str], Callable[[], None]],
+) -> _Calibration:
+    """Time the calibration networks at ``embed`` (:func:`calibration_points`; ``model`` is the dense one) with the
+    network without its blocks (the stem), and solve the factors from the blocks measured so far. A try whose
+    networks ran no slower than the stem, or whose factors came out unphysical (timings of a busy machine), is timed
+    again, up to :data:`CALIBRATION_TRIES`; the last try's timings are kept. After every try fails: the dense
+    network's one factor (1.0 when even that is not positive), and ``failed``."""
+    archs = calibration_points(geometry, embed, points)
+    bare = _without_blocks(model, geometry.family)
+    x = _sample_input((setting.batch, geometry.in_chans, geometry.img_size, geometry.img_size), device)
+    nets = [model] + [create_compact(geometry, a).eval() for a in archs[1:]] + [bare]
+    key = ",".join(map(str, embed))
+    parts: dict[str, float] | None = None
+    ratio, t_full, t_stem = 0.0, 0.0, 0.0
+    for attempt in range(CALIBRATION_TRIES):
+        times = _time_interleaved(
+            [_bind(m.to(device), x) for m in nets],
+            device,
+            warmup=warmup,
+            repeats=repeats,
+            tick=tick("calibration") if attempt == 0 else None,
+        )
+        t_full, t_stem = times[0], times[-1]
+        partial = LatencyTable(geometry.model, setting, blocks, {key: t_stem}, {key: 1.0}, t_full)
+        predicted = partial.arch_ms(geometry, archs[0]) - t_stem
+        # (a small positive ratio is real: tiny blocks timed alone carry per-call overhead they do not have inside
+        # the network)
+        ratio = (t_full - t_stem) / predicted if predicted > 0 else 1.0
+        parts = solve_scales([partial.part_ms(geometry, a) for a in archs], [t - t_stem for t in times[:-1]])
+        if ratio > 0 and parts is not None:
+            return _Calibration(t_stem, t_full, ratio, parts, failed=False)
+    return _Calibration(t_stem, t_full, ratio if ratio > 0 else 1.0, None, failed=True)
 
 
 def calibration_points(

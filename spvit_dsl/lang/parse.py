@@ -466,6 +466,9 @@ def _friendly(exc: Exception, text: str, path: str) -> SpecError:
         return SpecError(f"unexpected character {exc.char!r}", span, hint=_char_hint(exc.char))
     assert isinstance(exc, UnexpectedToken)
     tok = exc.token
+    glued = _spaced_unit(text, tok.start_pos or 0, path)
+    if glued is not None:  # `latency <= 6 ms`: the unit became the name of a statement that never finished
+        return glued
     if tok.type == "$END":
         return _friendly(UnexpectedEOF(exc.expected), text, path)
     expected = set(exc.expected)
@@ -503,6 +506,29 @@ def _friendly(exc: Exception, text: str, path: str) -> SpecError:
             hint=did_you_mean(str(tok), _TOP) or None,
         )
     return SpecError(f"unexpected {what}; expected " + ", ".join(exp), span, hint=hint)
+
+
+_UNIT_WORDS = re.compile(r"(?:ms|us|s|K|M|G|T|[KMGT]?(?:FLOPs|MACs|params))")
+# a number, then spaces (no newline), then a unit word, then only blanks and comments up to the offending token
+_SPACED_UNIT = re.compile(r"(?<![\w.])([0-9][0-9.eE+-]*)[ \t]+([A-Za-z]+)(?:[ \t]*(?://[^\n]*)?\s*)$")
+
+
+def _spaced_unit(text: str, pos: int, path: str) -> SpecError | None:
+    """A SpecError at the unit word when the text just before the unexpected token ends in ``<number> <unit>``
+    (``latency <= 6 ms``): the parser reads the unit as the next statement's name and only fails a token later,
+    often on the next line. None otherwise."""
+    m = _SPACED_UNIT.search(text, max(0, pos - 400), pos)  # a window: hostile specs can be huge
+    if m is None or not _UNIT_WORDS.fullmatch(m.group(2)):
+        return None
+    start = m.start(2)
+    line = text.count("\n", 0, start) + 1
+    col = start - (text.rfind("\n", 0, start) + 1) + 1
+    span = Span(path=path, line=line, column=col, end_line=line, end_column=col + len(m.group(2)))
+    return SpecError(
+        f"'{m.group(1)} {m.group(2)}': a unit follows its number without a space",
+        span,
+        hint=f"write '{m.group(1)}{m.group(2)}'",
+    )
 
 
 def _char_hint(char: str) -> str | None:

@@ -101,6 +101,7 @@ class ProjectionResult:
     cost: dict[str, float]
     removed: int
     added: int
+    raised_msa: str | None = None  # the attention group made msa because the start point read no image
 
     def ratio(self, target: Target) -> float:
         return self.cost[target.metric] / target.limit
@@ -135,6 +136,7 @@ class Projection:
         self._blocks = [self._block_cost(i) for i in range(geometry.depth)]
         self._stem = self._stem_cost(self.arch)
         self.removed = self.added = 0
+        self.raised_msa: str | None = None
         self._read_image()
 
     def _read_image(self) -> None:
@@ -152,6 +154,7 @@ class Projection:
             pick = max(options, key=lambda s: s.scores[s.values.index("msa") - 1])
         self.apply(pick.group.path, pick.values.index("msa"))
         self.added += 1
+        self.raised_msa = pick.group.path
 
     # -- costs
     def _block_cost(self, i: int, arch: FrozenArch | None = None) -> dict[str, float]:
@@ -386,6 +389,7 @@ class Projection:
             self.cost,
             self.removed,
             self.added,
+            self.raised_msa,
         )
 
 

@@ -17,6 +17,7 @@ Steps:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -266,11 +267,25 @@ def _kept_text(run: Run) -> str:
 
 def _projection_notice(run: Run, info: Mapping[str, Any]) -> str | None:
     """One line when the budget projection, a safety net for a training strategy, did real work: the point the
-    strategy derived missed the binding budget by more than 2% over or under (data-free and scoring strategies
-    allocate with the projection by design: no line)."""
+    strategy derived had no msa block and the projection put one back (a ViT must attend to classify), or it missed
+    the binding budget by more than 2% over or under (data-free and scoring strategies allocate with the projection
+    by design: no line)."""
     derived = info.get("derived_cost")
     if run.strategy.kind != "train" or not isinstance(derived, Mapping) or not run.ctx.targets:
         return None
+    lines = []
+    if info.get("raised_msa"):
+        lines.append(
+            f"note: the searched network had no msa block (a ViT classifies through attention), so the budget "
+            f"projection made {info['raised_msa']} msa and refitted the rest around it: the network it returns was "
+            "never trained as it is. Fine-tune it, or search again with a looser budget or longer (--epochs)."
+        )
+    ratio_line = _ratio_notice(run, info, derived)
+    lines += [ratio_line] if ratio_line else []
+    return " ".join(lines) or None
+
+
+def _ratio_notice(run: Run, info: Mapping[str, Any], derived: Mapping[str, Any]) -> str | None:
     ratios = {t.metric: float(derived[t.metric]) / t.limit for t in run.ctx.targets if t.metric in derived}
     if not ratios:
         return None
@@ -295,6 +310,9 @@ def _projection_notice(run: Run, info: Mapping[str, Any]) -> str | None:
             f"{info.get('removed', '?')} level(s) of units or ops to fit it. To have the search meet the budget itself: {hint}."
         )
     if ratio < 0.98:
+        largest = float(run.ctx.price(run.ctx.program.space.largest()).get(metric, math.inf))
+        if largest < 0.98 * next(t.limit for t in run.ctx.targets if t.metric == metric):
+            return None  # the budget is above the largest network: nothing could have used more of it
         hint = "train longer (--epochs)"
         hint += " or raise budget_weight" if "budget_weight" in run.settings else ""
         return (

@@ -92,18 +92,23 @@ def parse_budget_flag(text: str) -> Limit:
     """``--budget`` values: ``3.3GFLOPs``, ``3.3G`` (FLOPs), ``16Mparams``, ``70%`` (of dense FLOPs), ``70%params``,
     ``8ms`` (latency), ``60%latency`` (of the dense network's predicted latency)."""
     m = _FLAG.match(text)
+    if not m and text.strip().startswith("-"):
+        raise UnitError(f"a budget must be positive, found '{text}'")
     if not m:
         raise UnitError(
             f"cannot read budget '{text}'; expected e.g. 3.3GFLOPs, 16Mparams, 70%, 8ms or 60%latency"
         )
     number, unit = float(m.group(1)), m.group(2)
-    if unit in LATENCY_UNITS and unit != "%":
-        return to_limit("latency", number, unit, text)
+    if (
+        unit in LATENCY_UNITS and unit != "%"
+    ):  # the text as a spec writes it (`6 ms` → `6ms`): frozen specs quote it
+        return to_limit("latency", number, unit, m.group(1) + unit)
     if unit == "%latency":  # the limit's text as a spec writes it: `latency <= 60%`
         return to_limit("latency", number, "%", m.group(1) + "%")
     if not unit:  # "--budget 50": 50% or 50 G? A bare count of 50 multiply-adds is never what was meant
         raise UnitError(
-            f"budget '{text}' has no unit; write e.g. {text}% (of the dense FLOPs), {text}GFLOPs or {text}Mparams"
+            f"budget '{text}' has no unit; write e.g. {m.group(1)}% (of the dense FLOPs), {m.group(1)}GFLOPs, "
+            f"{m.group(1)}Mparams or {m.group(1)}ms"
         )
     # the limit keeps its text as a spec writes it (`16Mparams` → `params <= 16M`): frozen specs quote it
     if unit.endswith("params"):

@@ -685,6 +685,7 @@ class OfbStrategy(Strategy):
             "projected_cost": dict(result.cost),
             "removed": result.removed,
             "added": result.added,
+            "raised_msa": result.raised_msa,
             "finished_groups": len(self.choices) - len(left),
             "groups": len(self.choices),
         }

@@ -202,6 +202,7 @@ class SpvitStrategy(Strategy):
             "projected_cost": dict(result.cost),
             "removed": result.removed,
             "added": result.added,
+            "raised_msa": result.raised_msa,
         }
         if self._target > 1.0 + 1e-9 and self._gate_costs is not None:  # stopped before the schedule's end
             start, planned = self._plan()
