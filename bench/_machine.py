@@ -30,6 +30,12 @@ def result_path(name: str) -> str:
     return os.path.join(here, f"{name}-{socket.gethostname()}.json")
 
 
+def rounds_for(repeats: int, batch: int) -> int:
+    """Timed rounds at batch size ``batch`` when ``repeats`` are the rounds at batch 8: as many images per network at
+    every batch size (a batch-1 forward is short, and a few of them are noise)."""
+    return max(repeats, repeats * 8 // batch)
+
+
 def run_parts(name: str, parts: list[str], runners: dict[str, Callable[[], dict[str, Any]]]) -> str:
     """Run the named ``parts`` of benchmark ``name`` and merge their results into its JSON (parts not re-run keep
     their last figures; each part records the machine and the day it ran on, the top-level ``machine`` is the last

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench._machine import machine, result_path  # noqa: E402
+from bench._machine import machine, result_path, rounds_for  # noqa: E402
 from spvit_dsl._io import write_text  # noqa: E402
 from spvit_dsl.compact import create_compact, create_dense  # noqa: E402
 from spvit_dsl.compact.build import round_widths  # noqa: E402
@@ -199,8 +199,7 @@ def main() -> None:
     results = []
     for device, threads, batch_size in _runs(args):
         torch.set_num_threads(threads)
-        # as many images per network at every batch size: a batch-1 forward is short, and a few of them are noise
-        repeats = max(args.repeats, args.repeats * 8 // batch_size)
+        repeats = rounds_for(args.repeats, batch_size)
         run = argparse.Namespace(**{**vars(args), "batch_size": batch_size, "repeats": repeats})
         for key in args.models:
             r = bench_model(key, device, run)

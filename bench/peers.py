@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench._machine import machine, result_path  # noqa: E402
+from bench._machine import machine, result_path, rounds_for  # noqa: E402
 from bench.frozen_speed import CONVENTION, latency_round, spvit_like  # noqa: E402
 from spvit_dsl._io import write_text  # noqa: E402
 from spvit_dsl.compact import create_compact, create_dense  # noqa: E402
@@ -137,8 +137,7 @@ def main() -> None:
         import torch_pruning  # noqa: F401
     except ImportError:
         raise SystemExit('bench/peers.py needs Torch-Pruning: pip install -e ".[peers]"') from None
-    # as many images per network at every batch size (as bench/frozen_speed.py): 56 rounds at batch 1
-    results = [run(args.threads, b, max(args.repeats, args.repeats * 8 // b)) for b in args.batch_sizes]
+    results = [run(args.threads, b, rounds_for(args.repeats, b)) for b in args.batch_sizes]
     out = {
         "benchmark": "peers",
         "machine": machine("cpu") | {"torch_threads": args.threads},

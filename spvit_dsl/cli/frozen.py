@@ -422,9 +422,8 @@ def _predicted(
                 continue
     setting = LatencySetting(device, threads or None, batch, "fp32")
     note = ""
-    if (
-        source and space_program is program
-    ):  # the searched space is gone or no longer compiles: say whose table
+    # the searched space is gone or no longer compiles: say whose table
+    if source and space_program is program:
         note = (
             f"the source spec {source} was not found or does not compile (looked from here and beside {frozen}); "
             "predicted from the frozen network's own table, which may differ from the one the search priced with"

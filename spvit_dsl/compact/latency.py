@@ -332,8 +332,12 @@ def _calibrate(
     bare = _without_blocks(model, geometry.family)
     x = _sample_input((setting.batch, geometry.in_chans, geometry.img_size, geometry.img_size), device)
     nets = [model] + [create_compact(geometry, a).eval() for a in archs[1:]] + [bare]
-    key = ",".join(map(str, embed))
-    parts: dict[str, float] | None = None
+    # each network's blocks as timed alone, per part (the blocks do not change between tries)
+    measured = LatencyTable(
+        geometry.model, setting, blocks, {}, {}, 0.0
+    )  # the blocks so far, nothing calibrated
+    alone = [measured.part_ms(geometry, a) for a in archs]
+    predicted = sum(alone[0].values())  # the dense network's blocks
     ratio, t_full, t_stem = 0.0, 0.0, 0.0
     for attempt in range(CALIBRATION_TRIES):
         times = _time_interleaved(
@@ -344,12 +348,10 @@ def _calibrate(
             tick=tick("calibration") if attempt == 0 else None,
         )
         t_full, t_stem = times[0], times[-1]
-        partial = LatencyTable(geometry.model, setting, blocks, {key: t_stem}, {key: 1.0}, t_full)
-        predicted = partial.arch_ms(geometry, archs[0]) - t_stem
         # (a small positive ratio is real: tiny blocks timed alone carry per-call overhead they do not have inside
         # the network)
         ratio = (t_full - t_stem) / predicted if predicted > 0 else 1.0
-        parts = solve_scales([partial.part_ms(geometry, a) for a in archs], [t - t_stem for t in times[:-1]])
+        parts = solve_scales(alone, [t - t_stem for t in times[:-1]])
         if ratio > 0 and parts is not None:
             return _Calibration(t_stem, t_full, ratio, parts, failed=False)
     return _Calibration(t_stem, t_full, ratio if ratio > 0 else 1.0, None, failed=True)

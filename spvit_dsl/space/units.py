@@ -99,9 +99,8 @@ def parse_budget_flag(text: str) -> Limit:
             f"cannot read budget '{text}'; expected e.g. 3.3GFLOPs, 16Mparams, 70%, 8ms or 60%latency"
         )
     number, unit = float(m.group(1)), m.group(2)
-    if (
-        unit in LATENCY_UNITS and unit != "%"
-    ):  # the text as a spec writes it (`6 ms` → `6ms`): frozen specs quote it
+    # the limit keeps its text as a spec writes it (`6 ms` → `6ms`): frozen specs quote it
+    if unit in LATENCY_UNITS and unit != "%":
         return to_limit("latency", number, unit, m.group(1) + unit)
     if unit == "%latency":  # the limit's text as a spec writes it: `latency <= 60%`
         return to_limit("latency", number, "%", m.group(1) + "%")
