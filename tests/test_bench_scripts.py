@@ -99,3 +99,9 @@ def test_bench_script_runs_and_writes_its_report(name: str, tmp_path: Path) -> N
     report = json.loads(reports[0].read_text())
     assert report["machine"]["cores"] >= 1 and report["machine"]["torch"]
     assert report["results"], report
+    if name == "latency":  # both predictions of every network, and the search's own epoch count
+        for row in report["results"]["tables"]["runs"]:
+            assert row["dense_ms_recalibrated"] > 0 and row["median_abs_error_recalibrated"] >= 0
+            assert all(n["predicted_ms_recalibrated"] > 0 for n in row["networks"])
+            assert "median_abs_error_same_rounds" in row
+        assert report["results"]["search"]["epochs"] == 1

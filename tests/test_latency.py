@@ -847,3 +847,68 @@ def test_round_auto_says_when_its_own_table_puts_the_network_over_the_latency_bu
     assert done.returncode == 0, done.stderr
     said = [line for line in done.stderr.splitlines() if line.startswith("warning: --round auto:")]
     assert len(said) == 1 and "over the budget latency <= 0.0001ms" in said[0]
+
+
+# ------------------------------------------------------------------------------------------- recalibration
+def test_recalibrating_on_a_machine_twice_as_slow_doubles_every_prediction_and_keeps_the_blocks(
+    monkeypatch, factored
+) -> None:
+    """The calibration networks timed again (here by a stand-in timer that runs them exactly twice as slow as the
+    table predicts): the factors and the stem double, so does every prediction, and no block entry changes."""
+    from spvit_dsl.compact import latency as measuring
+
+    space, table = factored
+    g = space.geometry
+    archs = calibration_points(g, g.dims, measured_points(space))
+    slow = [2 * table.arch_ms(g, a) for a in archs] + [2 * table.stem_ms(g.dims)]  # the stem is timed last
+
+    def timer(calls, device, *, warmup, repeats, tick=None, spread=None):  # noqa: ANN001, ANN202
+        assert len(calls) == len(slow)
+        return list(slow)
+
+    monkeypatch.setattr(measuring, "_time_interleaved", timer)
+    monkeypatch.setattr(measuring, "others_running", lambda: 0.0)
+    again = measuring.recalibrate(table, space, warmup=0, repeats=1)
+    assert again.blocks is table.blocks and again.key == table.key
+    assert again.stem_ms(g.dims) == pytest.approx(2 * table.stem_ms(g.dims))
+    assert again.part_scale["48"] == pytest.approx({k: 2 * v for k, v in FACTORS.items()})
+    assert again.dense_ms == pytest.approx(slow[0])
+    rng = random.Random(3)
+    for _ in range(20):
+        a = FrozenArch(
+            tuple(
+                BlockArch(rng.choice(["skip", "conv1x1", "msa"]), rng.randint(0, b.hidden), b.heads, 16)
+                for b in g.blocks
+            ),
+            g.dims,
+        )
+        assert again.arch_ms(g, a) == pytest.approx(2 * table.arch_ms(g, a))
+    assert "calibrated_at" in again.environment and "calibrated_at" not in table.environment
+
+
+def test_a_cached_table_recalibrates_in_place_and_a_foreign_space_is_refused(tmp_path: Path) -> None:
+    from spvit_dsl.compact.latency import recalibrate
+
+    space = compile_text(BACKBONE + "blocks all { ffn: widths {96, 192} }", "c.vit").space
+    first, path, _ = table_for(space, SETTING, cache=tmp_path)
+    again, same, measured = table_for(space, SETTING, cache=tmp_path, recalibrate_cached=True)
+    assert not measured and same == path
+    assert again.blocks == first.blocks and again.key == first.key
+    cached = LatencyTable.from_json(json.loads(path.read_text(encoding="utf-8")))
+    assert cached.environment["calibrated_at"] == again.environment["calibrated_at"]
+    assert cached.dense_ms == again.dense_ms > 0
+    wider = compile_text(BACKBONE.replace("embed_dim = 48", "embed_dim = 96"), "w.vit").space
+    with pytest.raises(KeyError, match="does not cover this space"):
+        recalibrate(first, wider)
+
+
+def test_the_latency_command_recalibrates_and_says_how_far_the_machine_moved(tmp_path: Path) -> None:
+    spec = tmp_path / "a.vit"
+    spec.write_text(BACKBONE + "budget { latency <= 1s; threads = 1; batch = 2 }\n", encoding="utf-8")
+    assert _cli("latency", str(spec), cwd=tmp_path).returncode == 0
+    done = _cli("latency", str(spec), "--recalibrate", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "calibrated again now" in done.stderr and "the dense network now runs in" in done.stderr
+    assert ", calibrated 20" in done.stdout
+    both = _cli("latency", str(spec), "--rebuild", "--recalibrate", cwd=tmp_path)
+    assert both.returncode == 1 and both.stderr.startswith("error: ") and len(both.stderr.splitlines()) == 1

@@ -97,11 +97,18 @@ def load_program(spec: str, convention: str | None = None, budgets: list[str] | 
 
 
 def latency_table(
-    program: Any, setting: Any = None, *, quiet: bool = False, rebuild: bool = False, space: Any = None
+    program: Any,
+    setting: Any = None,
+    *,
+    quiet: bool = False,
+    rebuild: bool = False,
+    space: Any = None,
+    recalibrate: bool = False,
 ) -> Any:
     """The device's latency table for ``program``'s space (or ``space``; ``setting``: default the spec's), from the
     cache or measured with a progress bar on stderr; one line says which, and one more when its timings were
-    unsteady. ``None`` when there is nothing to price."""
+    unsteady. ``recalibrate``: a cached table's calibration is timed again (seconds) and the line says how far the
+    machine's speed moved. ``None`` when there is nothing to price."""
     setting = setting or program.latency
     if setting is None:
         return None
@@ -121,8 +128,14 @@ def latency_table(
                     f"latency table: {exc}; under torchrun, build it first: spvit-dsl latency {program.path}"
                 ) from None
             return table
+        before = None
+        if recalibrate and not rebuild:
+            try:
+                before, _, _ = table_for(space, setting, cached_only=True)
+            except RuntimeError:
+                pass  # nothing cached: measured whole below
         if quiet:
-            table, path, measured = table_for(space, setting, rebuild=rebuild)
+            table, path, measured = table_for(space, setting, rebuild=rebuild, recalibrate_cached=recalibrate)
         else:
             with Progress(
                 TextColumn("latency table ({task.description})"),
@@ -137,7 +150,9 @@ def latency_table(
                 def show(done: int, total: int, what: str) -> None:
                     bar.update(task, completed=done, total=total)
 
-                table, path, measured = table_for(space, setting, rebuild=rebuild, progress=show)
+                table, path, measured = table_for(
+                    space, setting, rebuild=rebuild, progress=show, recalibrate_cached=recalibrate
+                )
     except (RuntimeError, ValueError) as exc:
         raise UsageError(f"latency table: {exc}") from None
     if not quiet:
@@ -149,7 +164,19 @@ def latency_table(
             if when
             else "from the cache,"
         )
+        if before is not None and not measured:
+            verb = f"from the cache (measured {when}), calibrated again now,"
         err.print(f"latency table for {setting.describe()}: {verb} {path}", markup=False)
+        if before is not None and not measured and before.dense_ms > 0 and table.dense_ms > 0:
+            from ..space.units import fmt_ms
+
+            moved = table.dense_ms / before.dense_ms - 1
+            err.print(
+                f"the dense network now runs in {fmt_ms(table.dense_ms)}, {abs(moved):.0%} "
+                f"{'slower' if moved > 0 else 'faster'} than at the last calibration ({fmt_ms(before.dense_ms)}): "
+                "every prediction moves with it",
+                markup=False,
+            )
         warn_unsteady(table)
     return table
 

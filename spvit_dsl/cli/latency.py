@@ -53,6 +53,14 @@ def latency_cmd(
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="measure again even when the table is cached")
     ] = False,
+    recalibrate: Annotated[
+        bool,
+        typer.Option(
+            "--recalibrate",
+            help="time the cached table's calibration networks again (seconds): the machine's speed now, the "
+            "blocks' entries kept",
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Measure this device's latency table for the spec's space (cached) and print its predictions, and whether each
@@ -66,7 +74,11 @@ def latency_cmd(
     # the compiler's warnings concern the search, not what a table measures
     program = compile_file(spec, budgets=flag_limits(budget))
     setting = setting_of(program, device, threads, batch_size, precision)
-    table = latency_table(program, setting, quiet=json_out, rebuild=rebuild)
+    if rebuild and recalibrate:
+        raise UsageError(
+            "--rebuild measures the whole table, calibration included: give one of --rebuild, --recalibrate"
+        )
+    table = latency_table(program, setting, quiet=json_out, rebuild=rebuild, recalibrate=recalibrate)
     program = program.with_latency(table)
     g = program.space.geometry
     largest = table.arch_ms(g, program.space.largest())
@@ -87,10 +99,9 @@ def latency_cmd(
     if json_out:
         print(json.dumps(info, sort_keys=True))
         return
-    when = table.environment.get("measured_at")
-    out.print(
-        f"{g.model} on {setting.describe()}" + (f" (table measured {when})" if when else ""), markup=False
-    )
+    when, again = table.environment.get("measured_at"), table.environment.get("calibrated_at")
+    stamp = (f" (table measured {when}" + (f", calibrated {again}" if again else "") + ")") if when else ""
+    out.print(f"{g.model} on {setting.describe()}{stamp}", markup=False)
     if table.dense_ms > 0:
         out.print(
             f"  dense network: measured {fmt_ms(table.dense_ms)} (the table is calibrated on it)",

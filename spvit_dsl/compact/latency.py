@@ -48,7 +48,15 @@ from ..supernet._timm import swin_stages
 from .skeleton import _rebuild_block, block_modules, create_compact, fuse_window_attention
 from .speed import _cores, _sync, machine
 
-__all__ = ["cache_dir", "calibration_points", "measure_table", "solve_scales", "table_for"]
+__all__ = [
+    "cache_dir",
+    "calibration_points",
+    "measure_table",
+    "recalibrate",
+    "solve_scales",
+    "stem_network",
+    "table_for",
+]
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 MIN_SAMPLE_MS = 2.0
@@ -115,8 +123,12 @@ def table_for(
     rebuild: bool = False,
     progress: Progress | None = None,
     cached_only: bool = False,
+    recalibrate_cached: bool = False,
 ) -> tuple[LatencyTable, Path, bool]:
     """The table for ``space`` on this device: from the cache, or measured and cached (atomically).
+
+    With ``recalibrate_cached``, a table read from the cache has its calibration timed again (:func:`recalibrate`,
+    seconds) and is cached again with the new factors.
 
     Returns ``(table, path, measured)``. Raises ``RuntimeError`` when the setting names a device this machine lacks,
     or with ``cached_only`` when the table is not cached yet; ``ValueError`` for a space the table cannot cover (see
@@ -129,6 +141,9 @@ def table_for(
         try:
             table = LatencyTable.from_json(json.loads(path.read_text(encoding="utf-8")))
             if table.key == key:
+                if recalibrate_cached:
+                    table = recalibrate(table, space, progress=progress)
+                    write_text(str(path), table.dumps())
                 return table, path, False
         except (ValueError, KeyError, TypeError, OSError):
             pass  # unreadable or another version: measure again
@@ -139,6 +154,73 @@ def table_for(
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(str(path), table.dumps())
     return table, path, True
+
+
+def recalibrate(
+    table: LatencyTable,
+    space: Space,
+    *,
+    warmup: int = 2,
+    repeats: int = 15,
+    progress: Progress | None = None,
+) -> LatencyTable:
+    """``table`` with its calibration timed again now: the calibration networks and the stem of every residual width
+    it measured (:func:`calibration_points`), the factors solved anew against the blocks' entries, which are kept.
+
+    Seconds instead of :func:`measure_table`'s minutes. What a block costs relative to another changes little from
+    one hour to the next on a VM; how fast the whole machine runs does (±10–30% here), and the factors carry it.
+    Records ``environment.calibrated_at``; a calibration that fails marks the table unsteady, as in
+    :func:`measure_table`. Raises like :func:`measure_table`; ``KeyError`` when ``space`` is not the space
+    ``table`` measured (another backbone or other widths)."""
+    setting = table.setting
+    device = _device(setting)
+    busy = busy_load(setting) if device.type == "cpu" else None
+    geometry = space.geometry
+    points = measured_points(space)
+    embeds = _embeds(space)
+    missing = sorted({block_kind(b, e[b.stage]) for e in embeds for b in geometry.blocks} - set(table.blocks))
+    if geometry.model != table.model or missing:
+        raise KeyError(
+            f"the table for {table.model} does not cover this space ({', '.join(missing) or geometry.model})"
+        )
+    total, done = len(embeds) * (warmup + repeats), 0
+
+    def tick(what: str) -> Callable[[], None]:
+        def f() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total, what)
+
+        return f
+
+    stem, scale, part_scale = dict(table.stem), dict(table.scale), dict(table.part_scale)
+    dense_ms, failed = table.dense_ms, False
+    with _threads(setting.threads), torch.inference_mode(), autocast(device, setting.precision):
+        for embed in embeds:
+            model = create_compact(geometry, FrozenArch(_dense_blocks(geometry), embed)).eval().to(device)
+            cal = _calibrate(
+                geometry, setting, device, table.blocks, points, model, embed, warmup, repeats, tick
+            )
+            key = ",".join(map(str, embed))
+            stem[key], scale[key] = cal.stem_ms, cal.scale
+            if cal.parts is not None:
+                part_scale[key] = cal.parts
+            else:
+                part_scale.pop(key, None)  # the old factors belong to the old speed: the one factor prices it
+            failed |= cal.failed
+            if embed == geometry.dims:
+                dense_ms = cal.dense_ms
+            del model
+    env = dict(table.environment)
+    env["calibrated_at"] = time.strftime("%Y-%m-%d %H:%M", time.localtime())
+    if busy is not None:  # (a busy mark of the blocks' own measurement stays: they were not timed again)
+        env["others_running"] = busy
+    if failed or busy is not None:
+        env["spread"] = max(float(env.get("spread", 0.0)), 2 * UNSTEADY)
+    return LatencyTable(
+        table.model, setting, table.blocks, stem, scale, dense_ms, env, key=table.key, part_scale=part_scale
+    )
 
 
 def _sample_input(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -329,7 +411,7 @@ def _calibrate(
     again, up to :data:`CALIBRATION_TRIES`; the last try's timings are kept. After every try fails: the dense
     network's one factor (1.0 when even that is not positive), and ``failed``."""
     archs = calibration_points(geometry, embed, points)
-    bare = _without_blocks(model, geometry.family)
+    bare = stem_network(model, geometry.family)
     x = _sample_input((setting.batch, geometry.in_chans, geometry.img_size, geometry.img_size), device)
     nets = [model] + [create_compact(geometry, a).eval() for a in archs[1:]] + [bare]
     # each network's blocks as timed alone, per part (the blocks do not change between tries)
@@ -434,7 +516,9 @@ def _bind(m: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     return lambda: m(x)
 
 
-def _without_blocks(model: nn.Module, family: str) -> nn.Module:
+def stem_network(model: nn.Module, family: str) -> nn.Module:
+    """A copy of ``model`` (a compact or timm ViT / Swin, ``family`` ``"vit"`` or ``"swin"``) with its blocks removed:
+    patch embedding, position embedding, patch merging, final norm and head. Its time is the table's ``stem``."""
     bare = copy.deepcopy(model)
     if family == "swin":
         for stage in swin_stages(bare):
