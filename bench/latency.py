@@ -211,9 +211,8 @@ def search_part(epochs: int | None, share: float, repeats: int, cached: bool = F
         print(f"note: {budget_note}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "spvit_dsl", "search", spec, "--budget", f"{limit:.4f}ms"]
-        if (
-            epochs is not None
-        ):  # else the example's own (a tight latency budget needs them: fewer can end at chance)
+        # without --search-epochs, the example's own: its weight-only epochs keep a tight budget off chance
+        if epochs is not None:
             cmd += ["--epochs", str(epochs)]
         cmd += ["--out", out, "--json"]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=root)

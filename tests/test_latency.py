@@ -893,7 +893,7 @@ def test_a_cached_table_recalibrates_in_place_and_a_foreign_space_is_refused(tmp
     first, path, _ = table_for(space, SETTING, cache=tmp_path)
     again, same, measured = table_for(space, SETTING, cache=tmp_path, recalibrate_cached=True)
     assert not measured and same == path
-    assert again.blocks == first.blocks and again.key == first.key
+    assert again.blocks == first.blocks and again.key == first.key  # the entries as they were read back
     cached = LatencyTable.from_json(json.loads(path.read_text(encoding="utf-8")))
     assert cached.environment["calibrated_at"] == again.environment["calibrated_at"]
     assert cached.dense_ms == again.dense_ms > 0
@@ -902,13 +902,61 @@ def test_a_cached_table_recalibrates_in_place_and_a_foreign_space_is_refused(tmp
         recalibrate(first, wider)
 
 
+def test_a_recalibration_that_solves_clears_the_unsteady_mark_of_one_that_did_not(monkeypatch) -> None:
+    """A table whose first calibration never solved is unsteady; recalibrated with factors that solve (a stand-in
+    timer: every network exactly twice its one-factor prediction), it is as steady as its blocks' own rounds."""
+    from spvit_dsl.compact import latency as measuring
+
+    monkeypatch.setattr(measuring, "others_running", lambda: 0.0)
+    space = compile_text(
+        BACKBONE.replace("depth = 3", "depth = 1") + "blocks all { attention: one of {msa, conv1x1} }",
+        "u.vit",
+    ).space
+    with monkeypatch.context() as m:
+        m.setattr(measuring, "solve_scales", lambda parts, block_ms: None)
+        table = measuring.measure_table(space, SETTING, warmup=0, repeats=1)
+    assert table.part_scale == {} and table.spread > measuring.UNSTEADY
+    g = space.geometry
+    archs = calibration_points(g, g.dims, measured_points(space))
+    slow = [2 * table.arch_ms(g, a) for a in archs] + [2 * table.stem_ms(g.dims)]
+    monkeypatch.setattr(measuring, "_time_interleaved", lambda calls, device, **kw: list(slow))
+    again = measuring.recalibrate(table, space, warmup=0, repeats=1)
+    assert again.spread == again.environment["blocks_spread"] == table.environment["blocks_spread"]
+    assert set(again.part_scale["48"]) == {"msa", "conv1x1", "skip", "ffn"}
+    assert again.part_scale["48"] == pytest.approx({k: 2 * table.scale["48"] for k in again.part_scale["48"]})
+    assert again.environment["dense_ms_before_recalibration"] == table.dense_ms
+
+
+def test_a_failing_recalibration_is_the_callers_error_never_a_silent_rebuild(
+    monkeypatch, tmp_path: Path
+) -> None:
+    from spvit_dsl.compact import latency as measuring
+
+    space = compile_text(BACKBONE + "blocks all { ffn: widths {96, 192} }", "c.vit").space
+    table_for(space, SETTING, cache=tmp_path)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("the disk is full")
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("measured the whole table again")
+
+    monkeypatch.setattr(measuring, "recalibrate", broken)
+    monkeypatch.setattr(measuring, "measure_table", never)
+    with pytest.raises(OSError, match="the disk is full"):
+        table_for(space, SETTING, cache=tmp_path, recalibrate_cached=True)
+
+
 def test_the_latency_command_recalibrates_and_says_how_far_the_machine_moved(tmp_path: Path) -> None:
     spec = tmp_path / "a.vit"
     spec.write_text(BACKBONE + "budget { latency <= 1s; threads = 1; batch = 2 }\n", encoding="utf-8")
-    assert _cli("latency", str(spec), cwd=tmp_path).returncode == 0
+    first = _cli("latency", str(spec), "--recalibrate", cwd=tmp_path)  # nothing cached yet for this setting
+    assert first.returncode == 0 and "nothing was cached to recalibrate: measured whole" in first.stderr
     done = _cli("latency", str(spec), "--recalibrate", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "calibrated again now" in done.stderr and "the dense network now runs in" in done.stderr
     assert ", calibrated 20" in done.stdout
+    info = json.loads(_cli("latency", str(spec), "--recalibrate", "--json", cwd=tmp_path).stdout)
+    assert info["environment"]["dense_ms_before_recalibration"] > 0 and "calibrated_at" in info["environment"]
     both = _cli("latency", str(spec), "--rebuild", "--recalibrate", cwd=tmp_path)
     assert both.returncode == 1 and both.stderr.startswith("error: ") and len(both.stderr.splitlines()) == 1

@@ -107,7 +107,7 @@ def latency_table(
 ) -> Any:
     """The device's latency table for ``program``'s space (or ``space``; ``setting``: default the spec's), from the
     cache or measured with a progress bar on stderr; one line says which, and one more when its timings were
-    unsteady. ``recalibrate``: a cached table's calibration is timed again (seconds) and the line says how far the
+    unsteady. ``recalibrate``: a cached table's calibration is timed again (a fraction of a rebuild) and the line says how far the
     machine's speed moved. ``None`` when there is nothing to price."""
     setting = setting or program.latency
     if setting is None:
@@ -121,6 +121,11 @@ def latency_table(
 
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank would measure at once
+            if recalibrate or rebuild:
+                raise UsageError(
+                    "latency table: under torchrun the ranks only read the cache; rebuild or recalibrate it first: "
+                    f"spvit-dsl latency {program.path}"
+                )
             try:
                 table, _, _ = table_for(space, setting, cached_only=True)
             except RuntimeError as exc:
@@ -128,12 +133,6 @@ def latency_table(
                     f"latency table: {exc}; under torchrun, build it first: spvit-dsl latency {program.path}"
                 ) from None
             return table
-        before = None
-        if recalibrate and not rebuild:
-            try:
-                before, _, _ = table_for(space, setting, cached_only=True)
-            except RuntimeError:
-                pass  # nothing cached: measured whole below
         if quiet:
             table, path, measured = table_for(space, setting, rebuild=rebuild, recalibrate_cached=recalibrate)
         else:
@@ -156,29 +155,40 @@ def latency_table(
     except (RuntimeError, ValueError) as exc:
         raise UsageError(f"latency table: {exc}") from None
     if not quiet:
-        when = table.environment.get("measured_at")
-        verb = (
-            "measured and cached at"
-            if measured
-            else f"from the cache (measured {when}),"
-            if when
-            else "from the cache,"
-        )
-        if before is not None and not measured:
-            verb = f"from the cache (measured {when}), calibrated again now,"
-        err.print(f"latency table for {setting.describe()}: {verb} {path}", markup=False)
-        if before is not None and not measured and before.dense_ms > 0 and table.dense_ms > 0:
-            from ..space.units import fmt_ms
-
-            moved = table.dense_ms / before.dense_ms - 1
-            err.print(
-                f"the dense network now runs in {fmt_ms(table.dense_ms)}, {abs(moved):.0%} "
-                f"{'slower' if moved > 0 else 'faster'} than at the last calibration ({fmt_ms(before.dense_ms)}): "
-                "every prediction moves with it",
-                markup=False,
-            )
+        _say_where(table, setting, path, measured, recalibrate and not rebuild)
         warn_unsteady(table)
     return table
+
+
+def _say_where(table: Any, setting: Any, path: Any, measured: bool, recalibrated: bool) -> None:
+    """The line that says where a latency table came from; after a recalibration, one more: how far it moved."""
+    from ..space.units import fmt_ms
+
+    when = table.environment.get("measured_at")
+    if measured:
+        verb = (
+            "nothing was cached to recalibrate: measured whole and cached at"
+            if recalibrated
+            else "measured and cached at"
+        )
+    elif recalibrated:
+        verb = f"from the cache (measured {when}), calibrated again now,"
+    else:
+        verb = f"from the cache (measured {when})," if when else "from the cache,"
+    err.print(f"latency table for {setting.describe()}: {verb} {path}", markup=False)
+    before = table.environment.get("dense_ms_before_recalibration") or 0.0
+    if recalibrated and not measured and before > 0 and table.dense_ms > 0:
+        moved = table.dense_ms / before - 1
+        how = (
+            "as fast as"
+            if abs(moved) < 0.005
+            else f"{abs(moved):.0%} {'slower' if moved > 0 else 'faster'} than"
+        )
+        err.print(
+            f"the dense network now runs in {fmt_ms(table.dense_ms)}, {how} at the last calibration "
+            f"({fmt_ms(before)}); the predictions follow the new factors",
+            markup=False,
+        )
 
 
 def warn_unsteady(table: Any) -> None:
@@ -186,7 +196,15 @@ def warn_unsteady(table: Any) -> None:
     from ..space.latency import UNSTEADY
 
     others = table.environment.get("others_running")
-    if others is not None:
+    again = table.environment.get("calibration_others_running")
+    if others is None and again is not None:
+        err.print(
+            f"warning: the latency table was recalibrated on a busy machine ({again:g} other processes running on "
+            f"{table.environment.get('cores', '?')} cores): recalibrate it again on an idle machine with "
+            "'spvit-dsl latency SPEC --recalibrate'",
+            markup=False,
+        )
+    elif others is not None:
         err.print(
             f"warning: the latency table was measured on a busy machine ({others:g} other processes running on "
             f"{table.environment.get('cores', '?')} cores): its milliseconds may be many times the idle ones; "

@@ -57,7 +57,7 @@ def latency_cmd(
         bool,
         typer.Option(
             "--recalibrate",
-            help="time the cached table's calibration networks again (seconds): the machine's speed now, the "
+            help="time the cached table's calibration networks again (a fraction of --rebuild's time): the machine's speed now, the "
             "blocks' entries kept",
         ),
     ] = False,
@@ -68,17 +68,23 @@ def latency_cmd(
     from ..compile.program import compile_file
     from ..space.latency import UNSTEADY
     from ..space.units import fmt_ms
-    from ._common import latency_table, out
+    from ._common import err, latency_table, out
     from ._common import limits as flag_limits
 
-    # the compiler's warnings concern the search, not what a table measures
-    program = compile_file(spec, budgets=flag_limits(budget))
-    setting = setting_of(program, device, threads, batch_size, precision)
     if rebuild and recalibrate:
         raise UsageError(
             "--rebuild measures the whole table, calibration included: give one of --rebuild, --recalibrate"
         )
+    # the compiler's warnings concern the search, not what a table measures
+    program = compile_file(spec, budgets=flag_limits(budget))
+    setting = setting_of(program, device, threads, batch_size, precision)
     table = latency_table(program, setting, quiet=json_out, rebuild=rebuild, recalibrate=recalibrate)
+    if recalibrate and program.frozen and not json_out:
+        err.print(
+            "note: this recalibrated the frozen network's own table; `bench --predict` prices a frozen spec with the "
+            "table of the spec it was searched from: recalibrate that spec too",
+            markup=False,
+        )
     program = program.with_latency(table)
     g = program.space.geometry
     largest = table.arch_ms(g, program.space.largest())
