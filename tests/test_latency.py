@@ -951,7 +951,10 @@ def test_the_latency_command_recalibrates_and_says_how_far_the_machine_moved(tmp
     spec = tmp_path / "a.vit"
     spec.write_text(BACKBONE + "budget { latency <= 1s; threads = 1; batch = 2 }\n", encoding="utf-8")
     first = _cli("latency", str(spec), "--recalibrate", cwd=tmp_path)  # nothing cached yet for this setting
-    assert first.returncode == 0 and "nothing was cached to recalibrate: measured whole" in first.stderr
+    assert (
+        first.returncode == 0
+        and "no readable table was cached to recalibrate: measured whole" in first.stderr
+    )
     done = _cli("latency", str(spec), "--recalibrate", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "calibrated again now" in done.stderr and "the dense network now runs in" in done.stderr
@@ -960,3 +963,25 @@ def test_the_latency_command_recalibrates_and_says_how_far_the_machine_moved(tmp
     assert info["environment"]["dense_ms_before_recalibration"] > 0 and "calibrated_at" in info["environment"]
     both = _cli("latency", str(spec), "--rebuild", "--recalibrate", cwd=tmp_path)
     assert both.returncode == 1 and both.stderr.startswith("error: ") and len(both.stderr.splitlines()) == 1
+
+
+def test_a_damaged_cache_is_measured_again_and_an_unwritable_one_is_refused_before_measuring(
+    monkeypatch, tmp_path: Path
+) -> None:
+    from spvit_dsl.compact import latency as measuring
+
+    space = compile_text(BACKBONE + "blocks all { ffn: widths {96, 192} }", "c.vit").space
+    _, path, _ = table_for(space, SETTING, cache=tmp_path)
+    damaged = json.loads(path.read_text(encoding="utf-8")) | {"blocks": []}  # valid JSON, wrong shape
+    path.write_text(json.dumps(damaged), encoding="utf-8")
+    _, _, measured = table_for(space, SETTING, cache=tmp_path)
+    assert measured
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("", encoding="utf-8")
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("measured before finding out the table cannot be kept")
+
+    monkeypatch.setattr(measuring, "measure_table", never)
+    with pytest.raises(RuntimeError, match="cannot be written.*SPVIT_DSL_CACHE"):
+        table_for(space, SETTING, cache=a_file)

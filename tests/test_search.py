@@ -103,6 +103,20 @@ def test_a_network_the_projection_gave_attention_back_is_announced_in_one_line()
     assert _projection_notice(_run_for_notice(100.0, 200.0), info | {"raised_msa": None}) is None  # on budget
 
 
+def test_a_warm_up_longer_than_the_run_is_named_instead_of_more_steps():
+    """--epochs 2 on a spec with warmup_epochs = 4: the gates never trained, so "run more steps" or a budget_reach
+    cannot help; the line says to lower the warm-up or raise --epochs."""
+    from spvit_dsl.search.loop import _ratio_notice
+
+    run = _run_for_notice(100.0, 200.0)
+    stopped = {"steps": 44, "reach_step": 66, "planned_steps": 44, "reach_that_fits": 0.0}
+    said = _ratio_notice(run, {"schedule": stopped | {"warmup_steps": 88}, "removed": 2}, {"flops": 150.0})
+    assert said is not None and "gates never trained" in said and "--warmup-epochs" in said
+    assert "run at least" not in said
+    short = _ratio_notice(run, {"schedule": stopped | {"warmup_steps": 10}, "removed": 2}, {"flops": 150.0})
+    assert short is not None and "run at least 66 steps" in short and "gates never trained" not in short
+
+
 def test_no_train_longer_advice_when_the_budget_is_above_the_largest_network():
     """`--budget 150%latency`: the searched network uses 67% of it because nothing larger exists; training longer
     cannot help, so there is no line. Under a budget the space could use, the line stays."""

@@ -167,7 +167,7 @@ def _say_where(table: Any, setting: Any, path: Any, measured: bool, recalibrated
     when = table.environment.get("measured_at")
     if measured:
         verb = (
-            "nothing was cached to recalibrate: measured whole and cached at"
+            "no readable table was cached to recalibrate: measured whole and cached at"
             if recalibrated
             else "measured and cached at"
         )

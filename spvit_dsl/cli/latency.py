@@ -79,7 +79,7 @@ def latency_cmd(
     program = compile_file(spec, budgets=flag_limits(budget))
     setting = setting_of(program, device, threads, batch_size, precision)
     table = latency_table(program, setting, quiet=json_out, rebuild=rebuild, recalibrate=recalibrate)
-    if recalibrate and program.frozen and not json_out:
+    if recalibrate and program.frozen and not json_out and "calibrated_at" in table.environment:
         err.print(
             "note: this recalibrated the frozen network's own table; `bench --predict` prices a frozen spec with the "
             "table of the spec it was searched from: recalibrate that spec too",

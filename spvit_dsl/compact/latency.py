@@ -159,20 +159,36 @@ def table_for(
     if path.is_file() and not rebuild:
         try:
             cached = LatencyTable.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except (ValueError, KeyError, TypeError, OSError):
-            pass  # unreadable or another version: measure again
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            pass  # unreadable, damaged or another version: measure again
     if cached is not None and cached.key == key:
         if recalibrate_cached:  # (its errors are the caller's: never a silent rebuild)
+            _writable(path.parent)
             cached = recalibrate(cached, space, progress=progress)
             write_text(str(path), cached.dumps())
         return cached, path, False
     if cached_only:
         raise RuntimeError(f"no latency table for {setting.describe()} is cached at {path}")
+    _writable(path.parent)  # before minutes of measuring, not after
     table = measure_table(space, setting, progress=progress)
     table.key = key
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_text(str(path), table.dumps())
     return table, path, True
+
+
+def _writable(folder: Path) -> None:
+    """Raises ``RuntimeError`` (one line, naming ``SPVIT_DSL_CACHE``) when tables cannot be written to ``folder``."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise RuntimeError(
+            f"the latency cache {folder} cannot be written ({exc.strerror or exc}): set SPVIT_DSL_CACHE to a "
+            "writable folder"
+        ) from None
 
 
 def recalibrate(

@@ -296,12 +296,19 @@ def _ratio_notice(run: Run, info: Mapping[str, Any], derived: Mapping[str, Any])
         if isinstance(schedule, Mapping):  # SPViT: the run stopped before its schedule reached the budget
             done, reach, planned = (int(schedule[k]) for k in ("steps", "reach_step", "planned_steps"))
             fits = float(schedule.get("reach_that_fits", 0.0))
-            hint = (
-                f"it stopped at step {done}, and its schedule reaches the budget at step {reach} of the {planned} "
-                f"planned (--steps does not shorten the plan; --epochs does): run at least {reach} steps, or set "
-                "--epochs to the run you want"
-                + (f", or --set budget_reach={fits:g}" if fits > 0 else ", or lower warmup_epochs")
-            )
+            warm = int(schedule.get("warmup_steps", 0))
+            if warm >= planned:  # the gates never moved: no step count or budget_reach can help
+                hint = (
+                    f"its weight-only warm-up (warmup_epochs) lasts {warm} steps, not fewer than the {planned} "
+                    "planned, so the gates never trained: lower warmup_epochs (--warmup-epochs) or raise --epochs"
+                )
+            else:
+                hint = (
+                    f"it stopped at step {done}, and its schedule reaches the budget at step {reach} of the {planned} "
+                    f"planned (--steps does not shorten the plan; --epochs does): run at least {reach} steps, or set "
+                    "--epochs to the run you want"
+                    + (f", or --set budget_reach={fits:g}" if fits > 0 else ", or lower warmup_epochs")
+                )
         else:
             hint = "train longer (--epochs)"
         hint += " or raise budget_weight" if "budget_weight" in run.settings else ""

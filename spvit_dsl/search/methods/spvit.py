@@ -211,6 +211,7 @@ class SpvitStrategy(Strategy):
                 "steps": self._steps_done,
                 "reach_step": start + math.ceil(self.reach * (planned - start)),
                 "planned_steps": planned,
+                "warmup_steps": start,
                 "reach_that_fits": _two_digits_down(gate_steps / max(1, planned - start)),
             }
         return Decisions(result.arch, {k: v.cpu() for k, v in kept.items()}, info)
