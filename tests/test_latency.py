@@ -552,6 +552,12 @@ def test_bench_predict_reports_the_searched_spaces_prediction_beside_the_measure
     measured = report["timings"]["compact"]["median_ms"]
     assert p["error"] == pytest.approx(p["ms"] / measured - 1, abs=1e-3)
     assert "--predict: " not in done.stderr
+    # `latency FROZEN` prices it with the same table, so the two commands give one figure
+    priced = _cli("latency", str(frozen), "--json", "--threads", "1", "--batch-size", "4", cwd=tmp_path)
+    info = json.loads(priced.stdout)
+    assert info["table_of"].endswith("lat.vit") and info["largest_predicted_ms"] == pytest.approx(
+        p["ms"], rel=1e-3
+    )
     # the searched space gone: the frozen network's own table, and one line saying so
     (tmp_path / "lat.vit").rename(tmp_path / "moved.vit")
     done = _cli(*args, "--repeats", "2", "--warmup", "1", cwd=tmp_path)
@@ -559,6 +565,9 @@ def test_bench_predict_reports_the_searched_spaces_prediction_beside_the_measure
     p = json.loads(done.stdout)["predicted"]
     assert p["table_of"] == "the frozen network" and "was not found" in p["note"]
     assert done.stderr.count("--predict: ") == 1
+    alone = _cli("latency", str(frozen), "--threads", "1", "--batch-size", "4", cwd=tmp_path)
+    assert alone.returncode == 0 and "was not found or does not compile" in alone.stderr
+    assert "priced with the table of" not in alone.stdout
 
 
 def test_the_projection_handles_latencies_that_do_not_fall_with_the_width() -> None:
@@ -669,6 +678,11 @@ def test_latency_of_a_narrower_frozen_spec_says_the_dense_network_was_not_measur
     arch = FrozenArch(tuple(BlockArch("msa", b.hidden, b.heads, b.head_dim) for b in g.blocks), (16,))
     frozen = write_frozen(program, arch, tmp_path / "narrow.frozen.vit")
     args = ("latency", str(frozen), "--threads", "1", "--batch-size", "2")
+    searched = json.loads(
+        _cli(*args, "--json", cwd=tmp_path).stdout
+    )  # priced by its space's table: dense in it
+    assert searched["table_of"].endswith("space.vit") and searched["dense_measured_ms"] > 0
+    (tmp_path / "space.vit").unlink()  # without its space: its own table, which times its own widths only
     done = _cli(*args, "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)

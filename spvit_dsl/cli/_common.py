@@ -96,6 +96,27 @@ def load_program(spec: str, convention: str | None = None, budgets: list[str] | 
     return program
 
 
+def source_of(program: Any, path: str) -> tuple[Any, str]:
+    """A frozen spec's searched space: the program of its ``source`` (the path as written, else that file name beside
+    ``path``) and the file found; ``(program, "")`` when the spec is not frozen, names no source, or the source is gone
+    or no longer compiles. ``bench --predict`` and ``latency`` price a frozen network with that space's table, the
+    one its search priced it with."""
+    import os
+
+    from ..compile.program import compile_file
+    from ..lang.errors import SpvitError
+
+    source = str((program.checked.frozen or {}).get("source", "")) if program.frozen else ""
+    if source:
+        for candidate in (source, os.path.join(os.path.dirname(path), os.path.basename(source))):
+            if os.path.isfile(candidate):
+                try:
+                    return compile_file(candidate), candidate
+                except SpvitError:
+                    continue
+    return program, ""
+
+
 def latency_table(
     program: Any,
     setting: Any = None,

@@ -403,23 +403,15 @@ def _predicted(
     """The latency table's prediction for the built network, on what ``bench`` measures (device, threads, batch,
     fp32): from the table of the space the frozen spec was searched in when its ``source`` compiles, else of the
     frozen point itself."""
-    from ..compile.program import compile_file
-    from ..lang.errors import SpvitError
     from ..space.latency import LatencySetting
-    from ._common import latency_table
+    from ._common import latency_table, source_of
 
     program = _frozen_of(frozen)
     if program is None:
         raise UsageError(f"--predict: cannot read the frozen spec of {frozen}")
     source = str((program.checked.frozen or {}).get("source", ""))
-    space_program, which = program, "the frozen network"
-    for candidate in (source, os.path.join(os.path.dirname(frozen), os.path.basename(source))):
-        if source and os.path.isfile(candidate):
-            try:
-                space_program, which = compile_file(candidate), candidate
-                break
-            except SpvitError:
-                continue
+    space_program, which = source_of(program, frozen)
+    which = which or "the frozen network"
     setting = LatencySetting(device, threads or None, batch, "fp32")
     note = ""
     # the searched space is gone or no longer compiles: say whose table

@@ -68,7 +68,7 @@ def latency_cmd(
     from ..compile.program import compile_file
     from ..space.latency import UNSTEADY
     from ..space.units import fmt_ms
-    from ._common import err, latency_table, out
+    from ._common import err, latency_table, out, source_of
     from ._common import limits as flag_limits
 
     if rebuild and recalibrate:
@@ -78,20 +78,39 @@ def latency_cmd(
     # the compiler's warnings concern the search, not what a table measures
     program = compile_file(spec, budgets=flag_limits(budget))
     setting = setting_of(program, device, threads, batch_size, precision)
-    table = latency_table(program, setting, quiet=json_out, rebuild=rebuild, recalibrate=recalibrate)
-    if recalibrate and program.frozen and not json_out and "calibrated_at" in table.environment:
+    # a frozen network is priced by its searched space's table, as its search and `bench --predict` price it
+    priced, source = source_of(program, spec)
+    flags = {"quiet": json_out, "rebuild": rebuild, "recalibrate": recalibrate}
+    fell_back = False
+    try:
+        table = latency_table(priced, setting, **flags)
+        program = program.with_latency(table)
+        largest = table.arch_ms(program.space.geometry, program.space.largest())
+    except (KeyError, UsageError) as exc:  # widths outside that space (--round auto), a space it cannot table
+        if priced is program:
+            raise
         err.print(
-            "note: this recalibrated the frozen network's own table; `bench --predict` prices a frozen spec with the "
-            "table of the spec it was searched from: recalibrate that spec too",
+            f"note: the table of {source} cannot price this network ({exc.args[0]}): priced with its own table, "
+            "which may "
+            "differ from the one its search and `bench --predict` use",
             markup=False,
         )
-    program = program.with_latency(table)
+        source, fell_back, table = "", True, latency_table(program, setting, **flags)
+        program = program.with_latency(table)
+        largest = table.arch_ms(program.space.geometry, program.space.largest())
+    searched_from = (program.checked.frozen or {}).get("source") if program.frozen else None
+    if searched_from and not source and not fell_back and not json_out:
+        err.print(
+            f"note: the spec this network was searched from ({searched_from}) was not found or does not compile: "
+            "priced with the frozen network's own table, which may differ from the one its search used",
+            markup=False,
+        )
     g = program.space.geometry
-    largest = table.arch_ms(g, program.space.largest())
     fastest = table.fastest_ms(program.space)
     limits = [b for b in program.budgets if b.metric == "latency"]
     info = {
         "spec": program.path,
+        "table_of": source or program.path,
         "setting": setting.as_dict(),
         "dense_measured_ms": round(table.dense_ms, 4) if table.dense_ms > 0 else None,
         "largest_predicted_ms": round(largest, 4),
@@ -108,6 +127,8 @@ def latency_cmd(
     when, again = table.environment.get("measured_at"), table.environment.get("calibrated_at")
     stamp = (f" (table measured {when}" + (f", calibrated {again}" if again else "") + ")") if when else ""
     out.print(f"{g.model} on {setting.describe()}{stamp}", markup=False)
+    if source:
+        out.print(f"  priced with the table of {source}, the spec it was searched from", markup=False)
     if table.dense_ms > 0:
         out.print(
             f"  dense network: measured {fmt_ms(table.dense_ms)} (the table is calibrated on it)",
