@@ -127,8 +127,9 @@ def run(
         meas = float(r["measured_ms"])  # type: ignore[arg-type]
         # the same prediction scaled by the machine's drift (the dense network: now / in the table)
         r["error_drift_corrected"] = round(float(r["predicted_ms"]) * (1 + drift) / meas - 1, 4)  # type: ignore[arg-type]
-        r["predicted_ms_recalibrated"] = round(fresh.arch_ms(g, a), 3)
-        r["error_recalibrated"] = round(fresh.arch_ms(g, a) / meas - 1, 4)
+        p_fresh = fresh.arch_ms(g, a)
+        r["predicted_ms_recalibrated"] = round(p_fresh, 3)
+        r["error_recalibrated"] = round(p_fresh / meas - 1, 4)
         if same is not None:
             p_same = stem_now + sum(same.get(k, 0.0) * v for k, v in table.part_ms(g, a).items())
             r["error_same_rounds"] = round(p_same / meas - 1, 4)
@@ -221,7 +222,8 @@ def search_part(epochs: int | None, share: float, repeats: int, cached: bool = F
         result = json.loads(done.stdout)
         arch = arch_of(compile_file(result["frozen_spec"]).checked)
     predicted = table.arch_ms(g, arch)
-    fresh = recalibrate(table, base.space)  # the table recalibrated now, after the search: the same blocks
+    # the table recalibrated now, after the search: the same blocks
+    predicted_fresh = recalibrate(table, base.space).arch_ms(g, arch)
     torch.set_num_threads(setting.threads)
     models = {"frozen": create_compact(g, arch).eval(), "dense": create_compact(g, base.space.dense()).eval()}
     shape = (setting.batch, g.in_chans, g.img_size, g.img_size)
@@ -240,8 +242,8 @@ def search_part(epochs: int | None, share: float, repeats: int, cached: bool = F
         "error_drift_corrected": round(
             predicted * (timings["dense"].median_ms / table.arch_ms(g, base.space.dense())) / measured - 1, 4
         ),
-        "predicted_ms_recalibrated": round(fresh.arch_ms(g, arch), 4),
-        "error_recalibrated": round(fresh.arch_ms(g, arch) / measured - 1, 4),
+        "predicted_ms_recalibrated": round(predicted_fresh, 4),
+        "error_recalibrated": round(predicted_fresh / measured - 1, 4),
         "val_top1": result["val_top1"],
         "notice": result["notice"],
         "budget_note": budget_note,

@@ -5,6 +5,7 @@ Every command module imports from here (never from another command module), so t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
@@ -96,11 +97,48 @@ def load_program(spec: str, convention: str | None = None, budgets: list[str] | 
     return program
 
 
+def frozen_price(
+    program: Any,
+    path: str,
+    setting: Any,
+    price: Callable[[Any], float],
+    *,
+    quiet: bool = False,
+    rebuild: bool = False,
+    recalibrate: bool = False,
+) -> tuple[Any, float, str, str]:
+    """Price a frozen spec's network (``price(table)``, milliseconds) as its search priced it: with the table of the
+    space it was searched in (:func:`source_of`). When that spec is gone or no longer compiles, its space cannot be
+    tabled, or the network left its widths (``--round auto``), with the frozen network's own table instead. Returns
+    ``(table, ms, source, note)``: ``source`` is the spec whose table priced it ("" for its own), ``note`` the one
+    line saying why its own table did ("" otherwise); ``latency`` and ``bench --predict`` print it."""
+    flags = {"quiet": quiet, "rebuild": rebuild, "recalibrate": recalibrate}
+    searched, found = (program.checked.frozen or {}).get("source") if program.frozen else None, ""
+    note = ""
+    if searched:
+        space_program, found = source_of(program, path)
+        if not found:
+            note = (
+                f"the spec this network was searched from ({searched}) was not found or does not compile (looked "
+                f"for as written and beside {path})"
+            )
+        else:
+            try:
+                table = latency_table(space_program, setting, **flags)
+                return table, price(table), found, ""
+            except (KeyError, UsageError) as exc:
+                # KeyError: widths outside that space (--round auto); UsageError: a space it cannot table (a Swin
+                # space with more than 16 stage-width combinations)
+                note = f"the table of {found} cannot price this network ({exc.args[0]})"
+        note += ": priced with the frozen network's own table, which may differ from the one its search used"
+    table = latency_table(program, setting, **flags)
+    return table, price(table), "", note
+
+
 def source_of(program: Any, path: str) -> tuple[Any, str]:
     """A frozen spec's searched space: the program of its ``source`` (the path as written, else that file name beside
     ``path``) and the file found; ``(program, "")`` when the spec is not frozen, names no source, or the source is gone
-    or no longer compiles. ``bench --predict`` and ``latency`` price a frozen network with that space's table, the
-    one its search priced it with."""
+    or no longer compiles."""
     import os
 
     from ..compile.program import compile_file

@@ -404,36 +404,18 @@ def _predicted(
     fp32): from the table of the space the frozen spec was searched in when its ``source`` compiles, else of the
     frozen point itself."""
     from ..space.latency import LatencySetting
-    from ._common import latency_table, source_of
+    from ._common import frozen_price
 
     program = _frozen_of(frozen)
     if program is None:
         raise UsageError(f"--predict: cannot read the frozen spec of {frozen}")
-    source = str((program.checked.frozen or {}).get("source", ""))
-    space_program, which = source_of(program, frozen)
-    which = which or "the frozen network"
     setting = LatencySetting(device, threads or None, batch, "fp32")
-    note = ""
-    # the searched space is gone or no longer compiles: say whose table
-    if source and space_program is program:
-        note = (
-            f"the source spec {source} was not found or does not compile (looked from here and beside {frozen}); "
-            "predicted from the frozen network's own table, which may differ from the one the search priced with"
-        )
+    _, ms, which, note = frozen_price(
+        program, frozen, setting, lambda t: t.arch_ms(model.spvit_geometry, model.spvit_arch), quiet=quiet
+    )
+    which = which or "the frozen network"
+    if note:
         err.print(f"--predict: {note}", markup=False)
-    try:
-        table = latency_table(space_program, setting, quiet=quiet)
-        ms = table.arch_ms(model.spvit_geometry, model.spvit_arch)
-    except (KeyError, UsageError) as exc:
-        # KeyError: e.g. --round auto moved widths outside what the source's space offers; UsageError: the space
-        # cannot be tabled (a Swin space with more than 16 stage-width combinations)
-        if space_program is program:
-            raise
-        if isinstance(exc, UsageError):
-            note = f"{exc.args[0]} (the space of {which}); predicted from the frozen network's own table"
-            err.print(f"--predict: {note}", markup=False)
-        table = latency_table(program, setting, quiet=quiet)
-        ms, which = table.arch_ms(model.spvit_geometry, model.spvit_arch), "the frozen network"
     return {"ms": round(ms, 4), "table_of": which, "setting": setting.as_dict()} | (
         {"note": note} if note else {}
     )

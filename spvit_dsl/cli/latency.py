@@ -68,7 +68,7 @@ def latency_cmd(
     from ..compile.program import compile_file
     from ..space.latency import UNSTEADY
     from ..space.units import fmt_ms
-    from ._common import err, latency_table, out, source_of
+    from ._common import err, frozen_price, out
     from ._common import limits as flag_limits
 
     if rebuild and recalibrate:
@@ -79,32 +79,18 @@ def latency_cmd(
     program = compile_file(spec, budgets=flag_limits(budget))
     setting = setting_of(program, device, threads, batch_size, precision)
     # a frozen network is priced by its searched space's table, as its search and `bench --predict` price it
-    priced, source = source_of(program, spec)
-    flags = {"quiet": json_out, "rebuild": rebuild, "recalibrate": recalibrate}
-    fell_back = False
-    try:
-        table = latency_table(priced, setting, **flags)
-        program = program.with_latency(table)
-        largest = table.arch_ms(program.space.geometry, program.space.largest())
-    except (KeyError, UsageError) as exc:  # widths outside that space (--round auto), a space it cannot table
-        if priced is program:
-            raise
-        err.print(
-            f"note: the table of {source} cannot price this network ({exc.args[0]}): priced with its own table, "
-            "which may "
-            "differ from the one its search and `bench --predict` use",
-            markup=False,
-        )
-        source, fell_back, table = "", True, latency_table(program, setting, **flags)
-        program = program.with_latency(table)
-        largest = table.arch_ms(program.space.geometry, program.space.largest())
-    searched_from = (program.checked.frozen or {}).get("source") if program.frozen else None
-    if searched_from and not source and not fell_back and not json_out:
-        err.print(
-            f"note: the spec this network was searched from ({searched_from}) was not found or does not compile: "
-            "priced with the frozen network's own table, which may differ from the one its search used",
-            markup=False,
-        )
+    table, largest, source, note = frozen_price(
+        program,
+        spec,
+        setting,
+        lambda t: t.arch_ms(program.space.geometry, program.space.largest()),
+        quiet=json_out,
+        rebuild=rebuild,
+        recalibrate=recalibrate,
+    )
+    if note and not json_out:
+        err.print(f"note: {note}", markup=False)
+    program = program.with_latency(table)
     g = program.space.geometry
     fastest = table.fastest_ms(program.space)
     limits = [b for b in program.budgets if b.metric == "latency"]
