@@ -105,4 +105,12 @@ def test_bench_script_runs_and_writes_its_report(name: str, tmp_path: Path) -> N
             assert all(n["predicted_ms_recalibrated"] > 0 for n in row["networks"])
             same = row["median_abs_error_same_rounds"]  # None: the same-round factors did not solve
             assert (same is None) == (row["same_round_part_scale"] is None) and (same is None or same >= 0)
+            # the noise floor: every network timed twice, the first timing read as the second's prediction
+            for n in row["networks"]:
+                assert n["measured_ms_again"] > 0
+                assert n["error_repeat"] == pytest.approx(
+                    n["measured_ms"] / n["measured_ms_again"] - 1, abs=2e-3
+                )
+            repeats = sorted(abs(n["error_repeat"]) for n in row["networks"])
+            assert repeats[0] <= row["median_abs_error_repeat"] <= repeats[-1] and row["pass_seconds"] > 0
         assert report["results"]["search"]["epochs"] == 1

@@ -24,12 +24,14 @@ from spvit_dsl.search import run_search
 from spvit_dsl.space import cost
 from spvit_dsl.space.cost import BlockCounts, Counts, counts_of
 from spvit_dsl.space.latency import (
+    OFFSET_ANCHORS,
     BlockTable,
     LatencySetting,
     LatencyTable,
     block_kind,
     interpolate,
     measured_points,
+    residue_class,
     round_for_latency,
     rounding_space,
 )
@@ -136,7 +138,8 @@ def test_the_table_covers_every_candidate_and_predicts_the_sum_of_its_parts(tiny
         (BlockArch("msa", 100, 3, 8), BlockArch("conv1x1", 64, 3, 16), BlockArch("skip", 0, 3, 16)), (48,)
     )
     s = FACTORS
-    ffn = interpolate([(float(w), t) for w, t in entry.ffn], 100) + dict(entry.ffn)[64]
+    # 100 is 4 mod 8: the grid's interpolation slowed by what that class measured; 64 is a grid point
+    ffn = interpolate([(float(w), t) for w, t in entry.ffn], 100) * entry.alignment(100) + dict(entry.ffn)[64]
     parts = s["msa"] * entry.msa[(3, 8)] + s["conv1x1"] * entry.conv["conv1x1"][16] + s["skip"] * entry.skip
     assert table.arch_ms(g, arch) == pytest.approx(table.stem["48"] + parts + s["ffn"] * ffn)
     scales = table.scales_of((48,))
@@ -150,6 +153,53 @@ def test_declared_widths_are_measured_one_by_one() -> None:
     spec = BACKBONE + "blocks all { ffn: widths {10, 97, 150} }\nblock 1 { ffn: groups of 24 }"
     (pts,) = measured_points(compile_text(spec, "w.vit").space).values()
     assert sorted(pts.ffn) == sorted({0, 10, 97, 150, 192, *range(24, 192, 24)})
+    assert not pts.ffn_offset  # every offered width is measured itself: nothing to learn about alignment
+
+
+@pytest.mark.parametrize("ratio", [4, 32])
+def test_a_per_neuron_space_also_times_every_alignment_class_off_the_grid(ratio: int) -> None:
+    hidden = 48 * ratio
+    spec = BACKBONE.replace("heads = 3", f"heads = 3; mlp_ratio = {ratio}") + "blocks all { ffn: per neuron }"
+    (pts,) = measured_points(compile_text(spec, "w.vit").space).values()
+    assert all(w % 8 == 0 for w in pts.ffn if 0 < w < hidden)
+    offsets = sorted(pts.ffn_offset)
+    assert offsets and all(0 < w < hidden and w % 8 for w in offsets)
+    assert {residue_class(w) for w in offsets} == {1, 2, 4}
+    assert {w % 8 for w in offsets if w % 2} == {1, 3, 5, 7}  # the odd residues take turns
+    anchors = {w // 8 * 8 for w in offsets}  # spread over the grid, at most OFFSET_ANCHORS of them
+    assert len(anchors) == OFFSET_ANCHORS
+    assert min(anchors) <= hidden // 4 and max(anchors) >= hidden * 3 // 4
+
+
+@given(st.floats(1.0, 1.6), st.floats(0.9, 1.3), st.integers(1, 191).filter(lambda w: w % 8 != 0))
+@settings(max_examples=60, deadline=None)
+def test_an_integer_width_off_the_grid_is_slowed_by_its_class(odd: float, four: float, width: int) -> None:
+    grid = [(w, 0.01 * w) for w in range(0, 193, 8)]
+    offsets = [
+        (anchor + r, 0.01 * (anchor + r) * factor)
+        for anchor in (16, 96, 176)
+        for r, factor in ((3, odd), (2, 1.0), (4, four))
+    ]
+    entry = BlockTable(msa={(3, 16): 1.0}, skip=0.1, ffn=grid, ffn_offset=sorted(offsets))
+    factor = {1: odd, 2: 1.0, 4: four}[residue_class(width)]  # one factor per class at every anchor: held
+    assert entry.ffn_ms(width) == pytest.approx(0.01 * width * factor, rel=1e-9)
+    assert entry.ffn_ms(width // 8 * 8) == pytest.approx(0.01 * (width // 8 * 8))  # multiples of 8: the grid
+    assert entry.ffn_ms(width + 0.5) == pytest.approx(0.01 * (width + 0.5))  # fractional: the grid's curve
+    for w, ms in offsets:  # a measured width is exact
+        assert entry.ffn_ms(w) == pytest.approx(ms, rel=1e-9)
+    again = BlockTable.from_json(json.loads(json.dumps(entry.to_json())))
+    assert again.ffn_ms(width) == pytest.approx(entry.ffn_ms(width))
+    old = entry.to_json()
+    del old["ffn_offset"]  # a table cached before the classes were measured predicts on the grid
+    assert BlockTable.from_json(old).ffn_ms(width) == pytest.approx(0.01 * width)
+
+
+def test_a_measured_table_prices_alignment_from_its_own_timings(tiny) -> None:
+    space, measured = tiny
+    entry = measured.blocks[block_kind(space.geometry.blocks[0], 48)]
+    assert entry.ffn_offset and {residue_class(w) for w, _ in entry.ffn_offset} == {1, 2, 4}
+    for w, ms in entry.ffn_offset:  # the widths it timed off the grid are exact lookups
+        assert entry.ffn_ms(w) == pytest.approx(ms, rel=1e-9, abs=1e-12)
 
 
 def test_expected_counts_are_differentiable_and_agree_with_the_frozen_point(factored) -> None:
@@ -165,8 +215,8 @@ def test_expected_counts_are_differentiable_and_agree_with_the_frozen_point(fact
     entry = table.blocks[block_kind(g.blocks[0], 48)]
     ffn = [(float(w), t) for w, t in entry.ffn]
     slope = (interpolate(ffn, 104.0) - interpolate(ffn, 96.0)) / 8  # 99 lies inside the segment 96..104
-    s = FACTORS
-    assert width.grad.item() == pytest.approx(3 * s["ffn"] * slope, rel=1e-6)
+    s = FACTORS  # 99 is odd: its class's slowdown is a constant factor on the segment's slope
+    assert width.grad.item() == pytest.approx(3 * s["ffn"] * slope * entry.alignment(99), rel=1e-6)
     assert p.grad.item() == pytest.approx(
         3 * (s["msa"] * entry.msa[(3, 16)] - s["skip"] * entry.skip), rel=1e-6
     )
@@ -325,6 +375,25 @@ def test_rounding_picks_the_faster_width_and_keeps_the_flops_within_the_budget()
     assert plain.blocks[0].ffn == 100  # no slow widths: a width that is already efficient stays
 
 
+def test_rounding_moves_a_width_its_alignment_class_slows_to_a_multiple_of_8() -> None:
+    space, table = _synthetic(list(range(0, 193, 8)), slow=set())
+    g = space.geometry
+
+    def price(a):
+        c = cost.arch_cost(g, a, "exact")
+        return {"flops": float(c.macs), "params": float(c.params)}
+
+    arch = FrozenArch((BlockArch("msa", 101, 3, 16),), (48,))
+    limits = {"flops": price(arch)["flops"] * 1.2}
+    assert round_for_latency(g, arch, table, price, limits).blocks[0].ffn == 101  # on the grid's line: stays
+    (entry,) = table.blocks.values()
+    entry.ffn_offset = [(w, 0.01 * w * 1.25) for w in (17, 99, 163)]  # odd widths measured 25% slower
+    assert table.block_ms(g.blocks[0], arch.blocks[0], 48, {"*": 1.0}) > 1.0 + 0.01 * 101 * 1.2
+    rounded = round_for_latency(g, arch, table, price, limits)
+    assert rounded.blocks[0].ffn == 104  # the next multiple of 8 up: at least its FLOPs, and faster
+    assert table.arch_ms(g, rounded) < table.arch_ms(g, arch)
+
+
 def test_rounding_space_offers_multiples_of_8_around_each_width() -> None:
     space = compile_text(SPACE, "a.vit").space
     arch = FrozenArch(tuple(BlockArch("msa", w, 3, 16) for w in (100, 5, 190)), (48,))
@@ -419,6 +488,7 @@ def test_the_latency_command_prints_predictions_and_refuses_bad_flags(tmp_path: 
     tight.write_text(SPACE + "budget { latency <= 1us; threads = 1; batch = 2 }\n", encoding="utf-8")
     said = _cli("latency", str(tight), cwd=tmp_path)
     assert said.returncode == 0 and "cannot be met: below the fastest network's" in said.stdout
+    assert said.stderr.splitlines()[0].startswith("latency table for cpu")  # no blank line left by the bar
     assert json.loads(_cli("latency", str(tight), "--json", cwd=tmp_path).stdout)["budget_feasible"] is False
     # --budget checks a budget the way search would take it: it replaces the spec's latency budget
     flagged = json.loads(_cli("latency", str(tight), "--budget", "1 s", "--json", cwd=tmp_path).stdout)

@@ -174,7 +174,7 @@ def latency_table(
     space = space if space is not None else program.space
     import os
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..compact.latency import table_for
 
@@ -196,17 +196,24 @@ def latency_table(
             table, path, measured = table_for(space, setting, rebuild=rebuild, recalibrate_cached=recalibrate)
         else:
             with Progress(
-                TextColumn("latency table ({task.description})"),
+                TextColumn("{task.description}"),
                 BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
+                MofNCompleteColumn(),
+                TextColumn("rounds"),
                 TimeRemainingColumn(),
                 console=err,
                 transient=True,
+                disable=not err.is_terminal,  # a transient bar leaves only a blank line in a log
             ) as bar:
-                task = bar.add_task(setting.describe(), total=None)
+                task = bar.add_task(f"latency table ({setting.describe()})", total=None)
 
-                def show(done: int, total: int, what: str) -> None:
-                    bar.update(task, completed=done, total=total)
+                def show(done: int, total: int, what: str) -> None:  # what: a block kind, or "calibration"
+                    bar.update(
+                        task,
+                        completed=done,
+                        total=total,
+                        description=f"latency table ({setting.describe()}): {what}",
+                    )
 
                 table, path, measured = table_for(
                     space, setting, rebuild=rebuild, progress=show, recalibrate_cached=recalibrate

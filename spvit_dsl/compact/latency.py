@@ -120,7 +120,7 @@ def table_key(space: Space, setting: LatencySetting, device: torch.device) -> st
         "kwargs": {k: repr(v) for k, v in sorted(space.geometry.kwargs().items())},
         "embeds": _embeds(space),
         "points": {
-            k: [sorted(p.ops), sorted(p.msa), sorted(p.conv_dims), sorted(p.ffn)]
+            k: [sorted(p.ops), sorted(p.msa), sorted(p.conv_dims), sorted(p.ffn), sorted(p.ffn_offset)]
             for k, p in sorted(pts.items())
         },
         "setting": setting.as_dict(),
@@ -345,6 +345,7 @@ def measure_table(
         if "skip" not in p.ops:
             rows.append(("skip", None, BlockArch("skip", 0, b.heads, b.head_dim)))
         rows += [("ffn", w, BlockArch("skip", w, b.heads, b.head_dim)) for w in sorted(p.ffn) if w > 0]
+        rows += [("ffn_offset", w, BlockArch("skip", w, b.heads, b.head_dim)) for w in sorted(p.ffn_offset)]
         configs[kind] = rows
     tick = _counter((warmup + repeats) * (len(configs) + len(embeds)), progress)
 
@@ -384,6 +385,8 @@ def measure_table(
                         table.msa[arg] = t
                     elif what == "ffn":
                         table.ffn.append((arg, max(0.0, t - width0)))  # below timer noise: free
+                    elif what == "ffn_offset":  # timed in the same rounds as the grid: their ratio is steady
+                        table.ffn_offset.append((arg, max(0.0, t - width0)))
                     elif what != "skip":
                         table.conv.setdefault(what, {})[arg] = t
                 blocks[kind] = table

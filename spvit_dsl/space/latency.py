@@ -14,6 +14,12 @@ ffn(width))``.
   add. Blocks with the same shape facts (stage, grid, window, shift, SwinV2-CR's norm3) share entries.
 * Widths between measured ones are interpolated linearly (heads × head_dim bilinearly); measured widths are exact
   lookups. Sparsity does not change a prediction: dense kernels do not run faster for zeros.
+* **Alignment.** Matrix kernels run best on widths that are multiples of their vector width: on the development
+  VMs' CPUs (2 threads, batch 8) an FFN of 921 or 923 neurons ran 20–27% slower than one of 920 or 928. When a
+  space offers FFN widths off the measured grid (per neuron, for instance), the table also times a few widths at
+  every residue class mod 8 (odd, 2 mod 4, 4 mod 8; ``BlockTable.ffn_offset``), and an integer width off the grid is
+  priced as the grid's interpolation times the slowdown its class showed at nearby widths. Fractional widths (the
+  expected widths of a training strategy) stay on the grid's curve.
 * ``stem`` (patch embedding, position embedding, patch merging, final norm, pooling and head) is measured with the
   blocks removed. ``scale`` calibrates blocks timed alone to blocks inside the network, one factor per part (each op
   and the FFN): whole networks are timed with every block at one op (FFN at full width), plus every block ``skip``
@@ -52,6 +58,7 @@ __all__ = [
     "interpolate",
     "measured_embeds",
     "measured_points",
+    "residue_class",
     "round_for_latency",
     "rounding_space",
 ]
@@ -112,6 +119,15 @@ def _part(scales: Mapping[str, float], part: str) -> float:
     return scales.get(part, scales["*"])
 
 
+def residue_class(width: int) -> int:
+    """The alignment class of an FFN width: 8 for a multiple of 8, 4 for 4 mod 8, 2 for 2 mod 4, 1 for odd widths
+    (the largest power of two, up to 8, that divides it). Widths of one class run alike next to a multiple of 8."""
+    for c in (8, 4, 2):
+        if width % c == 0:
+            return c
+    return 1
+
+
 def _number(x: Any) -> float:
     """A number or a 0-d tensor's value (detached: it only locates a segment)."""
     return float(x.detach()) if hasattr(x, "detach") else float(x)
@@ -122,13 +138,16 @@ class BlockTable:
     """One block kind at one residual width: milliseconds per forward of ``batch`` images.
 
     ``msa[(heads, head_dim)]`` and ``conv[op][bottleneck]``: the block with that op and its FFN at width 0; ``skip``:
-    the same with no attention branch; ``ffn``: ``(width, extra ms over width 0)``, ascending from ``(0, 0)``.
+    the same with no attention branch; ``ffn``: ``(width, extra ms over width 0)``, ascending from ``(0, 0)``;
+    ``ffn_offset``: the same at a few widths off the multiples of 8 (ascending; empty when the space offers no such
+    width between grid points, and in tables from before they were measured).
     """
 
     msa: dict[tuple[int, int], float] = field(default_factory=dict)
     conv: dict[str, dict[int, float]] = field(default_factory=dict)
     skip: float | None = None
     ffn: list[tuple[int, float]] = field(default_factory=list)
+    ffn_offset: list[tuple[int, float]] = field(default_factory=list)
 
     def attention_ms(self, op: str, heads: Any, head_dim: Any) -> Any:
         if op == "skip":
@@ -148,9 +167,33 @@ class BlockTable:
         return interpolate(sorted((float(d), ms) for d, ms in self.conv[op].items()), head_dim)
 
     def ffn_ms(self, width: Any) -> Any:
-        if _number(width) <= 0:
+        """Milliseconds the FFN adds at ``width`` neurons (a number, or a 0-d tensor: differentiable in it). Measured
+        widths are exact; others interpolate, and an integer width off the multiples of 8 is slowed by its residue
+        class's measured factor (:meth:`alignment`)."""
+        n = _number(width)
+        if n <= 0:
             return 0.0 * width
-        return interpolate([(float(w), ms) for w, ms in self.ffn], width)
+        return interpolate([(float(w), ms) for w, ms in self.ffn], width) * self.alignment(n)
+
+    def alignment(self, width: float) -> float:
+        """How much slower an FFN of ``width`` neurons runs than the multiples-of-8 curve predicts: 1.0 at a measured
+        width, a fractional one or a multiple of 8; else the ratio measured at this residue class's widths in
+        ``ffn_offset`` (odd, 2 mod 4, 4 mod 8), interpolated in the width and held past the ends."""
+        if not self.ffn_offset or width != int(width) or int(width) % 8 == 0:
+            return 1.0
+        w = int(width)
+        if any(m == w for m, _ in self.ffn):
+            return 1.0
+        grid = [(float(m), ms) for m, ms in self.ffn]
+        ratios = []
+        for m, ms in self.ffn_offset:
+            base = interpolate(grid, float(m))
+            if residue_class(m) == residue_class(w) and base > 0:
+                ratios.append((float(m), ms / base))
+        if not ratios:
+            return 1.0
+        x = min(max(float(w), ratios[0][0]), ratios[-1][0])  # held constant past the measured ends
+        return float(interpolate(ratios, x))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -158,6 +201,7 @@ class BlockTable:
             "conv": {op: [[d, ms] for d, ms in sorted(v.items())] for op, v in sorted(self.conv.items())},
             "skip": self.skip,
             "ffn": [[w, ms] for w, ms in self.ffn],
+            "ffn_offset": [[w, ms] for w, ms in self.ffn_offset],
         }
 
     @classmethod
@@ -167,6 +211,7 @@ class BlockTable:
             conv={op: {int(k): float(ms) for k, ms in v} for op, v in d["conv"].items()},
             skip=None if d["skip"] is None else float(d["skip"]),
             ffn=[(int(w), float(ms)) for w, ms in d["ffn"]],
+            ffn_offset=[(int(w), float(ms)) for w, ms in d.get("ffn_offset", [])],
         )
 
 
@@ -407,6 +452,9 @@ class Points:
     msa: set[tuple[int, int]] = field(default_factory=set)
     conv_dims: set[int] = field(default_factory=set)
     ffn: set[int] = field(default_factory=set)
+    ffn_offset: set[int] = field(
+        default_factory=set
+    )  # off the multiples of 8: the alignment classes' slowdown
 
 
 MAX_EMBEDS = 16  # combinations of embedding widths measured one by one; a ViT with more is measured on a grid
@@ -449,7 +497,27 @@ def measured_points(space: Space) -> dict[str, Points]:
             pts.conv_dims |= set(dims)
             pts.ffn |= {0, b.hidden, *plan.ffn.candidates(b.hidden)}
     for pts in out.values():
+        offered = set(pts.ffn)
         pts.ffn = set(_grid(pts.ffn, 8))
+        if any(w % 8 for w in offered - pts.ffn):  # widths off the grid and off the multiples of 8: alignment
+            pts.ffn_offset = _offset_widths(sorted(pts.ffn), pts.geom.hidden)
+    return out
+
+
+OFFSET_ANCHORS = 8  # grid widths next to which each alignment class is measured
+
+
+def _offset_widths(grid: list[int], hidden: int) -> set[int]:
+    """Widths off the multiples of 8 that a table times to learn each alignment class's slowdown: next to at most
+    :data:`OFFSET_ANCHORS` multiples of 8 spread over the grid, one width of each class (odd, 2 mod 4, 4 mod 8), the
+    residues taking turns from anchor to anchor (odd: +1, +3, +5, +7; 2 mod 4: +2, +6)."""
+    anchors = [w for w in grid if w % 8 == 0 and 0 < w and w + 8 <= hidden]
+    if len(anchors) > OFFSET_ANCHORS:
+        step = (len(anchors) - 1) / (OFFSET_ANCHORS - 1)
+        anchors = sorted({anchors[round(i * step)] for i in range(OFFSET_ANCHORS)})
+    out: set[int] = set()
+    for i, w in enumerate(anchors):
+        out |= {w + (1, 3, 5, 7)[i % 4], w + (2, 6)[i % 2], w + 4}
     return out
 
 
