@@ -15,7 +15,7 @@ ffn(width))``.
 * Widths between measured ones are interpolated linearly (heads × head_dim bilinearly); measured widths are exact
   lookups. Sparsity does not change a prediction: dense kernels do not run faster for zeros.
 * **Alignment.** Matrix kernels run best on widths that are multiples of their vector width: on the development
-  VMs' CPUs (2 threads, batch 8) an FFN of 921 or 923 neurons ran 20–27% slower than one of 920 or 928. When a
+  VMs' CPUs (2 threads, batch 8) an FFN of 921 or 923 neurons ran 21–27% slower than one of 920. When a
   space offers FFN widths off the measured grid (per neuron, for instance), the table also times a few widths at
   every residue class mod 8 (odd, 2 mod 4, 4 mod 8; ``BlockTable.ffn_offset``), and an integer width off the grid is
   priced as the grid's interpolation times the slowdown its class showed at nearby widths. Fractional widths (the
