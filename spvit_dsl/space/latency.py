@@ -179,10 +179,8 @@ class BlockTable:
         """How much slower an FFN of ``width`` neurons runs than the multiples-of-8 curve predicts: 1.0 at a measured
         width, a fractional one or a multiple of 8; else the ratio measured at this residue class's widths in
         ``ffn_offset`` (odd, 2 mod 4, 4 mod 8), interpolated in the width and held past the ends."""
-        if not self.ffn_offset or width != int(width) or int(width) % 8 == 0:
-            return 1.0
         w = int(width)
-        if any(m == w for m, _ in self.ffn):
+        if not self.ffn_offset or width != w or residue_class(w) == 8 or any(m == w for m, _ in self.ffn):
             return 1.0
         grid = [(float(m), ms) for m, ms in self.ffn]
         ratios = []
@@ -452,9 +450,8 @@ class Points:
     msa: set[tuple[int, int]] = field(default_factory=set)
     conv_dims: set[int] = field(default_factory=set)
     ffn: set[int] = field(default_factory=set)
-    ffn_offset: set[int] = field(
-        default_factory=set
-    )  # off the multiples of 8: the alignment classes' slowdown
+    # off the multiples of 8, to learn the alignment classes' slowdown
+    ffn_offset: set[int] = field(default_factory=set)
 
 
 MAX_EMBEDS = 16  # combinations of embedding widths measured one by one; a ViT with more is measured on a grid
