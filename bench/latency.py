@@ -198,6 +198,7 @@ def run(
         "table_scale": table.scale,
         "table_part_scale": table.part_scale,
         "table_spread": table.spread,
+        "table_ffn_retimed": table.environment.get("ffn_retimed"),
         "target_met": med <= 0.10,
         "target_met_drift_corrected": corrected <= 0.10,
         "target_met_recalibrated": recal <= 0.10,

@@ -16,8 +16,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import spvit_dsl.compact.latency as measuring
 from spvit_dsl.compact.build import build
-from spvit_dsl.compact.latency import calibration_points, solve_scales, table_for
+from spvit_dsl.compact.latency import calibration_points, outlying_entries, solve_scales, table_for
 from spvit_dsl.compile.program import compile_file, compile_text
 from spvit_dsl.lang.errors import SpecError, UsageError
 from spvit_dsl.search import run_search
@@ -332,6 +333,66 @@ def test_the_table_is_cached_per_setting_and_a_broken_file_is_measured_again(tmp
     _, _, measured = table_for(space, SETTING, cache=tmp_path)
     assert measured
     assert LatencyTable.from_json(json.loads(path.read_text(encoding="utf-8"))).key == first.key
+
+
+@given(
+    st.floats(0.001, 0.1),
+    st.floats(0.0, 5.0),
+    st.integers(7, 60),
+    st.integers(1, 59),
+    st.floats(1.2, 3.0),
+    st.booleans(),
+)
+@settings(max_examples=100, deadline=None)
+def test_an_ffn_entry_off_its_neighbours_line_is_flagged_and_nothing_else(
+    slope, offset, n, at, bump, slower
+) -> None:
+    """On a grid of multiples of 8 whose FFN times lie on a line (any slope, any fixed cost), nothing is flagged;
+    one entry bumped 20% or more off the line (up or down, the widest included) is flagged, and only it."""
+    ffn = [(0, 0.0)] + [(8 * k, offset + slope * 8 * k) for k in range(1, n + 1)]
+    assert outlying_entries(ffn) == []
+    i = 1 + at % n
+    w, t = ffn[i]
+    if t < 0.05 * ffn[-1][1]:  # under 5% of the widest entry: timer noise, never flagged
+        return
+    ffn[i] = (w, t * bump if slower else t / bump)
+    assert outlying_entries(ffn) == [i]
+
+
+def test_outlying_entries_needs_a_grid_and_spares_fractions_of_the_widest() -> None:
+    # six widths: too few neighbours to outvote an outlier, nothing is checked
+    assert outlying_entries([(0, 0.0)] + [(8 * k, 5.0 if k == 3 else 0.1 * k) for k in range(1, 7)]) == []
+    # at 8 neurons the entry is 50% off its line (0.01 ms), but its line is under 5% of the widest entry (0.99 ms),
+    # and 0.005 ms is under 12% of that 5%: timer noise
+    ffn = [(0, 0.0)] + [(8 * k, 0.01 * k) for k in range(1, 100)]
+    ffn[1] = (8, 0.015)
+    assert outlying_entries(ffn) == []
+    ffn[1] = (8, 0.02)  # 0.01 ms off: over 12% of 5% of the widest
+    assert outlying_entries(ffn) == [1]
+
+
+def test_a_flagged_entry_is_timed_again_and_put_on_the_first_rounds_level(monkeypatch) -> None:
+    """The widest entry reads 30% slow; fresh rounds (on a machine now running twice as fast) put it on the line:
+    the table keeps the fresh timing, doubled to the first rounds' level; the other rows keep theirs."""
+    widths = [8 * k for k in range(1, 13)]
+    rows = [("skip", None, None)] + [("ffn", w, None) for w in widths] + [("msa", (3, 16), None)]
+    line = {w: 2.0 + 0.1 * w for w in widths}
+    times = [2.0] + [line[w] for w in widths] + [7.0]
+    times[12] = 2.0 + (line[96] - 2.0) * 1.3  # the widest: its FFN 30% slow
+    first = list(times)
+    timed: list[list[int]] = []
+
+    def fresh(calls, device, *, warmup, repeats, **_) -> list[float]:  # noqa: ARG001
+        timed.append(list(calls))
+        return [first[i] / 2 if i != 12 else line[96] / 2 for i in calls]
+
+    monkeypatch.setattr(measuring, "_time_interleaved", fresh)
+    n = measuring._retime_outliers(rows, times, list(range(len(rows))), torch.device("cpu"), 0, 3)  # type: ignore[arg-type]
+    assert n == 1
+    assert timed == [[0, 10, 11, 12]]  # FFN-0, the two grid neighbours below, the entry itself
+    assert times[12] == pytest.approx(line[96])
+    assert times[:12] == first[:12] and times[13] == first[13]
+    assert measuring._retime_outliers(rows, times, list(range(len(rows))), torch.device("cpu"), 0, 3) == 0
 
 
 def test_a_cuda_setting_without_a_gpu_is_one_line() -> None:

@@ -52,6 +52,7 @@ __all__ = [
     "cache_dir",
     "calibration_points",
     "measure_table",
+    "outlying_entries",
     "recalibrate",
     "solve_scales",
     "stem_network",
@@ -306,6 +307,72 @@ def _time_interleaved(
     return medians
 
 
+OUTLIER_WINDOW = 3  # grid neighbours on each side that an FFN entry is checked against
+OUTLIER_TOLERANCE = 0.12  # |entry / their line - 1| above which it is timed again
+
+
+def outlying_entries(
+    ffn: list[tuple[int, float]], *, window: int = OUTLIER_WINDOW, tolerance: float = OUTLIER_TOLERANCE
+) -> list[int]:
+    """Indices of the FFN grid entries out of line with their neighbours: entry ``i`` of ``ffn`` (``(width, ms)``,
+    ascending, ``(0, 0)`` first, which is exact and neither checked nor used: an FFN's fixed cost makes a step
+    there) is flagged when it lies more than ``tolerance`` off the line through the ``2 · window`` nearest other
+    entries (one-sided at the grid's ends), relative to that line's value or, at small widths, to 5% of the widest
+    entry (a fraction of a millisecond is timer noise, not an outlier). The line is Theil–Sen's (median of the
+    pairwise slopes), so one outlier does not drag its neighbours' lines off them. Grids of fewer than
+    ``2 · window + 1`` non-zero widths (too few neighbours to outvote one outlier) flag nothing.
+
+    An FFN's time grows smoothly with its width on a grid of multiples of 8 (the alignment classes lie off it), so
+    one entry far off its neighbours' line is a noisy timing more often than a kernel's step: measurement times it
+    again (:func:`_retime_outliers`) and keeps what the second timing says, step or not."""
+    if len(ffn) < 2 * window + 2:
+        return []
+    floor = 0.05 * max(t for _, t in ffn)
+    out = []
+    for i in range(1, len(ffn)):
+        others = sorted((j for j in range(1, len(ffn)) if j != i), key=lambda j: (abs(j - i), j))[
+            : 2 * window
+        ]
+        pts = [(float(ffn[j][0]), ffn[j][1]) for j in others]
+        slope = statistics.median(
+            (y2 - y1) / (x2 - x1) for a, (x1, y1) in enumerate(pts) for x2, y2 in pts[a + 1 :] if x2 != x1
+        )
+        line = statistics.median(y - slope * (x - ffn[i][0]) for x, y in pts)
+        if abs(ffn[i][1] - line) > tolerance * max(line, floor):
+            out.append(i)
+    return out
+
+
+def _retime_outliers(
+    rows: list[tuple[str, Any, BlockArch]],
+    times: list[float],
+    calls: list[Callable[[], Any]],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+) -> int:
+    """Time again, in fresh interleaved rounds, the FFN grid entries of one block kind that
+    :func:`outlying_entries` flags, with their grid neighbours and the FFN-0 block; ``times`` (one per row) takes the
+    new timings of the flagged rows, put on the first rounds' level by the median ratio of the neighbours' two
+    timings (the machine's speed drifts between rounds). Returns how many entries were timed again."""
+    grid = [i for i, (what, _, _) in enumerate(rows) if what == "ffn"]  # row of each grid entry, ascending
+    width0 = next(i for i, (what, _, _) in enumerate(rows) if what == "skip")
+    extra = [(0, 0.0)] + [(rows[i][1], times[i] - times[width0]) for i in grid]
+    bad = [k - 1 for k in outlying_entries(extra)]  # positions in ``grid``
+    if not bad:
+        return 0
+    flagged = [grid[k] for k in bad]
+    near = {grid[j] for k in bad for j in range(max(0, k - 2), min(len(grid), k + 3))}
+    anchors = sorted(({width0} | near) - set(flagged))
+    again = _time_interleaved([calls[i] for i in anchors + flagged], device, warmup=warmup, repeats=repeats)
+    level = statistics.median(
+        times[i] / t for i, t in zip(anchors, again[: len(anchors)], strict=True) if t > 0
+    )
+    for i, t in zip(flagged, again[len(anchors) :], strict=True):
+        times[i] = t * level
+    return len(flagged)
+
+
 def _block_input(pts: Points, batch: int, family: str) -> tuple[int, ...]:
     b = pts.geom
     if family == "swin":
@@ -352,6 +419,7 @@ def measure_table(
     blocks: dict[str, BlockTable] = {}
     spreads: list[float] = []
     miscalibrated = False
+    retimed = 0
     stem: dict[str, float] = {}
     scale: dict[str, float] = {}
     part_scale: dict[str, dict[str, float]] = {}
@@ -375,6 +443,7 @@ def measure_table(
                 times = _time_interleaved(
                     calls, device, warmup=warmup, repeats=repeats, tick=tick(kind), spread=spreads
                 )
+                retimed += _retime_outliers(rows, times, calls, device, warmup, repeats)
                 del calls
                 table = BlockTable()
                 width0 = next(t for (what, _, _), t in zip(rows, times, strict=True) if what == "skip")
@@ -403,6 +472,7 @@ def measure_table(
     env["measured_at"] = time.strftime("%Y-%m-%d %H:%M", time.localtime())
     spread = round(statistics.median(spreads), 4) if spreads else 0.0
     env["blocks_spread"] = spread  # the blocks' own rounds: a recalibration starts again from it
+    env["ffn_retimed"] = retimed
     if miscalibrated or busy is not None:
         spread = max(spread, 2 * UNSTEADY)  # so every command that reads the table says it is unsteady
     if busy is not None:
