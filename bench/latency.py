@@ -10,11 +10,14 @@ what ``spvit-dsl latency SPEC --recalibrate`` does for a user whose cached table
 And a third prediction, for the record of what drift leaves: the table's blocks with factors solved from the
 calibration networks timed in the same rounds as the 20 networks (none of them a calibration network).
 Last, the machine's noise floor: the 20 networks are timed a second time right after, and each first timing is read
-as a prediction of the second (``median_abs_error_repeat``). No table predicts better than the machine repeats
-itself; where that floor nears 10%, the target measures the machine, not the table.
+as a prediction of the second (``median_abs_error_repeat``). Each pass spans at least ``--pass-seconds`` (default
+40: rounds are added past ``--repeats``, at most 8×), so batch 1 is timed over as long a stretch as batch 8. No table
+predicts better than the machine repeats itself; where that floor nears 10%, the target measures the machine, not
+the table.
 
     python bench/latency.py [--parts tables search] [--models deit_s swin_t] [--batch-sizes 8 1] [--threads 2]
-                            [--points 20] [--repeats 5] [--search-epochs N] [--cached]
+                            [--points 20] [--repeats 5] [--pass-seconds 40] [--search-epochs N]
+                            [--cached]
 
 Tables are measured again in every run (``--cached`` reuses the cache: then the table is as old as the cache, and
 the recalibrated column shows what the recalibration recovers).
@@ -81,7 +84,14 @@ def random_point(space: Space, rng: random.Random) -> FrozenArch:
 
 
 def run(
-    model: str, batch: int, threads: int, points: int, repeats: int, seed: int, cached: bool = False
+    model: str,
+    batch: int,
+    threads: int,
+    points: int,
+    repeats: int,
+    seed: int,
+    cached: bool = False,
+    pass_seconds: float = 0.0,
 ) -> dict[str, object]:
     space = compile_text(SPACES[model], f"{model}.vit").space
     setting = LatencySetting("cpu", threads, batch, "fp32")
@@ -105,7 +115,9 @@ def run(
     models["stem"] = stem_network(models["dense"], g.family)
     shape = (batch, g.in_chans, g.img_size, g.img_size)
     t0 = time.perf_counter()
-    timings = time_models(models, shape, device=torch.device("cpu"), warmup=2, repeats=repeats)
+    timings = time_models(
+        models, shape, device=torch.device("cpu"), warmup=2, repeats=repeats, min_seconds=pass_seconds
+    )
     pass_s = time.perf_counter() - t0
     # the noise floor: the same networks timed again at once, the same way. Predicting each network by its own
     # first timing is what a perfect table could do at best on this machine, a few minutes later
@@ -115,6 +127,7 @@ def run(
         device=torch.device("cpu"),
         warmup=2,
         repeats=repeats,
+        min_seconds=pass_seconds,
     )
     rows = []
     for i, a in enumerate(archs):
@@ -189,6 +202,7 @@ def run(
         # the noise floor: each network's first timing against its second, taken right after (pass_seconds apart)
         "median_abs_error_repeat": round(repeat, 4),
         "pass_seconds": round(pass_s, 1),
+        "pass_rounds": timings["dense"].repeats,
         "dense_ms_again": round(again["dense"].median_ms, 3),
         "same_round_part_scale": same,
         "dense_ms_recalibrated": round(fresh.dense_ms, 3),
@@ -290,6 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--points", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--pass-seconds",
+        type=float,
+        default=40.0,
+        help="each timing pass of the networks spans at least this long (more rounds at batch 1; default 40)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--search-epochs", type=int, default=None, help="default: the example spec's own epochs")
     ap.add_argument(
@@ -301,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def tables() -> dict[str, object]:
         rows = [
-            run(m, b, args.threads, args.points, args.repeats, args.seed, args.cached)
+            run(m, b, args.threads, args.points, args.repeats, args.seed, args.cached, args.pass_seconds)
             for m in args.models
             for b in args.batch_sizes
         ]

@@ -8,6 +8,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -1007,7 +1008,7 @@ def test_recalibrating_on_a_machine_twice_as_slow_doubles_every_prediction_and_k
     archs = calibration_points(g, g.dims, measured_points(space))
     slow = [2 * table.arch_ms(g, a) for a in archs] + [2 * table.stem_ms(g.dims)]  # the stem is timed last
 
-    def timer(calls, device, *, warmup, repeats, tick=None, spread=None):  # noqa: ANN001, ANN202
+    def timer(calls, device, *, warmup, repeats, tick=None, spread=None, min_seconds=0.0):  # noqa: ANN001, ANN202
         assert len(calls) == len(slow)
         return list(slow)
 
@@ -1130,3 +1131,29 @@ def test_a_damaged_cache_is_measured_again_and_an_unwritable_one_is_refused_befo
     monkeypatch.setattr(measuring, "measure_table", never)
     with pytest.raises(RuntimeError, match="cannot be written.*SPVIT_DSL_CACHE"):
         table_for(space, SETTING, cache=a_file)
+
+
+def test_a_time_floor_adds_rounds_up_to_its_cap_and_none_without_it() -> None:
+    """``min_seconds`` keeps timing past the repeats asked for (the calibration's :data:`CALIBRATION_SECONDS`, the
+    benchmark's passes) up to ``MAX_ROUNDS_FACTOR`` × repeats rounds; without it, exactly the repeats run. Counted
+    in calls, not seconds: a floor no machine reaches (1e9 s) must stop at the cap."""
+    from spvit_dsl.compact import latency as measuring
+    from spvit_dsl.compact.speed import MAX_ROUNDS_FACTOR, time_models
+
+    calls = 0
+
+    def slow() -> None:  # over MIN_SAMPLE_MS, so every sample is one call
+        nonlocal calls
+        calls += 1
+        time.sleep(1.25 * measuring.MIN_SAMPLE_MS / 1000)
+
+    measuring._time_interleaved([slow], torch.device("cpu"), warmup=1, repeats=2)
+    assert calls == 1 + 1 + 2  # the first call, the warm-up round, the repeats
+    calls = 0
+    measuring._time_interleaved([slow], torch.device("cpu"), warmup=1, repeats=2, min_seconds=1e9)
+    assert calls == 1 + 1 + MAX_ROUNDS_FACTOR * 2
+
+    net = torch.nn.Linear(4, 4)
+    assert time_models({"a": net}, (1, 4), device=torch.device("cpu"), warmup=1, repeats=3)["a"].repeats == 3
+    capped = time_models({"a": net}, (1, 4), device=torch.device("cpu"), warmup=1, repeats=3, min_seconds=1e9)
+    assert capped["a"].repeats == MAX_ROUNDS_FACTOR * 3

@@ -46,7 +46,7 @@ from ..space.latency import (
 from ..space.plan import BlockArch, FrozenArch, Space
 from ..supernet._timm import swin_stages
 from .skeleton import _rebuild_block, block_modules, create_compact, fuse_window_attention
-from .speed import _cores, _sync, machine
+from .speed import MAX_ROUNDS_FACTOR, _cores, _sync, machine
 
 __all__ = [
     "cache_dir",
@@ -79,6 +79,9 @@ def _counter(total: int, progress: Progress | None) -> Callable[[str], Callable[
 
 
 MIN_SAMPLE_MS = 2.0
+# a calibration's rounds span at least this long: this VM's speed swings by ±10% within seconds, and the factors
+# of a whole table rest on these few networks' timings (batch 1 took 4 s without it, batch 8 about 35 s)
+CALIBRATION_SECONDS = 20.0
 CALIBRATION_TRIES = 3  # a calibration whose networks time no slower than the stem, or fit no positive factors
 
 
@@ -203,8 +206,9 @@ def recalibrate(
     """``table`` with its calibration timed again now: the calibration networks and the stem of every residual width
     it measured (:func:`calibration_points`), the factors solved anew against the blocks' entries, which are kept.
 
-    A fraction of :func:`measure_table`'s time (on 2 CPU cores: about 2 s for the demo's ViT, 11–15 s for DeiT-S or
-    Swin-T at batch 1, about a minute at batch 8), once per combination of residual widths the table measured. What
+    A fraction of :func:`measure_table`'s time (on 2 CPU cores: at least :data:`CALIBRATION_SECONDS`, about 25 s for
+    DeiT-S or Swin-T at batch 1, about a minute at batch 8), once per combination of residual widths the table
+    measured. What
     a block costs relative to another changes little from one hour to the next on a VM; how fast the whole machine
     runs does (±10–30% here), and the factors carry it. Records ``environment.calibrated_at`` and
     ``dense_ms_before_recalibration``; the table is unsteady afterwards only for this calibration's own reasons (it
@@ -271,8 +275,10 @@ def _time_interleaved(
     repeats: int,
     tick: Callable[[], None] | None = None,
     spread: list[float] | None = None,
+    min_seconds: float = 0.0,
 ) -> list[float]:
-    """Median milliseconds of each call, timed interleaved (one sample of each per round)."""
+    """Median milliseconds of each call, timed interleaved (one sample of each per round); with ``min_seconds``,
+    rounds past ``repeats`` until the timed ones span that long (at most ``MAX_ROUNDS_FACTOR`` × ``repeats``)."""
 
     def once(f: Callable[[], Any], n: int) -> float:
         _sync(device)
@@ -289,14 +295,19 @@ def _time_interleaved(
     samples: list[list[float]] = [[] for _ in calls]
     order = list(range(len(calls)))
     rng = random.Random(0)
-    for r in range(warmup + repeats):
+    start = 0.0
+    for r in range(warmup + MAX_ROUNDS_FACTOR * repeats):
+        if r == warmup:
+            start = time.perf_counter()
+        elif r >= warmup + repeats and time.perf_counter() - start >= min_seconds:
+            break
         rng.shuffle(order)  # no configuration always follows the same one (cache state, turbo drift)
         for i in order:
             f = calls[i]
             t = once(f, inner[i])
             if r >= warmup:
                 samples[i].append(t)
-        if tick is not None:
+        if tick is not None and r < warmup + repeats:  # the progress bar counts the rounds asked for
             tick()
     medians = [statistics.median(s) for s in samples]
     if spread is not None:  # how unsteady the rounds were: each configuration's interquartile range / median
@@ -525,6 +536,7 @@ def _calibrate(
             warmup=warmup,
             repeats=repeats,
             tick=tick("calibration") if attempt == 0 else None,
+            min_seconds=CALIBRATION_SECONDS,
         )
         t_full, t_stem = times[0], times[-1]
         # (a small positive ratio is real: tiny blocks timed alone carry per-call overhead they do not have inside

@@ -16,7 +16,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-__all__ = ["Timing", "machine", "time_models"]
+__all__ = ["MAX_ROUNDS_FACTOR", "Timing", "machine", "time_models"]
+
+MAX_ROUNDS_FACTOR = (
+    8  # a time floor (``min_seconds``) adds rounds up to this many times the repeats asked for
+)
 
 
 @dataclass(frozen=True)
@@ -50,15 +54,25 @@ def time_models(
     warmup: int = 3,
     repeats: int = 10,
     seed: int = 0,
+    min_seconds: float = 0.0,
 ) -> dict[str, Timing]:
-    """Time each model's forward on one random batch of ``shape`` (interleaved rounds; median of ``repeats``)."""
+    """Time each model's forward on one random batch of ``shape`` (interleaved rounds; median of ``repeats``).
+
+    ``min_seconds`` > 0 adds rounds past ``repeats`` until the timed rounds span that many seconds (at most
+    :data:`MAX_ROUNDS_FACTOR` × ``repeats`` rounds): a machine whose speed swings within seconds then shows its
+    average, not one moment of it, whatever the networks' size (``Timing.repeats`` says how many rounds ran)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen).to(device)
     for m in models.values():
         m.eval().to(device)
     samples: dict[str, list[float]] = {name: [] for name in models}
+    rounds, start = 0, 0.0
     with torch.inference_mode():
-        for step in range(warmup + repeats):
+        for step in range(warmup + MAX_ROUNDS_FACTOR * repeats):
+            if step == warmup:
+                start = time.perf_counter()
+            elif step >= warmup + repeats and time.perf_counter() - start >= min_seconds:
+                break
             for name, m in models.items():
                 _sync(device)
                 t0 = time.perf_counter()
@@ -66,8 +80,9 @@ def time_models(
                 _sync(device)
                 if step >= warmup:
                     samples[name].append((time.perf_counter() - t0) * 1000.0)
+            rounds += step >= warmup
     return {
-        name: Timing(shape[0], repeats, statistics.median(s), min(s), max(s)) for name, s in samples.items()
+        name: Timing(shape[0], rounds, statistics.median(s), min(s), max(s)) for name, s in samples.items()
     }
 
 
