@@ -65,6 +65,51 @@ def test_the_solved_network_costs_what_the_solver_predicts_and_nothing_more_fits
                 assert bool(((now + costs.cost[i]) > target + 1e-9).any()), (seed, target, i)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_class_token_vit_keeps_the_msa_block_its_gates_value_most(seed):
+    """A DeiT classifies from its class token, which reads the patches only through msa: with every op gate's logit
+    below the FFN gates' (the gates drifting off attention, as they did on digits under a latency budget), the
+    price would turn every block to a cheaper op and the search would train a network blind to its input. The
+    solver keeps the msa chain whose msa level the gates value most and cuts the rest; without ``attend`` (the
+    same costs) no msa survives, so the test can tell. A Swin (it reads its patches) has nothing to keep."""
+    from dataclasses import replace
+
+    from spvit_dsl.search.methods.spvit_gates import OpGate
+    from spvit_dsl.space.plan import reads_image
+
+    net = net_for("deit")
+    gates = SpvitGates(net)
+    price = _pricer(net, "paper")
+    targets = [Target("flops", price(gates.derive(net))["flops"] * 0.6)]
+    costs = gate_costs(gates, net, targets, price)
+    assert costs.attend and len(costs.attend) == sum(isinstance(g, OpGate) for g in gates.ordered())
+    random_logits(gates, seed)
+    ordered = gates.ordered()
+    with torch.no_grad():  # every op gate under every FFN gate
+        for g in ordered:
+            if isinstance(g, OpGate):
+                g.logits.sub_(10.0)
+    logits = torch.cat([g.logits.detach() for g in ordered])
+    blind = solve_price(logits, replace(costs, attend=()), 1.0)
+    apply_price(ordered, blind, replace(costs, attend=()))
+    assert not reads_image(net.space.geometry, gates.derive(net))
+    sol = solve_price(logits, costs, 1.0)
+    apply_price(ordered, sol, costs)
+    arch = gates.derive(net)
+    assert reads_image(net.space.geometry, arch) and max(sol.ratios) <= 1.0 + 1e-9
+    ops = [g for g in ordered if isinstance(g, OpGate)]
+    # the msa level's kill price is the chain's running minimum: its smallest logit (ties are far smaller)
+    valued = max(range(len(ops)), key=lambda k: float(ops[k].logits.detach().min()))
+    assert [b.op == "msa" for b in arch.blocks].count(True) >= 1
+    assert arch.blocks[int(ops[valued].decision.split(".")[1])].op == "msa"
+    assert sol.ratios == pytest.approx([price(arch)["flops"] / targets[0].limit], abs=1e-9)
+    swin = net_for("swin")
+    swin_gates = SpvitGates(swin)
+    swin_price = _pricer(swin, "paper")
+    swin_targets = [Target("flops", swin_price(swin_gates.derive(swin))["flops"] * 0.6)]
+    assert gate_costs(swin_gates, swin, swin_targets, swin_price).attend == ()
+
+
 def test_a_higher_logit_never_loses_to_a_lower_one_among_independent_gates():
     """Per-neuron FFN gates: everything kept has a higher logit (plus tie-break) than everything cut."""
     net = net_for("deit")

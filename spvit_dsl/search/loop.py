@@ -322,6 +322,13 @@ def _ratio_notice(run: Run, info: Mapping[str, Any], derived: Mapping[str, Any])
             return None  # the budget is above the largest network: nothing could have used more of it
         hint = "train longer (--epochs)"
         hint += " or raise budget_weight" if "budget_weight" in run.settings else ""
+        if (
+            info.get("added") == 0
+        ):  # the projection did nothing: every op or unit left out costs more than the rest
+            return (
+                f"note: the searched network used only {ratio:.0%} of the {metric} budget, and no op or unit it left "
+                f"out fits in the rest. To use more of it: {hint}, or offer finer choices where it cut."
+            )
         return (
             f"note: the searched network used only {ratio:.0%} of the {metric} budget; the budget projection added "
             f"{info.get('added', '?')} level(s) of units or ops back. To have the search meet the budget itself: {hint}."

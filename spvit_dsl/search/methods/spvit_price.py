@@ -33,6 +33,7 @@ from functools import cached_property, partial
 import torch
 from torch import Tensor
 
+from ...space.groups import block_path
 from ...space.plan import FrozenArch
 from ...supernet import Supernet
 from ..budget import Target
@@ -77,6 +78,9 @@ class GateCosts:
     curves: tuple[
         FfnCurve, ...
     ] = ()  # non-linear FFN costs (latency budgets); empty for FLOPs and parameters
+    # op chains whose every gate on is msa, of which one must stay whole: a ViT that pools its class token reads
+    # the image only through attention (``reads_image``); empty when nothing requires it
+    attend: tuple[tuple[int, int], ...] = ()
 
     @cached_property
     def rows(self) -> list[list[float]]:
@@ -120,6 +124,7 @@ def gate_costs(
     ties: list[float] = []
     chains: list[tuple[int, int]] = []
     curves: list[FfnCurve] = []
+    attend: list[tuple[int, int]] = []
     nonlinear = any(t.metric == "latency" for t in targets)
     for g in ordered:
         start = len(rows)
@@ -130,6 +135,8 @@ def gate_costs(
             ]
             ties += _level_ties(g.num_gates)
             chains.append((start, len(rows)))
+            if g.candidates[-1] == "msa":
+                attend.append((start, len(rows)))
             continue
         sizes = list(g.group_sizes())
         if nonlinear:  # a latency table: FFN time is not linear in the width
@@ -158,7 +165,15 @@ def gate_costs(
     tie = torch.tensor(ties, dtype=torch.float64) + torch.arange(n, dtype=torch.float64) * (
         TIE / max(1, n) * 1e-3
     )
-    return GateCosts(cost, torch.tensor(full, dtype=torch.float64), tuple(chains), tie, tuple(curves))
+    gated = {g.decision for g in ordered if isinstance(g, OpGate)}
+    fixed_msa = any(  # a block that always attends (msa, not gated) already reads the image
+        r.plan.attention[0] == "msa" for r in net.rows if block_path(r.index, "attention") not in gated
+    )
+    if net.space.geometry.reads_patches or fixed_msa:
+        attend = []
+    return GateCosts(
+        cost, torch.tensor(full, dtype=torch.float64), tuple(chains), tie, tuple(curves), tuple(attend)
+    )
 
 
 def _at_width(
@@ -214,10 +229,20 @@ def solve_price(logits: Tensor, costs: GateCosts, target: float) -> PriceSolutio
     the network well under the target: the removed gates are then offered back, most valuable first, while they
     fit every budget (and, in a chain, their predecessor is on); the decisions are then returned in ``on``. When even
     removing every gate misses the target, every gate is off and the final projection takes over.
+
+    With ``costs.attend``, the msa chain the gates value most (the highest kill price of its msa level) is kept
+    whole, removed only after every other gate: a ViT pooling its class token that lost its last msa block would
+    train, from then on, a network that gives every image the same logits (the projection's ``raised_msa``
+    constraint, held during the search; ours). The decisions are then returned in ``on``.
     """
     kill = logits.detach().double().cpu() + costs.tie
     for start, stop in costs.chains:
         kill[start:stop] = torch.cummin(kill[start:stop], 0).values
+    pinned = False
+    if costs.attend and kill.numel():
+        start, stop = max(costs.attend, key=lambda c: float(kill[c[1] - 1]))
+        kill[start:stop] = float(kill.max()) + 1.0 + costs.tie[start:stop]  # after every other gate, in order
+        pinned = True
     order = torch.argsort(kill, stable=True)
     sorted_kill = kill[order]
     n = kill.numel()
@@ -279,7 +304,7 @@ def solve_price(logits: Tensor, costs: GateCosts, target: float) -> PriceSolutio
         if filled:
             on = torch.tensor(flags, dtype=torch.bool)
             now = target + 1e-12 - torch.tensor(slack, dtype=torch.float64)
-    return PriceSolution(0.5 * (low + high), tuple(now.tolist()), on if filled else None)
+    return PriceSolution(0.5 * (low + high), tuple(now.tolist()), on if filled or pinned else None)
 
 
 def reach_target(start: float, progress: float, reach: float) -> float:
