@@ -220,7 +220,9 @@ def run(
     }
 
 
-def search_part(epochs: int | None, share: float, repeats: int, cached: bool = False) -> dict[str, object]:
+def search_part(
+    epochs: int | None, share: float, repeats: int, cached: bool = False, pass_seconds: float = 0.0
+) -> dict[str, object]:
     """A latency-budget SPViT search on digits (``examples/latency_digits.vit``, its budget set to ``share`` of the
     dense network's predicted latency) in a fresh process, then the frozen network timed beside the dense one here.
     (Timing in the process that just trained runs 20-30% slow on this VM: the search has its own process.)"""
@@ -265,7 +267,9 @@ def search_part(epochs: int | None, share: float, repeats: int, cached: bool = F
     torch.set_num_threads(setting.threads)
     models = {"frozen": create_compact(g, arch).eval(), "dense": create_compact(g, base.space.dense()).eval()}
     shape = (setting.batch, g.in_chans, g.img_size, g.img_size)
-    timings = time_models(models, shape, device=torch.device("cpu"), repeats=repeats)
+    timings = time_models(
+        models, shape, device=torch.device("cpu"), repeats=repeats, min_seconds=pass_seconds
+    )
     measured = timings["frozen"].median_ms
     summary = {
         "budget_ms": round(limit, 4),
@@ -293,6 +297,10 @@ def search_part(epochs: int | None, share: float, repeats: int, cached: bool = F
         "ops": [b.op for b in arch.blocks],
         "ffn": [b.ffn for b in arch.blocks],
         "summary": summary,
+        # the table the search priced with: its factors show how far its calibration scattered
+        "table_measured_at": table.environment.get("measured_at"),
+        "table_part_scale": table.part_scale,
+        "table_spread": table.spread,
     }
 
 
@@ -350,7 +358,9 @@ def main(argv: list[str] | None = None) -> None:
         args.parts,
         {
             "tables": tables,
-            "search": lambda: search_part(args.search_epochs, 0.6, 4 * args.repeats, args.cached),
+            "search": lambda: search_part(
+                args.search_epochs, 0.6, 4 * args.repeats, args.cached, args.pass_seconds
+            ),
         },
     )
 

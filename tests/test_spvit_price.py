@@ -103,11 +103,30 @@ def test_a_class_token_vit_keeps_the_msa_block_its_gates_value_most(seed):
     assert [b.op == "msa" for b in arch.blocks].count(True) >= 1
     assert arch.blocks[int(ops[valued].decision.split(".")[1])].op == "msa"
     assert sol.ratios == pytest.approx([price(arch)["flops"] / targets[0].limit], abs=1e-9)
-    swin = net_for("swin")
-    swin_gates = SpvitGates(swin)
-    swin_price = _pricer(swin, "paper")
-    swin_targets = [Target("flops", swin_price(swin_gates.derive(swin))["flops"] * 0.6)]
-    assert gate_costs(swin_gates, swin, swin_targets, swin_price).attend == ()
+    # a target only a network without msa meets (none does: 0) is missed with the msa chain kept, as the projection
+    # would miss it; without the rule every gate goes
+    apply_price(ordered, solve_price(logits, costs, 0.0), costs)
+    unreachable = gates.derive(net)
+    assert unreachable.blocks[int(ops[valued].decision.split(".")[1])].op == "msa"
+    assert [b.op for b in unreachable.blocks].count("msa") == 1  # everything else cut
+    apply_price(ordered, solve_price(logits, replace(costs, attend=()), 0.0), replace(costs, attend=()))
+    assert not reads_image(net.space.geometry, gates.derive(net))
+
+
+def test_nothing_is_kept_for_attention_where_the_network_reads_its_patches_or_a_block_always_attends():
+    """Swin classifies from its patch tokens, and a DeiT whose first block is fixed to msa (not gated) attends
+    whatever the gates do: neither gets an msa chain to keep."""
+    from _spaces import ALL_OPS, tiny_vit_space
+
+    from spvit_dsl.supernet.lower import lower
+
+    torch.manual_seed(0)
+    fixed = lower(tiny_vit_space(ops=lambda i: ("msa",) if i == 0 else ALL_OPS))
+    for net, kept in ((net_for("swin"), False), (fixed, False), (net_for("deit"), True)):
+        gates = SpvitGates(net)
+        price = _pricer(net, "paper")
+        targets = [Target("flops", price(gates.derive(net))["flops"] * 0.6)]
+        assert bool(gate_costs(gates, net, targets, price).attend) == kept, net.space.geometry.model
 
 
 def test_a_higher_logit_never_loses_to_a_lower_one_among_independent_gates():

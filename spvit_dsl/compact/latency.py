@@ -206,11 +206,11 @@ def recalibrate(
     """``table`` with its calibration timed again now: the calibration networks and the stem of every residual width
     it measured (:func:`calibration_points`), the factors solved anew against the blocks' entries, which are kept.
 
-    A fraction of :func:`measure_table`'s time (on 2 CPU cores: at least :data:`CALIBRATION_SECONDS`, about 25 s for
-    DeiT-S or Swin-T at batch 1, about a minute at batch 8), once per combination of residual widths the table
-    measured. What
-    a block costs relative to another changes little from one hour to the next on a VM; how fast the whole machine
-    runs does (±10–30% here), and the factors carry it. Records ``environment.calibrated_at`` and
+    A fraction of :func:`measure_table`'s time, once per combination of residual widths the table measured: its
+    rounds span :data:`CALIBRATION_SECONDS` unless the round cap comes first (small networks); on 2 CPU cores
+    about 23 s for DeiT-S or Swin-T at batch 1 and 33–43 s at batch 8. What a block costs relative to another
+    changes little from one hour to the next on a VM; how fast the whole machine runs does (±10–30% here), and the
+    factors carry it. Records ``environment.calibrated_at`` and
     ``dense_ms_before_recalibration``; the table is unsteady afterwards only for this calibration's own reasons (it
     failed, other processes held the cores: ``calibration_others_running``) or its blocks' (their rounds' spread, a
     busy measurement). Raises like :func:`measure_table`; ``KeyError`` when ``space`` is not the space

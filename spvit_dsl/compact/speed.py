@@ -18,9 +18,8 @@ from torch import nn
 
 __all__ = ["MAX_ROUNDS_FACTOR", "Timing", "machine", "time_models"]
 
-MAX_ROUNDS_FACTOR = (
-    8  # a time floor (``min_seconds``) adds rounds up to this many times the repeats asked for
-)
+# a time floor (``min_seconds``) adds rounds up to this many times the repeats asked for
+MAX_ROUNDS_FACTOR = 8
 
 
 @dataclass(frozen=True)

@@ -322,12 +322,12 @@ def _ratio_notice(run: Run, info: Mapping[str, Any], derived: Mapping[str, Any])
             return None  # the budget is above the largest network: nothing could have used more of it
         hint = "train longer (--epochs)"
         hint += " or raise budget_weight" if "budget_weight" in run.settings else ""
-        if (
-            info.get("added") == 0
-        ):  # the projection did nothing: every op or unit left out costs more than the rest
+        # the projection added nothing: every op or unit left out costs more than the unused rest
+        if info.get("added") == 0:
             return (
                 f"note: the searched network used only {ratio:.0%} of the {metric} budget, and no op or unit it left "
-                f"out fits in the rest. To use more of it: {hint}, or offer finer choices where it cut."
+                "out fits in the rest. To use more of it: offer finer choices where it cut (more ops, per-neuron FFN "
+                f"widths), or {hint}."
             )
         return (
             f"note: the searched network used only {ratio:.0%} of the {metric} budget; the budget projection added "

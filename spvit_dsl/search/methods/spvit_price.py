@@ -91,11 +91,12 @@ class GateCosts:
 @dataclass(frozen=True)
 class PriceSolution:
     """The solved price, the kept gates' predicted ratios (per budget), and — when the fill after a coarse cut kept
-    gates below the price on — every gate's decision."""
+    gates below the price on, or an msa chain was kept whole (``GateCosts.attend``) — every gate's decision."""
 
     price: float
     ratios: tuple[float, ...]
-    on: Tensor | None = None  # (gates,) bool: the decisions, when some differ from ``θ + δ > τ``
+    # (gates,) bool: the decisions, when the fill or the kept msa chain may differ from ``θ + δ > τ``
+    on: Tensor | None = None
 
 
 def gate_costs(
@@ -230,19 +231,17 @@ def solve_price(logits: Tensor, costs: GateCosts, target: float) -> PriceSolutio
     fit every budget (and, in a chain, their predecessor is on); the decisions are then returned in ``on``. When even
     removing every gate misses the target, every gate is off and the final projection takes over.
 
-    With ``costs.attend``, the msa chain the gates value most (the highest kill price of its msa level) is kept
-    whole, removed only after every other gate: a ViT pooling its class token that lost its last msa block would
-    train, from then on, a network that gives every image the same logits (the projection's ``raised_msa``
-    constraint, held during the search; ours). The decisions are then returned in ``on``.
+    With ``costs.attend``, the msa chain the gates value most (:func:`_pin_attend`) is never cut: a ViT pooling its
+    class token that lost its last msa block would train, from then on, a network that gives every image the same
+    logits (the projection's ``raised_msa`` constraint, held during the search; ours). A target that only that cut
+    would meet is missed, as the projection, which keeps the last msa block too, would miss it. The decisions are
+    then returned in ``on``; the price stays between real kill prices.
     """
     kill = logits.detach().double().cpu() + costs.tie
     for start, stop in costs.chains:
         kill[start:stop] = torch.cummin(kill[start:stop], 0).values
-    pinned = False
-    if costs.attend and kill.numel():
-        start, stop = max(costs.attend, key=lambda c: float(kill[c[1] - 1]))
-        kill[start:stop] = float(kill.max()) + 1.0 + costs.tie[start:stop]  # after every other gate, in order
-        pinned = True
+    real = kill.clone()  # the pin below moves its chain to the end of the order; prices come from these
+    pin = _pin_attend(kill, costs)
     order = torch.argsort(kill, stable=True)
     sorted_kill = kill[order]
     n = kill.numel()
@@ -266,14 +265,17 @@ def solve_price(logits: Tensor, costs: GateCosts, target: float) -> PriceSolutio
     boundary = torch.ones(n + 1, dtype=torch.bool)  # cuts that do not split exact ties
     boundary[1:n] = sorted_kill[1:] != sorted_kill[:-1]
     fits = ((ratios.max(1).values <= target + 1e-12) & boundary).nonzero()
-    m = int(fits[0]) if fits.numel() else n
-    low = float(sorted_kill[m - 1]) if m > 0 else float(sorted_kill[0]) - 1.0
-    high = float(sorted_kill[m]) if m < n else float(sorted_kill[-1]) + 1.0
+    cap = n if pin is None else n - (pin[1] - pin[0])  # the kept msa chain is last in the order and never cut
+    met = bool(fits.numel()) and int(fits[0]) <= cap
+    m = int(fits[0]) if met else cap
+    sorted_real = real[order]
+    low = float(sorted_real[m - 1]) if m > 0 else float(sorted_real[0]) - 1.0
+    high = float(sorted_real[m]) if m < cap else low + 1.0
     now = ratios[m].clone()
     on = torch.ones(n, dtype=torch.bool)
     on[order[:m]] = False
     filled = False  # did the fill turn any gate back on
-    if fits.numel():  # the target was met: fill what the last coarse cut left unused
+    if met:  # the target was met: fill what the last coarse cut left unused
         first = {i: start for start, stop in costs.chains for i in range(start, stop)}
         # most valuable first; within a chain, earlier levels first. Passes repeat while they add something: a
         # level that saves a negative cost (attention cheaper than a 5×5 convolution) frees room for earlier ones
@@ -304,7 +306,19 @@ def solve_price(logits: Tensor, costs: GateCosts, target: float) -> PriceSolutio
         if filled:
             on = torch.tensor(flags, dtype=torch.bool)
             now = target + 1e-12 - torch.tensor(slack, dtype=torch.float64)
-    return PriceSolution(0.5 * (low + high), tuple(now.tolist()), on if filled or pinned else None)
+    return PriceSolution(0.5 * (low + high), tuple(now.tolist()), on if filled or pin is not None else None)
+
+
+def _pin_attend(kill: Tensor, costs: GateCosts) -> tuple[int, int] | None:
+    """Move the ``costs.attend`` chain the gates value most — the highest kill price of its msa level, its last gate
+    (a running minimum: the chain's smallest) — to the end of the removal order, in place: its kill prices become
+    ``max + 1 + δ`` (the level tie-breaks keep its own order). Returns that chain's ``(start, stop)``, or None when
+    nothing is to be kept (no attend chains: the network reads its patches, or a block always attends)."""
+    if not costs.attend or not kill.numel():
+        return None
+    start, stop = max(costs.attend, key=lambda c: float(kill[c[1] - 1]))
+    kill[start:stop] = float(kill.max()) + 1.0 + costs.tie[start:stop]
+    return start, stop
 
 
 def reach_target(start: float, progress: float, reach: float) -> float:
