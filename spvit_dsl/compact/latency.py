@@ -46,7 +46,7 @@ from ..space.latency import (
 from ..space.plan import BlockArch, FrozenArch, Space
 from ..supernet._timm import swin_stages
 from .skeleton import _rebuild_block, block_modules, create_compact, fuse_window_attention
-from .speed import MAX_ROUNDS_FACTOR, _cores, _sync, machine
+from .speed import _cores, _rounds, _sync, machine
 
 __all__ = [
     "cache_dir",
@@ -295,12 +295,7 @@ def _time_interleaved(
     samples: list[list[float]] = [[] for _ in calls]
     order = list(range(len(calls)))
     rng = random.Random(0)
-    start = 0.0
-    for r in range(warmup + MAX_ROUNDS_FACTOR * repeats):
-        if r == warmup:
-            start = time.perf_counter()
-        elif r >= warmup + repeats and time.perf_counter() - start >= min_seconds:
-            break
+    for r in _rounds(warmup, repeats, min_seconds):
         rng.shuffle(order)  # no configuration always follows the same one (cache state, turbo drift)
         for i in order:
             f = calls[i]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,6 +21,19 @@ __all__ = ["MAX_ROUNDS_FACTOR", "Timing", "machine", "time_models"]
 
 # a time floor (``min_seconds``) adds rounds up to this many times the repeats asked for
 MAX_ROUNDS_FACTOR = 8
+
+
+def _rounds(warmup: int, repeats: int, min_seconds: float = 0.0) -> Iterator[int]:
+    """The round indices of an interleaved timing: ``0 … warmup − 1`` untimed, then ``repeats`` timed ones, then
+    more while the timed rounds span less than ``min_seconds`` (checked between rounds), at most
+    :data:`MAX_ROUNDS_FACTOR` × ``repeats`` timed ones."""
+    start = 0.0
+    for r in range(warmup + MAX_ROUNDS_FACTOR * repeats):
+        if r == warmup:
+            start = time.perf_counter()
+        elif r >= warmup + repeats and time.perf_counter() - start >= min_seconds:
+            return
+        yield r
 
 
 @dataclass(frozen=True)
@@ -65,13 +79,8 @@ def time_models(
     for m in models.values():
         m.eval().to(device)
     samples: dict[str, list[float]] = {name: [] for name in models}
-    rounds, start = 0, 0.0
     with torch.inference_mode():
-        for step in range(warmup + MAX_ROUNDS_FACTOR * repeats):
-            if step == warmup:
-                start = time.perf_counter()
-            elif step >= warmup + repeats and time.perf_counter() - start >= min_seconds:
-                break
+        for step in _rounds(warmup, repeats, min_seconds):
             for name, m in models.items():
                 _sync(device)
                 t0 = time.perf_counter()
@@ -79,9 +88,8 @@ def time_models(
                 _sync(device)
                 if step >= warmup:
                     samples[name].append((time.perf_counter() - t0) * 1000.0)
-            rounds += step >= warmup
     return {
-        name: Timing(shape[0], rounds, statistics.median(s), min(s), max(s)) for name, s in samples.items()
+        name: Timing(shape[0], len(s), statistics.median(s), min(s), max(s)) for name, s in samples.items()
     }
 
 

@@ -33,8 +33,7 @@ from functools import cached_property, partial
 import torch
 from torch import Tensor
 
-from ...space.groups import block_path
-from ...space.plan import FrozenArch
+from ...space.plan import FrozenArch, reads_image
 from ...supernet import Supernet
 from ..budget import Target
 from .spvit_gates import FfnGate, OpGate, SpvitGates
@@ -166,11 +165,9 @@ def gate_costs(
     tie = torch.tensor(ties, dtype=torch.float64) + torch.arange(n, dtype=torch.float64) * (
         TIE / max(1, n) * 1e-3
     )
-    gated = {g.decision for g in ordered if isinstance(g, OpGate)}
-    fixed_msa = any(  # a block that always attends (msa, not gated) already reads the image
-        r.plan.attention[0] == "msa" for r in net.rows if block_path(r.index, "attention") not in gated
-    )
-    if net.space.geometry.reads_patches or fixed_msa:
+    # nothing to keep when the network reads the image with every gated op at its lowest level (it reads its
+    # patches, or a block always attends)
+    if reads_image(net.space.geometry, SpvitGates.arch_at(net, dict.fromkeys(full_levels, 0), full_widths)):
         attend = []
     return GateCosts(
         cost, torch.tensor(full, dtype=torch.float64), tuple(chains), tie, tuple(curves), tuple(attend)
