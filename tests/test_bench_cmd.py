@@ -17,7 +17,7 @@ from spvit_dsl.space.cost import arch_cost, dense_arch
 from spvit_dsl.space.plan import BlockArch, Density, FrozenArch
 
 runner = CliRunner()
-FAST = ["--device", "cpu", "--batch-size", "2", "--repeats", "2", "--warmup", "0"]
+FAST = ["--device", "cpu", "--batch-size", "2", "--repeats", "2", "--warmup", "0", "--min-seconds", "0"]
 
 
 def _frozen(kind, tmp_path):
@@ -78,6 +78,24 @@ def test_bench_table_states_both_ratios_and_says_when_the_network_is_slower(froz
     assert ("runs slower than the dense one" in text) == (float(m.group(1)) < 1)
 
 
+def test_bench_times_past_the_repeats_until_its_time_floor_or_the_cap(tmp_path):
+    """--min-seconds keeps timing past --repeats (the rounds counted, not seconds: a floor no machine reaches stops at
+    the cap, which the help states), and the table says how many rounds the medians are of."""
+    from spvit_dsl.compact.speed import MAX_ROUNDS_FACTOR
+
+    _, _, path = _frozen("spvit", tmp_path)
+    capped = [*FAST[:-1], "1e4"]
+    result = runner.invoke(app, ["bench", str(path), *capped, "--json"])
+    assert result.exit_code == 0, result.output
+    timings = json.loads(result.output)["timings"]
+    assert {t["repeats"] for t in timings.values()} == {MAX_ROUNDS_FACTOR * 2}
+    result = runner.invoke(app, ["bench", str(path), *FAST])
+    assert result.exit_code == 0, result.output
+    assert "median of 2 interleaved rounds" in " ".join(result.output.split())
+    result = runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "300"})
+    assert f"at most {MAX_ROUNDS_FACTOR}x --repeats rounds" in " ".join(result.output.split())
+
+
 def test_bench_table_without_dense(frozen):
     _, _, path = frozen
     result = runner.invoke(app, ["bench", str(path), *FAST, "--no-vs-dense", "--round", "8"])
@@ -101,6 +119,13 @@ def test_bench_failures(tmp_path, capsys):
         ),
         (["bench", str(path), *FAST, "--threads", "-1"], "--threads: expected 0 (torch's default) to 1024"),
         (["bench", str(path), *FAST, "--warmup", "-1"], "--warmup: expected 0 or more"),
+        *(
+            (
+                ["bench", str(path), *FAST, "--min-seconds", v],
+                f"--min-seconds: expected 0 to 86400, found {float(v)}",
+            )
+            for v in ("-1", "nan", "inf", "1e300")
+        ),
     ]
     if not torch.cuda.is_available():
         cases.append((["bench", str(path), "--device", "cuda"], "--device cuda: CUDA is not available"))

@@ -1157,3 +1157,36 @@ def test_a_time_floor_adds_rounds_up_to_its_cap_and_none_without_it() -> None:
     assert time_models({"a": net}, (1, 4), device=torch.device("cpu"), warmup=1, repeats=3)["a"].repeats == 3
     capped = time_models({"a": net}, (1, 4), device=torch.device("cpu"), warmup=1, repeats=3, min_seconds=1e9)
     assert capped["a"].repeats == MAX_ROUNDS_FACTOR * 3
+
+
+def test_the_progress_bar_counts_every_round_it_runs_and_ends_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds past the plan (the calibration's time floor, FFN entries timed again) add to the bar's total as they
+    run: the count never stands still while rounds run, never exceeds the total, and the bar ends full."""
+    from spvit_dsl.compact import latency as measuring
+    from spvit_dsl.compact.speed import MAX_ROUNDS_FACTOR
+
+    seen: list[tuple[int, int, str]] = []
+    tick = measuring._counter(3, lambda done, total, what: seen.append((done, total, what)))
+    measuring._time_interleaved(
+        [lambda: None], torch.device("cpu"), warmup=1, repeats=2, tick=tick("x"), min_seconds=1e9
+    )
+    rounds = 1 + MAX_ROUNDS_FACTOR * 2
+    assert [d for d, _, _ in seen] == list(range(1, rounds + 1))
+    assert [t for _, t, _ in seen] == [3] * 3 + list(range(4, rounds + 1))  # planned, then one more per round
+
+    seen.clear()
+    monkeypatch.setattr(measuring, "CALIBRATION_SECONDS", 1e9)  # every calibration runs to the round cap
+    space = compile_text(SPACE, "s.vit").space
+    measuring.measure_table(
+        space,
+        SETTING,
+        warmup=0,
+        repeats=2,
+        progress=lambda done, total, what: seen.append((done, total, what)),
+    )
+    done = [d for d, _, _ in seen]
+    total = [t for _, t, _ in seen]
+    assert done == list(range(1, len(seen) + 1)) and all(d <= t for d, t in zip(done, total, strict=True))
+    assert total == sorted(total) and done[-1] == total[-1]  # ends full
+    calibration = [t for _, t, what in seen if what == "calibration"]
+    assert calibration[-1] >= calibration[0] + (MAX_ROUNDS_FACTOR - 1) * 2  # the floor's rounds were counted

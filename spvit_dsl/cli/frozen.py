@@ -326,6 +326,15 @@ def bench_cmd(
     ] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="timed forwards (the median is reported)")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", help="untimed forwards first")] = 3,
+    min_seconds: Annotated[
+        float,
+        typer.Option(
+            "--min-seconds",
+            help="keep timing past --repeats until the timed rounds span this many seconds, at most "
+            "8x --repeats rounds (a machine whose speed swings within seconds then shows its "
+            "average); 0: exactly --repeats",
+        ),
+    ] = 10.0,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -354,6 +363,8 @@ def bench_cmd(
             raise UsageError(f"{name}: expected a positive integer, found {value}")
     if warmup < 0:
         raise UsageError(f"--warmup: expected 0 or more, found {warmup}")
+    if not 0 <= min_seconds <= 86400:  # (also refuses nan and inf)
+        raise UsageError(f"--min-seconds: expected 0 to 86400, found {min_seconds}")
     if not 0 <= threads <= 1024:  # (torch crashes far above the cores it has)
         raise UsageError(f"--threads: expected 0 (torch's default) to 1024, found {threads}")
     dev = _device(device)
@@ -361,7 +372,7 @@ def bench_cmd(
     model = _model(
         frozen, weights if weights is not None else ("none" if frozen.endswith(".vit") else None), rounding
     )
-    report = _bench(model, dev, batch_size, repeats, warmup, vs_dense)
+    report = _bench(model, dev, batch_size, repeats, warmup, vs_dense, min_seconds)
     report["spec"] = frozen
     if predict:
         report["predicted"] = _predicted(frozen, model, dev.type, threads, batch_size, quiet=json_out)
@@ -421,7 +432,9 @@ def _predicted(
     )
 
 
-def _bench(model, device, batch_size: int, repeats: int, warmup: int, vs_dense: bool) -> dict[str, Any]:
+def _bench(
+    model, device, batch_size: int, repeats: int, warmup: int, vs_dense: bool, min_seconds: float = 0.0
+) -> dict[str, Any]:
     from ..compact.skeleton import create_dense
     from ..compact.speed import machine, time_models
 
@@ -435,6 +448,7 @@ def _bench(model, device, batch_size: int, repeats: int, warmup: int, vs_dense: 
         device=device,
         warmup=warmup,
         repeats=repeats,
+        min_seconds=min_seconds,
     )
     costs = _costs(model)
     report: dict[str, Any] = {
@@ -459,7 +473,8 @@ def _print_bench(r: dict[str, Any]) -> None:
     m = r["machine"]
     out.print(
         f"[bold]{r['spec']}[/] on {m['device']} ({m.get('gpu') or m['cpu']}, {m['torch_threads']} thread(s), "
-        f"torch {m['torch']}), batch {r['batch_size']}"
+        f"torch {m['torch']}), batch {r['batch_size']}, median of {next(iter(r['timings'].values()))['repeats']} "
+        "interleaved rounds"
     )
     table = Table(title_justify="left")
     for col in ("", "latency (median)", "throughput", "FLOPs (exact)", "params"):

@@ -62,20 +62,31 @@ __all__ = [
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
 
-def _counter(total: int, progress: Progress | None) -> Callable[[str], Callable[[], None]]:
-    """``tick(what)`` gives the callback that counts one more of ``total`` rounds (of ``what``) into ``progress``."""
+Tick = Callable[[bool], None]  # one round timed: ``tick(extra)``; ``extra``: a round past those planned
+
+
+def _counter(total: int, progress: Progress | None) -> Callable[[str], Tick]:
+    """``tick(what)`` gives the callback that counts one more round (of ``what``) into ``progress``: out of the
+    ``total`` planned, or, for a round past them (a time floor's, a calibration timed again, an FFN entry timed
+    again), one more of a total that grows with it, so the bar keeps moving instead of waiting at its end."""
     done = 0
 
-    def tick(what: str) -> Callable[[], None]:
-        def f() -> None:
-            nonlocal done
+    def tick(what: str) -> Tick:
+        def f(extra: bool = False) -> None:
+            nonlocal done, total
             done += 1
+            total += extra
             if progress is not None:
                 progress(done, total, what)
 
         return f
 
     return tick
+
+
+def _unplanned(tick: Tick) -> Tick:
+    """``tick`` for rounds none of which were planned (timed again)."""
+    return lambda extra: tick(True)
 
 
 MIN_SAMPLE_MS = 2.0
@@ -273,7 +284,7 @@ def _time_interleaved(
     *,
     warmup: int,
     repeats: int,
-    tick: Callable[[], None] | None = None,
+    tick: Tick | None = None,
     spread: list[float] | None = None,
     min_seconds: float = 0.0,
 ) -> list[float]:
@@ -302,8 +313,8 @@ def _time_interleaved(
             t = once(f, inner[i])
             if r >= warmup:
                 samples[i].append(t)
-        if tick is not None and r < warmup + repeats:  # the progress bar counts the rounds asked for
-            tick()
+        if tick is not None:
+            tick(r >= warmup + repeats)  # rounds past the repeats: the time floor's
     medians = [statistics.median(s) for s in samples]
     if spread is not None:  # how unsteady the rounds were: each configuration's interquartile range / median
         for s, m in zip(samples, medians, strict=True):
@@ -356,6 +367,7 @@ def _retime_outliers(
     device: torch.device,
     warmup: int,
     repeats: int,
+    tick: Tick | None = None,
 ) -> int:
     """Time again, in fresh interleaved rounds, the FFN grid entries of one block kind that
     :func:`outlying_entries` flags, with their grid neighbours and the FFN-0 block; ``times`` (one per row) takes the
@@ -370,7 +382,13 @@ def _retime_outliers(
     flagged = [grid[k] for k in bad]
     near = {grid[j] for k in bad for j in range(max(0, k - 2), min(len(grid), k + 3))}
     anchors = sorted(({width0} | near) - set(flagged))
-    again = _time_interleaved([calls[i] for i in anchors + flagged], device, warmup=warmup, repeats=repeats)
+    again = _time_interleaved(
+        [calls[i] for i in anchors + flagged],
+        device,
+        warmup=warmup,
+        repeats=repeats,
+        tick=None if tick is None else _unplanned(tick),
+    )
     level = statistics.median(
         times[i] / t for i, t in zip(anchors, again[: len(anchors)], strict=True) if t > 0
     )
@@ -446,10 +464,11 @@ def measure_table(
                     blk = fuse_window_attention(blk.eval().to(device))
                     x = _sample_input(_block_input(p, setting.batch, geometry.family), device)
                     calls.append(_bind(blk, x))
+                count = tick(kind)
                 times = _time_interleaved(
-                    calls, device, warmup=warmup, repeats=repeats, tick=tick(kind), spread=spreads
+                    calls, device, warmup=warmup, repeats=repeats, tick=count, spread=spreads
                 )
-                retimed += _retime_outliers(rows, times, calls, device, warmup, repeats)
+                retimed += _retime_outliers(rows, times, calls, device, warmup, repeats, count)
                 del calls
                 table = BlockTable()
                 width0 = next(t for (what, _, _), t in zip(rows, times, strict=True) if what == "skip")
@@ -506,7 +525,7 @@ def _calibrate(
     embed: tuple[int, ...],
     warmup: int,
     repeats: int,
-    tick: Callable[[str], Callable[[], None]],
+    tick: Callable[[str], Tick],
 ) -> _Calibration:
     """Time the calibration networks at ``embed`` (:func:`calibration_points`; ``model`` is the dense one) with the
     network without its blocks (the stem), and solve the factors from the blocks measured so far. A try whose
@@ -524,13 +543,14 @@ def _calibrate(
     alone = [measured.part_ms(geometry, a) for a in archs]
     predicted = sum(alone[0].values())  # the dense network's blocks
     ratio, t_full, t_stem = 0.0, 0.0, 0.0
+    count = tick("calibration")
     for attempt in range(CALIBRATION_TRIES):
         times = _time_interleaved(
             [_bind(m.to(device), x) for m in nets],
             device,
             warmup=warmup,
             repeats=repeats,
-            tick=tick("calibration") if attempt == 0 else None,
+            tick=count if attempt == 0 else _unplanned(count),  # a try again: every round past the plan
             min_seconds=CALIBRATION_SECONDS,
         )
         t_full, t_stem = times[0], times[-1]
