@@ -117,6 +117,41 @@ def test_a_warm_up_longer_than_the_run_is_named_instead_of_more_steps():
     assert short is not None and "run at least 66 steps" in short and "gates never trained" not in short
 
 
+@pytest.mark.parametrize("warmup", [0.5, 1.0])
+def test_a_warm_up_as_long_as_the_run_is_said_before_the_first_step(tmp_path, warmup):
+    """The same mistake, said before training (a run can be long): one line naming both settings, ahead of the
+    first step, even when quiet; a warm-up shorter than the run says nothing."""
+    from spvit_dsl.search.progress import Reporter
+
+    events: list[tuple[str, str]] = []
+
+    class Seen(Reporter):
+        def note(self, text: str) -> None:
+            events.append(("note", text))
+
+        def step(self, fields: dict) -> None:
+            events.append(("step", ""))
+
+    program = compile_file(SPEC)
+    run_search(
+        program,
+        epochs=1,
+        steps=2,
+        batch_size=16,
+        device="cpu",
+        out=str(tmp_path),
+        reporter=Seen(),
+        settings={"warmup_epochs": warmup},
+    )
+    first = [text for kind, text in events[: events.index(("step", ""))] if kind == "note"]
+    if warmup < 1:
+        assert first == []
+    else:
+        (line,) = first
+        assert "warmup_epochs = 1" in line and "(1 epoch)" in line and "--warmup-epochs" in line
+        assert "gates will never train" in line and "\n" not in line
+
+
 def test_no_train_longer_advice_when_the_budget_is_above_the_largest_network():
     """`--budget 150%latency`: the searched network uses 67% of it because nothing larger exists; training longer
     cannot help, so there is no line. Under a budget the space could use, the line stays."""

@@ -136,8 +136,9 @@ def frozen_price(
 
 
 def source_of(program: Any, path: str) -> tuple[Any, str]:
-    """A frozen spec's searched space: the program of its ``source`` (the path as written, else that file name beside
-    ``path``) and the file found; ``(program, "")`` when the spec is not frozen, names no source, or the source is gone
+    """A frozen spec's searched space: the program of its ``source`` (the path as written: absolute since searches
+    record it so, else relative to this folder or to ``path``'s; else that file name beside ``path``) and the file
+    found; ``(program, "")`` when the spec is not frozen, names no source, or the source is gone
     or no longer compiles."""
     import os
 
@@ -146,7 +147,12 @@ def source_of(program: Any, path: str) -> tuple[Any, str]:
 
     source = str((program.checked.frozen or {}).get("source", "")) if program.frozen else ""
     if source:
-        for candidate in (source, os.path.join(os.path.dirname(path), os.path.basename(source))):
+        beside = os.path.dirname(path)
+        for candidate in (
+            source,
+            os.path.join(beside, source),
+            os.path.join(beside, os.path.basename(source)),
+        ):
             if os.path.isfile(candidate):
                 try:
                     return compile_file(candidate), candidate
@@ -245,16 +251,26 @@ def _say_where(table: Any, setting: Any, path: Any, measured: bool, recalibrated
     before = table.environment.get("dense_ms_before_recalibration") or 0.0
     if recalibrated and not measured and before > 0 and table.dense_ms > 0:
         moved = table.dense_ms / before - 1
-        how = (
-            "as fast as"
-            if abs(moved) < 0.005
-            else f"{abs(moved):.0%} {'slower' if moved > 0 else 'faster'} than"
-        )
+        how = _moved(moved)
         err.print(
-            f"the dense network now runs in {fmt_ms(table.dense_ms)}, {how} at the last calibration "
+            f"the dense network now takes {fmt_ms(table.dense_ms)}, {how} at the last calibration "
             f"({fmt_ms(before)}); the predictions follow the new factors",
             markup=False,
         )
+
+
+def _moved(moved: float) -> str:
+    """How a time changed (``moved``: new / old − 1) in words no one reads two ways ("66% faster" could mean 1.66×
+    the speed or two thirds of the time)."""
+    if abs(moved) < 0.005:
+        return "as long as"
+    if moved > 0:
+        return f"{moved:.0%} longer than"
+    return f"{-moved:.0%} less time ({1 / (1 + moved):.2g}x the speed) than"
+
+
+def _others(n: float) -> str:
+    return f"{n:g} other process" + ("" if n == 1 else "es")
 
 
 def warn_unsteady(table: Any) -> None:
@@ -265,14 +281,14 @@ def warn_unsteady(table: Any) -> None:
     again = table.environment.get("calibration_others_running")
     if others is None and again is not None:
         err.print(
-            f"warning: the latency table was recalibrated on a busy machine ({again:g} other processes running on "
+            f"warning: the latency table was recalibrated on a busy machine ({_others(again)} running on "
             f"{table.environment.get('cores', '?')} cores): recalibrate it again on an idle machine with "
             "'spvit-dsl latency SPEC --recalibrate'",
             markup=False,
         )
     elif others is not None:
         err.print(
-            f"warning: the latency table was measured on a busy machine ({others:g} other processes running on "
+            f"warning: the latency table was measured on a busy machine ({_others(others)} running on "
             f"{table.environment.get('cores', '?')} cores): its milliseconds may be many times the idle ones; "
             "measure it again on an idle machine with 'spvit-dsl latency SPEC --rebuild' (fewer --threads than free "
             "cores also helps)",

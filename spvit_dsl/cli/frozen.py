@@ -414,20 +414,22 @@ def _predicted(
     """The latency table's prediction for the built network, on what ``bench`` measures (device, threads, batch,
     fp32): from the table of the space the frozen spec was searched in when its ``source`` compiles, else of the
     frozen point itself."""
-    from ..space.latency import LatencySetting
+    from ..space.latency import UNSTEADY, LatencySetting
     from ._common import frozen_price
 
     program = _frozen_of(frozen)
     if program is None:
         raise UsageError(f"--predict: cannot read the frozen spec of {frozen}")
     setting = LatencySetting(device, threads or None, batch, "fp32")
-    _, ms, which, note = frozen_price(
+    table, ms, which, note = frozen_price(
         program, frozen, setting, lambda t: t.arch_ms(model.spvit_geometry, model.spvit_arch), quiet=quiet
     )
     which = which or "the frozen network"
     if note:
         err.print(f"--predict: {note}", markup=False)
-    return {"ms": round(ms, 4), "table_of": which, "setting": setting.as_dict()} | (
+    # `unsteady`: the table was measured on a busy machine (the warning line `latency` prints; --json prints none)
+    facts = {"table_spread": round(table.spread, 4), "unsteady": table.spread > UNSTEADY}
+    return {"ms": round(ms, 4), "table_of": which, "setting": setting.as_dict(), **facts} | (
         {"note": note} if note else {}
     )
 

@@ -76,7 +76,14 @@ def latency_cmd(
             "--rebuild measures the whole table, calibration included: give one of --rebuild, --recalibrate"
         )
     # the compiler's warnings concern the search, not what a table measures
-    program = compile_file(spec, budgets=flag_limits(budget))
+    flagged = flag_limits(budget)
+    for typed, limit in zip(budget or [], flagged, strict=True):
+        if limit.metric != "latency":  # e.g. a bare 50%: a FLOPs budget, which no latency table checks
+            raise UsageError(
+                f"--budget {typed}: a {limit.metric} budget; `latency` checks latency budgets only: write "
+                "milliseconds (--budget 8ms) or a share of the dense network's latency (--budget 60%latency)"
+            )
+    program = compile_file(spec, budgets=flagged)
     setting = setting_of(program, device, threads, batch_size, precision)
     # a frozen network is priced by its searched space's table, as its search and `bench --predict` price it
     table, largest, source, note = frozen_price(

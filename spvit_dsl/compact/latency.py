@@ -46,7 +46,7 @@ from ..space.latency import (
 from ..space.plan import BlockArch, FrozenArch, Space
 from ..supernet._timm import swin_stages
 from .skeleton import _rebuild_block, block_modules, create_compact, fuse_window_attention
-from .speed import _cores, _rounds, _sync, machine
+from .speed import MAX_ROUNDS_FACTOR, _cores, _rounds, _sync, machine
 
 __all__ = [
     "cache_dir",
@@ -62,38 +62,42 @@ __all__ = [
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
 
-Tick = Callable[[bool], None]  # one round timed: ``tick(extra)``; ``extra``: a round past those planned
+@dataclass
+class _Rounds:
+    """A table's progress in timed rounds, reported to ``progress`` as ``(done, total, what)``. Rounds past the
+    plan (a time floor's, a calibration or an FFN entry timed again) are added to ``total`` when they start (a time
+    floor adds its cap and gives back what it did not use), so the bar moves on to its end and never waits full."""
 
+    progress: Progress | None
+    total: int
+    done: int = 0
+    what: str = ""
 
-def _counter(total: int, progress: Progress | None) -> Callable[[str], Tick]:
-    """``tick(what)`` gives the callback that counts one more round (of ``what``) into ``progress``: out of the
-    ``total`` planned, or, for a round past them (a time floor's, a calibration timed again, an FFN entry timed
-    again), one more of a total that grows with it, so the bar keeps moving instead of waiting at its end."""
-    done = 0
+    def plan(self, more: int) -> None:
+        """``more`` rounds added to the plan (fewer when negative)."""
+        self.total = max(self.done, self.total + more)
+        self._show()
 
-    def tick(what: str) -> Tick:
-        def f(extra: bool = False) -> None:
-            nonlocal done, total
-            done += 1
-            total += extra
-            if progress is not None:
-                progress(done, total, what)
+    def tick(self) -> None:
+        self.done += 1
+        self.total = max(self.done, self.total)
+        self._show()
 
-        return f
-
-    return tick
-
-
-def _unplanned(tick: Tick) -> Tick:
-    """``tick`` for rounds none of which were planned (timed again)."""
-    return lambda extra: tick(True)
+    def _show(self) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.total, self.what)
 
 
 MIN_SAMPLE_MS = 2.0
 # a calibration's rounds span at least this long: this VM's speed swings by ±10% within seconds, and the factors
 # of a whole table rest on these few networks' timings (batch 1 took 4 s without it, batch 8 about 35 s)
 CALIBRATION_SECONDS = 20.0
-CALIBRATION_TRIES = 3  # a calibration whose networks time no slower than the stem, or fit no positive factors
+CALIBRATION_TRIES = (
+    3  # a calibration whose networks time no slower than the stem, or fit no plausible factors
+)
+# a part's factor more than this many times above or below the dense network's one factor is noise, not the part
+# (factors of tables measured on an idle VM: 0.4-2.6x the dense one; a busy one gave 71x for skip blocks)
+PART_FACTOR_RANGE = 4.0
 
 
 def cache_dir() -> Path:
@@ -237,14 +241,14 @@ def recalibrate(
         raise KeyError(
             f"the table for {table.model} does not cover this space ({', '.join(missing) or geometry.model})"
         )
-    tick = _counter(len(embeds) * (warmup + repeats), progress)
+    rounds = _Rounds(progress, len(embeds) * (warmup + repeats))
     stem, scale, part_scale = dict(table.stem), dict(table.scale), dict(table.part_scale)
     dense_ms, failed = table.dense_ms, False
     with _threads(setting.threads), torch.inference_mode(), autocast(device, setting.precision):
         for embed in embeds:
             model = create_compact(geometry, FrozenArch(_dense_blocks(geometry), embed)).eval().to(device)
             cal = _calibrate(
-                geometry, setting, device, table.blocks, points, model, embed, warmup, repeats, tick
+                geometry, setting, device, table.blocks, points, model, embed, warmup, repeats, rounds
             )
             key = ",".join(map(str, embed))
             stem[key], scale[key] = cal.stem_ms, cal.scale
@@ -284,7 +288,7 @@ def _time_interleaved(
     *,
     warmup: int,
     repeats: int,
-    tick: Tick | None = None,
+    rounds: _Rounds | None = None,
     spread: list[float] | None = None,
     min_seconds: float = 0.0,
 ) -> list[float]:
@@ -306,15 +310,22 @@ def _time_interleaved(
     samples: list[list[float]] = [[] for _ in calls]
     order = list(range(len(calls)))
     rng = random.Random(0)
+    cap = warmup + MAX_ROUNDS_FACTOR * repeats
+    ran = 0
     for r in _rounds(warmup, repeats, min_seconds):
+        if rounds is not None and r == warmup + repeats:  # past the repeats: the time floor's, up to its cap
+            rounds.plan(cap - r)
         rng.shuffle(order)  # no configuration always follows the same one (cache state, turbo drift)
         for i in order:
             f = calls[i]
             t = once(f, inner[i])
             if r >= warmup:
                 samples[i].append(t)
-        if tick is not None:
-            tick(r >= warmup + repeats)  # rounds past the repeats: the time floor's
+        ran = r + 1
+        if rounds is not None:
+            rounds.tick()
+    if rounds is not None and warmup + repeats < ran < cap:
+        rounds.plan(ran - cap)  # the floor was met before the cap: its unused rounds leave the plan
     medians = [statistics.median(s) for s in samples]
     if spread is not None:  # how unsteady the rounds were: each configuration's interquartile range / median
         for s, m in zip(samples, medians, strict=True):
@@ -367,7 +378,7 @@ def _retime_outliers(
     device: torch.device,
     warmup: int,
     repeats: int,
-    tick: Tick | None = None,
+    rounds: _Rounds | None = None,
 ) -> int:
     """Time again, in fresh interleaved rounds, the FFN grid entries of one block kind that
     :func:`outlying_entries` flags, with their grid neighbours and the FFN-0 block; ``times`` (one per row) takes the
@@ -382,12 +393,10 @@ def _retime_outliers(
     flagged = [grid[k] for k in bad]
     near = {grid[j] for k in bad for j in range(max(0, k - 2), min(len(grid), k + 3))}
     anchors = sorted(({width0} | near) - set(flagged))
+    if rounds is not None:
+        rounds.plan(warmup + repeats)
     again = _time_interleaved(
-        [calls[i] for i in anchors + flagged],
-        device,
-        warmup=warmup,
-        repeats=repeats,
-        tick=None if tick is None else _unplanned(tick),
+        [calls[i] for i in anchors + flagged], device, warmup=warmup, repeats=repeats, rounds=rounds
     )
     level = statistics.median(
         times[i] / t for i, t in zip(anchors, again[: len(anchors)], strict=True) if t > 0
@@ -395,6 +404,13 @@ def _retime_outliers(
     for i, t in zip(flagged, again[len(anchors) :], strict=True):
         times[i] = t * level
     return len(flagged)
+
+
+def _kind_label(pts: Points, staged: bool) -> str:
+    """What the progress bar says a block kind is (its cache key, :func:`block_kind`, is for files)."""
+    b = pts.geom
+    where = f"stage {b.stage} blocks" if staged else "blocks"
+    return f"{where}{', shifted windows' if b.shift else ''}, width {pts.embed}"
 
 
 def _block_input(pts: Points, batch: int, family: str) -> tuple[int, ...]:
@@ -438,7 +454,7 @@ def measure_table(
         rows += [("ffn", w, BlockArch("skip", w, b.heads, b.head_dim)) for w in sorted(p.ffn) if w > 0]
         rows += [("ffn_offset", w, BlockArch("skip", w, b.heads, b.head_dim)) for w in sorted(p.ffn_offset)]
         configs[kind] = rows
-    tick = _counter((warmup + repeats) * (len(configs) + len(embeds)), progress)
+    rounds = _Rounds(progress, (warmup + repeats) * (len(configs) + len(embeds)))
 
     blocks: dict[str, BlockTable] = {}
     spreads: list[float] = []
@@ -464,11 +480,11 @@ def measure_table(
                     blk = fuse_window_attention(blk.eval().to(device))
                     x = _sample_input(_block_input(p, setting.batch, geometry.family), device)
                     calls.append(_bind(blk, x))
-                count = tick(kind)
+                rounds.what = _kind_label(p, geometry.stages > 1)
                 times = _time_interleaved(
-                    calls, device, warmup=warmup, repeats=repeats, tick=count, spread=spreads
+                    calls, device, warmup=warmup, repeats=repeats, rounds=rounds, spread=spreads
                 )
-                retimed += _retime_outliers(rows, times, calls, device, warmup, repeats, count)
+                retimed += _retime_outliers(rows, times, calls, device, warmup, repeats, rounds)
                 del calls
                 table = BlockTable()
                 width0 = next(t for (what, _, _), t in zip(rows, times, strict=True) if what == "skip")
@@ -485,7 +501,7 @@ def measure_table(
                         table.conv.setdefault(what, {})[arg] = t
                 blocks[kind] = table
             key = ",".join(map(str, embed))
-            cal = _calibrate(geometry, setting, device, blocks, points, model, embed, warmup, repeats, tick)
+            cal = _calibrate(geometry, setting, device, blocks, points, model, embed, warmup, repeats, rounds)
             stem[key], scale[key], t_full = cal.stem_ms, cal.scale, cal.dense_ms
             if cal.parts is not None:
                 part_scale[key] = cal.parts
@@ -525,13 +541,13 @@ def _calibrate(
     embed: tuple[int, ...],
     warmup: int,
     repeats: int,
-    tick: Callable[[str], Tick],
+    rounds: _Rounds,
 ) -> _Calibration:
     """Time the calibration networks at ``embed`` (:func:`calibration_points`; ``model`` is the dense one) with the
     network without its blocks (the stem), and solve the factors from the blocks measured so far. A try whose
-    networks ran no slower than the stem, or whose factors came out unphysical (timings of a busy machine), is timed
-    again, up to :data:`CALIBRATION_TRIES`; the last try's timings are kept. After every try fails: the dense
-    network's one factor (1.0 when even that is not positive), and ``failed``."""
+    networks ran no slower than the stem, or whose factors came out unphysical or implausible (:func:`_plausible`;
+    timings of a busy machine), is timed again, up to :data:`CALIBRATION_TRIES`; the last try's timings are kept.
+    After every try fails: the dense network's one factor (1.0 when even that is not positive), and ``failed``."""
     archs = calibration_points(geometry, embed, points)
     bare = stem_network(model, geometry.family)
     x = _sample_input((setting.batch, geometry.in_chans, geometry.img_size, geometry.img_size), device)
@@ -543,14 +559,16 @@ def _calibrate(
     alone = [measured.part_ms(geometry, a) for a in archs]
     predicted = sum(alone[0].values())  # the dense network's blocks
     ratio, t_full, t_stem = 0.0, 0.0, 0.0
-    count = tick("calibration")
+    rounds.what = "calibration"
     for attempt in range(CALIBRATION_TRIES):
+        if attempt:  # a try again: rounds past the plan
+            rounds.plan(warmup + repeats)
         times = _time_interleaved(
             [_bind(m.to(device), x) for m in nets],
             device,
             warmup=warmup,
             repeats=repeats,
-            tick=count if attempt == 0 else _unplanned(count),  # a try again: every round past the plan
+            rounds=rounds,
             min_seconds=CALIBRATION_SECONDS,
         )
         t_full, t_stem = times[0], times[-1]
@@ -558,9 +576,16 @@ def _calibrate(
         # the network)
         ratio = (t_full - t_stem) / predicted if predicted > 0 else 1.0
         parts = solve_scales(alone, [t - t_stem for t in times[:-1]])
-        if ratio > 0 and parts is not None:
+        if ratio > 0 and parts is not None and _plausible(parts, ratio):
             return _Calibration(t_stem, t_full, ratio, parts, failed=False)
     return _Calibration(t_stem, t_full, ratio if ratio > 0 else 1.0, None, failed=True)
+
+
+def _plausible(parts: dict[str, float], ratio: float) -> bool:
+    """Whether every per-part factor lies within :data:`PART_FACTOR_RANGE` times the dense network's one factor
+    ``ratio`` (above or below): the factors rest on as many networks as parts, so one network timed at a busy moment
+    moves a factor as far as it likes, and a part whose blocks weigh little in every network (skip) moves most."""
+    return all(ratio / PART_FACTOR_RANGE <= f <= ratio * PART_FACTOR_RANGE for f in parts.values())
 
 
 def calibration_points(

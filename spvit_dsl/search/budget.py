@@ -251,10 +251,10 @@ class Projection:
             return self.rng.random()
         return -math.inf if w <= 0 else -(s.scores[s.level] / w)
 
-    def _free_up(self, over: list[Target], protect: frozenset[str]) -> bool:
+    def _free_up(self, over: list[Target], protect: frozenset[str]) -> str | None:
         """Take one step *up* that lowers an exceeded cost and raises none: a measured latency need not fall with
         the width (a narrower kernel can run slower), so the cheapest point is not always every group's lowest
-        level. Returns whether a step was taken."""
+        level. Returns the group moved, or None."""
         for path, s in self.steps.items():
             if path in protect or s.level + 1 >= len(s.values):
                 continue
@@ -262,18 +262,24 @@ class Projection:
             if all(d[t.metric] <= 0 for t in self.targets) and any(d[t.metric] < 0 for t in over):
                 self.apply(path, s.level + 1)
                 self.added += 1
-                return True
-        return False
+                return path
+        return None
 
     # -- phases
     def remove(self, protect: frozenset[str] = frozenset()) -> int:
         """Step down until every budget holds (never the groups in ``protect``); ValueError when nothing is left."""
         removed = 0
+        # groups a step up freed room in go no lower in this call: a step down may raise a measured latency (a
+        # narrower kernel can run slower) and is still taken on the way down (the next may save more), but
+        # undoing a step up would cycle forever (seen on a busy machine's table)
+        raised: set[str] = set()
         while over := self.over():
-            if self._free_up(over, protect):
+            if (up := self._free_up(over, protect)) is not None:
+                raised.add(up)
                 continue
+            keep = protect | raised
             keys = [
-                (k, p) for p in self.steps if p not in protect and (k := self._down_key(p, over)) is not None
+                (k, p) for p in self.steps if p not in keep and (k := self._down_key(p, over)) is not None
             ]
             if not keys:
                 names = ", ".join(f"{t.metric} <= {t.text or t.limit}" for t in over)

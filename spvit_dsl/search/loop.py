@@ -212,6 +212,9 @@ def _setup(
 
 def _search(run: Run, callback: Callable[[StepInfo], None] | None) -> SearchResult:
     ctx, kind = run.ctx, run.strategy.kind
+    if ctx.rank == 0 and run.step == 0:  # not again on a resume
+        for line in run.strategy.notices():
+            run.reporter.note(line)
     if kind != "data_free":  # a data-free strategy takes no steps: no progress bar to draw
         run.reporter.start(ctx.total_steps, min(run.step, ctx.total_steps), budget_text(ctx.targets))
     try:
@@ -346,7 +349,10 @@ def _finish(run: Run) -> SearchResult:
     decisions.kept = ctx.net.to_original(decisions.kept)  # checkpoints index the dense backbone's units
     arch = decisions.arch
     _check_ranks_agree(ctx, arch)
+    path = ctx.program.path
     facts = {
+        # the absolute path: `latency`, `bench --predict` and `build` find the searched spec from any folder
+        "source": os.path.abspath(path) if os.path.isfile(path) else path,
         "strategy": ctx.program.checked.search.strategy,
         "seed": run.settings["seed"],
         "epochs": run.epoch,

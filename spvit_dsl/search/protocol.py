@@ -191,6 +191,11 @@ class Strategy:
         ``target`` (OFB: ``lambda``, ``searching``, ``mim_ratio``)."""
         return {}
 
+    def notices(self) -> list[str]:
+        """One-line notes the user sees before the first step (even when quiet): settings that will defeat the
+        search, said while there is still time to stop it (SPViT: a warm-up as long as the run)."""
+        return []
+
     # --- score kind ----------------------------------------------------------------------------------------
 
     def proxy(self, data: Data) -> Dataset:

@@ -77,6 +77,16 @@ class SpvitStrategy(Strategy):
     def draw(self, training: bool) -> None:
         self.gates.draw(self.ctx.net, training)
 
+    def notices(self) -> list[str]:
+        start, planned = self._plan()
+        if self._gate_costs is None or start < planned:
+            return []
+        return [
+            f"note: the weight-only warm-up (warmup_epochs = {self.warmup:g}) is not shorter than the run "
+            f"({self.plan_epochs:g} epoch{'' if self.plan_epochs == 1 else 's'}): the gates will never train, and the budget projection alone will cut "
+            "the network to the budget at the end. Lower --warmup-epochs or raise --epochs (Ctrl-C stops now)."
+        ]
+
     def _plan(self) -> tuple[int, int]:
         """(first gate-training step, planned steps), in optimizer steps."""
         spe = max(1, self.ctx.steps_per_epoch)
