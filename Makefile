@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow -o timeout=0  # minutes a test: no per-test hang guard
 
 bench: $(STAMP)
 	$(BIN)/python bench/compile.py

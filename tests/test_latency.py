@@ -995,31 +995,34 @@ def test_factors_that_never_solve_leave_one_factor_and_an_unsteady_table(monkeyp
 @pytest.mark.parametrize("skip_factor", [1.0, 3.9, 4.1, 1 / 4.1])
 def test_a_part_factor_far_from_the_dense_ones_is_timed_again_then_dropped(monkeypatch, skip_factor) -> None:
     """Factors rest on as many networks as parts, so one network timed at a busy moment moves a factor anywhere
-    (a busy VM gave 71x for skip blocks): factors more than 4x above or below the dense network's one factor are
-    timed again, and after every try the table keeps that one factor and says it is unsteady."""
+    (a busy VM gave 71x for skip blocks): a try with a factor more than 4x above or below the dense network's one
+    factor is timed again; after every try, that factor alone falls back to the one factor (the others are kept)
+    and the table says it is unsteady."""
     from spvit_dsl.compact import latency as measuring
 
     tries: list[float] = []
 
     def solve(parts: list[dict[str, float]], block_ms: list[float]) -> dict[str, float]:
-        ratio = block_ms[0] / sum(
-            parts[0].values()
-        )  # the dense network's one factor, as the calibration has it
+        dense = sum(parts[0].values())  # the dense network's one factor, as the calibration has it:
+        ratio = block_ms[0] / dense if dense > 0 else 1.0
         tries.append(ratio)
         names = {k for p in parts for k in p}
-        return {k: ratio * (skip_factor if k == "skip" else 1.0) for k in names}
+        return {k: ratio * {"skip": skip_factor, "conv1x1": 2.0}.get(k, 1.0) for k in names}
 
     monkeypatch.setattr(measuring, "solve_scales", solve)
     monkeypatch.setattr(measuring, "others_running", lambda: 0.0)
     text = BACKBONE.replace("depth = 3", "depth = 1") + "blocks all { attention: one of {msa, conv1x1} }"
     table = measuring.measure_table(compile_text(text, "u.vit").space, SETTING, warmup=0, repeats=1)
-    assert tries and all(r > 0 for r in tries)  # else the try was repeated for another reason
+    # (a busy machine can time the dense network no slower than its stem: ratio <= 0, a try again for that reason)
+    factors = table.part_scale.get("48", {})
     if 1 / measuring.PART_FACTOR_RANGE <= skip_factor <= measuring.PART_FACTOR_RANGE:
-        assert len(tries) == 1
-        assert table.part_scale["48"]["skip"] == pytest.approx(skip_factor * table.part_scale["48"]["msa"])
+        assert tries[-1] > 0 and all(r <= 0 for r in tries[:-1])  # the first try that solved is kept
+        assert factors["skip"] == pytest.approx(skip_factor * factors["msa"])
     else:
-        assert len(tries) == measuring.CALIBRATION_TRIES
-        assert table.part_scale == {} and table.spread > measuring.UNSTEADY
+        assert len(tries) == measuring.CALIBRATION_TRIES and table.spread > measuring.UNSTEADY
+        if tries[-1] > 0:
+            assert factors["skip"] == pytest.approx(factors["msa"])  # the dense network's one factor
+            assert factors["conv1x1"] == pytest.approx(2 * factors["msa"])  # a plausible factor is kept
 
 
 @pytest.mark.skipif(not Path("/proc/loadavg").exists(), reason="needs Linux's /proc/loadavg")

@@ -136,8 +136,8 @@ def frozen_price(
 
 
 def source_of(program: Any, path: str) -> tuple[Any, str]:
-    """A frozen spec's searched space: the program of its ``source`` (the path as written: absolute since searches
-    record it so, else relative to this folder or to ``path``'s; else that file name beside ``path``) and the file
+    """A frozen spec's searched space: the program of its ``source`` (absolute since searches record it so; a
+    relative one beside ``path`` first, then from the working folder; else that file name beside ``path``) and the file
     found; ``(program, "")`` when the spec is not frozen, names no source, or the source is gone
     or no longer compiles."""
     import os
@@ -149,8 +149,8 @@ def source_of(program: Any, path: str) -> tuple[Any, str]:
     if source:
         beside = os.path.dirname(path)
         for candidate in (
+            os.path.join(beside, source),  # an absolute source is itself
             source,
-            os.path.join(beside, source),
             os.path.join(beside, os.path.basename(source)),
         ):
             if os.path.isfile(candidate):
@@ -270,6 +270,7 @@ def _moved(moved: float) -> str:
 
 
 def _others(n: float) -> str:
+    """``n`` other process(es), in words."""
     return f"{n:g} other process" + ("" if n == 1 else "es")
 
 

@@ -46,7 +46,7 @@ from ..space.latency import (
 from ..space.plan import BlockArch, FrozenArch, Space
 from ..supernet._timm import swin_stages
 from .skeleton import _rebuild_block, block_modules, create_compact, fuse_window_attention
-from .speed import MAX_ROUNDS_FACTOR, _cores, _rounds, _sync, machine
+from .speed import _cores, _rounds, _sync, machine, round_cap
 
 __all__ = [
     "cache_dir",
@@ -92,9 +92,8 @@ MIN_SAMPLE_MS = 2.0
 # a calibration's rounds span at least this long: this VM's speed swings by ±10% within seconds, and the factors
 # of a whole table rest on these few networks' timings (batch 1 took 4 s without it, batch 8 about 35 s)
 CALIBRATION_SECONDS = 20.0
-CALIBRATION_TRIES = (
-    3  # a calibration whose networks time no slower than the stem, or fit no plausible factors
-)
+# a calibration whose networks time no slower than the stem, or fit no plausible factors, is timed again
+CALIBRATION_TRIES = 3
 # a part's factor more than this many times above or below the dense network's one factor is noise, not the part
 # (factors of tables measured on an idle VM: 0.4-2.6x the dense one; a busy one gave 71x for skip blocks)
 PART_FACTOR_RANGE = 4.0
@@ -310,7 +309,7 @@ def _time_interleaved(
     samples: list[list[float]] = [[] for _ in calls]
     order = list(range(len(calls)))
     rng = random.Random(0)
-    cap = warmup + MAX_ROUNDS_FACTOR * repeats
+    cap = round_cap(warmup, repeats)
     ran = 0
     for r in _rounds(warmup, repeats, min_seconds):
         if rounds is not None and r == warmup + repeats:  # past the repeats: the time floor's, up to its cap
@@ -547,7 +546,8 @@ def _calibrate(
     network without its blocks (the stem), and solve the factors from the blocks measured so far. A try whose
     networks ran no slower than the stem, or whose factors came out unphysical or implausible (:func:`_plausible`;
     timings of a busy machine), is timed again, up to :data:`CALIBRATION_TRIES`; the last try's timings are kept.
-    After every try fails: the dense network's one factor (1.0 when even that is not positive), and ``failed``."""
+    After every try fails: the dense network's one factor (1.0 when even that is not positive) for every part, or,
+    when only some factors were implausible, for those; and ``failed``."""
     archs = calibration_points(geometry, embed, points)
     bare = stem_network(model, geometry.family)
     x = _sample_input((setting.batch, geometry.in_chans, geometry.img_size, geometry.img_size), device)
@@ -578,6 +578,9 @@ def _calibrate(
         parts = solve_scales(alone, [t - t_stem for t in times[:-1]])
         if ratio > 0 and parts is not None and _plausible(parts, ratio):
             return _Calibration(t_stem, t_full, ratio, parts, failed=False)
+    if ratio > 0 and parts is not None:  # the implausible factors alone fall back to the dense network's one
+        kept = {k: f if _plausible({k: f}, ratio) else ratio for k, f in parts.items()}
+        return _Calibration(t_stem, t_full, ratio, kept, failed=True)
     return _Calibration(t_stem, t_full, ratio if ratio > 0 else 1.0, None, failed=True)
 
 

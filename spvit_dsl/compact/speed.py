@@ -23,12 +23,17 @@ __all__ = ["MAX_ROUNDS_FACTOR", "Timing", "machine", "time_models"]
 MAX_ROUNDS_FACTOR = 8
 
 
+def round_cap(warmup: int, repeats: int) -> int:
+    """How many rounds (warm-up included) :func:`_rounds` runs at most."""
+    return warmup + MAX_ROUNDS_FACTOR * repeats
+
+
 def _rounds(warmup: int, repeats: int, min_seconds: float = 0.0) -> Iterator[int]:
     """The round indices of an interleaved timing: ``0 … warmup − 1`` untimed, then ``repeats`` timed ones, then
     more while the timed rounds span less than ``min_seconds`` (checked between rounds), at most
     :data:`MAX_ROUNDS_FACTOR` × ``repeats`` timed ones."""
     start = 0.0
-    for r in range(warmup + MAX_ROUNDS_FACTOR * repeats):
+    for r in range(round_cap(warmup, repeats)):
         if r == warmup:
             start = time.perf_counter()
         elif r >= warmup + repeats and time.perf_counter() - start >= min_seconds:

@@ -225,13 +225,16 @@ class Projection:
     def weight(delta: dict[str, float], targets: Iterable[Target]) -> float:
         return sum(abs(delta[t.metric]) / t.limit for t in targets)
 
-    def _down_key(self, path: str, over: list[Target]) -> float | None:
+    def _down_key(self, path: str, over: list[Target], saving: bool = False) -> float | None:
+        """The rank of ``path``'s next step down (lower first), None when it cannot or need not move. ``saving``:
+        only a step that lowers the exceeded costs (their sum, each as a share of its limit) counts."""
         s = self.steps[path]
         if s.level <= s.floor:
             return None
         if s.group.kind == "attention" and s.values[s.level] == "msa" and self._last_msa():
             return None  # the class token's only way to read the image (reads_image)
-        w = self.weight(self.delta(path, s.level - 1), over)
+        delta = self.delta(path, s.level - 1)
+        w = -sum(delta[t.metric] / t.limit for t in over) if saving else self.weight(delta, over)
         if w <= 0:
             return None
         return self.rng.random() if self.order == "random" else s.scores[s.level - 1] / w
@@ -269,17 +272,19 @@ class Projection:
     def remove(self, protect: frozenset[str] = frozenset()) -> int:
         """Step down until every budget holds (never the groups in ``protect``); ValueError when nothing is left."""
         removed = 0
-        # groups a step up freed room in go no lower in this call: a step down may raise a measured latency (a
-        # narrower kernel can run slower) and is still taken on the way down (the next may save more), but
-        # undoing a step up would cycle forever (seen on a busy machine's table)
+        # a step down may raise a measured latency (a narrower kernel can run slower) and is still taken on the way
+        # down (the next may save more); but a group a step up freed room in steps down in this call only where that
+        # saves, else the two moves could undo each other for ever (seen on a busy machine's table): every group
+        # then either only steps down or lowers the exceeded cost with each move, and the loop ends
         raised: set[str] = set()
         while over := self.over():
             if (up := self._free_up(over, protect)) is not None:
                 raised.add(up)
                 continue
-            keep = protect | raised
             keys = [
-                (k, p) for p in self.steps if p not in keep and (k := self._down_key(p, over)) is not None
+                (k, p)
+                for p in self.steps
+                if p not in protect and (k := self._down_key(p, over, p in raised)) is not None
             ]
             if not keys:
                 names = ", ".join(f"{t.metric} <= {t.text or t.limit}" for t in over)
@@ -292,7 +297,7 @@ class Projection:
             heapq.heapify(heap)
             while heap and self.over() == over:
                 key, path = heapq.heappop(heap)
-                fresh = self._down_key(path, over)
+                fresh = self._down_key(path, over, path in raised)
                 if fresh is None:
                     continue
                 if heap and fresh > heap[0][0] + 1e-12 and self.order != "random":
@@ -300,7 +305,7 @@ class Projection:
                     continue
                 self.apply(path, self.steps[path].level - 1)
                 removed += 1
-                if (nxt := self._down_key(path, over)) is not None:
+                if (nxt := self._down_key(path, over, path in raised)) is not None:
                     heapq.heappush(heap, (nxt, path))
         self.removed += removed
         return removed
