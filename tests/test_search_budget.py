@@ -157,3 +157,44 @@ def test_group_steps_check_their_shape():
     g = GROUPS[0]
     with pytest.raises(ValueError, match="need"):
         GroupSteps(g, list(g.choices), 0, [])
+
+
+def test_a_projection_that_cannot_settle_stops_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hang guard: moves that undo each other (forced here: a step up that 'frees room' and the step back down,
+    for ever) end in a ValueError naming the cause and the fix, after a bounded number of moves."""
+    from spvit_dsl.search import budget
+
+    steps = _steps(lambda k, j: float(j))
+    ffn = next(s for s in steps if s.group.kind == "ffn")
+    ffn.level = len(ffn.values) - 2  # room for one step up
+
+    def free_up(self: budget.Projection, over: list[Target], protect: frozenset[str]) -> str | None:
+        s = self.steps[ffn.group.path]
+        if s.level + 1 < len(s.values):
+            self.apply(ffn.group.path, s.level + 1)
+            return ffn.group.path
+        return None
+
+    def down_key(
+        self: budget.Projection, path: str, over: list[Target], saving: bool = False
+    ) -> float | None:
+        s = self.steps[path]
+        return 0.0 if path == ffn.group.path and s.level > s.floor else None
+
+    monkeypatch.setattr(budget.Projection, "_free_up", free_up)
+    monkeypatch.setattr(budget.Projection, "_down_key", down_key)
+    moves = 0
+    real = budget.Projection.apply
+
+    def counted(self: budget.Projection, path: str, level: int) -> None:
+        nonlocal moves
+        moves += 1
+        assert moves < 10 * cap, "the projection does not stop"  # fail at once rather than hang
+        real(self, path, level)
+
+    cap = 8 * sum(len(s.values) for s in steps) + 64
+    monkeypatch.setattr(budget.Projection, "apply", counted)
+    target = Target("flops", 0.3 * _dense_costs()["flops"], "30%")
+    with pytest.raises(ValueError, match=r"did not settle after \d+ moves .* --rebuild"):
+        project(GEOMETRY, SPACE_.largest(), steps, [target], "paper")
+    assert moves <= 2 * cap

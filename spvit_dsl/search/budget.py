@@ -277,7 +277,17 @@ class Projection:
         # saves, else the two moves could undo each other for ever (seen on a busy machine's table): every group
         # then either only steps down or lowers the exceeded cost with each move, and the loop ends
         raised: set[str] = set()
+        # a hang guard only: with several budgets a cost can fall for one and rise for another, and no proof holds
+        limit = 8 * sum(len(s.values) for s in self.steps.values()) + 64
+        moves = 0
         while over := self.over():
+            moves += 1
+            if moves > limit:
+                raise ValueError(
+                    f"the budget projection did not settle after {limit} moves (costs that rise and fall with the "
+                    "width, as a latency table measured on a busy machine has): measure the table again on an idle "
+                    "machine (`spvit-dsl latency SPEC --rebuild`)"
+                )
             if (up := self._free_up(over, protect)) is not None:
                 raised.add(up)
                 continue
@@ -305,6 +315,7 @@ class Projection:
                     continue
                 self.apply(path, self.steps[path].level - 1)
                 removed += 1
+                moves += 1
                 if (nxt := self._down_key(path, over, path in raised)) is not None:
                     heapq.heappush(heap, (nxt, path))
         self.removed += removed
