@@ -148,10 +148,9 @@ def source_of(program: Any, path: str) -> tuple[Any, str]:
     source = str((program.checked.frozen or {}).get("source", "")) if program.frozen else ""
     if source:
         beside = os.path.dirname(path)
-        for candidate in (
-            os.path.join(beside, source),  # an absolute source is itself
-            source,
-            os.path.join(beside, os.path.basename(source)),
+        # (an absolute source joins to itself: each file is tried once)
+        for candidate in dict.fromkeys(
+            (os.path.join(beside, source), source, os.path.join(beside, os.path.basename(source)))
         ):
             if os.path.isfile(candidate):
                 try:

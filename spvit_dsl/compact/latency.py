@@ -576,19 +576,19 @@ def _calibrate(
         # the network)
         ratio = (t_full - t_stem) / predicted if predicted > 0 else 1.0
         parts = solve_scales(alone, [t - t_stem for t in times[:-1]])
-        if ratio > 0 and parts is not None and _plausible(parts, ratio):
+        if ratio > 0 and parts is not None and all(_plausible(f, ratio) for f in parts.values()):
             return _Calibration(t_stem, t_full, ratio, parts, failed=False)
     if ratio > 0 and parts is not None:  # the implausible factors alone fall back to the dense network's one
-        kept = {k: f if _plausible({k: f}, ratio) else ratio for k, f in parts.items()}
+        kept = {k: f if _plausible(f, ratio) else ratio for k, f in parts.items()}
         return _Calibration(t_stem, t_full, ratio, kept, failed=True)
     return _Calibration(t_stem, t_full, ratio if ratio > 0 else 1.0, None, failed=True)
 
 
-def _plausible(parts: dict[str, float], ratio: float) -> bool:
-    """Whether every per-part factor lies within :data:`PART_FACTOR_RANGE` times the dense network's one factor
+def _plausible(factor: float, ratio: float) -> bool:
+    """Whether a per-part factor lies within :data:`PART_FACTOR_RANGE` times the dense network's one factor
     ``ratio`` (above or below): the factors rest on as many networks as parts, so one network timed at a busy moment
     moves a factor as far as it likes, and a part whose blocks weigh little in every network (skip) moves most."""
-    return all(ratio / PART_FACTOR_RANGE <= f <= ratio * PART_FACTOR_RANGE for f in parts.values())
+    return ratio / PART_FACTOR_RANGE <= factor <= ratio * PART_FACTOR_RANGE
 
 
 def calibration_points(

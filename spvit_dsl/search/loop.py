@@ -349,10 +349,7 @@ def _finish(run: Run) -> SearchResult:
     decisions.kept = ctx.net.to_original(decisions.kept)  # checkpoints index the dense backbone's units
     arch = decisions.arch
     _check_ranks_agree(ctx, arch)
-    path = ctx.program.path
     facts = {
-        # the absolute path: `latency`, `bench --predict` and `build` find the searched spec from any folder
-        "source": os.path.abspath(path) if os.path.isfile(path) else path,
         "strategy": ctx.program.checked.search.strategy,
         "seed": run.settings["seed"],
         "epochs": run.epoch,

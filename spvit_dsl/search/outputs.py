@@ -40,8 +40,10 @@ def frozen_text(program: Any, arch: FrozenArch, facts: dict[str, Any]) -> str:
     from ..compile.freeze import freeze
     from ..lang.emit import emit
 
+    path = program.path
     header = {
-        "source": program.path,
+        # the absolute path: `latency`, `bench --predict` and `build` find the searched spec from any folder
+        "source": os.path.abspath(path) if os.path.isfile(path) else path,
         "strategy": facts["strategy"],
         "budget": "; ".join(f"{b.metric} <= {b.limit.text}" for b in program.budgets),
         "seed": int(facts["seed"]),

@@ -84,7 +84,8 @@ class SpvitStrategy(Strategy):
         return [
             f"note: the weight-only warm-up (warmup_epochs = {self.warmup:g}) is not shorter than the run "
             f"({self.plan_epochs:g} epoch{'' if self.plan_epochs == 1 else 's'}): the gates will never train, and "
-            "the budget projection alone will cut the network to the budget at the end. Lower --warmup-epochs or raise --epochs (Ctrl-C stops now)."
+            "the budget projection alone will cut the network to the budget at the end. Lower --warmup-epochs or "
+            "raise --epochs (Ctrl-C stops now)."
         ]
 
     def _plan(self) -> tuple[int, int]:
